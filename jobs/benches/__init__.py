@@ -1,0 +1,1 @@
+"""Benchmark suites for `python -m raymoe.jobs.bench <suite>`."""
