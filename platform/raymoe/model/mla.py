@@ -1,0 +1,127 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3 §2.1.1; techniques.md §1.2).
+
+Shapes: B batch, T query tokens, S key tokens, H heads, C = kv_lora_rank (latent), R = qk_rope_head_dim,
+N = qk_nope_head_dim, V = v_head_dim.
+
+* KV path: ``kv_a_proj_with_mqa(h) → [c_kv (C) ; k_pe (R)]``; ``kv_a_layernorm`` applies to c_kv only; k_pe is rotated
+  and shared by all heads; ``kv_b_proj(c_kv) → per head [k_nope (N) ; v (V)]``.
+* Q path: ``q_b_proj(q_a_layernorm(q_a_proj(h)))`` (or ``q_proj(h)`` when ``q_lora_rank`` is None, V2-Lite style) →
+  per head ``[q_nope (N) ; q_pe (R)]``; q_pe is rotated.
+* scores = (q_nope·k_nope + q_pe·k_pe) · softmax_scale, softmax_scale = (N+R)^-1/2 · mscale² (YaRN).
+
+Two mathematically identical paths:
+
+1. **naive** (training): materialise per-head K ``[B,H,S,N+R]`` and V ``[B,H,S,V]`` and run fused SDPA (causal).
+2. **absorbed** (inference, used whenever a :class:`LatentKVCache` is passed): fold W^UK into the query
+   (q̃ = q_nope·W^UK_h, C dims) and W^UV after the attention-weighted sum, so attention runs as MQA over one
+   (C+R)-dim head: the cache holds exactly ``C + R`` values per token per layer (576 for V3; 71× less than full K/V).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.config import ModelConfig
+from raymoe.model.cache import LatentKVCache
+from raymoe.model.layers import RMSNorm
+from raymoe.model.rope import apply_rope
+
+__all__ = ["MLA"]
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
+
+    # ------------------------------------------------------------------ parts
+    def _queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = x_BTD.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q = q.view(B, T, self.n_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)  # [B,T,H,N], [B,T,H,R]
+
+    def _latent(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.kv_a_proj_with_mqa(x_BTD)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [B,T,C]
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # [B,T,R]
+        return c_kv, k_pe
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: Optional[LatentKVCache] = None,
+    ) -> torch.Tensor:
+        """``x_BTD → [B, T, hidden]``. ``cos``/``sin`` ``[T, R/2]`` are for the absolute positions of the T tokens."""
+        q_nope, q_pe = self._queries(x_BTD, cos, sin)
+        c_kv, k_pe = self._latent(x_BTD, cos, sin)
+        if cache is None:
+            out = self._naive(q_nope, q_pe, c_kv, k_pe)
+        else:
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, cache)
+        return self.o_proj(out.flatten(2))
+
+    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B,H,T,N+R]
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope_dim)], dim=-1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+        return o.transpose(1, 2)  # [B,T,H,V]
+
+    def _absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        cache: LatentKVCache,
+    ) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        start = cache.seq_len
+        kv_all = cache.write(self.layer_idx, start, torch.cat([c_kv, k_pe], dim=-1))  # [B, start+T, C+R]
+        c_all, pe_all = kv_all.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H,N,C], [H,V,C]
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
+        scores = torch.einsum("bthc,bsc->bths", q_lat, c_all) + torch.einsum("bthr,bsr->bths", q_pe, pe_all)
+        scores = scores.float() * self.softmax_scale
+        S = start + T
+        if T > 1:
+            q_pos = torch.arange(start, S, device=scores.device)
+            mask = torch.arange(S, device=scores.device)[None, :] > q_pos[:, None]  # [T,S] future keys
+            scores = scores.masked_fill(mask[None, :, None, :], float("-inf"))
+        p = scores.softmax(dim=-1).to(c_all.dtype)
+        o_lat = torch.einsum("bths,bsc->bthc", p, c_all)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B,T,H,V]

@@ -1,0 +1,227 @@
+"""DeepSeekMoE: shared + fine-grained routed experts, sigmoid router with group-limited top-k (techniques.md §1.3).
+
+Routing for T tokens and E routed experts (``route``):
+  1. ``scores_TE = sigmoid(x·Wᵀ)`` in fp32;
+  2. biased scores ``s + b`` (b: fp32 buffer ``expert_bias`` — HF ``e_score_correction_bias`` — no gradient, used for
+     the *choice* only);
+  3. group score = sum of the top-2 biased scores of each of the ``n_group`` contiguous groups; keep ``topk_group``
+     groups, mask the rest with −inf (a masked expert can never win, even when biased scores go negative);
+  4. top-``num_experts_per_tok`` experts by biased score among the unmasked ones;
+  5. gates from the **unbiased** scores of the chosen experts, normalised over the chosen ones (+1e-20), × route_scale.
+  The router also returns per-expert token counts ``[E]`` (each token counts once per chosen expert, so
+  ``counts.sum() == T·k``) for the bias balancer, which lives outside the model (:mod:`raymoe.balance`).
+
+Routed experts are computed by grouping: the ``T·k`` (token, expert) pairs are sorted by expert (stable), the
+tokens gathered into one contiguous ``[T·k, D]`` block whose rows are grouped by expert, the SwiGLU experts run as
+grouped matmuls over that block, and the results are weighted and scattered back with ``index_add``. No token is
+dropped (no capacity factor). Three grouped-matmul back-ends are kept, selectable per layer; ``python -m
+raymoe.jobs.bench model`` measures them and the fastest on this CPU (``grouped_mm``: ``torch._grouped_mm``) is the
+default:
+
+* ``grouped_mm`` – ``torch._grouped_mm`` with expert offsets (one kernel per projection, autograd supported);
+* ``loop``       – one dense matmul per expert over its contiguous slice (a loop over experts, never tokens);
+* ``bmm``        – pad every expert's slice to the largest count and run one ``bmm``.
+
+Experts are separable from their layer: :class:`RoutedExperts` holds stacked weights ``[E, ...]`` and
+``RoutedExperts.shard(ids)`` builds a shard with a subset of them; ``forward_grouped`` takes tokens already grouped
+by expert plus the per-expert counts — exactly what an expert-shard actor receives after the all-to-all dispatch.
+
+The sequence-wise balance loss (V3 eq. 17–20): per sequence, f_i = E/(k·T)·Σ_t 1[i chosen for t] (actual selected
+experts), P_i = mean_t s'_{i,t} with s' the sigmoid scores normalised over **all** experts, L = α·Σ_i f_i·P_i,
+averaged over sequences (equals α under perfect balance and uniform scores).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.config import ModelConfig
+from raymoe.model.layers import SwiGLU
+
+__all__ = ["RouteResult", "route", "Router", "RoutedExperts", "MoE", "seq_aux_loss", "EXPERT_IMPLS"]
+
+EXPERT_IMPLS = ("grouped_mm", "loop", "bmm")
+DEFAULT_EXPERT_IMPL = "grouped_mm"
+
+
+@dataclass
+class RouteResult:
+    topk_idx: torch.Tensor  # [T, k] int64 expert ids
+    topk_weight: torch.Tensor  # [T, k] fp32 gates (unbiased, normalised, × route_scale)
+    scores: torch.Tensor  # [T, E] fp32 sigmoid scores (unbiased)
+    counts: torch.Tensor  # [E] int64 tokens routed to each expert (no grad)
+
+
+def route(
+    logits_TE: torch.Tensor,
+    bias_E: torch.Tensor,
+    n_group: int,
+    topk_group: int,
+    top_k: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool = True,
+) -> RouteResult:
+    """Group-limited, bias-steered top-k routing. ``logits_TE`` are the fp32 router logits x·Wᵀ."""
+    T, E = logits_TE.shape
+    scores = logits_TE.float().sigmoid()
+    with torch.no_grad():
+        biased = scores + bias_E.float()
+        if n_group > 1 and topk_group < n_group:
+            group_scores = biased.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)  # [T, G]
+            keep = group_scores.topk(topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            expert_mask = group_mask[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
+            biased = biased.masked_fill(~expert_mask, float("-inf"))
+        topk_idx = biased.topk(top_k, dim=-1, sorted=False).indices
+        counts = torch.bincount(topk_idx.flatten(), minlength=E)
+    w = scores.gather(1, topk_idx)
+    if norm_topk_prob:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return RouteResult(topk_idx=topk_idx, topk_weight=w * routed_scaling_factor, scores=scores, counts=counts)
+
+
+def seq_aux_loss(scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Sequence-wise balance loss α·Σ_i f_i·P_i averaged over the B sequences (gradient flows through P only)."""
+    B, T, E = scores_BTE.shape
+    K = topk_idx_BTK.shape[-1]
+    with torch.no_grad():
+        f = torch.zeros(B, E, device=scores_BTE.device, dtype=torch.float32)
+        f.scatter_add_(1, topk_idx_BTK.reshape(B, T * K), torch.ones(B, T * K, device=f.device))
+        f = f * (E / (K * T))
+    s_norm = scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)
+    P = s_norm.mean(dim=1)  # [B, E]
+    return alpha * (f * P).sum(dim=-1).mean()
+
+
+class Router(nn.Module):
+    """Gate weight ``[E, D]`` and the load-balancing bias buffer ``expert_bias [E]`` (fp32, no grad, checkpointed)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=True)
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.top_k, self.route_scale, self.norm_topk_prob = (
+            cfg.num_experts_per_tok,
+            cfg.routed_scaling_factor,
+            cfg.norm_topk_prob,
+        )
+
+    def _apply(self, fn, recurse: bool = True):  # keep the bias fp32 through .to(bfloat16) / .half()
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return self
+
+    def forward(self, x_TD: torch.Tensor) -> RouteResult:
+        logits = F.linear(x_TD.float(), self.weight.float())
+        return route(logits, self.expert_bias, self.n_group, self.topk_group, self.top_k, self.route_scale,
+                     self.norm_topk_prob)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (``_grouped_mm`` rejects stride-0 grads)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return g.contiguous()
+
+
+def _grouped_matmul(x_ND: torch.Tensor, w_EDO: torch.Tensor, counts_E: torch.Tensor, impl: str) -> torch.Tensor:
+    """Rows of ``x_ND`` grouped by expert (``counts_E`` rows each) times that expert's ``w_EDO[e]`` → ``[N, O]``."""
+    if impl == "grouped_mm":
+        offs = counts_E.cumsum(0).to(torch.int32)
+        return _ContiguousGrad.apply(torch._grouped_mm(x_ND, w_EDO, offs=offs))
+    if impl == "loop":
+        outs = [xe @ w_EDO[e] for e, xe in enumerate(x_ND.split(counts_E.tolist())) if xe.shape[0] > 0]
+        return torch.cat(outs) if outs else x_ND.new_zeros(0, w_EDO.shape[-1])
+    if impl == "bmm":
+        E = w_EDO.shape[0]
+        cmax = int(counts_E.max()) if counts_E.numel() else 0
+        starts = counts_E.cumsum(0) - counts_E
+        row_expert = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E)
+        row_slot = torch.arange(x_ND.shape[0], device=x_ND.device) - starts[row_expert]
+        padded = x_ND.new_zeros(E, cmax, x_ND.shape[1]).index_put((row_expert, row_slot), x_ND)
+        return torch.bmm(padded, w_EDO)[row_expert, row_slot]
+    raise ValueError(f"unknown expert impl {impl!r}; choose one of {EXPERT_IMPLS}")
+
+
+class RoutedExperts(nn.Module):
+    """``E`` SwiGLU experts with stacked weights: gate/up ``[E, D, I]``, down ``[E, I, D]`` (x @ w layout).
+
+    ``expert_ids`` are the global ids of the held experts (all of them for a full layer, a subset for a shard).
+    """
+
+    def __init__(self, num_experts: int, dim: int, inter_dim: int, expert_ids: Optional[list[int]] = None) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, inter_dim, dim))
+        self.expert_ids = list(range(num_experts)) if expert_ids is None else list(expert_ids)
+        self.impl = DEFAULT_EXPERT_IMPL
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_proj.shape[0]
+
+    def forward_grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Tokens grouped by (local) expert, ``counts_E`` rows per expert → expert outputs ``[N, D]`` (unweighted)."""
+        h = F.silu(_grouped_matmul(x_ND, self.gate_proj, counts_E, self.impl)) * _grouped_matmul(
+            x_ND, self.up_proj, counts_E, self.impl
+        )
+        return _grouped_matmul(h, self.down_proj, counts_E, self.impl)
+
+    def forward(self, x_TD: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """Dispatch → grouped experts → weighted combine. ``topk_idx [T,k]`` holds local expert ids."""
+        T, K = topk_idx.shape
+        flat = topk_idx.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token_of = order // K
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        y = self.forward_grouped(x_TD[token_of], counts)
+        y = y * topk_weight.reshape(-1)[order, None].to(y.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_of, y)
+
+    @torch.no_grad()
+    def shard(self, expert_ids: list[int]) -> "RoutedExperts":
+        """A new module holding copies of the given (local) experts, e.g. for an expert-shard actor."""
+        ids = torch.as_tensor(expert_ids, dtype=torch.long)
+        out = RoutedExperts(len(expert_ids), self.gate_proj.shape[1], self.gate_proj.shape[2],
+                            [self.expert_ids[i] for i in expert_ids])
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(out, name).copy_(getattr(self, name)[ids])
+        out.impl = self.impl
+        return out
+
+
+class MoE(nn.Module):
+    """h' = Σ shared(x) + Σ_i g_i·expert_i(x). Returns the output and the routing decision of this layer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.router = Router(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+        self.aux_alpha = cfg.seq_aux_loss_alpha
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RouteResult, Optional[torch.Tensor]]:
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        r = self.router(x_TD)
+        y = self.experts(x_TD, r.topk_idx, r.topk_weight).view(B, T, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_BTD)
+        aux = None
+        if self.aux_alpha > 0:
+            aux = seq_aux_loss(r.scores.view(B, T, -1), r.topk_idx.view(B, T, -1), self.aux_alpha)
+        return y, r, aux
