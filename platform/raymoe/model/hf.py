@@ -209,9 +209,9 @@ def _iter_tensors(files: list[pathlib.Path]) -> Iterator[tuple[str, Callable[[],
             yield key, (lambda h=handle, k=key: h.get_tensor(k))
 
 
-def _dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, name: str) -> torch.Tensor:
+def _dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, name: str, block: tuple[int, int]) -> torch.Tensor:
     N, K = w.shape
-    bn, bk = math.ceil(N / scale_inv.shape[0]), math.ceil(K / scale_inv.shape[1])
+    bn, bk = block
     if (math.ceil(N / bn), math.ceil(K / bk)) != tuple(scale_inv.shape):
         raise CheckpointError(f"{name}: weight_scale_inv {tuple(scale_inv.shape)} does not tile weight {tuple(w.shape)}")
     s = scale_inv.float().repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]
@@ -237,6 +237,7 @@ def load(path: str | pathlib.Path, mtp: str = "auto", dtype: torch.dtype = torch
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
     cfg = config_from_hf(hf_cfg)
+    block = tuple((hf_cfg.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     files = _tensor_files(path)
     loaders = dict(_iter_tensors(files))
 
@@ -270,7 +271,7 @@ def load(path: str | pathlib.Path, mtp: str = "auto", dtype: torch.dtype = torch
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             if scale_key is None or scale_key not in loaders:
                 raise CheckpointError(f"{key!r} is FP8 but {scale_key!r} (its block scales) is missing")
-            t = _dequant_fp8(t, loaders[scale_key](), key)
+            t = _dequant_fp8(t, loaders[scale_key](), key, block)
         return t
 
     for key in sorted(loaders):

@@ -1,0 +1,127 @@
+"""Sizing of a model without allocating it: parameter counts and memory per pipeline stage.
+
+The model is built on the meta device, so ``deepseek-v3`` (671B) costs no memory. Counting conventions
+(techniques.md §1.1): the *main model* excludes the MTP modules; MTP is reported separately as the parameters it
+owns (its embedding and head are shared with the main model). *Activated per token* keeps every non-routed parameter
+plus ``num_experts_per_tok`` routed experts per MoE layer; it is given with and without the embedding table.
+
+Memory per device follows the V3 recipe (§3.3): BF16 weights (2 B), FP32 gradients (4 B) and FP32 master weights
+(4 B) plus BF16 AdamW moments (2 × 2 B) where the last two (8 B) are ZeRO-1-sharded over DP. Routed experts are
+divided over ``ep`` expert-parallel ranks; everything else is replicated. Under DualPipe rank r holds stage chunks r
+and PP−1−r, so its parameters are those of two stages. Activations are not included (they depend on the schedule;
+see :mod:`raymoe.schedule`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+from raymoe.config import ModelConfig
+from raymoe.model.transformer import DeepSeekV3, split_layers
+
+__all__ = ["ParamReport", "param_report", "stage_memory"]
+
+
+@dataclass
+class ParamReport:
+    total_main: int  # main model (embedding, layers, norm, head)
+    mtp_unique: int  # parameters owned by the MTP modules
+    embedding: int
+    head: int
+    per_expert: int
+    routed_experts_main: int
+    activated_incl_embedding: int
+    activated_excl_embedding: int
+    per_layer_attention: int
+    per_moe_layer: int
+    per_dense_ffn: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def param_report(cfg: ModelConfig) -> ParamReport:
+    model = DeepSeekV3(cfg, device="meta")
+    mtp_unique = _numel(model.mtp)
+    total_main = _numel(model) - mtp_unique
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    n_moe = cfg.num_moe_layers
+    routed = n_moe * cfg.n_routed_experts * per_expert
+    inactive = n_moe * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    emb = model.embed_tokens.weight.numel()
+    moe_layer = next((l for l in model.layers if l.is_moe), None)
+    dense_layer = next((l for l in model.layers if not l.is_moe), None)
+    return ParamReport(
+        total_main=total_main,
+        mtp_unique=mtp_unique,
+        embedding=emb,
+        head=model.lm_head.weight.numel(),
+        per_expert=per_expert,
+        routed_experts_main=routed,
+        activated_incl_embedding=total_main - inactive,
+        activated_excl_embedding=total_main - inactive - emb,
+        per_layer_attention=_numel(model.layers[0].self_attn),
+        per_moe_layer=_numel(moe_layer.mlp) if moe_layer is not None else 0,
+        per_dense_ffn=_numel(dense_layer.mlp) if dense_layer is not None else 0,
+    )
+
+
+def stage_memory(
+    cfg: ModelConfig,
+    pp: int,
+    ep: int = 1,
+    dp: int = 1,
+    dualpipe: bool = False,
+    layers_per_stage: Optional[Sequence[int]] = None,
+) -> list[dict[str, float]]:
+    """Per pipeline rank: parameters held and GiB of weights/grads/optimizer state per device."""
+    if ep < 1 or dp < 1:
+        raise ValueError(f"ep and dp must be >= 1, got ep={ep} dp={dp}")
+    if cfg.n_routed_experts % ep:
+        raise ValueError(f"n_routed_experts={cfg.n_routed_experts} must be divisible by ep={ep}")
+    if dualpipe and pp % 2:
+        raise ValueError(f"DualPipe needs an even number of pipeline ranks, got pp={pp}")
+    model = DeepSeekV3(cfg, device="meta")
+    ranges = split_layers(cfg, pp, layers_per_stage)
+
+    def stage_params(s: int) -> tuple[int, int]:
+        dense = expert = 0
+        mods = [model.layers[i] for i in ranges[s]]
+        if s == 0:
+            dense += model.embed_tokens.weight.numel()
+        if s == pp - 1:
+            dense += model.norm.weight.numel() + model.lm_head.weight.numel()
+            mods += list(model.mtp)
+        for m in mods:
+            for name, p in m.named_parameters():
+                if ".experts." in f".{name}" and "shared_experts" not in name:
+                    expert += p.numel()
+                else:
+                    dense += p.numel()
+        return dense, expert
+
+    gib = 1024**3
+    rows = []
+    for r in range(pp):
+        stages = [r, pp - 1 - r] if dualpipe else [r]
+        dense = sum(stage_params(s)[0] for s in stages)
+        expert = sum(stage_params(s)[1] for s in stages)
+        per_dev = dense + expert / ep
+        rows.append(
+            {
+                "rank": r,
+                "stages": "+".join(map(str, stages)),
+                "layers": sum(len(ranges[s]) for s in stages),
+                "params_B": (dense + expert) / 1e9,
+                "params_per_device_B": per_dev / 1e9,
+                "weights_bf16_GiB": 2 * per_dev / gib,
+                "grads_fp32_GiB": 4 * per_dev / gib,
+                "master_and_adam_GiB": 8 * per_dev / dp / gib,
+                "total_GiB": (6 * per_dev + 8 * per_dev / dp) / gib,
+            }
+        )
+    return rows
