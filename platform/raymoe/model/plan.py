@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from raymoe.config import ModelConfig
 from raymoe.model.transformer import DeepSeekV3, split_layers
 
-__all__ = ["ParamReport", "param_report", "stage_memory"]
+__all__ = ["ParamReport", "param_report", "stage_memory", "train_flops_per_token"]
 
 
 @dataclass
@@ -125,3 +125,18 @@ def stage_memory(
             }
         )
     return rows
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 × activated matmul params (head and MTP included, embedding lookup excluded)
+    plus causal attention 3 × 2 × H × (qk + v) × T/2 per layer."""
+    r = param_report(cfg)
+    active = r.activated_excl_embedding  # includes the head matmul
+    if cfg.num_nextn_predict_layers:
+        mtp_active = r.mtp_unique - cfg.num_nextn_predict_layers * (
+            (cfg.n_routed_experts - cfg.num_experts_per_tok) * r.per_expert
+        )
+        active += mtp_active + cfg.num_nextn_predict_layers * r.head
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    attn = 3 * 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len / 2) * layers
+    return 6 * active + attn

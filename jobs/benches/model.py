@@ -1,0 +1,172 @@
+"""`python -m raymoe.jobs.bench model`: forward+backward throughput of raymoe vs HF transformers' DeepseekV3.
+
+For each preset (``presets=tiny,small``) and dtype (``dtypes=float32,bfloat16``) the same weights are loaded into
+both implementations (through our HF export), one training step (forward, loss, backward) is timed alternately
+(``iters`` repetitions after ``warmup``; the median is kept) and reported as tokens/s, the ratio ours/HF, and MFU
+against the matmul peak measured in the same run (a 2048³ matmul of that dtype). The three routed-expert back-ends
+are measured side by side on the same step, and a profiler pass attributes our forward time to attention, router,
+routed experts, shared experts and the rest.
+
+FLOPs per token of a training step: 6 × (activated matmul parameters, excluding the embedding lookup) plus causal
+attention 3 × 2 × H × (qk_head + v_head) × T/2 per layer (fwd + 2× bwd), MTP block and head included.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from raymoe.config import ModelConfig
+from raymoe.model import DeepSeekV3
+from raymoe.model import hf as hf_io
+from raymoe.model.moe import EXPERT_IMPLS
+from raymoe.model.plan import train_flops_per_token
+
+console = Console()
+
+
+def _median_time(fn: Callable[[], Any], iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    t = _median_time(lambda: a @ b, iters=5, warmup=2)
+    return 2 * n**3 / t
+
+
+def _step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ours: bool) -> Callable[[], None]:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        if ours:
+            loss = model(x, labels=y, compute_mtp=False).loss
+        else:
+            logits = model(x).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+
+    return step
+
+
+def _profile_breakdown(model: DeepSeekV3, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Share of forward CPU time spent in attention, router, routed experts, shared experts, other."""
+    from torch.profiler import ProfilerActivity, profile
+
+    labels = {"attention": [], "router": [], "experts": [], "shared_experts": []}
+    handles = []
+
+    def wrap(mod: torch.nn.Module, label: str) -> None:
+        def pre(m, a):
+            m._rf = torch.profiler.record_function(f"rm::{label}")
+            m._rf.__enter__()
+
+        def post(m, a, o):
+            m._rf.__exit__(None, None, None)
+
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(post))
+
+    for layer in list(model.layers) + [m.block for m in model.mtp]:
+        wrap(layer.self_attn, "attention")
+        if layer.is_moe:
+            wrap(layer.mlp.router, "router")
+            wrap(layer.mlp.experts, "experts")
+            if layer.mlp.shared_experts is not None:
+                wrap(layer.mlp.shared_experts, "shared_experts")
+    with torch.no_grad():
+        model(x, labels=y, compute_mtp=False)
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x, labels=y, compute_mtp=False)
+        total = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    out: dict[str, float] = {}
+    events = {e.key: e.cpu_time_total for e in prof.key_averages()}
+    total_us = sum(v for k, v in events.items() if k.startswith("rm::")) or 1.0
+    fwd_us = max(events.get("ProfilerStep*", 0), total * 1e6)
+    for label in labels:
+        out[label] = events.get(f"rm::{label}", 0.0) / fwd_us
+    out["other"] = max(0.0, 1 - sum(out.values()))
+    out["_profiled_fraction"] = total_us / fwd_us
+    return out
+
+
+def run(args: dict[str, str]) -> dict:
+    warnings.filterwarnings("ignore")
+    presets = args.get("presets", "tiny,small").split(",")
+    dtypes = [getattr(torch, d) for d in args.get("dtypes", "float32,bfloat16").split(",")]
+    batch, seq = int(args.get("batch", 4)), int(args.get("seq", 256))
+    iters, warmup = int(args.get("iters", 5)), int(args.get("warmup", 2))
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - dev extra missing
+        transformers = None
+    results: dict[str, Any] = {"batch": batch, "seq": seq, "torch_threads": torch.get_num_threads(), "rows": []}
+    peaks = {str(d): matmul_peak(d) for d in dtypes}
+    results["matmul_peak_flops"] = peaks
+    table = Table(title=f"fwd+bwd step, B={batch} T={seq}, {torch.get_num_threads()} threads")
+    for col in ("model", "dtype", "impl", "ours tok/s", "HF tok/s", "ours/HF", "MFU ours", "MFU HF"):
+        table.add_column(col, justify="right")
+    for name in presets:
+        cfg = ModelConfig.preset(name).replace(num_nextn_predict_layers=0)
+        torch.manual_seed(0)
+        ours = DeepSeekV3(cfg)
+        hf_model = None
+        if transformers is not None:
+            with tempfile.TemporaryDirectory() as d:
+                hf_io.save(ours, d)
+                hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(d)
+        x = torch.randint(0, cfg.vocab_size, (batch, seq))
+        y = torch.roll(x, -1, 1)
+        flops_tok = train_flops_per_token(cfg, seq)
+        for dtype in dtypes:
+            ours_d = ours.to(dtype).train()
+            row_base = {"model": name, "dtype": str(dtype).replace("torch.", ""), "flops_per_token": flops_tok}
+            hf_tps = None
+            if hf_model is not None:
+                hf_d = hf_model.to(dtype).train()
+                hf_t = _median_time(_step_fn(hf_d, x, y, ours=False), iters, warmup)
+                hf_tps = batch * seq / hf_t
+            for impl in EXPERT_IMPLS:
+                for m in ours_d.modules():
+                    if hasattr(m, "impl") and hasattr(m, "forward_grouped"):
+                        m.impl = impl
+                t = _median_time(_step_fn(ours_d, x, y, ours=True), iters, warmup)
+                tps = batch * seq / t
+                peak = peaks[str(dtype)]
+                row = dict(row_base, impl=impl, ours_tokens_per_s=tps, hf_tokens_per_s=hf_tps,
+                           ratio=(tps / hf_tps) if hf_tps else None, mfu=tps * flops_tok / peak,
+                           mfu_hf=(hf_tps * flops_tok / peak) if hf_tps else None)
+                results["rows"].append(row)
+                table.add_row(name, row["dtype"], impl, f"{tps:,.0f}", f"{hf_tps:,.0f}" if hf_tps else "-",
+                              f"{row['ratio']:.2f}x" if hf_tps else "-", f"{row['mfu']:.1%}",
+                              f"{row['mfu_hf']:.1%}" if hf_tps else "-")
+            for m in ours_d.modules():
+                if hasattr(m, "impl") and hasattr(m, "forward_grouped"):
+                    m.impl = "grouped_mm"
+        ours.float()
+        results.setdefault("breakdown", {})[name] = _profile_breakdown(ours.eval(), x, y)
+    console.print(table)
+    bt = Table(title="where forward time goes (ours, fp32, profiler)")
+    bt.add_column("model")
+    for k in ("attention", "router", "experts", "shared_experts", "other"):
+        bt.add_column(k, justify="right")
+    for name, b in results.get("breakdown", {}).items():
+        bt.add_row(name, *(f"{b[k]:.0%}" for k in ("attention", "router", "experts", "shared_experts", "other")))
+    console.print(bt)
+    console.print({k: f"{v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()})
+    return results
