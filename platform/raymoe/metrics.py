@@ -75,8 +75,11 @@ class MetricsLogger:
     def finish(self) -> None:
         self._f.close()
         if self.wandb_run is not None:
+            import wandb
+
             self.wandb_run.finish()
             self.wandb_run = None
+            wandb.teardown()  # close the wandb-core service now, not in an atexit hook of a killed actor
 
 
 def _expert_histogram(counts: list[int]) -> tuple[list[float], list[float]]:

@@ -1,0 +1,12 @@
+"""Typed errors at the actor boundary: Ray failures become raymoe errors naming the rank and the call."""
+from __future__ import annotations
+
+__all__ = ["StageError", "StageDied"]
+
+
+class StageError(RuntimeError):
+    """A stage replica raised while executing a call; the message names rank, method and the original error."""
+
+
+class StageDied(StageError):
+    """A stage replica's process died (OOM, SIGKILL, node loss)."""

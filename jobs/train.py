@@ -1,0 +1,130 @@
+"""`python -m raymoe.jobs.train [overrides]`: the training job (Hydra app over conf/train.yaml).
+
+Compose config → validate (raymoe.config dataclasses; any error exits with status 2 before Ray starts) → connect to
+Ray (``RAY_ADDRESS``/``ray.address`` when submitted with ``ray job submit``, else an embedded local Ray) → start the
+``Coordinator`` actor → show progress → print where the checkpoint, the wandb run and the summary JSON are.
+
+Examples::
+
+    python -m raymoe.jobs.train                                   # tiny model, bundled Shakespeare, local Ray
+    python -m raymoe.jobs.train model=small train.steps=500 balance.gamma=1e-3
+    python -m raymoe.jobs.train parallel=dp2 train.resume=auto hydra.run.dir=/abs/runs/x
+    python -m raymoe.jobs.train +experiment=balance_ablation
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: bind loopback only
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from raymoe.config import RunConfig  # noqa: E402
+from raymoe.jobs.configs import InvalidConfig, register, to_run_config  # noqa: E402
+
+register()
+
+
+def init_ray(run: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = run.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "TOKENIZERS_PARALLELISM", "RAYMOE_CACHE_DIR")
+           if k in os.environ}
+    if address:
+        # Under `ray job submit` the job's runtime env (working dir, env vars) already applies to every actor;
+        # passing another one here would conflict with it.
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=run.ray.num_cpus or max(4, run.parallel.world_size * 2),
+            include_dashboard=run.ray.include_dashboard,
+            object_store_memory=run.ray.object_store_mb * 1024**2,
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+        )
+
+
+def train(run: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Run a training job to completion on the connected (or a new local) Ray and return the summary."""
+    import ray
+    from tqdm import tqdm
+
+    from raymoe.actors import Coordinator
+
+    init_ray(run)
+    coord = Coordinator.remote(run)
+    try:
+        info = ray.get(coord.setup.remote())
+        start = info.get("start_step", 0)
+        if info.get("resumed_from"):
+            print(f"resumed from {info['resumed_from']} at step {start}")
+        fut = coord.run_training.remote()
+        bar = tqdm(total=run.train.steps, initial=start, desc="train", unit="step", disable=not progress,
+                   dynamic_ncols=True)
+        last = start
+        while True:
+            done, _ = ray.wait([fut], timeout=0.5)
+            st = ray.get(coord.status.remote())
+            step = st.get("step", last)
+            if step > last:
+                bar.update(step - last)
+                last = step
+            if "loss" in st:
+                bar.set_postfix(loss=f"{st['loss']:.3f}", tok_s=f"{st.get('tokens_per_s', 0):.0f}",
+                                maxvio=f"{st.get('maxvio', 0):.2f}", refresh=False)
+            if done:
+                break
+        bar.close()
+        summary = ray.get(fut)
+        ray.get(coord.shutdown.remote())
+        return summary
+    finally:
+        ray.kill(coord)
+
+
+def run_from_cfg(cfg: DictConfig) -> dict[str, Any]:
+    run = to_run_config(cfg)
+    run.run_dir = str(pathlib.Path(run.run_dir).resolve())
+    if run.experiment == "balance_ablation":
+        from raymoe.jobs.balance_ablation import run_ablation
+
+        return run_ablation(run)
+    t0 = time.time()
+    summary = train(run)
+    print(
+        f"\nfinished {summary['steps']} steps in {time.time() - t0:.0f}s: train loss {summary['final_train_loss']:.4f}"
+        + (f", val loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else "")
+        + (f", MaxVio_global {summary['maxvio_global']:.3f}" if summary.get("maxvio_global") is not None else "")
+    )
+    print(f"checkpoint : {summary['checkpoint']}")
+    print(f"wandb run  : {summary['wandb_dir'] or '(logger=none)'}")
+    print(f"metrics    : {summary['metrics_file']}")
+    print(f"summary    : {pathlib.Path(run.run_dir) / 'summary.json'}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="pkg://raymoe.conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_from_cfg(cfg)
+    except InvalidConfig as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The training job on the actor graph (Coordinator + StageActors on a local Ray): invariants and resume."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+from raymoe.config import DataConfig, LoggerConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _run(tmp: pathlib.Path, name: str, dp: int = 1, steps: int = 6, **train_kw) -> RunConfig:
+    train = dict(steps=steps, micro_batch_size=2, num_microbatches=2, checkpoint_every=3, eval_every=3,
+                 eval_batches=2, warmup_tokens=200, seed=0)
+    train.update(train_kw)
+    return RunConfig(
+        model=ModelConfig.preset("tiny"),
+        parallel=ParallelConfig(dp=dp, num_cpus_per_rank=0.5),
+        train=TrainConfig(**train),
+        data=DataConfig(seq_len=32),
+        logger=LoggerConfig(kind="none"),
+        run_dir=str(tmp / name),
+    )
+
+
+def _drive(run: RunConfig, inspect: bool = False) -> tuple[dict, dict]:
+    import ray
+
+    from raymoe.actors import Coordinator
+
+    coord = Coordinator.remote(run)
+    try:
+        ray.get(coord.setup.remote(), timeout=300)
+        summary = ray.get(coord.run_training.remote(), timeout=600)
+        info = {}
+        if inspect:
+            info["biases"] = ray.get(coord.stage_call.remote("get_biases"))
+            info["in_opt"] = ray.get(coord.stage_call.remote("bias_in_optimizer"))
+            info["fingerprint"] = ray.get(coord.stage_call.remote("state_fingerprint"))
+            info["export"] = ray.get(coord.export_hf.remote(str(pathlib.Path(run.run_dir) / "hf")))
+        ray.get(coord.shutdown.remote(), timeout=60)
+        return summary, info
+    finally:
+        ray.kill(coord)
+
+
+def test_dp2_balancing_invariants(tmp_path) -> None:
+    run = _run(tmp_path, "dp2", dp=2, steps=4)
+    summary, info = _drive(run, inspect=True)
+    assert summary["finished"] and summary["steps"] == 4
+    rows = [json.loads(l) for l in open(pathlib.Path(run.run_dir) / "metrics.jsonl")]
+    counted = [r for r in rows if "balance/counts" in r]
+    assert counted, "expert counts were never logged"
+    cfg = run.model
+    tokens = run.parallel.dp * run.train.num_microbatches * run.train.micro_batch_size * run.data.seq_len
+    mtp_tokens = run.parallel.dp * run.train.num_microbatches * run.train.micro_batch_size * (run.data.seq_len - 1)
+    for r in counted:
+        per_layer = torch.tensor(r["balance/counts"]).sum(-1).tolist()
+        # every routed token counted exactly k times, all micro-batches and both DP ranks, MTP layer included
+        assert per_layer == [tokens * cfg.num_experts_per_tok] * cfg.num_moe_layers + [mtp_tokens * cfg.num_experts_per_tok]
+    b0, b1 = info["biases"]
+    assert torch.equal(b0, b1), "replicas route with different biases"
+    assert info["in_opt"] == [False, False]
+    assert info["fingerprint"][0] == info["fingerprint"][1], "replicas' weights diverged"
+    assert b0[-1].abs().sum() > 0, "MTP layer bias was never updated"
+    # bias survives HF export
+    from raymoe.model import hf
+
+    exported = hf.load(info["export"])
+    assert torch.equal(exported.expert_biases(), b0)
+
+
+def test_interrupted_run_resumes_to_the_same_losses(tmp_path) -> None:
+    full, _ = _drive(_run(tmp_path, "full", steps=6))
+    part1, _ = _drive(_run(tmp_path, "resumed", steps=6, stop_after_steps=3))
+    assert part1["steps"] == 3 and not part1["finished"]
+    part2, _ = _drive(_run(tmp_path, "resumed", steps=6))
+    assert part2["resumed_from"].endswith("step_00000003")
+    assert part2["steps"] == 6
+    assert part2["losses"] == full["losses"], (part2["losses"], full["losses"])
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path) -> None:
+    run = _run(tmp_path, "corrupt", steps=6)
+    _drive(run)
+    ckpts = sorted((pathlib.Path(run.run_dir) / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts][-2:] == ["step_00000003", "step_00000006"]
+    victim = ckpts[-1] / "coordinator.pt"
+    victim.write_bytes(victim.read_bytes()[:-7] + b"garbage")
+    again = _run(tmp_path, "corrupt", steps=8)
+    summary, _ = _drive(again)
+    assert summary["resumed_from"].endswith("step_00000003")
+    assert summary["steps"] == 8
