@@ -81,11 +81,12 @@ class StageWorker:
 
         torch.manual_seed(run.train.seed)  # identical initial weights on every replica
         model = DeepSeekV3(run.model)
-        self.fp8_modules = []
-        if run.fp8.enabled:
-            from raymoe.fp8 import convert_to_fp8
+        self.fp8_guard = None
+        if run.fp8.enabled:  # the DeepSpeed FP8 hook: swap Linears before deepspeed.initialize (params are shared)
+            from raymoe.fp8 import FP8Guard, convert_to_fp8
 
             convert_to_fp8(model, config=run.fp8)
+            self.fp8_guard = FP8Guard(model, check_grads=False)
         self.model_ref = model
         tc = run.train
         self.optimizer = GuardedAdamW(
@@ -129,13 +130,8 @@ class StageWorker:
             g["lr"] = lr
 
     def _fp8_bad_layers(self) -> list[str]:
-        if not self.run.fp8.enabled:
-            return []
-        try:
-            from raymoe.fp8 import nonfinite_layers
-        except ImportError:
-            return []
-        return list(nonfinite_layers(self.model))
+        """Non-finite amax events of FP8 layers since the last step (``"<layer>: non-finite amax in <phase>"``)."""
+        return self.fp8_guard.problems() if self.fp8_guard is not None else []
 
     # ------------------------------------------------------------------ step
     def run_step(self, plan: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +220,10 @@ class StageWorker:
             raise RuntimeError(f"DeepSpeed could not load {d}/engine")
         rng = torch.load(d / f"rng_dp{self.dp_rank}.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
+        if self.fp8_guard is not None:
+            from raymoe.fp8 import invalidate_weight_caches
+
+            invalidate_weight_caches(self.model)  # weights changed behind the FP8 per-step weight cache
 
     def export_hf(self, path: str, biases: Optional[torch.Tensor] = None) -> str:
         from raymoe.model import hf

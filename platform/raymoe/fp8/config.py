@@ -38,10 +38,11 @@ class FP8Config:
             tile on an 8-wide layer only adds padding work and error).
         fp8_wgrad: run Wgrad through FP8 too (paper: yes). ``False`` keeps Wgrad in BF16 for ablations.
         guard: track non-finite amax per layer so a training step can be skipped and the layer named.
-        accum_mantissa_bits: ``None`` (default) accumulates in FP32. An int emulates a tensor-core accumulator that
-            keeps that many bits (H800: ~14) with promotion every ``promote_every`` K-elements — slow, for numerics
-            studies only (``fp8_gemm_limited_accum``).
-        promote_every: promotion interval N_C for the limited-accumulation study (paper: 128; ``0`` = never).
+        accum_mantissa_bits: ``None`` (default) accumulates in FP32. An int makes every FP8 GEMM of the converted
+            layers emulate a tensor-core accumulator that keeps that many bits (H800: ~14) with FP32 promotion every
+            ``promote_every`` K-elements (:func:`~raymoe.fp8.gemm.fp8_gemm_limited_accum`) — float64 and a loop over
+            K/32, so only for ablations on tiny models (why N_C = 128 matters).
+        promote_every: promotion interval N_C of that emulation: 32, 64 or 128 (paper), or 0 = never promote.
     """
 
     enabled: bool = False
@@ -62,8 +63,9 @@ class FP8Config:
             raise ValueError(f"fp8.min_features must be >= 1, got {self.min_features}")
         if self.accum_mantissa_bits is not None and not 4 <= self.accum_mantissa_bits <= 24:
             raise ValueError(f"fp8.accum_mantissa_bits must be in [4, 24] or None, got {self.accum_mantissa_bits}")
-        if self.promote_every < 0 or (self.promote_every and self.promote_every % 32):
-            raise ValueError(f"fp8.promote_every must be 0 or a multiple of 32, got {self.promote_every}")
+        if self.promote_every not in (0, 32, 64, 128):
+            raise ValueError(f"fp8.promote_every must be 0, 32, 64 or 128 (a divisor of the 128-wide scale blocks), "
+                             f"got {self.promote_every}")
         self.skip_patterns = [str(p).lower() for p in self.skip_patterns]
 
     def to_dict(self) -> dict[str, Any]:
