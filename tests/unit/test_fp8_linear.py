@@ -218,6 +218,10 @@ def test_deepseek_v3_tiny_conversion_keeps_high_precision_parts() -> None:
     convert_to_fp8(model)
     names = set(fp8_layers(model))
     assert names, "no Linear was converted"
+    from raymoe.model.moe import RoutedExperts
+
+    experts = [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedExperts)]
+    assert experts and all(f"{n}.fp8" in names for n, _ in experts), "routed experts were not converted"
     for n in names:
         parts = n.lower().split(".")
         assert not any("embed" in p or p.endswith("head") or p in ("router", "gate") for p in parts), n

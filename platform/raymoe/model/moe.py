@@ -158,6 +158,8 @@ class RoutedExperts(nn.Module):
     """``E`` SwiGLU experts with stacked weights: gate/up ``[E, D, I]``, down ``[E, I, D]`` (x @ w layout).
 
     ``expert_ids`` are the global ids of the held experts (all of them for a full layer, a subset for a shard).
+    :func:`raymoe.fp8.convert_to_fp8` calls :meth:`enable_fp8`, after which the three grouped GEMMs run in
+    block-scaled FP8 (Fprop, Dgrad and Wgrad); parameters and state_dict keys do not change.
     """
 
     def __init__(self, num_experts: int, dim: int, inter_dim: int, expert_ids: Optional[list[int]] = None) -> None:
@@ -167,13 +169,25 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, inter_dim, dim))
         self.expert_ids = list(range(num_experts)) if expert_ids is None else list(expert_ids)
         self.impl = DEFAULT_EXPERT_IMPL
+        self.fp8: Optional[nn.Module] = None
 
     @property
     def num_experts(self) -> int:
         return self.gate_proj.shape[0]
 
+    def enable_fp8(self, config, name: str, wgrad_store=None) -> bool:
+        """Hook for :func:`raymoe.fp8.convert_to_fp8`: run the expert GEMMs through an FP8 grouped GEMM."""
+        from raymoe.fp8.grouped import FP8GroupedGEMM  # lazy: the model does not depend on the fp8 package
+
+        self.fp8 = FP8GroupedGEMM(config, name)
+        self.fp8.wgrad_store = wgrad_store
+        return True
+
     def forward_grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Tokens grouped by (local) expert, ``counts_E`` rows per expert → expert outputs ``[N, D]`` (unweighted)."""
+        if self.fp8 is not None:
+            h = F.silu(self.fp8(x_ND, self.gate_proj, counts_E)) * self.fp8(x_ND, self.up_proj, counts_E)
+            return self.fp8(h, self.down_proj, counts_E)
         h = F.silu(_grouped_matmul(x_ND, self.gate_proj, counts_E, self.impl)) * _grouped_matmul(
             x_ND, self.up_proj, counts_E, self.impl
         )
@@ -199,6 +213,8 @@ class RoutedExperts(nn.Module):
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(out, name).copy_(getattr(self, name)[ids])
         out.impl = self.impl
+        if self.fp8 is not None:
+            out.enable_fp8(self.fp8.fp8_config, self.fp8.fp8_name, self.fp8.wgrad_store)
         return out
 
 
