@@ -5,7 +5,88 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "SwiGLU"]
+__all__ = ["RMSNorm", "SwiGLU", "cross_entropy"]
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x32 = x.to(torch.float32)
+    r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
+    return w * (x32 * r).to(x.dtype), r
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm with a hand-written backward (same forward ops as the reference, so the forward is bitwise equal).
+
+    With x̂ = x·r, r = (mean(x²) + eps)^-1/2 and y = w·x̂: dw = Σ_rows dy·x̂, dx = r·(g − x̂·mean(g·x̂)) with g = dy·w
+    (fp32). About half the elementwise passes of autograd's pow/mean/rsqrt/mul chain.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, eps):  # type: ignore[override]
+        y, r = _rms_norm(x, w, eps)
+        ctx.save_for_backward(x, w, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, w, r = ctx.saved_tensors
+        xhat32 = x.to(torch.float32) * r
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * xhat32.to(x.dtype)).reshape(-1, dy.shape[-1]).sum(0)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            g = (dy * w).to(torch.float32)
+            dx = (g - xhat32 * (g * xhat32).mean(-1, keepdim=True)).mul_(r).to(x.dtype)
+        return dx, dw, None
+
+
+class _CrossEntropyFn(torch.autograd.Function):
+    """Mean token cross-entropy of ``logits [N, V]`` (any float dtype) against ``labels [N]`` (``-100`` ignored).
+
+    Rows are processed in blocks of about 1 MiB of fp32 so the fp32 upcast never leaves the cache: forward is
+    ``log_softmax(block, dtype=fp32)`` and a gather (the same ops as ``F.cross_entropy(logits.float(), …)``, so the
+    fp32 loss is bitwise equal); backward recomputes ``softmax(block)`` and writes ``(p − onehot)·scale`` straight
+    into the gradient in the logits' dtype. No ``[N, V]`` fp32 tensor is ever materialised.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels):  # type: ignore[override]
+        N, V = logits.shape
+        block = max(1, _CE_BLOCK_BYTES // (4 * V))
+        valid = labels != -100
+        safe = labels.clamp_min(0)
+        logp_t = logits.new_empty(N, 1, dtype=torch.float32)
+        for r0 in range(0, N, block):
+            lp = torch.log_softmax(logits[r0 : r0 + block], dim=-1, dtype=torch.float32)
+            torch.gather(lp, 1, safe[r0 : r0 + block, None], out=logp_t[r0 : r0 + block])
+        n = valid.sum()
+        loss = -(logp_t.squeeze(1) * valid).sum() / n
+        ctx.save_for_backward(logits, safe, valid, n)
+        ctx.block = block
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        logits, safe, valid, n = ctx.saved_tensors
+        N, block = logits.shape[0], ctx.block
+        scale = ((g / n) * valid)[:, None].to(torch.float32)
+        grad = torch.empty_like(logits)
+        rows = torch.arange(min(block, N), device=logits.device)
+        for r0 in range(0, N, block):
+            r1 = min(r0 + block, N)
+            p = torch.softmax(logits[r0:r1], dim=-1, dtype=torch.float32)
+            p[rows[: r1 - r0], safe[r0:r1]] -= 1.0
+            torch.mul(p, scale[r0:r1], out=grad[r0:r1])
+        return grad, None
+
+
+_CE_BLOCK_BYTES = 1 << 20
+
+
+def cross_entropy(logits_NV: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the non-ignored (``!= -100``) labels, computed in fp32 whatever the logits' dtype."""
+    return _CrossEntropyFn.apply(logits_NV, labels_N)
 
 
 class RMSNorm(nn.Module):
@@ -17,10 +98,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFn.apply(x, self.weight, self.eps)
+        return _rms_norm(x, self.weight, self.eps)[0]
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

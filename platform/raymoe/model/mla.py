@@ -29,7 +29,61 @@ from raymoe.model.cache import LatentKVCache
 from raymoe.model.layers import RMSNorm
 from raymoe.model.rope import apply_rope
 
-__all__ = ["MLA"]
+__all__ = ["MLA", "causal_attention", "ATTN_IMPLS"]
+
+ATTN_IMPLS = ("chunked", "sdpa", "sdpa_pad_v")
+ATTN_CHUNK = 128  # query rows per block of the chunked causal attention
+
+
+class _CausalAttentionFn(torch.autograd.Function):
+    """Causal softmax attention over ``[BH, T, d]`` in query blocks of ``ATTN_CHUNK`` rows.
+
+    Block ``[r0, r1)`` only multiplies against keys ``[0, r1)`` (the fully masked upper-right blocks are skipped) and
+    masks its own diagonal block with an additive −inf bias fused into the score GEMM (``baddbmm``). The softmax
+    probabilities of each block are saved (as the math SDPA path does); backward uses the standard formulas
+    dV = Pᵀ·dO, dS = P ⊙ (dO·Vᵀ − rowsum), dQ = s·dS·K, dK = s·dSᵀ·Q, accumulating dK/dV of earlier keys in place.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, chunk):  # type: ignore[override]
+        BH, T, _ = q.shape
+        bounds = [(r0, min(r0 + chunk, T)) for r0 in range(0, T, chunk)]
+        o = q.new_empty(BH, T, v.shape[-1])
+        probs = []
+        for r0, r1 in bounds:
+            bias = torch.full((r1 - r0, r1), float("-inf"), dtype=q.dtype, device=q.device).triu_(r0 + 1)
+            s = torch.baddbmm(bias.expand(BH, -1, -1), q[:, r0:r1], k[:, :r1].transpose(1, 2), alpha=scale)
+            p = torch.softmax(s, dim=-1)
+            torch.bmm(p, v[:, :r1], out=o[:, r0:r1])
+            probs.append(p)
+        ctx.save_for_backward(q, k, v, *probs)
+        ctx.scale, ctx.bounds = scale, bounds
+        return o
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        q, k, v, *probs = ctx.saved_tensors
+        do = do.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for j, ((r0, r1), p) in enumerate(reversed(list(zip(ctx.bounds, probs)))):
+            do_i = do[:, r0:r1]
+            if j == 0:  # the last block spans every key: it initialises dK and dV
+                torch.bmm(p.transpose(1, 2), do_i, out=dv)
+            else:
+                dv[:, :r1].baddbmm_(p.transpose(1, 2), do_i)
+            ds = torch._softmax_backward_data(torch.bmm(do_i, v[:, :r1].transpose(1, 2)), p, -1, p.dtype)
+            torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
+            if j == 0:
+                torch.bmm(ds.transpose(1, 2), q[:, r0:r1], out=dk)
+            else:
+                dk[:, :r1].baddbmm_(ds.transpose(1, 2), q[:, r0:r1])
+        return dq.mul_(ctx.scale), dk.mul_(ctx.scale), dv, None, None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     chunk: int = ATTN_CHUNK) -> torch.Tensor:
+    """Causal attention of contiguous ``q, k [BH, T, d_qk]`` and ``v [BH, T, d_v]`` → ``[BH, T, d_v]``."""
+    return _CausalAttentionFn.apply(q, k, v, scale, chunk)
 
 
 class MLA(nn.Module):
@@ -55,6 +109,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
+        self.attn_impl = "chunked"  # one of ATTN_IMPLS (naive path only)
 
     # ------------------------------------------------------------------ parts
     def _queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,10 +150,21 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope_dim + self.v_head_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_head_dim], dim=-1)
+        k_pe = k_pe[:, :, None, :].expand(B, T, H, self.rope_dim)
+        if self.attn_impl == "chunked":
+            q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1).reshape(B * H, T, self.qk_head_dim)
+            k = torch.cat([k_nope.transpose(1, 2), k_pe.transpose(1, 2)], dim=-1).reshape(B * H, T, self.qk_head_dim)
+            v = v.transpose(1, 2).reshape(B * H, T, self.v_head_dim)
+            o = causal_attention(q, k, v, self.softmax_scale)
+            return o.view(B, H, T, self.v_head_dim).transpose(1, 2)  # [B,T,H,V]
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B,H,T,N+R]
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope_dim)], dim=-1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
-        return o.transpose(1, 2)  # [B,T,H,V]
+        k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)  # [B,H,T,V]
+        pad = self.qk_head_dim - self.v_head_dim
+        if self.attn_impl == "sdpa_pad_v" and pad > 0:  # equal head dims let SDPA pick its flash CPU kernel
+            v = F.pad(v, (0, pad))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return o[..., : self.v_head_dim].transpose(1, 2)  # [B,T,H,V]
 
     def _absorbed(
         self,

@@ -44,7 +44,7 @@ from raymoe.model.layers import SwiGLU
 
 __all__ = ["RouteResult", "route", "Router", "RoutedExperts", "MoE", "seq_aux_loss", "EXPERT_IMPLS"]
 
-EXPERT_IMPLS = ("grouped_mm", "loop", "bmm")
+EXPERT_IMPLS = ("loop", "grouped_mm", "bmm")
 DEFAULT_EXPERT_IMPL = "grouped_mm"
 
 
@@ -123,41 +123,164 @@ class Router(nn.Module):
                      self.norm_topk_prob)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (``_grouped_mm`` rejects stride-0 grads)."""
+def _weight_grad_store():
+    """The schedule executor's active :class:`~raymoe.schedule.executor.WeightGradStore`, if a ``Bi`` is deferring.
+
+    Imported lazily: the model does not depend on the schedule package, it only cooperates with it when present.
+    """
+    from raymoe.schedule.executor import WeightGradStore
+
+    return WeightGradStore.active()
+
+
+def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
+    p.grad = g if p.grad is None else p.grad + g
+
+
+def _mm_nn(x_NK: torch.Tensor, w_EKO: torch.Tensor, counts: list[int], offs: torch.Tensor, kernel: str,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per expert ``x[rows of e] @ w[e]`` → ``[N, O]`` (rows grouped by expert)."""
+    if kernel == "grouped_mm":
+        return torch._grouped_mm(x_NK, w_EKO, offs=offs)
+    out = x_NK.new_empty(x_NK.shape[0], w_EKO.shape[-1]) if out is None else out
+    for e, (xe, oe) in enumerate(zip(x_NK.split(counts), out.split(counts))):
+        if xe.shape[0]:
+            torch.mm(xe, w_EKO[e], out=oe)
+    return out
+
+
+def _mm_tn(a_NK: torch.Tensor, b_NO: torch.Tensor, counts: list[int], offs: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Per expert ``a[rows of e]ᵀ @ b[rows of e]`` → ``[E, K, O]`` (weight gradients; zero for idle experts)."""
+    if kernel == "grouped_mm":
+        return torch._grouped_mm(a_NK.t(), b_NO, offs=offs)
+    out = a_NK.new_empty(len(counts), a_NK.shape[1], b_NO.shape[1])
+    for e, (ae, be) in enumerate(zip(a_NK.split(counts), b_NO.split(counts))):
+        if ae.shape[0]:
+            torch.mm(ae.t(), be, out=out[e])
+        else:
+            out[e].zero_()
+    return out
+
+
+class _SwiGLUExpertsFn(torch.autograd.Function):
+    """Grouped SwiGLU experts ``down(silu(x·Wg) ⊙ x·Wu)`` with a hand-written backward.
+
+    Saves ``x`` and the two pre-activations ``g, u`` (``silu`` is recomputed in backward). Input gradients are
+    returned at once; the three weight gradients ``dW = xᵀ·dY`` per expert are computed either inline or, when the
+    schedule executor is deferring weight grads (ZeroBubble ``Bi``/``W``), parked in its store as one closure.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return g.contiguous()
-
-
-def _grouped_matmul(x_ND: torch.Tensor, w_EDO: torch.Tensor, counts_E: torch.Tensor, impl: str) -> torch.Tensor:
-    """Rows of ``x_ND`` grouped by expert (``counts_E`` rows each) times that expert's ``w_EDO[e]`` → ``[N, O]``."""
-    if impl == "grouped_mm":
+    def forward(ctx, x_ND, w_gate, w_up, w_down, counts_E, kernel):  # type: ignore[override]
+        counts = counts_E.tolist()
         offs = counts_E.cumsum(0).to(torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x_ND, w_EDO, offs=offs))
-    if impl == "loop":
-        outs = [xe @ w_EDO[e] for e, xe in enumerate(x_ND.split(counts_E.tolist())) if xe.shape[0] > 0]
-        return torch.cat(outs) if outs else x_ND.new_zeros(0, w_EDO.shape[-1])
-    if impl == "bmm":
-        E = w_EDO.shape[0]
-        cmax = int(counts_E.max()) if counts_E.numel() else 0
-        starts = counts_E.cumsum(0) - counts_E
-        row_expert = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E)
-        row_slot = torch.arange(x_ND.shape[0], device=x_ND.device) - starts[row_expert]
-        padded = x_ND.new_zeros(E, cmax, x_ND.shape[1]).index_put((row_expert, row_slot), x_ND)
-        return torch.bmm(padded, w_EDO)[row_expert, row_slot]
-    raise ValueError(f"unknown expert impl {impl!r}; choose one of {EXPERT_IMPLS}")
+        g = _mm_nn(x_ND, w_gate, counts, offs, kernel)
+        u = _mm_nn(x_ND, w_up, counts, offs, kernel)
+        h = F.silu(g).mul_(u)
+        y = _mm_nn(h, w_down, counts, offs, kernel)
+        ctx.save_for_backward(x_ND, w_gate, w_up, w_down, g, u)
+        ctx.counts, ctx.offs, ctx.kernel = counts, offs, kernel
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
+        counts, offs, kernel = ctx.counts, ctx.offs, ctx.kernel
+        dy = dy.contiguous()
+        dh = _mm_nn(dy, w_down.transpose(-2, -1), counts, offs, kernel)
+        silu_g = F.silu(g)
+        dg = torch.ops.aten.silu_backward(dh * u, g)
+        du = dh.mul_(silu_g)
+        dx = _mm_nn(dg, w_gate.transpose(-2, -1), counts, offs, kernel)
+        dx += _mm_nn(du, w_up.transpose(-2, -1), counts, offs, kernel)
+        params = (w_gate, w_up, w_down)
+
+        def weight_grads() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            h = silu_g.mul_(u)
+            return (_mm_tn(x, dg, counts, offs, kernel), _mm_tn(x, du, counts, offs, kernel),
+                    _mm_tn(h, dy, counts, offs, kernel))
+
+        need_w = ctx.needs_input_grad[1:4]
+        store = _weight_grad_store() if all(p.is_leaf for p in params) else None
+        if store is None or not any(need_w):
+            gw = weight_grads()
+            return (dx, *(gi if n else None for gi, n in zip(gw, need_w)), None, None)
+
+        def deferred() -> None:
+            with torch.no_grad():
+                for p, gi, n in zip(params, weight_grads(), need_w):
+                    if n:
+                        _accumulate(p, gi)
+
+        store.put(deferred)
+        return dx, None, None, None, None, None
+
+
+class _Dispatch(torch.autograd.Function):
+    """``x_TD`` → rows ``x[token_of]`` grouped by expert (each token K times). Backward: un-permute and sum the K
+    copies (two gathers and a reduction, no scatter)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_of, inv_order, K):  # type: ignore[override]
+        ctx.save_for_backward(inv_order)
+        ctx.K = K
+        return x_TD.index_select(0, token_of)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        (inv_order,) = ctx.saved_tensors
+        T = inv_order.shape[0] // ctx.K
+        return g.index_select(0, inv_order).view(T, ctx.K, -1).sum(1), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """Expert outputs ``y [T·K, D]`` (grouped by expert) and gates ``w [T, K]`` → ``Σ_k w[t,k]·y[slot (t,k)]``."""
+
+    @staticmethod
+    def forward(ctx, y_ND, w_TK, order, inv_order):  # type: ignore[override]
+        T, K = w_TK.shape
+        y_TKD = y_ND.index_select(0, inv_order).view(T, K, -1)
+        w = w_TK.to(y_ND.dtype)
+        ctx.save_for_backward(y_TKD, w, order)
+        ctx.w_dtype = w_TK.dtype
+        return torch.bmm(w.unsqueeze(1), y_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, g_TD):  # type: ignore[override]
+        y_TKD, w, order = ctx.saved_tensors
+        T, K, D = y_TKD.shape
+        g_TD = g_TD.contiguous()
+        dy = None
+        if ctx.needs_input_grad[0]:
+            dy = (w.unsqueeze(-1) * g_TD.unsqueeze(1)).view(T * K, D).index_select(0, order)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = torch.bmm(y_TKD, g_TD.unsqueeze(-1)).squeeze(-1).to(ctx.w_dtype)
+        return dy, dw, None, None
+
+
+def _grouped_matmul_bmm(x_ND: torch.Tensor, w_EDO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Reference back-end (plain autograd): pad every expert's rows to the largest count and run one ``bmm``."""
+    E = w_EDO.shape[0]
+    cmax = int(counts_E.max()) if counts_E.numel() else 0
+    starts = counts_E.cumsum(0) - counts_E
+    row_expert = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E)
+    row_slot = torch.arange(x_ND.shape[0], device=x_ND.device) - starts[row_expert]
+    padded = x_ND.new_zeros(E, cmax, x_ND.shape[1]).index_put((row_expert, row_slot), x_ND)
+    return torch.bmm(padded, w_EDO)[row_expert, row_slot]
+
+
+def default_expert_impl(dtype: torch.dtype) -> str:
+    """The back-end measured fastest for ``dtype`` on CPU (see the module docstring)."""
+    return DEFAULT_EXPERT_IMPL
 
 
 class RoutedExperts(nn.Module):
     """``E`` SwiGLU experts with stacked weights: gate/up ``[E, D, I]``, down ``[E, I, D]`` (x @ w layout).
 
     ``expert_ids`` are the global ids of the held experts (all of them for a full layer, a subset for a shard).
+    ``impl`` picks the grouped-GEMM back-end (``EXPERT_IMPLS``); ``None`` (default) means
+    :func:`default_expert_impl` of the activation dtype.
     :func:`raymoe.fp8.convert_to_fp8` calls :meth:`enable_fp8`, after which the three grouped GEMMs run in
     block-scaled FP8 (Fprop, Dgrad and Wgrad); parameters and state_dict keys do not change.
     """
@@ -168,7 +291,7 @@ class RoutedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, inter_dim, dim))
         self.expert_ids = list(range(num_experts)) if expert_ids is None else list(expert_ids)
-        self.impl = DEFAULT_EXPERT_IMPL
+        self.impl: Optional[str] = None
         self.fp8: Optional[nn.Module] = None
 
     @property
@@ -188,21 +311,26 @@ class RoutedExperts(nn.Module):
         if self.fp8 is not None:
             h = F.silu(self.fp8(x_ND, self.gate_proj, counts_E)) * self.fp8(x_ND, self.up_proj, counts_E)
             return self.fp8(h, self.down_proj, counts_E)
-        h = F.silu(_grouped_matmul(x_ND, self.gate_proj, counts_E, self.impl)) * _grouped_matmul(
-            x_ND, self.up_proj, counts_E, self.impl
-        )
-        return _grouped_matmul(h, self.down_proj, counts_E, self.impl)
+        impl = self.impl or default_expert_impl(x_ND.dtype)
+        if impl == "bmm":
+            h = F.silu(_grouped_matmul_bmm(x_ND, self.gate_proj, counts_E)) * _grouped_matmul_bmm(
+                x_ND, self.up_proj, counts_E)
+            return _grouped_matmul_bmm(h, self.down_proj, counts_E)
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"unknown expert impl {impl!r}; choose one of {EXPERT_IMPLS}")
+        return _SwiGLUExpertsFn.apply(x_ND, self.gate_proj, self.up_proj, self.down_proj, counts_E, impl)
 
     def forward(self, x_TD: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """Dispatch → grouped experts → weighted combine. ``topk_idx [T,k]`` holds local expert ids."""
         T, K = topk_idx.shape
         flat = topk_idx.reshape(-1)
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        token_of = order // K
+        inv_order = torch.empty_like(order)
+        inv_order[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(flat, minlength=self.num_experts)
-        y = self.forward_grouped(x_TD[token_of], counts)
-        y = y * topk_weight.reshape(-1)[order, None].to(y.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_of, y)
+        x_ND = _Dispatch.apply(x_TD, order // K, inv_order, K)
+        y = self.forward_grouped(x_ND, counts)
+        return _Combine.apply(y, topk_weight, order, inv_order)
 
     @torch.no_grad()
     def shard(self, expert_ids: list[int]) -> "RoutedExperts":

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config import ModelConfig
 from raymoe.model.cache import LatentKVCache
-from raymoe.model.layers import RMSNorm, SwiGLU
+from raymoe.model.layers import RMSNorm, SwiGLU, cross_entropy
 from raymoe.model.mla import MLA
 from raymoe.model.moe import MoE, RoutedExperts, Router
 from raymoe.model.rope import RotaryEmbedding
@@ -238,12 +237,12 @@ class DeepSeekV3(nn.Module):
                 out.mtp_logits.append(self.lm_head(mod.head_norm(h_prev)))
         out.expert_counts = stats.stacked_counts(cfg.n_routed_experts)
         if labels is not None:
-            out.main_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            out.main_loss = cross_entropy(logits.flatten(0, 1), labels.flatten())
             total = out.main_loss
             if out.mtp_logits:
                 lam = cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
                 out.mtp_losses = [
-                    F.cross_entropy(lg.flatten(0, 1).float(), labels[:, k:].flatten(), ignore_index=-100)
+                    cross_entropy(lg.flatten(0, 1), labels[:, k:].flatten())
                     for k, lg in enumerate(out.mtp_logits, start=1)
                 ]
                 out.mtp_loss = (lam / len(self.mtp)) * torch.stack(out.mtp_losses).sum()
