@@ -53,7 +53,9 @@ class _CausalAttentionFn(torch.autograd.Function):
         for r0, r1 in bounds:
             bias = torch.full((r1 - r0, r1), float("-inf"), dtype=q.dtype, device=q.device).triu_(r0 + 1)
             s = torch.baddbmm(bias.expand(BH, -1, -1), q[:, r0:r1], k[:, :r1].transpose(1, 2), alpha=scale)
-            p = torch.softmax(s, dim=-1)
+            # softmax statistics in fp32 whatever the input dtype (as SDPA's CPU/flash kernels do), stored in q's dtype
+            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) if q.dtype != torch.float32 else \
+                torch.softmax(s, dim=-1)
             torch.bmm(p, v[:, :r1], out=o[:, r0:r1])
             probs.append(p)
         ctx.save_for_backward(q, k, v, *probs)
@@ -109,7 +111,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
-        self.attn_impl = "chunked"  # one of ATTN_IMPLS (naive path only)
+        self.attn_impl: Optional[str] = None  # one of ATTN_IMPLS (naive path only); None: chunked on CPU, sdpa else
 
     # ------------------------------------------------------------------ parts
     def _queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +153,8 @@ class MLA(nn.Module):
         kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope_dim + self.v_head_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_head_dim], dim=-1)
         k_pe = k_pe[:, :, None, :].expand(B, T, H, self.rope_dim)
-        if self.attn_impl == "chunked":
+        impl = self.attn_impl or ("chunked" if q_nope.device.type == "cpu" else "sdpa")
+        if impl == "chunked":
             q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1).reshape(B * H, T, self.qk_head_dim)
             k = torch.cat([k_nope.transpose(1, 2), k_pe.transpose(1, 2)], dim=-1).reshape(B * H, T, self.qk_head_dim)
             v = v.transpose(1, 2).reshape(B * H, T, self.v_head_dim)
@@ -161,7 +164,7 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)  # [B,H,T,V]
         pad = self.qk_head_dim - self.v_head_dim
-        if self.attn_impl == "sdpa_pad_v" and pad > 0:  # equal head dims let SDPA pick its flash CPU kernel
+        if impl == "sdpa_pad_v" and pad > 0:  # equal head dims let SDPA pick its flash CPU kernel
             v = F.pad(v, (0, pad))
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         return o[..., : self.v_head_dim].transpose(1, 2)  # [B,T,H,V]
