@@ -25,9 +25,19 @@ VARIANTS: dict[str, dict[str, float]] = {
 }
 
 
+def variant_knobs(run: RunConfig, name: str) -> dict[str, float]:
+    """γ and α of a variant. The aux-loss-free variant takes ``balance.gamma`` from the composed config when it is
+    positive (default 1e-3, the paper's value): short runs want a larger γ, since the bias moves at most γ per step."""
+    knobs = dict(VARIANTS[name])
+    if name == "aux_free" and run.balance.gamma > 0:
+        knobs["gamma"] = run.balance.gamma
+    return knobs
+
+
 def _variant_run(run: RunConfig, name: str) -> RunConfig:
     v = copy.deepcopy(run)
-    v.balance = BalanceConfig(gamma=VARIANTS[name]["gamma"], alpha=VARIANTS[name]["alpha"], rule=run.balance.rule,
+    knobs = variant_knobs(run, name)
+    v.balance = BalanceConfig(gamma=knobs["gamma"], alpha=knobs["alpha"], rule=run.balance.rule,
                               histogram_every=run.balance.histogram_every)
     v.model.seq_aux_loss_alpha = v.balance.alpha
     v.experiment = None

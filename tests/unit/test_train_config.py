@@ -50,6 +50,12 @@ def test_overrides_and_groups() -> None:
     assert run.fp8.enabled and run.balance.alpha == 1e-3 and run.model.seq_aux_loss_alpha == 1e-3
     exp = _compose("+experiment=balance_ablation")
     assert exp.experiment == "balance_ablation" and exp.model.name == "small"
+    from raymoe.jobs.balance_ablation import variant_knobs
+
+    assert [variant_knobs(exp, n) for n in ("none", "aux_loss", "aux_free")] == [
+        {"gamma": 0.0, "alpha": 0.0}, {"gamma": 0.0, "alpha": 1e-3}, {"gamma": 1e-3, "alpha": 0.0}]
+    fast = _compose("+experiment=balance_ablation", "balance.gamma=0.01")
+    assert variant_knobs(fast, "aux_free")["gamma"] == 0.01 and variant_knobs(fast, "none")["gamma"] == 0.0
 
 
 @pytest.mark.parametrize(
