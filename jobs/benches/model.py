@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from rich.console import Console
@@ -40,6 +40,34 @@ def _median_time(fn: Callable[[], Any], iters: int, warmup: int) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def _interleaved_medians(candidates: dict[str, Callable[[], None]], iters: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    ts: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(iters):
+        for k, fn in candidates.items():
+            fn()  # settle: the first step after switching models pays fresh page faults in the allocator
+            t0 = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def _set_impl(model: torch.nn.Module, impl: Optional[str]) -> None:
+    for m in model.modules():
+        if hasattr(m, "impl") and hasattr(m, "forward_grouped"):
+            m.impl = impl
+
+
+def _with_impl(model: torch.nn.Module, impl: str, step: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        _set_impl(model, impl)
+        step()
+
+    return run
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
@@ -110,7 +138,7 @@ def run(args: dict[str, str]) -> dict:
     presets = args.get("presets", "tiny,small").split(",")
     dtypes = [getattr(torch, d) for d in args.get("dtypes", "float32,bfloat16").split(",")]
     batch, seq = int(args.get("batch", 4)), int(args.get("seq", 256))
-    iters, warmup = int(args.get("iters", 5)), int(args.get("warmup", 2))
+    iters, warmup = int(args.get("iters", 5)), int(args.get("warmup", 1))
     try:
         import transformers
     except ImportError:  # pragma: no cover - dev extra missing
@@ -136,17 +164,17 @@ def run(args: dict[str, str]) -> dict:
         for dtype in dtypes:
             ours_d = ours.to(dtype).train()
             row_base = {"model": name, "dtype": str(dtype).replace("torch.", ""), "flops_per_token": flops_tok}
-            hf_tps = None
+            # Interleaved rounds: every round runs HF and each expert back-end twice and times the second step, so
+            # slow drifts of the machine (other load, frequency) hit all candidates alike; medians are kept.
+            candidates: dict[str, Callable[[], None]] = {}
             if hf_model is not None:
-                hf_d = hf_model.to(dtype).train()
-                hf_t = _median_time(_step_fn(hf_d, x, y, ours=False), iters, warmup)
-                hf_tps = batch * seq / hf_t
+                candidates["hf"] = _step_fn(hf_model.to(dtype).train(), x, y, ours=False)
             for impl in EXPERT_IMPLS:
-                for m in ours_d.modules():
-                    if hasattr(m, "impl") and hasattr(m, "forward_grouped"):
-                        m.impl = impl
-                t = _median_time(_step_fn(ours_d, x, y, ours=True), iters, warmup)
-                tps = batch * seq / t
+                candidates[impl] = _with_impl(ours_d, impl, _step_fn(ours_d, x, y, ours=True))
+            times = _interleaved_medians(candidates, iters, warmup)
+            hf_tps = batch * seq / times["hf"] if "hf" in times else None
+            for impl in EXPERT_IMPLS:
+                tps = batch * seq / times[impl]
                 peak = peaks[str(dtype)]
                 row = dict(row_base, impl=impl, ours_tokens_per_s=tps, hf_tokens_per_s=hf_tps,
                            ratio=(tps / hf_tps) if hf_tps else None, mfu=tps * flops_tok / peak,
@@ -155,9 +183,7 @@ def run(args: dict[str, str]) -> dict:
                 table.add_row(name, row["dtype"], impl, f"{tps:,.0f}", f"{hf_tps:,.0f}" if hf_tps else "-",
                               f"{row['ratio']:.2f}x" if hf_tps else "-", f"{row['mfu']:.1%}",
                               f"{row['mfu_hf']:.1%}" if hf_tps else "-")
-            for m in ours_d.modules():
-                if hasattr(m, "impl") and hasattr(m, "forward_grouped"):
-                    m.impl = "grouped_mm"
+            _set_impl(ours_d, None)
         ours.float()
         results.setdefault("breakdown", {})[name] = _profile_breakdown(ours.eval(), x, y)
     console.print(table)

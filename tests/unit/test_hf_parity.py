@@ -177,7 +177,7 @@ def _grel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "loop", "bmm"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "padded", "loop", "bmm"])
 def test_gradients_match_transformers(tmp_path, impl) -> None:
     """Our hand-written backward passes (experts, dispatch/combine, RMSNorm, cross-entropy, attention) against
     transformers' plain autograd on the same weights and batch: every parameter gradient agrees (fp32)."""

@@ -169,7 +169,7 @@ def test_expert_impls_agree_forward_and_backward() -> None:
     ex = RoutedExperts(8, 32, 16)
     for p in ex.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
-    x = torch.randn(40, 32)
+    x = torch.randn(40, 32, requires_grad=True)
     idx = torch.stack([torch.randperm(8)[:2] for _ in range(40)])
     idx[:, 0] = torch.where(idx[:, 0] == 5, 0, idx[:, 0])  # leave an expert (nearly) idle
     w = torch.rand(40, 2)
@@ -177,10 +177,12 @@ def test_expert_impls_agree_forward_and_backward() -> None:
     for impl in EXPERT_IMPLS:
         ex.impl = impl
         ex.zero_grad()
+        x.grad = None
         y = ex(x, idx, w)
         y.pow(2).sum().backward()
         outs.append(y.detach())
-        grads.append(ex.gate_proj.grad.clone())
+        grads.append(torch.cat([ex.gate_proj.grad.flatten(), ex.up_proj.grad.flatten(), ex.down_proj.grad.flatten(),
+                                x.grad.flatten()]))
     # loop-free reference: token by token
     ref = torch.zeros_like(x)
     for t in range(40):
@@ -192,6 +194,16 @@ def test_expert_impls_agree_forward_and_backward() -> None:
         assert torch.allclose(o, ref.detach(), atol=1e-5)
     for g in grads[1:]:
         assert torch.allclose(g, grads[0], atol=1e-5)
+    ex.impl = "auto"  # balanced enough to pad here? either way it equals the reference
+    from raymoe.model import moe
+
+    old = moe.PADDED_MAX_WASTE
+    try:
+        for waste in (1.0, 100.0):  # forces grouped_mm, then padded
+            moe.PADDED_MAX_WASTE = waste
+            assert torch.allclose(ex(x, idx, w), ref.detach(), atol=1e-5)
+    finally:
+        moe.PADDED_MAX_WASTE = old
 
 
 def test_expert_shard_is_separable() -> None:
