@@ -370,3 +370,25 @@ def test_chunked_causal_attention_matches_sdpa(T: int, chunk: int) -> None:
     ob = causal_attention(qb, kb, vb, 0.2, chunk=chunk).float()
     sb = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=0.2).float()
     assert (ob - ref).abs().max() <= 2 * (sb - ref).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "padded", "loop"])
+def test_bf16_autocast_forward_then_backward_outside(impl: str) -> None:
+    """The usual AMP pattern (forward under autocast, ``loss.backward()`` outside) works through the hand-written
+    backward passes, and the bf16 gradients point where the fp32 ones do."""
+    torch.manual_seed(0)
+    model = DeepSeekV3(ModelConfig.preset("tiny"))
+    for m in model.modules():
+        if isinstance(m, RoutedExperts):
+            m.impl = impl
+    x = torch.randint(0, model.config.vocab_size, (2, 48))
+    model(x, labels=x).loss.backward()
+    ref = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, labels=x).loss
+    loss.backward()
+    got = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    assert got.shape == ref.shape
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=0) > 0.99

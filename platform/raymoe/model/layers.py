@@ -5,7 +5,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "SwiGLU", "cross_entropy"]
+__all__ = ["RMSNorm", "SwiGLU", "cross_entropy", "autocast_apply"]
+
+
+def autocast_apply(fn: type, *args):
+    """``fn.apply(*args)`` that is safe under ``torch.autocast``.
+
+    A hand-written backward runs outside the autocast region (as ``loss.backward()`` normally does), so it must see the
+    dtypes its forward saw. Under autocast the floating tensor arguments are cast to autocast's dtype first (the casts
+    are differentiable, so fp32 parameters still receive fp32 gradients) and the function runs with autocast off.
+    """
+    dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    if not torch.is_autocast_enabled(dev):
+        return fn.apply(*args)
+    dt = torch.get_autocast_dtype(dev)
+    args = tuple(a.to(dt) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    with torch.autocast(dev, enabled=False):
+        return fn.apply(*args)
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from torch import nn
 
 from raymoe.config import ModelConfig
 from raymoe.model.cache import LatentKVCache
-from raymoe.model.layers import RMSNorm
+from raymoe.model.layers import RMSNorm, autocast_apply
 from raymoe.model.rope import apply_rope
 
 __all__ = ["MLA", "causal_attention", "ATTN_IMPLS"]
@@ -85,7 +85,7 @@ class _CausalAttentionFn(torch.autograd.Function):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      chunk: int = ATTN_CHUNK) -> torch.Tensor:
     """Causal attention of contiguous ``q, k [BH, T, d_qk]`` and ``v [BH, T, d_v]`` → ``[BH, T, d_v]``."""
-    return _CausalAttentionFn.apply(q, k, v, scale, chunk)
+    return autocast_apply(_CausalAttentionFn, q, k, v, scale, chunk)
 
 
 class MLA(nn.Module):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config import ModelConfig
-from raymoe.model.layers import SwiGLU
+from raymoe.model.layers import SwiGLU, autocast_apply
 
 __all__ = ["RouteResult", "route", "Router", "RoutedExperts", "MoE", "seq_aux_loss", "EXPERT_IMPLS"]
 
@@ -346,7 +346,7 @@ class RoutedExperts(nn.Module):
             return _grouped_matmul_bmm(h, self.down_proj, counts_E)
         if impl not in EXPERT_IMPLS:
             raise ValueError(f"unknown expert impl {impl!r}; choose one of {EXPERT_IMPLS}")
-        return _SwiGLUExpertsFn.apply(x_ND, self.gate_proj, self.up_proj, self.down_proj, counts_E, impl)
+        return autocast_apply(_SwiGLUExpertsFn, x_ND, self.gate_proj, self.up_proj, self.down_proj, counts_E, impl)
 
     def forward(self, x_TD: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """Dispatch → grouped experts → weighted combine. ``topk_idx [T,k]`` holds local expert ids."""
@@ -358,7 +358,7 @@ class RoutedExperts(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts)
         x_ND = _Dispatch.apply(x_TD, order // K, inv_order, K)
         y = self.forward_grouped(x_ND, counts)
-        return _Combine.apply(y, topk_weight, order, inv_order)
+        return autocast_apply(_Combine, y, topk_weight, order, inv_order)
 
     @torch.no_grad()
     def shard(self, expert_ids: list[int]) -> "RoutedExperts":
