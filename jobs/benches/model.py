@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from rich.console import Console
@@ -25,7 +25,7 @@ from rich.table import Table
 from raymoe.config import ModelConfig
 from raymoe.model import DeepSeekV3
 from raymoe.model import hf as hf_io
-from raymoe.model.moe import EXPERT_IMPLS
+from raymoe.model.moe import EXPERT_IMPLS, set_expert_impl
 from raymoe.model.plan import train_flops_per_token
 
 console = Console()
@@ -56,15 +56,9 @@ def _interleaved_medians(candidates: dict[str, Callable[[], None]], iters: int, 
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
-def _set_impl(model: torch.nn.Module, impl: Optional[str]) -> None:
-    for m in model.modules():
-        if hasattr(m, "impl") and hasattr(m, "forward_grouped"):
-            m.impl = impl
-
-
 def _with_impl(model: torch.nn.Module, impl: str, step: Callable[[], None]) -> Callable[[], None]:
     def run() -> None:
-        _set_impl(model, impl)
+        set_expert_impl(model, impl)
         step()
 
     return run
@@ -183,7 +177,7 @@ def run(args: dict[str, str]) -> dict:
                 table.add_row(name, row["dtype"], impl, f"{tps:,.0f}", f"{hf_tps:,.0f}" if hf_tps else "-",
                               f"{row['ratio']:.2f}x" if hf_tps else "-", f"{row['mfu']:.1%}",
                               f"{row['mfu_hf']:.1%}" if hf_tps else "-")
-            _set_impl(ours_d, None)
+            set_expert_impl(ours_d, None)
         ours.float()
         results.setdefault("breakdown", {})[name] = _profile_breakdown(ours.eval(), x, y)
     console.print(table)

@@ -8,7 +8,7 @@ import torch
 
 from raymoe.config import ConfigError, ModelConfig, RopeScaling
 from raymoe.model import DeepSeekV3, LatentKVCache, route, seq_aux_loss
-from raymoe.model.moe import EXPERT_IMPLS, RoutedExperts
+from raymoe.model.moe import EXPERT_IMPLS, RoutedExperts, set_expert_impl
 from raymoe.model.plan import param_report, stage_memory
 from raymoe.model.rope import yarn_inv_freq
 
@@ -378,9 +378,7 @@ def test_bf16_autocast_forward_then_backward_outside(impl: str) -> None:
     backward passes, and the bf16 gradients point where the fp32 ones do."""
     torch.manual_seed(0)
     model = DeepSeekV3(ModelConfig.preset("tiny"))
-    for m in model.modules():
-        if isinstance(m, RoutedExperts):
-            m.impl = impl
+    set_expert_impl(model, impl)
     x = torch.randint(0, model.config.vocab_size, (2, 48))
     model(x, labels=x).loss.backward()
     ref = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

@@ -47,7 +47,7 @@ from torch import nn
 from raymoe.config import ModelConfig
 from raymoe.model.layers import SwiGLU, autocast_apply
 
-__all__ = ["RouteResult", "route", "Router", "RoutedExperts", "MoE", "seq_aux_loss", "EXPERT_IMPLS"]
+__all__ = ["RouteResult", "route", "Router", "RoutedExperts", "MoE", "seq_aux_loss", "EXPERT_IMPLS", "set_expert_impl"]
 
 EXPERT_IMPLS = ("auto", "grouped_mm", "padded", "loop", "bmm")
 PADDED_MAX_WASTE = 1.3  # "auto": pad to one bmm while E·max(count) ≤ this × rows, else grouped_mm
@@ -174,6 +174,14 @@ def _mm_tn(a_NK: torch.Tensor, b_NO: torch.Tensor, counts: list[int], offs: torc
     return out
 
 
+def _slab_rows(counts_E: torch.Tensor, cmax: int) -> torch.Tensor:
+    """Row of each expert-grouped token in an ``[E, cmax]`` slab (flattened): expert ``e``'s ``i``-th row → ``e·cmax+i``."""
+    E = counts_E.numel()
+    starts = counts_E.cumsum(0) - counts_E
+    row_expert = torch.repeat_interleave(torch.arange(E, device=counts_E.device), counts_E)
+    return row_expert * cmax + torch.arange(row_expert.numel(), device=counts_E.device) - starts[row_expert]
+
+
 class _SwiGLUExpertsFn(torch.autograd.Function):
     """Grouped SwiGLU experts ``down(silu(x·Wg) ⊙ x·Wu)`` with a hand-written backward.
 
@@ -189,9 +197,7 @@ class _SwiGLUExpertsFn(torch.autograd.Function):
         ctx.rows = None
         if kernel == "padded":  # move every expert's rows into a [E, max count] slab; padding rows stay zero
             E, cmax = len(counts), max(counts, default=0)
-            starts = offs.to(torch.long) - counts_E
-            row_expert = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E)
-            rows = row_expert * cmax + torch.arange(x_ND.shape[0], device=x_ND.device) - starts[row_expert]
+            rows = _slab_rows(counts_E, cmax)
             x_ND = x_ND.new_zeros(E * cmax, x_ND.shape[1]).index_copy_(0, rows, x_ND)
             counts = [cmax] * E
             ctx.rows = rows
@@ -288,24 +294,27 @@ def _grouped_matmul_bmm(x_ND: torch.Tensor, w_EDO: torch.Tensor, counts_E: torch
     """Reference back-end (plain autograd): pad every expert's rows to the largest count and run one ``bmm``."""
     E = w_EDO.shape[0]
     cmax = int(counts_E.max()) if counts_E.numel() else 0
-    starts = counts_E.cumsum(0) - counts_E
-    row_expert = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E)
-    row_slot = torch.arange(x_ND.shape[0], device=x_ND.device) - starts[row_expert]
-    padded = x_ND.new_zeros(E, cmax, x_ND.shape[1]).index_put((row_expert, row_slot), x_ND)
-    return torch.bmm(padded, w_EDO)[row_expert, row_slot]
+    rows = _slab_rows(counts_E, cmax)
+    padded = x_ND.new_zeros(E * cmax, x_ND.shape[1]).index_copy(0, rows, x_ND)
+    return torch.bmm(padded.view(E, cmax, -1), w_EDO).view(E * cmax, -1).index_select(0, rows)
 
 
-def default_expert_impl(dtype: torch.dtype) -> str:
-    """The back-end measured fastest for ``dtype`` on CPU (see the module docstring)."""
-    return DEFAULT_EXPERT_IMPL
+def set_expert_impl(module: nn.Module, impl: Optional[str]) -> None:
+    """Select the grouped-GEMM back-end (one of ``EXPERT_IMPLS``, or ``None`` for the default) of every
+    :class:`RoutedExperts` inside ``module``."""
+    if impl is not None and impl not in EXPERT_IMPLS:
+        raise ValueError(f"unknown expert impl {impl!r}; choose one of {EXPERT_IMPLS}")
+    for m in module.modules():
+        if isinstance(m, RoutedExperts):
+            m.impl = impl
 
 
 class RoutedExperts(nn.Module):
     """``E`` SwiGLU experts with stacked weights: gate/up ``[E, D, I]``, down ``[E, I, D]`` (x @ w layout).
 
     ``expert_ids`` are the global ids of the held experts (all of them for a full layer, a subset for a shard).
-    ``impl`` picks the grouped-GEMM back-end (``EXPERT_IMPLS``); ``None`` (default) means
-    :func:`default_expert_impl` of the activation dtype.
+    ``impl`` picks the grouped-GEMM back-end (``EXPERT_IMPLS``); ``None`` (default) means ``DEFAULT_EXPERT_IMPL``
+    (see :func:`set_expert_impl`).
     :func:`raymoe.fp8.convert_to_fp8` calls :meth:`enable_fp8`, after which the three grouped GEMMs run in
     block-scaled FP8 (Fprop, Dgrad and Wgrad); parameters and state_dict keys do not change.
     """
@@ -336,7 +345,7 @@ class RoutedExperts(nn.Module):
         if self.fp8 is not None:
             h = F.silu(self.fp8(x_ND, self.gate_proj, counts_E)) * self.fp8(x_ND, self.up_proj, counts_E)
             return self.fp8(h, self.down_proj, counts_E)
-        impl = self.impl or default_expert_impl(x_ND.dtype)
+        impl = self.impl or DEFAULT_EXPERT_IMPL
         if impl == "auto":
             n, cmax = x_ND.shape[0], int(counts_E.max()) if counts_E.numel() else 0
             impl = "padded" if counts_E.numel() * cmax <= PADDED_MAX_WASTE * max(n, 1) else "grouped_mm"
