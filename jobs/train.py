@@ -90,10 +90,22 @@ def train(run: RunConfig, progress: bool = True) -> dict[str, Any]:
                 break
         bar.close()
         summary = ray.get(fut)
+        summary["hf_export"] = None
+        if run.train.export_hf and summary.get("steps", 0) >= run.train.steps:
+            summary["hf_export"] = ray.get(coord.export_hf.remote(str(pathlib.Path(run.run_dir) / "hf")))
+            _update_summary_file(run, summary)
         ray.get(coord.shutdown.remote())
         return summary
     finally:
         ray.kill(coord)
+
+
+def _update_summary_file(run: RunConfig, summary: dict[str, Any]) -> None:
+    path = pathlib.Path(run.run_dir) / "summary.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        data["hf_export"] = summary["hf_export"]
+        path.write_text(json.dumps(data, indent=2))
 
 
 def run_from_cfg(cfg: DictConfig) -> dict[str, Any]:
@@ -113,6 +125,8 @@ def run_from_cfg(cfg: DictConfig) -> dict[str, Any]:
     print(f"checkpoint : {summary['checkpoint']}")
     print(f"wandb run  : {summary['wandb_dir'] or '(logger=none)'}")
     print(f"metrics    : {summary['metrics_file']}")
+    if summary.get("hf_export"):
+        print(f"HF export  : {summary['hf_export']}  (python -m raymoe.jobs.bench model hf=<it> text=shakespeare)")
     print(f"summary    : {pathlib.Path(run.run_dir) / 'summary.json'}")
     return summary
 

@@ -7,11 +7,17 @@ against the matmul peak measured in the same run (a 2048³ matmul of that dtype)
 are measured side by side on the same step, and a profiler pass attributes our forward time to attention, router,
 routed experts, shared experts and the rest.
 
+Trained weights: ``hf=<dir>`` benches any HF DeepseekV3 checkpoint instead of the presets (the training job writes
+one to ``<run_dir>/hf``); ``text=shakespeare`` feeds validation text instead of uniform random ids, so a trained
+router sees the load it was trained on (with random ids or random weights the routing, and so the expert GEMM
+shapes, differ from training). ``iters=`` sets the number of interleaved rounds.
+
 FLOPs per token of a training step: 6 × (activated matmul parameters, excluding the embedding lookup) plus causal
 attention 3 × 2 × H × (qk_head + v_head) × T/2 per layer (fwd + 2× bwd), MTP block and head included.
 """
 from __future__ import annotations
 
+import pathlib
 import statistics
 import tempfile
 import time
@@ -68,6 +74,21 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     t = _median_time(lambda: a @ b, iters=5, warmup=2)
     return 2 * n**3 / t
+
+
+def bench_batch(cfg: ModelConfig, batch: int, seq: int, text: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)`` ``[batch, seq]``: uniform random ids, or (``text=<corpus>``, e.g. ``shakespeare``) the
+    first ``batch`` validation samples of that corpus tokenised at the model's vocabulary size, so that trained
+    routers see the kind of text they were trained on."""
+    if not text:
+        x = torch.randint(0, cfg.vocab_size, (batch, seq))
+        return x, torch.roll(x, -1, 1)
+    from raymoe.data.build import build_dataset
+
+    _, val, _ = build_dataset(vocab_size=cfg.vocab_size, seq_len=seq, corpus=text, progress=False)
+    if len(val) < batch:
+        raise SystemExit(f"text={text!r} has {len(val)} validation samples of {seq} tokens; batch={batch} needs more")
+    return val.batch(list(range(batch)))
 
 
 def _step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ours: bool) -> Callable[[], None]:
@@ -143,17 +164,28 @@ def run(args: dict[str, str]) -> dict:
     table = Table(title=f"fwd+bwd step, B={batch} T={seq}, {torch.get_num_threads()} threads")
     for col in ("model", "dtype", "impl", "ours tok/s", "HF tok/s", "ours/HF", "MFU ours", "MFU HF"):
         table.add_column(col, justify="right")
+    hf_dir = args.get("hf")
+    if hf_dir:
+        presets = [f"hf:{pathlib.Path(hf_dir).name}"]
     for name in presets:
-        cfg = ModelConfig.preset(name).replace(num_nextn_predict_layers=0)
         torch.manual_seed(0)
-        ours = DeepSeekV3(cfg)
+        if hf_dir:  # trained weights: any HF DeepseekV3 checkpoint, e.g. <run_dir>/hf written by the training job
+            ours = hf_io.load(hf_dir)  # its MTP module stays idle: the timed step runs with compute_mtp=False
+            src = hf_dir
+        else:
+            ours = DeepSeekV3(ModelConfig.preset(name).replace(num_nextn_predict_layers=0))
+            src = None
+        cfg = ours.config.replace(num_nextn_predict_layers=0)
         hf_model = None
         if transformers is not None:
             with tempfile.TemporaryDirectory() as d:
-                hf_io.save(ours, d)
-                hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(d)
-        x = torch.randint(0, cfg.vocab_size, (batch, seq))
-        y = torch.roll(x, -1, 1)
+                if src is None:
+                    hf_io.save(ours, d)
+                    src = d
+                hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(src)
+        x, y = bench_batch(cfg, batch, seq, args.get("text"))
+        results.setdefault("inputs", {})[name] = {"weights": hf_dir or "random (seed 0)",
+                                                  "tokens": args.get("text") or "uniform random"}
         flops_tok = train_flops_per_token(cfg, seq)
         for dtype in dtypes:
             ours_d = ours.to(dtype).train()

@@ -381,6 +381,7 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 1
     stop_after_steps: Optional[int] = None  # stop early (simulated interruption) without changing the schedule
+    export_hf: bool = True  # at the end, write the model as a HF DeepseekV3 checkpoint to <run_dir>/hf
 
     def __post_init__(self) -> None:
         for k in ("steps", "micro_batch_size", "num_microbatches", "checkpoint_every", "eval_every", "log_every",

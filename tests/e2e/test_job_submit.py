@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(sys.executable).parent
@@ -89,6 +90,19 @@ def test_ray_job_submit_trains_and_reports(ray_head, tmp_path) -> None:
     assert (run_dir / "checkpoints" / "step_00000006" / "manifest.json").exists()
     assert pathlib.Path(summary["wandb_dir"]).is_dir()
     assert str(run_dir / "summary.json") in out  # the job printed where its results are
+    # the finished model is exported as a HF DeepseekV3 checkpoint that evaluates like the job's own validation
+    assert summary["hf_export"] == str(run_dir / "hf") and str(run_dir / "hf") in out
+    from raymoe.data.build import build_dataset
+    from raymoe.model import hf
+
+    model = hf.load(run_dir / "hf").eval()
+    biases = torch.stack([m.mlp.router.expert_bias for m in model.layers if m.is_moe])
+    assert 0 < biases.abs().max() <= 6 * 1e-3 + 1e-9  # 6 balancer updates of ±γ (γ = 1e-3) reached the export
+    _, val, _ = build_dataset(vocab_size=4096, seq_len=32, cache_dir=cache, progress=False)
+    x, y = val.batch(list(range(8)))
+    with torch.no_grad():
+        loss = model(x, labels=y, compute_mtp=False).main_loss.item()
+    assert abs(loss - summary["val_loss"]) < 0.5, (loss, summary["val_loss"])
 
 
 def test_invalid_override_fails_before_any_actor(tmp_path) -> None:

@@ -390,3 +390,32 @@ def test_bf16_autocast_forward_then_backward_outside(impl: str) -> None:
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
     assert got.shape == ref.shape
     assert torch.nn.functional.cosine_similarity(got, ref, dim=0) > 0.99
+
+
+def test_fused_linear_matches_separate_linears_and_respects_subclasses() -> None:
+    from raymoe.model.layers import fused_linear
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(16, 5, bias=False)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    ya, yb = fused_linear(x, a, b)
+    assert ya.shape == (3, 7, 8) and yb.shape == (3, 7, 5)
+    (ya.square().sum() + yb.sum()).backward()
+    got = (x.grad.clone(), a.weight.grad.clone(), b.weight.grad.clone())
+    x.grad = a.weight.grad = b.weight.grad = None
+    ra, rb = a(x), b(x)
+    (ra.square().sum() + rb.sum()).backward()
+    torch.testing.assert_close(ya, ra)
+    torch.testing.assert_close(yb, rb)
+    for g, r in zip(got, (x.grad, a.weight.grad, b.weight.grad)):
+        torch.testing.assert_close(g, r)
+
+    class Doubled(torch.nn.Linear):  # stands for FP8Linear: a subclass keeps its own forward
+        def forward(self, inp):
+            return 2 * super().forward(inp)
+
+    d = Doubled(16, 8, bias=False)
+    d.weight.data.copy_(a.weight.data)
+    yd, yb2 = fused_linear(x, d, b)
+    torch.testing.assert_close(yd, 2 * ra)
+    torch.testing.assert_close(yb2, rb)

@@ -91,7 +91,7 @@ def test_composed_config_keys_are_deliberate() -> None:
     assert top == ["balance", "data", "experiment", "fp8", "logger", "model", "parallel", "ray", "run_dir", "train"]
     expected_train = sorted(f.name for f in dataclasses.fields(TrainConfig))
     assert sorted(k.split(".", 1)[1] for k in keys if k.startswith("train.")) == expected_train
-    assert len(keys) == 89, (len(keys), keys)
+    assert len(keys) == 90, (len(keys), keys)
 
 
 # ------------------------------------------------------------------ LR schedule (V3 numbers, in tokens)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "SwiGLU", "cross_entropy", "autocast_apply"]
+__all__ = ["RMSNorm", "SwiGLU", "cross_entropy", "autocast_apply", "fused_linear"]
 
 
 def autocast_apply(fn: type, *args):
@@ -122,6 +122,17 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def fused_linear(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """``tuple(l(x) for l in linears)`` as one GEMM over the concatenated weights when every module is a plain
+    bias-free ``nn.Linear`` (the forward, the input gradient and the weight gradient each become one larger GEMM
+    instead of ``len(linears)``; copying the small weights costs far less on CPU than the per-call overhead it
+    saves). Any other module (e.g. :class:`raymoe.fp8.FP8Linear`, which is a subclass) keeps its own forward."""
+    if len(linears) < 2 or any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+        return tuple(m(x) for m in linears)
+    y = F.linear(x, torch.cat([m.weight for m in linears]))
+    return y.split([m.out_features for m in linears], dim=-1)
+
+
 class SwiGLU(nn.Module):
     """FFN(x) = down(silu(gate(x)) ⊙ up(x)); used for dense layers and shared experts (HF names)."""
 
@@ -132,4 +143,5 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = fused_linear(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(g) * u)

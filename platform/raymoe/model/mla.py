@@ -26,7 +26,7 @@ from torch import nn
 
 from raymoe.config import ModelConfig
 from raymoe.model.cache import LatentKVCache
-from raymoe.model.layers import RMSNorm, autocast_apply
+from raymoe.model.layers import RMSNorm, autocast_apply, fused_linear
 from raymoe.model.rope import apply_rope
 
 __all__ = ["MLA", "causal_attention", "ATTN_IMPLS"]
@@ -114,18 +114,17 @@ class MLA(nn.Module):
         self.attn_impl: Optional[str] = None  # one of ATTN_IMPLS (naive path only); None: chunked on CPU, sdpa else
 
     # ------------------------------------------------------------------ parts
-    def _queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T, _ = x_BTD.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x_BTD)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+    def _queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q`` is the output of ``q_proj`` or ``q_a_proj`` (which take the same input as ``kv_a_proj_with_mqa``)."""
+        B, T, _ = q.shape
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(B, T, self.n_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)  # [B,T,H,N], [B,T,H,R]
 
-    def _latent(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self.kv_a_proj_with_mqa(x_BTD)
+    def _latent(self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv`` is the output of ``kv_a_proj_with_mqa``: the latent ``c_kv`` and the shared RoPE key."""
         c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B,T,C]
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # [B,T,R]
@@ -140,8 +139,10 @@ class MLA(nn.Module):
         cache: Optional[LatentKVCache] = None,
     ) -> torch.Tensor:
         """``x_BTD → [B, T, hidden]``. ``cos``/``sin`` ``[T, R/2]`` are for the absolute positions of the T tokens."""
-        q_nope, q_pe = self._queries(x_BTD, cos, sin)
-        c_kv, k_pe = self._latent(x_BTD, cos, sin)
+        q_in = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        q, kv = fused_linear(x_BTD, q_in, self.kv_a_proj_with_mqa)  # both read x: one GEMM
+        q_nope, q_pe = self._queries(q, cos, sin)
+        c_kv, k_pe = self._latent(kv, cos, sin)
         if cache is None:
             out = self._naive(q_nope, q_pe, c_kv, k_pe)
         else:
