@@ -1,16 +1,18 @@
 """`python -m raymoe.jobs.bench model`: forward+backward throughput of raymoe vs HF transformers' DeepseekV3.
 
 For each preset (``presets=tiny,small``) and dtype (``dtypes=float32,bfloat16``) the same weights are loaded into
-both implementations (through our HF export), one training step (forward, loss, backward) is timed alternately
-(``iters`` repetitions after ``warmup``; the median is kept) and reported as tokens/s, the ratio ours/HF, and MFU
-against the matmul peak measured in the same run (a 2048³ matmul of that dtype). The three routed-expert back-ends
-are measured side by side on the same step, and a profiler pass attributes our forward time to attention, router,
-routed experts, shared experts and the rest.
+both implementations (through our HF export), and one training step (forward, loss, backward) of each candidate —
+HF and each routed-expert back-end of ours — is timed in interleaved rounds (``iters`` rounds after ``warmup``;
+each round runs every candidate twice and times the second; medians). Every step gets a batch of its own
+(:class:`BatchStream`): as in training, no batch is seen twice, so per-shape kernel compilation (oneDNN, bf16 on
+CPU) is paid where training pays it. Reported: tokens/s, the ratio ours/HF, and MFU against the matmul peak
+measured in the same run (a 2048³ matmul of that dtype). A profiler pass attributes our forward time to attention,
+router, routed experts, shared experts and the rest.
 
 Trained weights: ``hf=<dir>`` benches any HF DeepseekV3 checkpoint instead of the presets (the training job writes
-one to ``<run_dir>/hf``); ``text=shakespeare`` feeds validation text instead of uniform random ids, so a trained
-router sees the load it was trained on (with random ids or random weights the routing, and so the expert GEMM
-shapes, differ from training). ``iters=`` sets the number of interleaved rounds.
+one to ``<run_dir>/hf``); ``text=shakespeare`` feeds real text instead of uniform random ids, so a trained router
+sees the load it was trained on (with random ids or random weights the routing, and so the expert GEMM shapes,
+differ from training).
 
 FLOPs per token of a training step: 6 × (activated matmul parameters, excluding the embedding lookup) plus causal
 attention 3 × 2 × H × (qk_head + v_head) × T/2 per layer (fwd + 2× bwd), MTP block and head included.
@@ -76,23 +78,43 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
     return 2 * n**3 / t
 
 
-def bench_batch(cfg: ModelConfig, batch: int, seq: int, text: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, labels)`` ``[batch, seq]``: uniform random ids, or (``text=<corpus>``, e.g. ``shakespeare``) the
-    first ``batch`` validation samples of that corpus tokenised at the model's vocabulary size, so that trained
-    routers see the kind of text they were trained on."""
-    if not text:
-        x = torch.randint(0, cfg.vocab_size, (batch, seq))
-        return x, torch.roll(x, -1, 1)
-    from raymoe.data.build import build_dataset
+class BatchStream:
+    """A fresh ``(input_ids, labels)`` ``[batch, seq]`` on every call, never the same one twice.
 
-    _, val, _ = build_dataset(vocab_size=cfg.vocab_size, seq_len=seq, corpus=text, progress=False)
-    if len(val) < batch:
-        raise SystemExit(f"text={text!r} has {len(val)} validation samples of {seq} tokens; batch={batch} needs more")
-    return val.batch(list(range(batch)))
+    Training never repeats a batch, and on CPU that matters: bf16 matmuls are oneDNN kernels JIT-compiled per shape,
+    and the per-expert row counts (so the expert GEMM shapes) change with every batch. Timing one fixed batch over
+    and over would only ever measure warm kernels. Candidates draw from one stream in turn, so no candidate runs a
+    batch (and its shapes) that another one just compiled for. Uniform random ids by default; ``text=<corpus>``
+    (e.g. ``shakespeare``) walks that corpus' training samples, tokenised at the model's vocabulary size.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, seq: int, text: str | None, seed: int = 0) -> None:
+        self.cfg, self.batch, self.seq, self.text = cfg, batch, seq, text
+        self.gen = torch.Generator().manual_seed(seed)
+        self.ds = None
+        self.pos = 0
+        if text:
+            from raymoe.data.build import build_dataset
+
+            self.ds, _, _ = build_dataset(vocab_size=cfg.vocab_size, seq_len=seq, corpus=text, progress=False)
+            if len(self.ds) < batch:
+                raise SystemExit(f"text={text!r} has {len(self.ds)} samples of {seq} tokens; batch={batch} needs more")
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ds is None:
+            x = torch.randint(0, self.cfg.vocab_size, (self.batch, self.seq), generator=self.gen)
+            return x, torch.roll(x, -1, 1)
+        if self.pos + self.batch > len(self.ds):
+            self.pos = 0
+        ids = list(range(self.pos, self.pos + self.batch))
+        self.pos += self.batch
+        return self.ds.batch(ids)
 
 
-def _step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ours: bool) -> Callable[[], None]:
+def _step_fn(model: torch.nn.Module, batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+             ours: bool) -> Callable[[], None]:
     def step() -> None:
+        x, y = batches()
         model.zero_grad(set_to_none=True)
         if ours:
             loss = model(x, labels=y, compute_mtp=False).loss
@@ -183,7 +205,8 @@ def run(args: dict[str, str]) -> dict:
                     hf_io.save(ours, d)
                     src = d
                 hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(src)
-        x, y = bench_batch(cfg, batch, seq, args.get("text"))
+        stream = BatchStream(cfg, batch, seq, args.get("text"))
+        x, y = stream()  # for the profiler pass
         results.setdefault("inputs", {})[name] = {"weights": hf_dir or "random (seed 0)",
                                                   "tokens": args.get("text") or "uniform random"}
         flops_tok = train_flops_per_token(cfg, seq)
@@ -194,9 +217,9 @@ def run(args: dict[str, str]) -> dict:
             # slow drifts of the machine (other load, frequency) hit all candidates alike; medians are kept.
             candidates: dict[str, Callable[[], None]] = {}
             if hf_model is not None:
-                candidates["hf"] = _step_fn(hf_model.to(dtype).train(), x, y, ours=False)
+                candidates["hf"] = _step_fn(hf_model.to(dtype).train(), stream, ours=False)
             for impl in EXPERT_IMPLS:
-                candidates[impl] = _with_impl(ours_d, impl, _step_fn(ours_d, x, y, ours=True))
+                candidates[impl] = _with_impl(ours_d, impl, _step_fn(ours_d, stream, ours=True))
             times = _interleaved_medians(candidates, iters, warmup)
             hf_tps = batch * seq / times["hf"] if "hf" in times else None
             for impl in EXPERT_IMPLS:

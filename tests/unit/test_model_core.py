@@ -206,6 +206,50 @@ def test_expert_impls_agree_forward_and_backward() -> None:
         moe.PADDED_MAX_WASTE = old
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "padded", "loop"])
+def test_bf16_expert_rows_bucketed_on_cpu_match_the_fp32_reference(impl: str, monkeypatch) -> None:
+    """bf16 expert groups are zero-padded to a multiple of CPU_LOWP_ROW_BUCKET rows (bounded oneDNN shapes); the
+    padding must not change any output row or gradient."""
+    from raymoe.model import moe
+
+    torch.manual_seed(0)
+    ex = RoutedExperts(8, 64, 32)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    T = 50
+    x32 = torch.randn(T, 64)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(T)])
+    idx[:, 1] = torch.where(idx[:, 1] == 3, 4, idx[:, 1])  # uneven counts, none a multiple of the bucket
+    w = torch.rand(T, 2)
+    assert moe.row_bucket(x32) == 1 and moe.row_bucket(x32.bfloat16()) == moe.CPU_LOWP_ROW_BUCKET > 1
+    results = {}
+    for bucket in (1, 16):
+        monkeypatch.setattr(moe, "CPU_LOWP_ROW_BUCKET", bucket)
+        exb = ex.shard(list(range(8))).bfloat16()
+        exb.impl = impl
+        x = x32.bfloat16().requires_grad_()
+        y = exb(x, idx, w)
+        y.float().pow(2).sum().backward()
+        results[bucket] = (y.float(), x.grad.float(), exb.gate_proj.grad.float(), exb.down_proj.grad.float())
+    ex.impl = "bmm"  # fp32 plain-autograd reference
+    x = x32.clone().requires_grad_()
+    y = ex(x, idx, w)
+    y.pow(2).sum().backward()
+    ref = (y, x.grad, ex.gate_proj.grad, ex.down_proj.grad)
+    for a, b, r in zip(results[16], results[1], ref):
+        assert a.shape == r.shape
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * r.abs().max().item())  # bucketed vs unbucketed bf16
+        torch.testing.assert_close(a, r.detach(), rtol=5e-2, atol=3e-2 * r.abs().max().item())  # vs fp32
+
+
+def test_padded_rows_map_each_group_to_its_padded_start() -> None:
+    from raymoe.model.moe import _padded_rows
+
+    counts = torch.tensor([3, 0, 2])
+    padded = torch.tensor([4, 0, 4])
+    assert _padded_rows(counts, padded).tolist() == [0, 1, 2, 4, 5]
+
+
 def test_expert_shard_is_separable() -> None:
     torch.manual_seed(0)
     ex = RoutedExperts(8, 16, 8)

@@ -52,6 +52,7 @@ __all__ = ["RouteResult", "route", "Router", "RoutedExperts", "MoE", "seq_aux_lo
 EXPERT_IMPLS = ("auto", "grouped_mm", "padded", "loop", "bmm")
 PADDED_MAX_WASTE = 1.3  # "auto": pad to one bmm while E·max(count) ≤ this × rows, else grouped_mm
 DEFAULT_EXPERT_IMPL = "grouped_mm"
+CPU_LOWP_ROW_BUCKET = 32  # see row_bucket()
 
 
 @dataclass
@@ -174,12 +175,33 @@ def _mm_tn(a_NK: torch.Tensor, b_NO: torch.Tensor, counts: list[int], offs: torc
     return out
 
 
-def _slab_rows(counts_E: torch.Tensor, cmax: int) -> torch.Tensor:
-    """Row of each expert-grouped token in an ``[E, cmax]`` slab (flattened): expert ``e``'s ``i``-th row → ``e·cmax+i``."""
+def _padded_rows(counts_E: torch.Tensor, padded_E: torch.Tensor) -> torch.Tensor:
+    """Destination of each expert-grouped row when expert ``e``'s group is padded from ``counts[e]`` to
+    ``padded[e]`` rows: expert ``e``'s ``i``-th row → ``Σ_{j<e} padded[j] + i``."""
     E = counts_E.numel()
     starts = counts_E.cumsum(0) - counts_E
+    pstarts = padded_E.cumsum(0) - padded_E
     row_expert = torch.repeat_interleave(torch.arange(E, device=counts_E.device), counts_E)
-    return row_expert * cmax + torch.arange(row_expert.numel(), device=counts_E.device) - starts[row_expert]
+    return pstarts[row_expert] + torch.arange(row_expert.numel(), device=counts_E.device) - starts[row_expert]
+
+
+def _slab_rows(counts_E: torch.Tensor, cmax: int) -> torch.Tensor:
+    """Row of each expert-grouped token in an ``[E, cmax]`` slab (flattened): expert ``e``'s ``i``-th row → ``e·cmax+i``."""
+    return _padded_rows(counts_E, torch.full_like(counts_E, cmax))
+
+
+def row_bucket(x: torch.Tensor) -> int:
+    """Rows per expert are rounded up to a multiple of this before the expert GEMMs (zero rows, results dropped).
+
+    On CPU, bf16/fp16 matmuls go through oneDNN, which JIT-compiles a kernel ("primitive") per distinct shape and
+    keeps a bounded cache of them. Per-expert row counts change every batch, so unbucketed expert GEMMs keep
+    compiling: with real text (skewed, changing loads) this made the small model's bf16 step ~3× slower. Rounding
+    to a multiple of ``CPU_LOWP_ROW_BUCKET`` bounds the distinct shapes at the price of < bucket zero rows per expert.
+    fp32 CPU matmuls (MKL) and GPU kernels have no per-shape compilation, so they are not padded.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        return CPU_LOWP_ROW_BUCKET
+    return 1
 
 
 class _SwiGLUExpertsFn(torch.autograd.Function):
@@ -192,15 +214,20 @@ class _SwiGLUExpertsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, w_gate, w_up, w_down, counts_E, kernel):  # type: ignore[override]
+        ctx.rows = None
+        bucket = row_bucket(x_ND)
+        padded = None
+        if kernel == "padded":  # move every expert's rows into a [E, max count] slab; padding rows stay zero
+            cmax = int(counts_E.max()) if counts_E.numel() else 0
+            padded = torch.full_like(counts_E, -(-cmax // bucket) * bucket)
+        elif bucket > 1:  # every expert's group rounded up to a multiple of the bucket (see row_bucket)
+            padded = (counts_E + (bucket - 1)) // bucket * bucket
+        if padded is not None:
+            rows = _padded_rows(counts_E, padded)
+            x_ND = x_ND.new_zeros(int(padded.sum()), x_ND.shape[1]).index_copy_(0, rows, x_ND)
+            counts_E, ctx.rows = padded, rows
         counts = counts_E.tolist()
         offs = counts_E.cumsum(0).to(torch.int32)
-        ctx.rows = None
-        if kernel == "padded":  # move every expert's rows into a [E, max count] slab; padding rows stay zero
-            E, cmax = len(counts), max(counts, default=0)
-            rows = _slab_rows(counts_E, cmax)
-            x_ND = x_ND.new_zeros(E * cmax, x_ND.shape[1]).index_copy_(0, rows, x_ND)
-            counts = [cmax] * E
-            ctx.rows = rows
         g = _mm_nn(x_ND, w_gate, counts, offs, kernel)
         u = _mm_nn(x_ND, w_up, counts, offs, kernel)
         h = F.silu(g).mul_(u)
