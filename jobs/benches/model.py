@@ -188,7 +188,8 @@ def run(args: dict[str, str]) -> dict:
         table.add_column(col, justify="right")
     hf_dir = args.get("hf")
     if hf_dir:
-        presets = [f"hf:{pathlib.Path(hf_dir).name}"]
+        p = pathlib.Path(hf_dir).resolve()
+        presets = [f"hf:{p.parent.name}/{p.name}" if p.name == "hf" else f"hf:{p.name}"]
     for name in presets:
         torch.manual_seed(0)
         if hf_dir:  # trained weights: any HF DeepseekV3 checkpoint, e.g. <run_dir>/hf written by the training job

@@ -120,6 +120,22 @@ def test_guarded_adamw_skips_exactly_one_step() -> None:
     assert torch.all(p.detach() < 1)
 
 
+def test_guarded_adamw_is_fused_and_matches_reference_adamw() -> None:
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64, 32))
+    b = torch.nn.Parameter(a.detach().clone())
+    fused = GuardedAdamW([a], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ref = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(5):
+        g = torch.randn(64, 32)
+        a.grad, b.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+    assert not torch.equal(a.detach(), torch.zeros_like(a))
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
+
 # ------------------------------------------------------------------ checkpoints
 def _make(root: pathlib.Path, step: int) -> pathlib.Path:
     tmp = ckpt.new_tmp_dir(root, step)
