@@ -33,7 +33,7 @@ from rich.table import Table
 from raymoe.config import ModelConfig
 from raymoe.model import DeepSeekV3
 from raymoe.model import hf as hf_io
-from raymoe.model.moe import EXPERT_IMPLS, set_expert_impl
+from raymoe.model.moe import DEFAULT_EXPERT_IMPL, EXPERT_IMPLS, set_expert_impl
 from raymoe.model.plan import train_flops_per_token
 
 console = Console()
@@ -245,4 +245,32 @@ def run(args: dict[str, str]) -> dict:
         bt.add_row(name, *(f"{b[k]:.0%}" for k in ("attention", "router", "experts", "shared_experts", "other")))
     console.print(bt)
     console.print({k: f"{v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()})
+    if args.get("plot"):
+        print(f"plot: {plot_ratios([results], args['plot'])}")
     return results
+
+
+def plot_ratios(runs: list[dict], out: str, impl: str = DEFAULT_EXPERT_IMPL) -> str:
+    """Bar chart of tokens/s, ours (``impl``) vs HF, per model and dtype, over the results of one or more runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for res in runs for r in res["rows"] if r["impl"] == impl and r.get("hf_tokens_per_s")]
+    labels = [f"{r['model']}\n{r['dtype']}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4))
+    ax.bar([x - 0.2 for x in xs], [r["hf_tokens_per_s"] for r in rows], 0.4, label="HF transformers")
+    ax.bar([x + 0.2 for x in xs], [r["ours_tokens_per_s"] for r in rows], 0.4, label=f"raymoe ({impl})")
+    for x, r in zip(xs, rows):
+        ax.annotate(f"{r['ratio']:.2f}×", (x + 0.2, r["ours_tokens_per_s"]), ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel("training tokens/s (fwd+bwd)")
+    ax.set_yscale("log")
+    ax.set_title("fwd+bwd step, fresh batch every step, 2 CPU cores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
