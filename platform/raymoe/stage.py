@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from raymoe.config import RunConfig
+from raymoe.malloc import keep_freed_memory
 from raymoe.model import DeepSeekV3
 from raymoe.optim import GuardedAdamW, deepspeed_config, param_groups
 
@@ -58,6 +59,7 @@ class StageWorker:
         stage: int = 0,
     ) -> None:
         self.run, self.dp_rank, self.stage = run, dp_rank, stage
+        self.keeps_freed_memory = keep_freed_memory()  # big CPU tensors stop paying page faults (raymoe.malloc)
         self.dp = run.parallel.dp
         if threads:
             torch.set_num_threads(threads)
