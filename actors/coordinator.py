@@ -93,10 +93,6 @@ class Coordinator:
     def status(self) -> dict[str, Any]:
         return self.controller.status() if self.controller else {"phase": "setup"}
 
-    def export_hf(self, path: str) -> str:
-        """Write the current model (rank 0 replica, with the coordinator's biases) as a HF DeepseekV3 checkpoint."""
-        return self.group.call("export_hf", [(path, self.controller.balancer.bias.clone())], ranks=[0])[0]
-
     def stage_call(self, method: str, *args: Any) -> list[Any]:
         """Fan a call out to every replica (tests/inspection: biases, fingerprints, optimizer membership)."""
         return self.group.call(method, [args] * self.group.size if args else None)

@@ -21,7 +21,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -90,22 +89,10 @@ def train(run: RunConfig, progress: bool = True) -> dict[str, Any]:
                 break
         bar.close()
         summary = ray.get(fut)
-        summary["hf_export"] = None
-        if run.train.export_hf and summary.get("steps", 0) >= run.train.steps:
-            summary["hf_export"] = ray.get(coord.export_hf.remote(str(pathlib.Path(run.run_dir) / "hf")))
-            _update_summary_file(run, summary)
         ray.get(coord.shutdown.remote())
         return summary
     finally:
         ray.kill(coord)
-
-
-def _update_summary_file(run: RunConfig, summary: dict[str, Any]) -> None:
-    path = pathlib.Path(run.run_dir) / "summary.json"
-    if path.exists():
-        data = json.loads(path.read_text())
-        data["hf_export"] = summary["hf_export"]
-        path.write_text(json.dumps(data, indent=2))
 
 
 def run_from_cfg(cfg: DictConfig) -> dict[str, Any]:

@@ -89,7 +89,7 @@ class BatchStream:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, seq: int, text: str | None, seed: int = 0) -> None:
-        self.cfg, self.batch, self.seq, self.text = cfg, batch, seq, text
+        self.cfg, self.batch, self.seq = cfg, batch, seq
         self.gen = torch.Generator().manual_seed(seed)
         self.ds = None
         self.pos = 0

@@ -245,10 +245,16 @@ class TrainController:
         self.group.call("set_biases", [(self.balancer.bias.clone(),)] * self.group.size)
         wall = time.perf_counter() - t_start
         summary = self.summary(wall, self.tokens - tokens_at_start, finished=self.step >= tc.steps)
+        if summary["finished"] and tc.export_hf:
+            summary["hf_export"] = self.export_hf(str(self.run_dir / "hf"))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.summary(summary)
         self._set_status(phase="done", step=self.step)
         return summary
+
+    def export_hf(self, path: str) -> str:
+        """Write the model (DP rank 0, with the balancer's current biases) as a HF DeepseekV3 checkpoint."""
+        return self.group.call("export_hf", [(path, self.balancer.bias.clone())], ranks=[0])[0]
 
     def summary(self, wall: float, tokens_run: int, finished: bool) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
@@ -267,6 +273,7 @@ class TrainController:
             "resumed_from": self.resumed_from,
             "wandb_dir": self.logger.wandb_dir,
             "metrics_file": str(self.logger.jsonl_path),
+            "hf_export": None,  # set by run_loop when a finished run is exported (train.export_hf)
             "losses": [h["train/loss"] for h in self.history],
         }
 

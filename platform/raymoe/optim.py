@@ -6,9 +6,9 @@ changes and resumes): linear warmup 0 → lr over ``warmup_tokens``; constant fo
 cosine to 2.2e-5 over 4.3T tokens.
 
 Weight decay applies to matrices only: norms (1-D) are excluded; the router bias is a buffer and so never reaches the
-optimizer at all. ``GuardedAdamW`` is torch's fused AdamW with a ``skip_next`` switch: when a step must not be applied (non-finite
-loss, or non-finite FP8 amax) the DeepSpeed engine still runs its gradient bookkeeping but the update, the moment
-decay and the step counter are left untouched.
+optimizer at all. ``GuardedAdamW`` is torch's fused AdamW with a ``skip_next`` switch: when a step must not be applied
+(non-finite loss, or non-finite FP8 amax) the DeepSpeed engine still runs its gradient bookkeeping but the update, the
+moment decay and the step counter are left untouched.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class GuardedAdamW(torch.optim.AdamW):
 
     def __init__(self, params: Iterable, **kw: Any) -> None:
         # torch's fused AdamW (CPU and CUDA) reads and writes each state tensor once per step instead of once per
-        # elementwise op: on CPU the optimizer step of the small model drops several-fold (see the closing notes).
+        # elementwise op. Measured on 2 CPU cores, 110 M fp32 parameters: 79 ms per step fused, 621 ms default.
         kw.setdefault("fused", True)
         super().__init__(params, **kw)
         self.skip_next = False

@@ -59,7 +59,7 @@ class StageWorker:
         stage: int = 0,
     ) -> None:
         self.run, self.dp_rank, self.stage = run, dp_rank, stage
-        self.keeps_freed_memory = keep_freed_memory()  # big CPU tensors stop paying page faults (raymoe.malloc)
+        keep_freed_memory()  # big CPU tensors stop paying page faults (raymoe.malloc)
         self.dp = run.parallel.dp
         if threads:
             torch.set_num_threads(threads)

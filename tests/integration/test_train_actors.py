@@ -41,7 +41,7 @@ def _drive(run: RunConfig, inspect: bool = False) -> tuple[dict, dict]:
             info["biases"] = ray.get(coord.stage_call.remote("get_biases"))
             info["in_opt"] = ray.get(coord.stage_call.remote("bias_in_optimizer"))
             info["fingerprint"] = ray.get(coord.stage_call.remote("state_fingerprint"))
-            info["export"] = ray.get(coord.export_hf.remote(str(pathlib.Path(run.run_dir) / "hf")))
+            info["export"] = summary["hf_export"]  # written by the job at the end (train.export_hf)
         ray.get(coord.shutdown.remote(), timeout=60)
         return summary, info
     finally:

@@ -13,10 +13,10 @@ Routing for T tokens and E routed experts (``route``):
 
 Routed experts are computed by grouping: the ``T·k`` (token, expert) pairs are sorted by expert (stable), the
 tokens gathered into one contiguous ``[T·k, D]`` block whose rows are grouped by expert, the SwiGLU experts run as
-grouped matmuls over that block, and the results are weighted and scattered back with ``index_add``. No token is
-dropped (no capacity factor). Three grouped-matmul back-ends are kept, selectable per layer; ``python -m
-raymoe.jobs.bench model`` measures them and the fastest on this CPU (``grouped_mm``: ``torch._grouped_mm``) is the
-default:
+grouped matmuls over that block, and the results are gathered back per token and weighted (no scatter). No token
+is dropped (no capacity factor). In bf16/fp16 on CPU each expert's rows are zero-padded to a multiple of
+``CPU_LOWP_ROW_BUCKET`` first (:func:`row_bucket`). Several grouped-matmul back-ends are kept, selectable per
+layer; ``python -m raymoe.jobs.bench model`` measures them and ``grouped_mm`` (``torch._grouped_mm``) is the default:
 
 * ``grouped_mm`` – ``torch._grouped_mm`` with expert offsets (one kernel per projection);
 * ``padded``     – every expert's rows copied into an ``[E, max count]`` slab and one ``bmm`` per projection
