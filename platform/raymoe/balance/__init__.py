@@ -1,7 +1,7 @@
 """Load balancing of routed experts: statistics (MaxVio, bias spread) and the auxiliary-loss-free bias balancer.
 
-Policy lives here, outside the model (style.md §5): the router only reads its ``expert_bias`` buffer for the top-k
-choice and returns per-expert counts; the coordinator sums the counts of a whole optimizer step (micro-batches,
+Policy lives here, outside the model (docs/balance.md §1): the router only reads its ``expert_bias`` buffer for the
+top-k choice and returns per-expert counts; the coordinator sums the counts of a whole optimizer step (micro-batches,
 DP ranks, MTP layers) and calls :meth:`BiasBalancer.update`. The sequence-wise auxiliary loss is part of the model
 (:func:`raymoe.model.moe.seq_aux_loss`), because it needs gradients through the scores.
 
@@ -9,7 +9,9 @@ DP ranks, MTP layers) and calls :meth:`BiasBalancer.update`. The sequence-wise a
   accumulators), ``bias_spread(bias)``;
 * :mod:`raymoe.balance.bias` — ``bias_delta`` / ``update_bias`` (sign or proportional rule, γ),
   ``BiasBalancer`` (state for the checkpoint), ``TokenSchedule`` with the V3 γ and λ schedules;
-* :mod:`raymoe.balance.sim` — ``simulate_frozen_router``: the toy γ study of techniques.md §2 on the real router.
+* :mod:`raymoe.balance.sim` — ``simulate_frozen_router``: the toy γ study of docs/balance.md §5 on the real router;
+* :mod:`raymoe.balance.eplb` — serving-side redundant-expert placement from loads: ``rebalance_experts``
+  (hierarchical / global, greedy + swap refinement), ``balancedness``, ``trivial_placement``.
 
 Example::
 
@@ -32,6 +34,7 @@ from raymoe.balance.bias import (
     gamma_at,
     update_bias,
 )
+from raymoe.balance.eplb import balancedness, rebalance_experts, trivial_placement
 from raymoe.balance.sim import SimRun, simulate_frozen_router
 from raymoe.balance.stats import LoadStats, bias_spread, maxvio
 
@@ -49,4 +52,7 @@ __all__ = [
     "gamma_at",
     "SimRun",
     "simulate_frozen_router",
+    "rebalance_experts",
+    "balancedness",
+    "trivial_placement",
 ]
