@@ -1,42 +1,89 @@
-"""``StageActor``: a Ray actor hosting one data-parallel replica of a pipeline stage.
+"""``StageActor``: a Ray actor hosting one rank of the training layout (its stage chunk(s) and expert shard).
 
-The actor is a thin shell around :class:`raymoe.stage.StageWorker` (which runs without Ray): it picks its
-rendezvous address, builds the worker (model, DeepSpeed engine, torch.distributed group) and forwards calls. The
-coordinator sends one ``call("run_step", plan)`` per rank per step.
+The actor is a thin shell around the worker from :func:`raymoe.train.controller.make_worker` (which runs without
+Ray): it offers a rendezvous address, builds the worker (model, process groups, optimizer) and forwards typed
+calls — ``step(StepPlan) -> StepResult``, ``evaluate(EvalPlan) -> EvalResult``, ``save``, ``load``. Methods are
+spelled out (no dispatch by method name), so the boundary is typed end to end.
 """
 from __future__ import annotations
 
+import os
 import socket
-from typing import Any
+from typing import Any, Optional
 
 import ray
+import torch
 
 from raymoe.config import RunConfig
+from raymoe.train.plans import EvalPlan, EvalResult, StepPlan, StepResult
+from raymoe.train.rendezvous import reserve_port
 
 __all__ = ["StageActor"]
 
 
 @ray.remote
 class StageActor:
-    def __init__(self, run: RunConfig, dp_rank: int) -> None:
-        self.run, self.dp_rank = run, dp_rank
-        self.worker = None
+    def __init__(self, run: RunConfig, rank: int) -> None:
+        self.run, self.rank = run, rank
+        self.worker: Any = None
+        self._sock: Optional[socket.socket] = None
+
+    def pid(self) -> int:
+        """The actor's process id (fault tests kill it with SIGKILL)."""
+        return os.getpid()
 
     def rendezvous_address(self) -> tuple[str, int]:
-        """(node IP, free TCP port) on this actor's node — rank 0's answer is the group's MASTER_ADDR/PORT."""
+        """(node IP, a reserved free TCP port bound on that IP): rank 0's answer is the group's rendezvous."""
         ip = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
+        self._sock, port = reserve_port(ip)
         return ip, port
 
     def init(self, master_addr: str, master_port: int, threads: int) -> dict[str, Any]:
-        from raymoe.stage import StageWorker
+        from raymoe.train.controller import make_worker
 
-        self.worker = StageWorker(self.run, self.dp_rank, master_addr, master_port, threads=threads)
-        return {"dp_rank": self.dp_rank, "node": ray.util.get_node_ip_address()}
+        if self._sock is not None:  # release the reserved port just before the store binds it
+            self._sock.close()
+            self._sock = None
+        self.worker = make_worker(self.run, self.rank, master_addr, master_port, threads=threads)
+        return {"rank": self.rank, "node": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
-    def call(self, method: str, *args: Any) -> Any:
+    def _w(self) -> Any:
         if self.worker is None:
             raise RuntimeError("StageActor.init() was not called")
-        return getattr(self.worker, method)(*args)
+        return self.worker
+
+    def step(self, plan: StepPlan) -> StepResult:
+        return self._w().step(plan)
+
+    def evaluate(self, plan: EvalPlan) -> EvalResult:
+        return self._w().evaluate(plan)
+
+    def save(self, ckpt_dir: str) -> None:
+        self._w().save(ckpt_dir)
+
+    def load(self, ckpt_dir: str) -> None:
+        self._w().load(ckpt_dir)
+
+    def set_biases(self, biases: torch.Tensor) -> None:
+        self._w().set_biases(biases)
+
+    def get_biases(self) -> Any:
+        return self._w().get_biases()
+
+    def param_state(self) -> dict[str, torch.Tensor]:
+        return self._w().param_state()
+
+    def peak_flops(self) -> float:
+        return self._w().peak_flops()
+
+    def export_hf(self, path: str, biases: torch.Tensor) -> str:
+        return self._w().export_hf(path, biases)
+
+    def bias_in_optimizer(self) -> bool:
+        w = self._w()
+        bias_ids = {id(b) for b in (getattr(r, "expert_bias", None) for r in w.model.modules()) if b is not None}
+        return any(id(p) in bias_ids for g in w.optimizer.param_groups for p in g["params"])
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()

@@ -8,6 +8,9 @@ pyplot, no global backend switch):
 * one PNG per expert matrix: the expert-load heatmap (panel per routing layer, x = step, y = expert,
   colour = share of that layer's routed tokens, so a balanced layer is flat at 1/E) and the router-bias
   trajectories (panel per layer, one line per expert);
+* the serving section (a serving run's ``serving/*`` keys, see ``panels.yaml``): ``serving_slot_load`` (heatmap of
+  each physical slot's share of its layer's rows over steps) and ``serving_placement`` (training's expert load per
+  layer beside the initial slot → expert placement, shards outlined);
 * ``report.html``: a single self-contained page with every PNG inlined as base64, the summary table and the last
   logged value of every panel metric.
 
@@ -340,6 +343,53 @@ def _render_trajectories(m: ExpertMatrix, steps: np.ndarray, values_TLE: np.ndar
 # HTML
 # ----------------------------------------------------------------------------------------------------------------
 
+# list-valued serving entries (not wandb histograms, so not in panels.yaml's expert_matrices)
+SERVING_SLOT_LOAD = ExpertMatrix(name="serving_slot_load", title="Serving: rows per physical expert slot",
+                                 jsonl_key="serving/slot_load", wandb_key="serving/slot_load/layer_{layer}",
+                                 kind="heatmap", value_label="share of the layer's rows (uniform = 1/slots)")
+
+
+def _render_placement(records: list[dict[str, Any]], path: pathlib.Path) -> Optional[pathlib.Path]:
+    """Training's expert load (bars, per layer) beside the initial placement (slot -> logical expert, shards)."""
+    first = next((r for r in records if "serving/initial_placement" in r), None)
+    if first is None:
+        return None
+    place = np.asarray(first["serving/initial_placement"], dtype=int)
+    load = np.asarray(first["serving/train_expert_load"], dtype=float) if "serving/train_expert_load" in first \
+        else None
+    shards = int(first.get("serving/num_shards", 1)) or 1
+    L, R = place.shape
+    E = int(place.max()) + 1
+    fig = _new_figure(10.0, 1.2 + 2.2 * L)
+    axes = fig.subplots(L, 2, squeeze=False)
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    for li in range(L):
+        ax_l, ax_p = axes[li]
+        if load is not None and li < load.shape[0]:
+            row = load[li]
+            share = row / row.sum() if row.sum() > 0 else row
+            ax_l.bar(np.arange(E), share, color=[cmap(e % 20) for e in range(E)])
+            ax_l.axhline(1.0 / E, color="black", lw=0.8, ls="--")
+            ax_l.set_ylabel("share", fontsize=8)
+        else:
+            ax_l.text(0.5, 0.5, "no expert_load from training:\ntrivial placement", ha="center", va="center",
+                      transform=ax_l.transAxes, fontsize=8, color="0.45")
+        ax_l.set_title(f"layer {li}: training expert load", fontsize=9)
+        ax_l.set_xlabel("logical expert", fontsize=8)
+        ax_p.imshow(place[li][None, :] % 20, cmap=cmap, vmin=0, vmax=19, aspect="auto")
+        for p, e in enumerate(place[li]):
+            ax_p.text(p, 0, str(e), ha="center", va="center", fontsize=7)
+        for s in range(1, shards):
+            ax_p.axvline(s * R / shards - 0.5, color="black", lw=2)
+        ax_p.set_yticks([])
+        ax_p.set_xlabel("physical slot (thick lines: shard boundaries)", fontsize=8)
+        ax_p.set_title(f"layer {li}: initial placement ({R} slots, {shards} shards)", fontsize=9)
+    fig.suptitle("Placement handed from training (expert_load.safetensors -> EPLB)", fontsize=11, fontweight="bold")
+    return _save(fig, path)
+
+
 def _fmt(v: Any) -> str:
     """Table formatting: ints as-is, floats to 6 significant digits, containers as compact JSON (truncated)."""
     if isinstance(v, bool) or v is None or isinstance(v, int):
@@ -456,6 +506,20 @@ def render(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path | None = Non
             written[m.name] = png
         figures.append((m.title, png, f"{m.jsonl_key} was not logged (it is written every "
                                       "logger histogram_every steps)"))
+    if any("serving/slot_load" in r or "serving/initial_placement" in r for r in records):  # a serving run
+        # the slot count changes when the policy adds/removes a shard: draw the latest layout's records
+        with_load = [r for r in records if isinstance(r.get(SERVING_SLOT_LOAD.jsonl_key), list)]
+        last_shape = np.shape(with_load[-1][SERVING_SLOT_LOAD.jsonl_key]) if with_load else None
+        steps, mat = _matrix([r for r in with_load if np.shape(r[SERVING_SLOT_LOAD.jsonl_key]) == last_shape],
+                             SERVING_SLOT_LOAD.jsonl_key)
+        png = _render_heatmap(SERVING_SLOT_LOAD, steps, mat, out / "serving_slot_load.png") if steps.size else None
+        if png is not None:
+            written["serving_slot_load"] = png
+        figures.append((SERVING_SLOT_LOAD.title, png, "serving/slot_load was not logged"))
+        png = _render_placement(records, out / "serving_placement.png")
+        if png is not None:
+            written["serving_placement"] = png
+        figures.append(("Serving: placement from training", png, "serving/initial_placement was not logged"))
     summary, note = _read_summary(run_dir)
     written["report"] = _write_html(out / "report.html", run_dir, records, spec, summary, note, figures)
     return written

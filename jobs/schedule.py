@@ -4,7 +4,7 @@ Builds the schedule (ours, or torch's with ``name=torch:<Class>``), validates it
 per-chunk costs and prints every rank's op list, a per-rank table (op counts, busy time, bubble, peak activations,
 parameter chunks) and the paper's bubble formula next to the simulated bubble. ``plot=`` writes the PNG time line,
 ``html=`` an HTML one. The config schema is :class:`ScheduleJobConfig` (``conf/schedule.yaml`` only overrides it);
-an invalid combination (e.g. ``name=dualpipe ranks=4 microbatches=6``) exits with the rule, not a traceback.
+an invalid combination (e.g. ``name=dualpipe ranks=4 microbatches=6``) exits with status 2 and the rule on one line.
 Hydra writes no output directories (``hydra.run.dir: .``, ``hydra.output_subdir: null``).
 """
 from __future__ import annotations
@@ -13,12 +13,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from raymoe.jobs.configs import InvalidConfig, hydra_app, to_object
 from raymoe.schedule import (
     BUILDERS,
     TORCH_SCHEDULES,
@@ -130,13 +130,13 @@ def run(cfg: ScheduleJobConfig, console: Optional[Console] = None) -> SimResult:
     return res
 
 
-@hydra.main(version_base="1.3", config_path="pkg://raymoe.conf", config_name="schedule")
+@hydra_app("schedule")  # @hydra.main over conf/schedule.yaml; an invalid override -> one line on stderr, exit 2
 def main(dcfg: DictConfig) -> None:
+    cfg = to_object(dcfg, ScheduleJobConfig)  # runs __post_init__ (unknown schedule name, counts < 1)
     try:
-        cfg: ScheduleJobConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]  # runs __post_init__
         run(cfg)
-    except ScheduleError as e:
-        raise SystemExit(f"error: {e}") from None
+    except ScheduleError as e:  # a (name, ranks, micro-batches) combination the builder rejects, with its rule
+        raise InvalidConfig(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -22,15 +22,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from raymoe.config import RunConfig  # noqa: E402
-from raymoe.jobs.configs import InvalidConfig, register, to_run_config  # noqa: E402
+from raymoe.jobs.configs import hydra_app, register, to_run_config  # noqa: E402
 
 register()
 
@@ -118,13 +116,9 @@ def run_from_cfg(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="pkg://raymoe.conf", config_name="train")
+@hydra_app("train")  # @hydra.main over conf/train.yaml; any invalid override -> one line on stderr, exit status 2
 def main(cfg: DictConfig) -> None:
-    try:
-        run_from_cfg(cfg)
-    except InvalidConfig as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(2)
+    run_from_cfg(cfg)
 
 
 if __name__ == "__main__":

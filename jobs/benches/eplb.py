@@ -32,6 +32,19 @@ Recorded loads: ``loads=<path>`` plans a recorded ``[layers, experts]`` load ten
 Its topology comes from ``gpus=`` (32), ``nodes=`` (4), ``groups=`` (8) and ``replicas=`` (experts + gpus, one
 redundant slot per GPU).
 
+Serving (``serving=1``): redundant experts in the engine (:class:`raymoe.engine.ReplicatedExperts`, in-process
+shards) on the tiny trained checkpoint (:mod:`raymoe.engine.tiny`, built in a temp dir) under a skewed prompt mix (one
+prompt kind repeated, ``requests=`` 8, ``max_tokens=`` 24). Phase *before*: ``shards=`` 2 shards, no redundant slot,
+placement planned from the load recorded on the training text; then the :class:`raymoe.engine.redundancy`
+controller is asked for a decision (thresholds set so the skew triggers it) and scales up by one shard (re-plan over
+the recorded window + weight copies; ``apply ms``); phase *after*: the same mix again. Reported per phase: measured
+balance (max / mean rows per shard, layer mean), wall tokens/s (in-process shards run one after another on this
+CPU, so the wall rate cannot show the parallel gain), the modelled EP critical path (Σ over layers of the busiest
+shard's rows per generated token: with one GPU per shard the MoE time follows it), TTFT/TPOT; plus the live re-plan
+pause (median of ``reps`` re-plans at a fixed shard count). Greedy tokens are checked to be identical in both phases
+and to the local-experts engine. Serving metrics are written through :class:`raymoe.metrics.MetricsLogger` to
+``<out_dir>/serving_metrics`` (``metrics_dir=`` to override) for ``dashboards/render_local.py``.
+
 Other args: ``seed=0``, ``sigma=1.0``, ``reps=5``, ``threads=1``, ``plot=<png>`` (bar chart of the layer-mean
 imbalance per plan and case, with the worst layer and the bound), ``width=150`` (console).
 """
@@ -189,6 +202,8 @@ def run(args: dict[str, str]) -> dict:
     sigma = float(args.get("sigma", "1.0"))
     reps = int(args.get("reps", "5"))
     console = Console(width=int(args.get("width", "150")))
+    if args.get("serving") in ("1", "true", "yes"):
+        return run_serving(args, console)
     default_cases = "" if "loads" in args else "v3,v3-global,small"
     names = [c for c in args.get("cases", default_cases).split(",") if c]
     unknown = [c for c in names if c not in CASES]
@@ -217,3 +232,112 @@ def run(args: dict[str, str]) -> dict:
         out["plot"] = plot_balancedness(rows, args["plot"])
         console.print(f"plot: {out['plot']}")
     return out
+
+
+def _phase(engine, backend, ctl, prompts: list[str], max_tokens: int) -> dict:
+    from raymoe.engine import SamplingParams
+
+    backend.recorder.reset_slots(backend.placement.num_slots)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0)
+    ids = [engine.add_request(None, p, sp) for p in prompts]
+    gen0 = engine.stats["generation_tokens"]
+    final: dict = {}
+    ttft, tpot = [], []
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        outs = engine.step()
+        if ctl is not None:
+            ctl.after_step(outs, engine.stats["generation_tokens"])
+        for o in outs:
+            if o.finished:
+                final[o.request_id] = o.outputs[0].token_ids
+                m = o.metrics
+                ttft.append(m["first_token_time"] - m["arrival_time"])
+                n = len(o.outputs[0].token_ids)
+                if n > 1:
+                    tpot.append((m["finish_time"] - m["first_token_time"]) / (n - 1))
+    wall = time.perf_counter() - t0
+    gen = engine.stats["generation_tokens"] - gen0
+    rows = backend.shard_rows()
+    return {"tokens": [final[i] for i in ids], "balance": float(backend.measured_balance().mean()),
+            "tokens_per_s": gen / wall, "critical_rows_per_token": float(rows.amax(-1).sum()) / max(gen, 1),
+            "ttft_ms": 1e3 * statistics.mean(ttft), "tpot_ms": 1e3 * statistics.mean(tpot) if tpot else 0.0,
+            "num_shards": backend.num_shards, "redundant_slots": backend.placement.redundant_slots}
+
+
+def run_serving(args: dict[str, str], console: Console) -> dict:
+    """Redundant experts while serving (module docstring, ``serving=1``)."""
+    import copy
+    import tempfile
+
+    from raymoe.config import LoggerConfig
+    from raymoe.engine import EngineConfig, LLMEngine, Placement, ReplicatedExperts, SamplingParams
+    from raymoe.engine.redundancy import PolicyConfig, RedundancyController, RedundancyPolicy
+    from raymoe.engine.tiny import build_tiny_checkpoint, tiny_corpus
+    from raymoe.metrics import MetricsLogger
+
+    requests, max_tokens = int(args.get("requests", "8")), int(args.get("max_tokens", "24"))
+    shards, reps = int(args.get("shards", "4")), int(args.get("reps", "5"))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(int(args.get("threads", "1")))
+    try:
+        with tempfile.TemporaryDirectory(prefix="raymoe-eplb-serving-") as tmp:
+            ck = build_tiny_checkpoint(pathlib.Path(tmp) / "ckpt", seed=int(args.get("seed", "0")))
+            base = LLMEngine.from_pretrained(ck, EngineConfig(num_speculative_tokens=1))
+            cfg = EngineConfig(num_speculative_tokens=1, block_size=8)
+
+            def engine(backend):
+                return LLMEngine(copy.deepcopy(base.model), base.tokenizer, cfg, base.eos_token_id,
+                                 expert_backend=backend)
+
+            # the load "training" recorded: router counts over the training text
+            rec = ReplicatedExperts(num_shards=1, num_slots=8)
+            e0 = engine(rec)
+            e0.generate(tiny_corpus(1), SamplingParams(max_tokens=2, temperature=0))
+            train_load = rec.recorder.window_load().float()
+            keys = rec.layer_keys
+            E = rec.placement.num_experts
+            mix = ["She counted the stars: one, two, three, four, five, six"] * requests
+            ref = [o.outputs[0].token_ids for o in
+                   engine(None).generate(mix, SamplingParams(max_tokens=max_tokens, temperature=0))]
+            backend = ReplicatedExperts(Placement.from_load(keys, train_load, shards * (E // shards), shards, 1, 1,
+                                                            source="load-file"))
+            backend.prior_load = train_load
+            eng = engine(backend)
+            mdir = pathlib.Path(args.get("metrics_dir", str(pathlib.Path(args.get("out_dir", "bench_results"))
+                                                          / "serving_metrics")))
+            logger = MetricsLogger(mdir, LoggerConfig(kind="none"), {"bench": "eplb serving"})
+            ctl = RedundancyController(backend, RedundancyPolicy(PolicyConfig(
+                min_shards=shards, max_shards=shards + 1, up_balance=1.05, down_balance=1.01, patience=1,
+                cooldown_s=0, min_tokens=16)), logger=logger, decide_every_steps=0, metrics_every_steps=5)
+            before = _phase(eng, backend, ctl, mix, max_tokens)
+            t0 = time.perf_counter()
+            ev = ctl.decide()
+            apply_ms = 1e3 * (time.perf_counter() - t0)
+            ctl.log_metrics(ev)
+            after = _phase(eng, backend, ctl, mix, max_tokens)
+            pauses = [1e3 * backend.replan()["pause_s"] for _ in range(reps)]
+            ctl.log_metrics()
+            logger.finish()
+    finally:
+        torch.set_num_threads(prev)
+    same = before["tokens"] == ref and after["tokens"] == ref
+    t = Table(title=f"Redundant experts while serving (tiny, {requests} skewed requests x {max_tokens} tokens; "
+                    f"greedy tokens identical to local experts: {same})")
+    for col in ("phase", "shards", "redundant", "balance", "tok/s (wall)", "EP critical rows/token", "TTFT ms",
+                "TPOT ms"):
+        t.add_column(col, justify="left" if col == "phase" else "right")
+    for name, r in (("before", before), ("after scale-up", after)):
+        t.add_row(name, str(r["num_shards"]), str(r["redundant_slots"]), f"{r['balance']:.3f}",
+                  f"{r['tokens_per_s']:.1f}", f"{r['critical_rows_per_token']:.2f}", f"{r['ttft_ms']:.1f}",
+                  f"{r['tpot_ms']:.2f}")
+    console.print(t)
+    decision = {k: v for k, v in (ev or {}).items() if isinstance(v, (int, float, str)) or v is None}
+    console.print(f"decision: {decision.get('action')} ({decision.get('reason')}); apply {apply_ms:.1f} ms; "
+                  f"re-plan pause median {statistics.median(pauses):.2f} ms over {reps}; metrics: {mdir}")
+    for r in (before, after):
+        r.pop("tokens")
+    return {"serving": {"before": before, "after": after, "decision": decision, "apply_ms": apply_ms,
+                        "replan_pause_ms": {"median": statistics.median(pauses), "max": max(pauses)},
+                        "tokens_identical": same, "metrics_dir": str(mdir), "requests": requests,
+                        "max_tokens": max_tokens}}

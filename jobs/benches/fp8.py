@@ -85,7 +85,7 @@ def bench_gemm(shapes: list[tuple[int, int]], m: int = 64) -> list[dict]:
 
 
 def outlier_errors() -> dict:
-    """techniques.md §4.4: 256×4096 activations with four channels ×200, weights N(0, 0.02²): GEMM and activation
+    """docs/fp8.md §3: 256×4096 activations with four channels ×200, weights N(0, 0.02²): GEMM and activation
     errors of per-tensor vs 1×128-tile E4M3 scaling against a float64 reference."""
     torch.manual_seed(6)
     x = torch.randn(256, 4096)

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 __all__ = [
     "ConfigError", "RopeScaling", "ModelConfig", "ParallelConfig", "TrainConfig", "DataConfig", "FP8Config",
-    "BalanceConfig", "LoggerConfig", "RayConfig", "RunConfig",
+    "BalanceConfig", "ElasticConfig", "LoggerConfig", "RayConfig", "RunConfig",
 ]
 
 
@@ -70,7 +70,7 @@ class RopeScaling:
 
 @dataclass
 class ModelConfig:
-    """DeepSeek-V3 architecture (HF field names). See techniques.md §1 for every value of the real model."""
+    """DeepSeek-V3 architecture (HF field names). See docs/model.md §1 for every value of the real model."""
 
     name: str = "custom"
     vocab_size: int = 4096
@@ -329,7 +329,10 @@ class ParallelConfig:
     schedule: str = "1f1b"  # pipeline schedule (PP > 1): 1f1b | zb1p | dualpipe | dualpipev
     backend: str = "auto"  # torch.distributed backend inside the actors: auto (gloo on CPU, nccl on GPU) | gloo | nccl
     num_cpus_per_rank: float = 1.0  # Ray logical CPUs reserved per stage actor
-    zero_stage: int = 1  # DeepSpeed ZeRO stage over the DP group
+    zero_stage: int = 1  # DeepSpeed ZeRO stage over the DP group (dp_impl=deepspeed)
+    # Who owns gradient reduction and the optimizer: deepspeed (ZeRO over the DP group; pp = ep = 1 only) | native
+    # (raymoe.train.parallelize.NativeDataParallel; any layout) | auto (deepspeed when pp = ep = 1, else native)
+    dp_impl: str = "auto"
 
     def __post_init__(self) -> None:
         for k in ("pp", "ep", "dp"):
@@ -342,16 +345,16 @@ class ParallelConfig:
         _require(self.backend in ("auto", "gloo", "nccl"), f"parallel.backend={self.backend!r}; allowed: auto, gloo, nccl")
         _require(self.zero_stage in (0, 1, 2), f"parallel.zero_stage={self.zero_stage}; allowed: 0, 1, 2")
         _require(self.num_cpus_per_rank >= 0, "parallel.num_cpus_per_rank must be >= 0")
+        _require(self.dp_impl in ("auto", "deepspeed", "native"),
+                 f"parallel.dp_impl={self.dp_impl!r}; allowed: auto, deepspeed, native")
+        _require(self.dp_impl != "deepspeed" or (self.pp == 1 and self.ep == 1),
+                 f"parallel.dp_impl=deepspeed needs parallel.pp=1 and parallel.ep=1 (got pp={self.pp}, ep={self.ep}); "
+                 "use parallel.dp_impl=native or auto")
 
     @property
     def world_size(self) -> int:
         return self.pp * self.ep * self.dp
 
-    def dp_rank_of(self, rank: int) -> int:
-        return rank % self.dp
-
-    def stage_of(self, rank: int) -> int:
-        return rank // (self.dp * self.ep)
 
 
 @dataclass
@@ -382,6 +385,8 @@ class TrainConfig:
     log_every: int = 1
     stop_after_steps: Optional[int] = None  # stop early (simulated interruption) without changing the schedule
     export_hf: bool = True  # at the end, write the model as a HF DeepseekV3 checkpoint to <run_dir>/hf
+    max_failures: int = 3  # rank deaths / hangs the coordinator recovers from before it stops the run
+    step_timeout_s: float = 600.0  # a step (or collective) taking longer is a hang: the group is torn down
 
     def __post_init__(self) -> None:
         for k in ("steps", "micro_batch_size", "num_microbatches", "checkpoint_every", "eval_every", "log_every",
@@ -397,6 +402,9 @@ class TrainConfig:
         _require(self.mtp_lambda >= 0, "train.mtp_lambda must be >= 0")
         _require(self.eval_batches >= 0, "train.eval_batches must be >= 0")
         _require(self.stop_after_steps is None or self.stop_after_steps >= 1, "train.stop_after_steps must be >= 1")
+        _require(isinstance(self.max_failures, int) and self.max_failures >= 0,
+                 f"train.max_failures must be an integer >= 0, got {self.max_failures!r}")
+        _require(self.step_timeout_s > 0, f"train.step_timeout_s must be > 0, got {self.step_timeout_s}")
 
 
 @dataclass
@@ -422,12 +430,41 @@ class BalanceConfig:
     alpha: float = 0.0  # sequence-wise aux loss weight (V3: 1e-4; 0 = off)
     freeze_after_tokens: Optional[int] = None  # γ → 0 after this many tokens (V3: 14.3T)
     histogram_every: int = 10  # log per-layer expert-load histograms every N steps
+    load_window_steps: int = 50  # expert load handed to serving: token counts summed over the last N steps
 
     def __post_init__(self) -> None:
         _require(self.gamma >= 0, f"balance.gamma must be >= 0, got {self.gamma}")
         _require(self.alpha >= 0, f"balance.alpha must be >= 0, got {self.alpha}")
         _require(self.rule in ("sign", "proportional"), f"balance.rule={self.rule!r}; allowed: sign, proportional")
         _require(self.histogram_every >= 1, "balance.histogram_every must be >= 1")
+        _require(self.load_window_steps >= 1, "balance.load_window_steps must be >= 1")
+
+
+@dataclass
+class ElasticConfig:
+    """Elastic data parallelism: the DP degree may shrink after a failure and grow back when resources appear.
+
+    The global batch never changes: with ``M = parallel.dp × train.num_microbatches`` micro-batches per ep slice,
+    a layout with DP degree ``d`` gives each rank ``M / d`` micro-batches, so only degrees that divide ``M`` are
+    allowed. ``None`` bounds mean ``parallel.dp`` (no shrinking / growing).
+    """
+
+    min_dp: Optional[int] = None
+    max_dp: Optional[int] = None
+    monitor_every_steps: int = 5  # look for free resources (to grow) every N steps, at a step boundary
+    wait_for_resources_s: float = 60.0  # after a failure, wait this long for room for at least min_dp
+    settle_s: float = 1.0  # after tearing a failed group down, let the cluster settle before counting resources
+
+    def __post_init__(self) -> None:
+        for k in ("min_dp", "max_dp"):
+            v = getattr(self, k)
+            _require(v is None or (isinstance(v, int) and v >= 1), f"elastic.{k} must be an integer >= 1, got {v!r}")
+        _require(self.monitor_every_steps >= 1, "elastic.monitor_every_steps must be >= 1")
+        _require(self.wait_for_resources_s >= 0, "elastic.wait_for_resources_s must be >= 0")
+        _require(self.settle_s >= 0, "elastic.settle_s must be >= 0")
+
+    def bounds(self, dp: int) -> tuple[int, int]:
+        return (self.min_dp or dp, self.max_dp or dp)
 
 
 @dataclass
@@ -461,6 +498,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     run_dir: str = "runs/default"
@@ -475,19 +513,15 @@ class RunConfig:
             _require(cur in (default, val), f"set {ok} instead of model.{mk} (got model.{mk}={cur}, {ok}={val})")
             setattr(self.model, mk, val)
         p = self.parallel
-        _require(
-            p.pp == 1,
-            f"parallel.pp={p.pp}: multi-stage pipelines (DualPipe) are not wired into the training job yet; use "
-            "parallel.pp=1 (the schedules are available in raymoe.schedule)",
-        )
-        _require(
-            p.ep == 1,
-            f"parallel.ep={p.ep}: expert-shard actors are not wired into the training job yet; use parallel.ep=1",
-        )
-        _require(
-            self.model.n_routed_experts % p.ep == 0,
-            f"model.n_routed_experts={self.model.n_routed_experts} must be divisible by parallel.ep={p.ep}",
-        )
+        from raymoe.train.topology import check_layout  # noqa: PLC0415 (topology imports this module)
+
+        check_layout(p.pp, p.ep, p.dp, p.schedule, self.train.num_microbatches, self.model)
+        lo, hi = self.elastic.bounds(p.dp)
+        _require(lo <= p.dp <= hi, f"parallel.dp={p.dp} must lie in [elastic.min_dp, elastic.max_dp] = [{lo}, {hi}]")
+        _require(p.dp_impl != "deepspeed" or lo == hi,
+                 "elastic.min_dp/max_dp need parallel.dp_impl=native or auto (DeepSpeed's ZeRO checkpoints do not "
+                 "re-shard to another DP degree)")
+
         vocab = self.data.vocab_size or self.model.vocab_size
         _require(
             vocab <= self.model.vocab_size,
@@ -503,6 +537,25 @@ class RunConfig:
             "model.num_nextn_predict_layers must be smaller than data.seq_len",
         )
 
+    def elastic_degrees(self) -> list[int]:
+        """DP degrees this run may take: within the elastic bounds and dividing dp × num_microbatches."""
+        m = self.parallel.dp * self.train.num_microbatches
+        lo, hi = self.elastic.bounds(self.parallel.dp)
+        return [d for d in range(lo, hi + 1) if m % d == 0]
+
+    def with_dp(self, dp: int) -> "RunConfig":
+        """The same run at DP degree ``dp`` (same global batch: each rank takes more or fewer micro-batches)."""
+        m = self.parallel.dp * self.train.num_microbatches
+        if m % dp:
+            raise ConfigError(f"dp={dp} does not divide the {m} micro-batches per step; allowed: "
+                              f"{self.elastic_degrees()}")
+        return dataclasses.replace(
+            self, parallel=dataclasses.replace(self.parallel, dp=dp),
+            train=dataclasses.replace(self.train, num_microbatches=m // dp),
+            elastic=dataclasses.replace(self.elastic, min_dp=self.elastic.bounds(self.parallel.dp)[0],
+                                        max_dp=self.elastic.bounds(self.parallel.dp)[1]))
+
     @property
     def tokens_per_step(self) -> int:
-        return self.parallel.dp * self.train.num_microbatches * self.train.micro_batch_size * self.data.seq_len
+        p, t = self.parallel, self.train
+        return p.dp * p.ep * t.num_microbatches * t.micro_batch_size * self.data.seq_len

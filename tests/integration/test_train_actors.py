@@ -7,12 +7,13 @@ import pathlib
 import pytest
 import torch
 
-from raymoe.config import FP8Config, DataConfig, LoggerConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from raymoe.config import BalanceConfig, FP8Config, DataConfig, LoggerConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-def _run(tmp: pathlib.Path, name: str, dp: int = 1, steps: int = 6, fp8: bool = False, **train_kw) -> RunConfig:
+def _run(tmp: pathlib.Path, name: str, dp: int = 1, steps: int = 6, fp8: bool = False, histogram_every: int = 10,
+         **train_kw) -> RunConfig:
     train = dict(steps=steps, micro_batch_size=2, num_microbatches=2, checkpoint_every=3, eval_every=3,
                  eval_batches=2, warmup_tokens=200, seed=0)
     train.update(train_kw)
@@ -22,6 +23,7 @@ def _run(tmp: pathlib.Path, name: str, dp: int = 1, steps: int = 6, fp8: bool = 
         train=TrainConfig(**train),
         data=DataConfig(seq_len=32),
         logger=LoggerConfig(kind="none"),
+        balance=BalanceConfig(histogram_every=histogram_every),
         fp8=FP8Config(enabled=fp8, compile=False),
         run_dir=str(tmp / name),
     )
@@ -38,9 +40,9 @@ def _drive(run: RunConfig, inspect: bool = False) -> tuple[dict, dict]:
         summary = ray.get(coord.run_training.remote(), timeout=600)
         info = {}
         if inspect:
-            info["biases"] = ray.get(coord.stage_call.remote("get_biases"))
-            info["in_opt"] = ray.get(coord.stage_call.remote("bias_in_optimizer"))
-            info["fingerprint"] = ray.get(coord.stage_call.remote("state_fingerprint"))
+            info["biases"] = ray.get(coord.inspect.remote("get_biases"))
+            info["in_opt"] = ray.get(coord.inspect.remote("bias_in_optimizer"))
+            info["params"] = ray.get(coord.inspect.remote("param_state"))
             info["export"] = summary["hf_export"]  # written by the job at the end (train.export_hf)
         ray.get(coord.shutdown.remote(), timeout=60)
         return summary, info
@@ -49,7 +51,7 @@ def _drive(run: RunConfig, inspect: bool = False) -> tuple[dict, dict]:
 
 
 def test_dp2_balancing_invariants(tmp_path) -> None:
-    run = _run(tmp_path, "dp2", dp=2, steps=4)
+    run = _run(tmp_path, "dp2", dp=2, steps=4, histogram_every=1)
     summary, info = _drive(run, inspect=True)
     assert summary["finished"] and summary["steps"] == 4
     rows = [json.loads(l) for l in open(pathlib.Path(run.run_dir) / "metrics.jsonl")]
@@ -62,10 +64,19 @@ def test_dp2_balancing_invariants(tmp_path) -> None:
         per_layer = torch.tensor(r["balance/counts"]).sum(-1).tolist()
         # every routed token counted exactly k times, all micro-batches and both DP ranks, MTP layer included
         assert per_layer == [tokens * cfg.num_experts_per_tok] * cfg.num_moe_layers + [mtp_tokens * cfg.num_experts_per_tok]
+    # the replicas' biases are the sign rule replayed on the logged global counts (an independent reference)
+    from raymoe.balance import BiasBalancer
+
+    ref = BiasBalancer(cfg.num_router_layers, cfg.n_routed_experts, gamma=run.balance.gamma, rule=run.balance.rule)
+    for r in counted:
+        ref.update(torch.tensor(r["balance/counts"]))
     b0, b1 = info["biases"]
-    assert torch.equal(b0, b1), "replicas route with different biases"
+    assert torch.equal(b0, ref.bias) and torch.equal(b1, ref.bias), "replica biases differ from the replayed sign rule"
     assert info["in_opt"] == [False, False]
-    assert info["fingerprint"][0] == info["fingerprint"][1], "replicas' weights diverged"
+    p0, p1 = info["params"]
+    assert p0.keys() == p1.keys()
+    diverged = [n for n in p0 if not torch.equal(p0[n], p1[n])]
+    assert not diverged, f"replicas' weights diverged: {diverged[:5]}"
     assert b0[-1].abs().sum() > 0, "MTP layer bias was never updated"
     # bias survives HF export
     from raymoe.model import hf
@@ -89,7 +100,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path) -> None:
     _drive(run)
     ckpts = sorted((pathlib.Path(run.run_dir) / "checkpoints").glob("step_*"))
     assert [c.name for c in ckpts][-2:] == ["step_00000003", "step_00000006"]
-    victim = ckpts[-1] / "coordinator.pt"
+    victim = ckpts[-1] / "coordinator.safetensors"
     victim.write_bytes(victim.read_bytes()[:-7] + b"garbage")
     again = _run(tmp_path, "corrupt", steps=8)
     summary, _ = _drive(again)

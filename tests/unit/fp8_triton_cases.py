@@ -3,7 +3,7 @@
 Run by ``test_fp8_triton.py`` in a fresh interpreter: ``TRITON_INTERPRET`` must be set before ``import triton``
 (triton's own jit'd helpers, e.g. the combine functions behind ``tl.max``, are decorated at import time).
 
-The interpreter's fp32→e4m3 cast and bf16 ``tl.dot`` are unreliable (ecosystem.md §9), so quantization kernels are run
+The interpreter's fp32→e4m3 cast and bf16 ``tl.dot`` are unreliable (docs/fp8.md §4), so quantization kernels are run
 with **fp32** output buffers (q = x/s unrounded) and compared with loose tolerances; the GEMM kernel runs on fp32
 data and, since the interpreter's e4m3 ``tl.dot`` is exact, also on real E4M3 operands quantized by torch. GPU
 numerics are checked by ``scripts/gpu_check_fp8.py``.

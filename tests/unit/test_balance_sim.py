@@ -1,7 +1,7 @@
-"""The toy γ study of techniques.md §2 on the real router (raymoe.model.moe.route), with reduced step counts.
+"""The toy γ study of docs/balance.md §5 on the real router (raymoe.model.moe.route), with reduced step counts.
 
 Frozen skewed router: logits x·W + per-expert N(0,1) skew; E = 256, top-8, 8 groups keep 4; d = 64; 8192 tokens
-per step; seed 0. Full-length numbers (techniques.md): γ = 1e-3 → MaxVio_batch 19.7 / 9.25 / 1.11 / 0.20 at
+per step; seed 0. Full-length numbers (docs/balance.md §5): γ = 1e-3 → MaxVio_batch 19.7 / 9.25 / 1.11 / 0.20 at
 steps 0 / 100 / 200 / 500; γ = 1e-2 plateaus at 0.7–1.3; γ = 1e-4 is at 9.4 after 1000 steps. Here the three runs
 share one token stream and stop early (300 / 120 / 50 steps, ~470 routing calls) — enough for the fast case and
 the ordering; the "γ = 1e-4 needs > 2000 steps" claim follows from the bound |b| ≤ γ·steps of the sign rule and

@@ -92,7 +92,7 @@ def test_backend_resolution_on_cpu() -> None:
 
 
 def test_promotion_every_128_beats_limited_accumulation() -> None:
-    """techniques.md §4.4: 14-bit accumulator, K = 4096, 32×128 output — promotion is ~10× more accurate."""
+    """docs/fp8.md §3: 14-bit accumulator, K = 4096, 32×128 output — promotion is ~10× more accurate."""
     torch.manual_seed(3)
     a = torch.randn(32, 4096)
     w = torch.randn(128, 4096)

@@ -18,7 +18,7 @@ from raymoe.fp8 import (
     fp8_layers,
 )
 
-# Tolerances: E4M3 rounding gives calc_diff ≈ 7e-4 per quantized operand pair (techniques.md §4.4). Dgrad/Wgrad see
+# Tolerances: E4M3 rounding gives calc_diff ≈ 7e-4 per quantized operand pair (docs/fp8.md §3). Dgrad/Wgrad see
 # one more quantized operand than the fp32 reference path, so 2e-3 is the bound used for every GEMM output here.
 TOL = 2e-3
 

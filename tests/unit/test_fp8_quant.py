@@ -138,7 +138,7 @@ def test_retile_general_matches_direct_cols_quantization() -> None:
 
 
 def test_outlier_channels_tiles_beat_per_tensor() -> None:
-    """techniques.md §4.4: 256×4096 activations, four channels ×200, weights N(0, 0.02²)."""
+    """docs/fp8.md §3: 256×4096 activations, four channels ×200, weights N(0, 0.02²)."""
     from raymoe.jobs.benches.fp8 import outlier_errors  # the bench's experiment, asserted here
 
     res = outlier_errors()

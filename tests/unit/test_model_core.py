@@ -69,7 +69,7 @@ def test_yarn_frequency_ramp_matches_v3() -> None:
     ramp = (1 - ratio) / (1 - 1 / 40)
     expected = torch.tensor([0.0] * 11 + [(i - 10) / 13 for i in range(11, 23)] + [1.0] * 9)
     assert torch.allclose(ramp, expected, atol=1e-5)
-    # frequency ratios of the interpolating pairs 11..22 (techniques.md: 0.925, 0.85, ..., 0.1, 0.025)
+    # frequency ratios of the interpolating pairs 11..22 (docs/model.md §3: 0.925, 0.85, ..., 0.1; 23.. at 0.025)
     assert torch.allclose(ratio[11:23], torch.tensor([0.925 - 0.075 * j for j in range(12)]), atol=1e-5)
     assert torch.allclose(ratio[:11], torch.ones(11)) and torch.allclose(ratio[23:], torch.full((9,), 0.025))
     assert attn_factor == 1.0
@@ -388,9 +388,27 @@ def test_stage_memory_rows() -> None:
     rows = stage_memory(cfg, 16, ep=64, dp=2, dualpipe=True)
     assert len(rows) == 16 and rows[0]["stages"] == "0+15"
     total = sum(stage_memory(cfg, 16)[r]["params_B"] for r in range(16))
-    assert math.isclose(total, (param_report(cfg).total_main + param_report(cfg).mtp_unique) / 1e9, rel_tol=1e-9)
+    # every parameter once, plus the embedding copy the last stage's MTP block looks its tokens up in
+    emb = cfg.vocab_size * cfg.hidden_size
+    assert math.isclose(total, (param_report(cfg).total_main + param_report(cfg).mtp_unique + emb) / 1e9,
+                        rel_tol=1e-9)
     with pytest.raises(ValueError, match="even"):
         stage_memory(cfg, 3, dualpipe=True)
+
+
+@pytest.mark.parametrize("schedule, pp", [("1f1b", 2), ("1f1b", 4), ("dualpipe", 2), ("dualpipe", 4)])
+def test_stage_memory_matches_what_a_pipeline_rank_holds(schedule: str, pp: int) -> None:
+    """The prediction equals the parameters the runtime's topology puts on each pipeline rank (ep = 1)."""
+    from raymoe.model import DeepSeekV3
+    from raymoe.train.topology import Topology
+
+    cfg = ModelConfig.preset("tiny")
+    topo = Topology(pp, 1, 1, schedule, 2 * pp, cfg)
+    sizes = {n: p.numel() for n, p in DeepSeekV3(cfg, device="meta").named_parameters()}
+    rows = stage_memory(cfg, pp, dualpipe=schedule == "dualpipe")
+    for r in range(pp):
+        held = sum(sizes[n] for n in topo.param_names(r))
+        assert round(rows[r]["params_per_device_B"] * 1e9) == held, (r, rows[r], held)
 
 
 @pytest.mark.parametrize("T, chunk", [(200, 64), (64, 128), (129, 128)])

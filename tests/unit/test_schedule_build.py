@@ -77,7 +77,7 @@ def test_dualpipe_counts(name, ranks, mbs):
 
 
 def test_dualpipe_step4_counts_pp8_c20():
-    """techniques.md §5.2: step-4 iterations 3/4/5/6/6/5/4/3, each holding two F&B pairs."""
+    """docs/schedules.md §2: step-4 iterations 3/4/5/6/6/5/4/3, each holding two F&B pairs."""
     s = build("dualpipe", 8, 20)
     assert [st[3] for st in s.meta["step_iterations"]] == [3, 4, 5, 6, 6, 5, 4, 3]
     # independent check from the op lists: step 4's first pair is F(phase 0)&B(phase 1); the middle ranks run

@@ -1,4 +1,4 @@
-"""Cost simulator vs the paper's formulas and the numbers in docs/techniques.md §5.3; torch translation; plots."""
+"""Cost simulator vs the paper's formulas and the numbers in docs/schedules.md §3; torch translation; plots."""
 from __future__ import annotations
 
 import pytest

@@ -88,10 +88,11 @@ def test_composed_config_keys_are_deliberate() -> None:
         cfg = compose(config_name="train", overrides=["run_dir=/x"])
     keys = flat_keys(cfg)
     top = sorted({k.split(".")[0] for k in keys})
-    assert top == ["balance", "data", "experiment", "fp8", "logger", "model", "parallel", "ray", "run_dir", "train"]
+    assert top == ["balance", "data", "elastic", "experiment", "fp8", "logger", "model", "parallel", "ray", "run_dir",
+                   "train"]
     expected_train = sorted(f.name for f in dataclasses.fields(TrainConfig))
     assert sorted(k.split(".", 1)[1] for k in keys if k.startswith("train.")) == expected_train
-    assert len(keys) == 90, (len(keys), keys)
+    assert len(keys) == 99, (len(keys), keys)
 
 
 # ------------------------------------------------------------------ LR schedule (V3 numbers, in tokens)

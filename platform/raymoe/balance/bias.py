@@ -16,7 +16,7 @@ rank may compute it locally.
 
 γ (the "bias update speed") is 1e-3 in V3 for the first 14.3T tokens and 0 for the last 500B, which freezes the
 biases; ``γ = 0`` is a no-op here (the bias tensor is left untouched, not even ``+ 0.0``). Wang et al.'s Fig. 4:
-γ = 1e-4 converges too slowly, 1e-2 keeps fluctuating; our toy simulation (techniques.md §2, reproduced in
+γ = 1e-4 converges too slowly, 1e-2 keeps fluctuating; our toy simulation (docs/balance.md §5, reproduced in
 ``tests/unit/test_balance.py``) shows the same ordering.
 
 The proportional error is normalised by c̄ (Wang et al. leave the normalisation unspecified), so γ has the same

@@ -1,4 +1,4 @@
-"""Toy simulation of auxiliary-loss-free balancing on a frozen, skewed router (techniques.md §2, "[measured]").
+"""Toy simulation of auxiliary-loss-free balancing on a frozen, skewed router (docs/balance.md §5).
 
 Setup (all from one seed): router weight ``W ~ N(0, 1/d)`` ``[d, E]`` and a per-expert skew ``~ N(0, 1)`` ``[E]``
 are drawn once and never trained; each step draws fresh tokens ``x ~ N(0, 1)`` ``[T, d]``, routes them with the
@@ -9,7 +9,7 @@ only thing that can balance the load is the bias, so the curve of MaxVio_batch o
 With the defaults (E = 256, top-8, 8 groups keep 4, d = 64, T = 8192, seed 0) MaxVio_batch starts near 20 (the
 skew sends most tokens to a few experts); γ = 1e-3 (sign) brings it to ≈ 0.2 — the sampling-noise floor
 3/√m for m = 256 tokens per expert — within 300–500 steps; γ = 1e-2 gets there in ~50 steps but then oscillates
-around 0.7–1.3 because each step over-corrects; γ = 1e-4 is still above 9 after 1000 steps (techniques.md table).
+around 0.7–1.3 because each step over-corrects; γ = 1e-4 is still above 9 after 1000 steps (docs/balance.md §5).
 
 Several runs (different γ or rules) share the same token stream, so their curves differ only by the rule.
 Cost: one ``route`` call per run per step (~20–50 ms at T = 8192 on one CPU core, dominated by ``topk``).

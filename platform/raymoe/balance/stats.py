@@ -1,6 +1,6 @@
 """Expert-load statistics: MaxVio (batch and global) and the spread of the balancing biases.
 
-MaxVio (Wang et al. 2024, "Loss-Free Balancing", techniques.md §2.3) measures how far the most loaded expert is
+MaxVio (Wang et al. 2024, "Loss-Free Balancing", docs/balance.md §4) measures how far the most loaded expert is
 above perfect balance::
 
     MaxVio = (max_i Load_i − mean_i Load_i) / mean_i Load_i

@@ -9,7 +9,8 @@ Public interface (callers outside the package rely on exactly these)::
     convert_to_fp8(model, filter=None)  # swap selected nn.Linear layers (embed/head/router/gate stay)
 
 Modules: :mod:`~raymoe.fp8.quant` (tiles, scales, re-tiling), :mod:`~raymoe.fp8.gemm` (back-ends, accumulation
-study), :mod:`~raymoe.fp8.linear` (autograd, deferred Wgrad, conversion), :mod:`~raymoe.fp8.grouped` (routed
+study), :mod:`~raymoe.fp8.step_counter` (optimizer-step epoch of the weight caches), :mod:`~raymoe.fp8.linear`
+(autograd, deferred Wgrad into :class:`raymoe.wgrad.WeightGradStore`, conversion), :mod:`~raymoe.fp8.grouped` (routed
 experts with stacked weights, opt-in through ``enable_fp8``), :mod:`~raymoe.fp8.guard` (non-finite
 handling), :mod:`~raymoe.fp8.deepspeed_hooks` (bf16 + ZeRO-1 engine with FP8 swapped in),
 :mod:`~raymoe.fp8.kernels_triton` (CUDA kernels; imported lazily, needs triton). No Ray, no Hydra.
@@ -21,7 +22,6 @@ from raymoe.fp8.guard import FP8Guard, NonFiniteStep
 from raymoe.fp8.linear import (
     FP8LayerState,
     FP8Linear,
-    WeightGradStore,
     convert_to_fp8,
     default_fp8_filter,
     fp8_layers,
@@ -42,6 +42,8 @@ from raymoe.fp8.quant import (
     quantize_weight,
     retile_rows_to_cols,
 )
+from raymoe.fp8.step_counter import optimizer_step_count
+from raymoe.wgrad import WeightGradStore  # the project's one deferred weight-gradient store (raymoe.wgrad)
 
 __all__ = [
     "FP8Config",
@@ -67,6 +69,7 @@ __all__ = [
     "default_fp8_filter",
     "fp8_layers",
     "invalidate_weight_caches",
+    "optimizer_step_count",
     "FP8Guard",
     "NonFiniteStep",
     "E4M3",

@@ -22,6 +22,14 @@ What DeepSpeed 0.19.8 does on this CPU (gloo, no oneCCL/IPEX; checked by ``tests
         the last ``Bi`` and before ``step()``; the result is bit-identical to immediate Wgrad. With the default managed
         mode ZeRO's reduction epilogue runs at the end of each ``engine.backward`` and a later flush is *not* reduced
         (measured: different grad norm), so :func:`ds_config` turns managed accumulation off.
+      * Deferred Wgrad under ZeRO-2 (``zero_stage=2``), via :func:`attach_wgrad_store` (done by :func:`initialize`
+        when given a store). ZeRO-2 moves every gradient into its partition from a post-accumulate-grad hook. Three
+        things make a deferred ``W`` land there exactly once (deferred == immediate bit for bit,
+        tests/unit/test_wgrad.py): the store adds gradients through autograd (:func:`raymoe.wgrad.accumulate_grads`),
+        so the hook fires; during ``Bi`` autograd still fires it with ``param.grad is None``, which ZeRO-2 cannot
+        reduce, so the store marks parked parameters ``ds_grad_is_ready = False`` (DeepSpeed's "not final yet")
+        until their ``W``; and a ``W`` runs outside ``engine.backward``, where nothing runs ZeRO's reduction epilogue
+        (the bucket kept the grads and the next backward failed), so a run hook on the store runs it after each cell.
     Does not work / not used here, and the fallback:
       * BF16 Adam moments (paper §3.3.3): DeepSpeed only offers ``bf16_optimizer_states`` together with
         ``bf16_master_weights_and_grads`` (bf16 master weights), which the recipe forbids. Fallback: fp32 moments
@@ -56,9 +64,11 @@ from torch import nn
 
 from raymoe.fp8.config import FP8Config
 from raymoe.fp8.guard import FP8Guard
-from raymoe.fp8.linear import WeightGradStore, convert_to_fp8, invalidate_weight_caches
+from raymoe.fp8.linear import convert_to_fp8, invalidate_weight_caches
+from raymoe.wgrad import WeightGradStore
 
 __all__ = [
+    "attach_wgrad_store",
     "ds_config",
     "fp8_pre_initialize",
     "initialize",
@@ -136,6 +146,8 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer | Callable[[It
         optimizer: a torch optimizer over ``model``'s parameters, or a factory ``params -> optimizer`` (called after
             the swap; parameters are shared so either works).
         config: DeepSpeed config, usually from :func:`ds_config`.
+        wgrad_store: the store deferred weight grads go to (see :func:`train_step`); attached to the engine with
+            :func:`attach_wgrad_store`. With ``fp8`` it is also recorded on the FP8 layers.
         ds_kwargs: forwarded to ``deepspeed.initialize`` (e.g. ``mpu`` to give ZeRO the data-parallel group).
 
     Returns:
@@ -150,7 +162,30 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer | Callable[[It
         model = fp8_pre_initialize(model, fp8, filter=filter, wgrad_store=wgrad_store)
     opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer(model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, **ds_kwargs)
+    if wgrad_store is not None:
+        attach_wgrad_store(engine, wgrad_store)
     return engine, FP8Guard(engine.module)
+
+
+def _end_deferred_backward(engine: Any) -> None:
+    """After a deferred ``W`` (outside ``engine.backward``): leave the backward context the ZeRO gradient hooks
+    re-entered and, under ZeRO-2, run the reduction epilogue ``engine.backward`` runs at its end."""
+    opt = engine.optimizer
+    if not hasattr(opt, "exit_backward"):  # not a ZeRO optimizer: nothing is pending
+        return
+    while getattr(opt, "_backward_active_depth", 0) > 0:
+        opt.exit_backward()
+    if engine.zero_optimization_partition_gradients():
+        opt.overlapping_partition_gradients_reduce_epilogue()
+
+
+def attach_wgrad_store(engine: Any, store: WeightGradStore):
+    """Make every ``W`` of ``store`` (``run``/``pop``/``flush``) correct for ``engine`` (see the module docstring):
+    after each cell's deferred grads are in, finish the backward for ZeRO. Returns the hook's removable handle.
+
+    With a data-parallel group every rank must run its ``W`` cells in the same order (ZeRO-2 reduces per cell).
+    """
+    return store.register_run_hook(lambda _cell: _end_deferred_backward(engine))
 
 
 def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kwargs: Any) -> Any:
@@ -173,8 +208,9 @@ def train_step(engine: Any, micro_batches: Iterable[Any], loss_fn: Callable[[Any
                guard: FP8Guard, *, wgrad_store: WeightGradStore | None = None) -> StepReport:
     """One optimizer step over ``micro_batches`` (unmanaged gradient accumulation, see module docstring).
 
-    ``loss_fn(engine, micro_batch) -> scalar loss``. Wgrads are deferred into ``wgrad_store`` (if given) during each
-    backward and flushed before ``engine.step()`` — the same dataflow a zero-bubble pipeline stage uses.
+    ``loss_fn(engine, micro_batch) -> scalar loss``. Wgrads are deferred into ``wgrad_store`` (if given; attach it to
+    the engine first, as :func:`initialize` does) during each backward and flushed before ``engine.step()`` — the same
+    dataflow a zero-bubble pipeline stage uses.
     """
     problems: list[str] = []
     losses: list[float] = []

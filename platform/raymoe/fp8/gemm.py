@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 
 from raymoe.fp8.quant import BLOCK, E4M3, dequant_blocks, dequant_rows
+from raymoe.fp8.step_counter import optimizer_step_count
 
 __all__ = ["fp8_gemm", "gemm_nt", "resolve_backend", "fp8_gemm_limited_accum", "WeightDequantCache"]
 
@@ -108,8 +109,8 @@ class WeightDequantCache:
 
     A weight's FP8 form is used by every micro-batch's Fprop and Dgrad until the optimizer changes it; on CPU the
     E4M3 → bf16 upcast of a 2112×7168 weight costs more than an m=64 GEMM, so it is done once per version.
-    Entries die with their tensors (weak references); ``_version`` and the process-wide optimizer-step count catch
-    updates (see :mod:`raymoe.fp8.linear`, "Weight cache validity").
+    Entries die with their tensors (weak references); ``_version`` and the process-wide optimizer-step count
+    (:mod:`raymoe.fp8.step_counter`) catch updates (see :mod:`raymoe.fp8.linear`, "Weight cache validity").
     """
 
     def __init__(self, max_entries: int = 32) -> None:
@@ -118,8 +119,6 @@ class WeightDequantCache:
 
     @staticmethod
     def _key(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, rows: bool) -> tuple:
-        from raymoe.fp8.linear import optimizer_step_count
-
         return (id(q), q._version, id(s), s._version, optimizer_step_count(), dtype, rows, tuple(q.shape),
                 tuple(q.stride()))
 

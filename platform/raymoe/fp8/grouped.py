@@ -18,7 +18,8 @@ Wiring into a model (a duck-typed protocol, so that :func:`~raymoe.fp8.convert_t
 an experts module that defines ``enable_fp8(config, name, wgrad_store) -> bool`` is called by ``convert_to_fp8``;
 it typically does ``self.fp8 = FP8GroupedGEMM(config, name); self.fp8.wgrad_store = wgrad_store`` and then calls
 ``self.fp8(x_ND, w_EDO, counts_E)`` instead of its bf16 grouped matmul. ``FP8GroupedGEMM`` has no parameters or
-buffers, so the state_dict is unchanged.
+buffers, so the state_dict is unchanged. Wgrad is deferred, like every store-aware backward's, into whichever
+:class:`~raymoe.wgrad.WeightGradStore` has a ``defer`` block open.
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.fp8.config import FP8Config
-from raymoe.fp8.linear import FP8LayerState, _accumulate, _Ops, _QT
+from raymoe.fp8.linear import FP8LayerState, _Ops, _QT
 from raymoe.fp8.quant import BLOCK, qdq_blocks
+from raymoe.wgrad import WeightGradStore, accumulate_grad
 
 __all__ = ["FP8GroupedGEMM"]
 
@@ -92,6 +94,7 @@ class _FP8GroupedFn(torch.autograd.Function):
             y = torch.cat(outs) if outs else x.new_zeros(0, O)
         ctx.layer, ctx.counts, ctx.x_dtype = layer, counts, x.dtype
         ctx.save_for_backward(xq.q, xq.s, w, offs)
+        ctx.w_param = w  # the leaf itself: saved-tensor hooks may hand back a detached alias
         return y
 
     @staticmethod
@@ -132,9 +135,14 @@ class _FP8GroupedFn(torch.autograd.Function):
                 r += c
             return dw
 
-        store = layer.wgrad_store
-        if store is not None and store.deferring:
-            store.put(lambda: _accumulate([w], [wgrad()]))
+        w_leaf = ctx.w_param
+        store = WeightGradStore.active() if w_leaf.is_leaf else None
+        if store is not None:  # "Bi": park the Wgrad until the cell's "W"
+            def deferred() -> None:
+                with torch.no_grad():
+                    accumulate_grad(w_leaf, wgrad())
+
+            store.put(deferred, (w_leaf,))
             return dx, None, None, None
         return dx, wgrad(), None, None
 

@@ -1,6 +1,6 @@
 """Triton kernels for the block-wise FP8 recipe (CUDA; also runnable on CPU under ``TRITON_INTERPRET=1``).
 
-Kernels (written from the formulas in techniques.md §4.1–4.3, layouts as in :mod:`raymoe.fp8.quant`):
+Kernels (written from the formulas in docs/fp8.md §1–2, layouts as in :mod:`raymoe.fp8.quant`):
 
 ``_rows_quant_kernel``   1×128 tiles: a program owns ``BLOCK_R`` rows × one 128-column block; amax per row of the
                          tile, ``s = max(amax, 1e-4)/448`` (optionally rounded up to 2^k), ``q = x/s``.
@@ -16,7 +16,7 @@ Tails (dims not multiple of 128 or of the tile) are handled with masks; masked l
 amax and adds nothing to a dot product.
 
 Testing on CPU: the interpreter's fp32→e4m3 cast is wrong for ~2 % of elements and ``tl.dot`` on bf16 returns garbage
-(ecosystem.md §9), so CPU tests run these kernels with **fp32** output/input buffers — which checks grids, masks,
+(docs/fp8.md §4), so CPU tests run these kernels with **fp32** output/input buffers — which checks grids, masks,
 strides and scale indexing — while numerics are checked against the torch reference on a GPU
 (``scripts/gpu_check_fp8.py``). Importing this module needs ``triton``; set ``TRITON_INTERPRET`` before importing.
 """

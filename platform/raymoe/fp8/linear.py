@@ -17,36 +17,38 @@ process-wide count of optimizer steps. The version alone is not enough: DeepSpee
 weights through a flat buffer (or ``param.data``), which bumps no version counter of the parameter, so a
 version-keyed cache silently kept the initial weights for the whole run (caught by the checkpoint-resume test).
 Every ``torch.optim.Optimizer.step`` — including the inner optimizer DeepSpeed wraps — fires a global post-step hook
-(registered once, on import) that advances the count. Code that changes weights without an optimizer step and
-without an in-place op on the parameter itself calls :func:`invalidate_weight_caches`.
+(:mod:`raymoe.fp8.step_counter`, registered once, on import) that advances the count. Code that changes weights
+without an optimizer step and without an in-place op on the parameter itself calls :func:`invalidate_weight_caches`.
 
-Deferred weight gradients (zero-bubble pipeline schedules: ``Bi`` now, ``W`` later): give the layers a
-:class:`WeightGradStore`; inside ``with store.defer():`` the backward returns ``dx`` and queues the Wgrad (its FP8
-inputs, not its result). ``store.pop()`` runs the oldest queued ``B`` op's weight grads (the schedule's ``W`` op),
-``store.flush()`` runs them all. Queued grads are applied with ``torch.autograd.backward(param, grad)``, i.e. through
-the parameter's ``AccumulateGrad`` node, so post-accumulate hooks fire as usual. Under DeepSpeed the flush must land
-before the gradient reduction: with the default managed accumulation ZeRO reduces at the end of each
-``engine.backward`` and misses later grads, so :func:`raymoe.fp8.deepspeed_hooks.ds_config` sets
-``managed_gradient_accumulation: false`` (reduction in ``engine.step()``; deferred == immediate bit for bit).
+Deferred weight gradients (zero-bubble pipeline schedules: ``Bi`` now, ``W`` later) use the project's one
+:class:`~raymoe.wgrad.WeightGradStore`: inside ``with store.defer(cell):`` (any store, found through
+``WeightGradStore.active()``) the backward returns ``dx`` and parks the Wgrad (its FP8 inputs, not its result) under
+``cell``; ``store.run(cell)`` (the schedule's ``W`` op) computes it. Queue-style, ``store.defer()`` without a cell,
+``store.pop()`` for the oldest block and ``store.flush()`` for all work too. Parked grads are applied with
+:func:`raymoe.wgrad.accumulate_grads`, i.e. through the parameter's ``AccumulateGrad`` node, so every gradient hook
+fires as usual. A layer's ``wgrad_store`` attribute (set by :func:`convert_to_fp8`) is kept for compatibility only;
+deferral does not depend on it. Under DeepSpeed the flush must land before the gradient reduction: with the default
+managed accumulation ZeRO reduces at the end of each ``engine.backward`` and misses later grads, so
+:func:`raymoe.fp8.deepspeed_hooks.ds_config` sets ``managed_gradient_accumulation: false`` (reduction in
+``engine.step()``; deferred == immediate bit for bit).
 
 What stays in high precision is decided by :func:`convert_to_fp8`'s filter (embedding, head, router/gate by name;
 norms and the attention core are not ``nn.Linear`` and are never touched).
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
-from collections import deque
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
-import torch.optim.optimizer as _torch_optimizer
 from torch import nn
 
 from raymoe.fp8.config import FP8Config
 from raymoe.fp8.gemm import gemm_nt, resolve_backend
 from raymoe.fp8.quant import dequant_rows, qdq_blocks, qdq_cols, qdq_rows, retile_qdq
+from raymoe.fp8.step_counter import optimizer_step_count
+from raymoe.wgrad import WeightGradStore, accumulate_grads
 
 __all__ = [
     "FP8Linear",
@@ -56,6 +58,7 @@ __all__ = [
     "default_fp8_filter",
     "fp8_layers",
     "invalidate_weight_caches",
+    "optimizer_step_count",
     "PHASES",
 ]
 
@@ -63,22 +66,6 @@ log = logging.getLogger("raymoe.fp8")
 
 #: Order of the per-layer non-finite flags (see :mod:`raymoe.fp8.guard`).
 PHASES: tuple[str, ...] = ("fprop.input", "weight", "dgrad.grad_output", "wgrad.operands")
-
-
-# Process-wide optimizer-step counter (see "Weight cache validity" above). A one-element list, not a rebound global.
-_OPT_STEPS = [0]
-
-
-def _count_optimizer_step(*_args, **_kwargs) -> None:
-    _OPT_STEPS[0] += 1
-
-
-_STEP_HOOK = _torch_optimizer.register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def optimizer_step_count() -> int:
-    """Optimizer steps taken in this process (any ``torch.optim.Optimizer``), the weight caches' epoch."""
-    return _OPT_STEPS[0]
 
 
 class _QT(NamedTuple):
@@ -133,66 +120,6 @@ class _Ops:
         return gemm_nt(a.q, a.s, b.q, b.s, b_rows=b_rows, out_dtype=out_dtype, backend=self.backend,
                        compute_dtype=self.cdt, a_deq=a.deq, b_deq=b.deq, cache_b=False, compile=self.compile,
                        accum_bits=self.accum_bits, promote_every=self.promote_every)
-
-
-# ------------------------------------------------------------------------------------------ deferred Wgrad
-
-
-class WeightGradStore:
-    """Queue of deferred weight-gradient computations for zero-bubble pipeline schedules.
-
-    Usage (one stage, one micro-batch)::
-
-        with store.defer():                 # the schedule's "Bi" op: input grads only
-            torch.autograd.backward(out, grad_out)
-        ...                                 # later, the "W" op of that micro-batch:
-        store.pop()
-
-    Each ``defer()`` block becomes one queue entry (all FP8 layers that ran backward inside it). Layers consult the
-    store only while ``deferring`` is true; outside a ``defer()`` block they compute weight grads immediately.
-    """
-
-    def __init__(self) -> None:
-        self.deferring = False
-        self._current: list[Callable[[], None]] = []
-        self._queue: deque[list[Callable[[], None]]] = deque()
-
-    @contextlib.contextmanager
-    def defer(self) -> Iterator["WeightGradStore"]:
-        if self.deferring:
-            raise RuntimeError("WeightGradStore.defer() blocks cannot nest")
-        self.deferring = True
-        try:
-            yield self
-        finally:
-            self.deferring = False
-            self._queue.append(self._current)
-            self._current = []
-
-    def put(self, fn: Callable[[], None]) -> None:
-        self._current.append(fn)
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def pop(self) -> None:
-        """Run the weight grads of the oldest ``defer()`` block."""
-        if not self._queue:
-            raise RuntimeError("WeightGradStore.pop() on an empty queue: a W op without its Bi op")
-        for fn in self._queue.popleft():
-            fn()
-
-    def flush(self) -> None:
-        """Run every queued weight grad (before the optimizer step / gradient reduction)."""
-        while self._queue:
-            self.pop()
-
-
-def _accumulate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-    """Add grads to leaf params through autograd so that grad hooks (DeepSpeed's reduction) fire."""
-    pairs = [(p, g) for p, g in zip(params, grads) if p is not None and g is not None and p.requires_grad]
-    if pairs:
-        torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
 
 
 # ------------------------------------------------------------------------------------------ autograd
@@ -261,13 +188,15 @@ class _FP8LinearFn(torch.autograd.Function):
                 db = dy2d.float().sum(0).to(weight.dtype)
             return dw, db
 
-        store = layer.wgrad_store
-        if store is not None and store.deferring:
-            def deferred() -> None:
-                dw, db = wgrad()
-                _accumulate([layer.weight, layer.bias if ctx.has_bias else None], [dw, db])
+        store = WeightGradStore.active()
+        if store is not None:  # "Bi" of a zero-bubble schedule: park the Wgrad until the cell's "W"
+            params = [layer.weight if need_w else None, layer.bias if need_b else None]
 
-            store.put(deferred)
+            def deferred() -> None:
+                with torch.no_grad():  # as inside autograd's backward: record no graph
+                    accumulate_grads(params, wgrad())
+
+            store.put(deferred, params)
             return dx, None, None, None
         dw, db = wgrad()
         return dx, dw, db, None
@@ -277,9 +206,13 @@ class _FP8LinearFn(torch.autograd.Function):
 
 
 class FP8LayerState:
-    """Mixin with what every FP8 layer keeps: config, name, back-end ops, the per-step weight cache, the deferred
-    Wgrad store and the non-finite flags read by :class:`~raymoe.fp8.FP8Guard`. Used by :class:`FP8Linear` and by
-    :class:`~raymoe.fp8.grouped.FP8GroupedGEMM`."""
+    """Mixin with what every FP8 layer keeps: config, name, back-end ops, the per-step weight cache and the
+    non-finite flags read by :class:`~raymoe.fp8.FP8Guard`. Used by :class:`FP8Linear` and by
+    :class:`~raymoe.fp8.grouped.FP8GroupedGEMM`.
+
+    ``wgrad_store`` only records the store given to :func:`convert_to_fp8` / ``enable_fp8`` (kept so that code
+    passing it along keeps working); the backward defers into whichever store is active
+    (:meth:`raymoe.wgrad.WeightGradStore.active`), attached or not."""
 
     fp8_config: FP8Config
     fp8_name: str
@@ -301,7 +234,7 @@ class FP8LayerState:
 
     def _cached_weight(self, weight: torch.Tensor, ops: _Ops, quantize: Callable[[torch.Tensor], object],
                        scale_of: Callable[[object], torch.Tensor]):
-        key = (id(weight), weight.data_ptr(), weight._version, _OPT_STEPS[0], weight.dtype, weight.device,
+        key = (id(weight), weight.data_ptr(), weight._version, optimizer_step_count(), weight.dtype, weight.device,
                ops.backend)
         hit = self._w_cache.get(id(weight))
         if hit is None or hit[0] != key:
@@ -412,7 +345,8 @@ def convert_to_fp8(model: nn.Module, filter: Callable[[str, nn.Linear], bool] | 
             ``deepspeed.initialize`` or afterwards — either way the optimizer still holds the right tensors.
         filter: ``(qualified_name, linear) -> bool`` (True = convert). Default: :func:`default_fp8_filter`.
         config: recipe; default ``FP8Config(enabled=True)``.
-        wgrad_store: attach a :class:`WeightGradStore` to every converted layer (deferred Wgrad).
+        wgrad_store: recorded on every converted layer as ``wgrad_store`` (compatibility; deferral needs no
+            attachment: the layers park their Wgrad in whichever :class:`WeightGradStore` has a ``defer`` open).
 
     A Linear referenced from several places (e.g. a head shared by two stage chunks) is converted once and the
     replacement is shared the same way. Already-converted layers are left alone (idempotent).

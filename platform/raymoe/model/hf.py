@@ -182,13 +182,17 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- reading
+_SIDE_FILES = {"expert_load.safetensors"}
+
+
 def _tensor_files(path: pathlib.Path) -> list[pathlib.Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         files = sorted({path / f for f in weight_map.values()})
     else:
-        files = sorted(path.glob("*.safetensors"))
+        # weights only: other safetensors files beside them (raymoe's expert_load.safetensors) are not the model
+        files = sorted(f for f in path.glob("*.safetensors") if f.name not in _SIDE_FILES)
     if not files:
         pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         hint = f" (found pickle files {pickled}: raymoe never unpickles; convert them to safetensors)" if pickled else ""

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (DeepSeek-V2/V3 §2.1.1; techniques.md §1.2).
+"""Multi-head Latent Attention (DeepSeek-V2/V3 §2.1.1; docs/model.md §2).
 
 Shapes: B batch, T query tokens, S key tokens, H heads, C = kv_lora_rank (latent), R = qk_rope_head_dim,
 N = qk_nope_head_dim, V = v_head_dim.
@@ -15,6 +15,8 @@ Two mathematically identical paths:
 2. **absorbed** (inference, used whenever a :class:`LatentKVCache` is passed): fold W^UK into the query
    (q̃ = q_nope·W^UK_h, C dims) and W^UV after the attention-weighted sum, so attention runs as MQA over one
    (C+R)-dim head: the cache holds exactly ``C + R`` values per token per layer (576 for V3; 71× less than full K/V).
+   The cache decides which keys each query sees (``cache.gather`` → keys + mask), so the same code serves a dense
+   :class:`LatentKVCache` and the serving engine's paged cache over a packed multi-sequence batch.
 """
 from __future__ import annotations
 
@@ -179,19 +181,16 @@ class MLA(nn.Module):
         cache: LatentKVCache,
     ) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
-        start = cache.seq_len
-        kv_all = cache.write(self.layer_idx, start, torch.cat([c_kv, k_pe], dim=-1))  # [B, start+T, C+R]
+        kv_all, masked = cache.gather(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))  # [B, S, C+R], [(B,) T, S]
         c_all, pe_all = kv_all.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H,N,C], [H,V,C]
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
         scores = torch.einsum("bthc,bsc->bths", q_lat, c_all) + torch.einsum("bthr,bsr->bths", q_pe, pe_all)
         scores = scores.float() * self.softmax_scale
-        S = start + T
-        if T > 1:
-            q_pos = torch.arange(start, S, device=scores.device)
-            mask = torch.arange(S, device=scores.device)[None, :] > q_pos[:, None]  # [T,S] future keys
-            scores = scores.masked_fill(mask[None, :, None, :], float("-inf"))
+        if masked is not None:  # future keys (and, in a packed batch, other sequences' keys)
+            masked = masked if masked.dim() == 3 else masked[None]
+            scores = scores.masked_fill(masked[:, :, None, :], float("-inf"))
         p = scores.softmax(dim=-1).to(c_all.dtype)
         o_lat = torch.einsum("bths,bsc->bthc", p, c_all)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B,T,H,V]

@@ -1,4 +1,4 @@
-"""DeepSeekMoE: shared + fine-grained routed experts, sigmoid router with group-limited top-k (techniques.md §1.3).
+"""DeepSeekMoE: shared + fine-grained routed experts, sigmoid router with group-limited top-k (docs/model.md §4).
 
 Routing for T tokens and E routed experts (``route``):
   1. ``scores_TE = sigmoid(x·Wᵀ)`` in fp32;
@@ -46,6 +46,7 @@ from torch import nn
 
 from raymoe.config import ModelConfig
 from raymoe.model.layers import SwiGLU, autocast_apply
+from raymoe.wgrad import WeightGradStore, accumulate_grads
 
 __all__ = ["RouteResult", "route", "Router", "RoutedExperts", "MoE", "seq_aux_loss", "EXPERT_IMPLS", "set_expert_impl"]
 
@@ -130,20 +131,6 @@ class Router(nn.Module):
                      self.norm_topk_prob)
 
 
-def _weight_grad_store():
-    """The schedule executor's active :class:`~raymoe.schedule.executor.WeightGradStore`, if a ``Bi`` is deferring.
-
-    Imported lazily: the model does not depend on the schedule package, it only cooperates with it when present.
-    """
-    from raymoe.schedule.executor import WeightGradStore
-
-    return WeightGradStore.active()
-
-
-def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
-    p.grad = g if p.grad is None else p.grad + g
-
-
 def _mm_nn(x_NK: torch.Tensor, w_EKO: torch.Tensor, counts: list[int], offs: torch.Tensor, kernel: str,
            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per expert ``x[rows of e] @ w[e]`` → ``[N, O]`` (rows grouped by expert)."""
@@ -208,8 +195,9 @@ class _SwiGLUExpertsFn(torch.autograd.Function):
     """Grouped SwiGLU experts ``down(silu(x·Wg) ⊙ x·Wu)`` with a hand-written backward.
 
     Saves ``x`` and the two pre-activations ``g, u`` (``silu`` is recomputed in backward). Input gradients are
-    returned at once; the three weight gradients ``dW = xᵀ·dY`` per expert are computed either inline or, when the
-    schedule executor is deferring weight grads (ZeroBubble ``Bi``/``W``), parked in its store as one closure.
+    returned at once; the three weight gradients ``dW = xᵀ·dY`` per expert are computed either inline or, when a
+    :class:`~raymoe.wgrad.WeightGradStore` is deferring weight grads (ZeroBubble ``Bi``/``W``), parked in it as one
+    closure that adds them through autograd (:func:`~raymoe.wgrad.accumulate_grads`, so gradient hooks fire).
     """
 
     @staticmethod
@@ -233,6 +221,9 @@ class _SwiGLUExpertsFn(torch.autograd.Function):
         h = F.silu(g).mul_(u)
         y = _mm_nn(h, w_down, counts, offs, kernel)
         ctx.save_for_backward(x_ND, w_gate, w_up, w_down, g, u)
+        # the parameter objects themselves: under saved-tensor hooks ctx.saved_tensors may hand back detached
+        # aliases, and a deferred W must accumulate into the real leaves
+        ctx.params = (w_gate, w_up, w_down)
         ctx.counts, ctx.offs, ctx.kernel = counts, offs, kernel
         return y if ctx.rows is None else y.index_select(0, ctx.rows)
 
@@ -251,7 +242,7 @@ class _SwiGLUExpertsFn(torch.autograd.Function):
         dx += _mm_nn(du, w_up.transpose(-2, -1), counts, offs, kernel)
         if rows is not None:
             dx = dx.index_select(0, rows)
-        params = (w_gate, w_up, w_down)
+        params = ctx.params
 
         def weight_grads() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             h = silu_g.mul_(u)
@@ -259,18 +250,18 @@ class _SwiGLUExpertsFn(torch.autograd.Function):
                     _mm_tn(h, dy, counts, offs, kernel))
 
         need_w = ctx.needs_input_grad[1:4]
-        store = _weight_grad_store() if all(p.is_leaf for p in params) else None
+        store = WeightGradStore.active() if all(p.is_leaf for p in params) else None
         if store is None or not any(need_w):
             gw = weight_grads()
             return (dx, *(gi if n else None for gi, n in zip(gw, need_w)), None, None)
 
+        wanted = [p if n else None for p, n in zip(params, need_w)]
+
         def deferred() -> None:
             with torch.no_grad():
-                for p, gi, n in zip(params, weight_grads(), need_w):
-                    if n:
-                        _accumulate(p, gi)
+                accumulate_grads(wanted, weight_grads())
 
-        store.put(deferred)
+        store.put(deferred, wanted)
         return dx, None, None, None, None, None
 
 

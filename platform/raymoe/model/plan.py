@@ -1,7 +1,7 @@
 """Sizing of a model without allocating it: parameter counts and memory per pipeline stage.
 
 The model is built on the meta device, so ``deepseek-v3`` (671B) costs no memory. Counting conventions
-(techniques.md §1.1): the *main model* excludes the MTP modules; MTP is reported separately as the parameters it
+(docs/model.md §1): the *main model* excludes the MTP modules; MTP is reported separately as the parameters it
 owns (its embedding and head are shared with the main model). *Activated per token* keeps every non-routed parameter
 plus ``num_experts_per_tok`` routed experts per MoE layer; it is given with and without the embedding table.
 
@@ -91,8 +91,6 @@ def stage_memory(
     def stage_params(s: int) -> tuple[int, int]:
         dense = expert = 0
         mods = [model.layers[i] for i in ranges[s]]
-        if s == 0:
-            dense += model.embed_tokens.weight.numel()
         if s == pp - 1:
             dense += model.norm.weight.numel() + model.lm_head.weight.numel()
             mods += list(model.mtp)
@@ -110,6 +108,10 @@ def stage_memory(
         stages = [r, pp - 1 - r] if dualpipe else [r]
         dense = sum(stage_params(s)[0] for s in stages)
         expert = sum(stage_params(s)[1] for s in stages)
+        # the embedding: stage 0 looks tokens up; the last stage's MTP blocks embed the shifted tokens with the same
+        # table, so a rank holding either holds one copy (under DualPipe both stages sit on ranks 0 and pp-1)
+        if 0 in stages or (pp - 1 in stages and cfg.num_nextn_predict_layers > 0):
+            dense += model.embed_tokens.weight.numel()
         per_dev = dense + expert / ep
         rows.append(
             {

@@ -1,4 +1,4 @@
-"""Decoupled RoPE with YaRN for MLA (DeepSeek-V3 report §2.1.1, techniques.md §1.2).
+"""Decoupled RoPE with YaRN for MLA (DeepSeek-V3 report §2.1.1, docs/model.md §3).
 
 Only the ``qk_rope_head_dim`` slice of queries and the single shared RoPE key are rotated. The checkpoint layout
 rotates **interleaved pairs** ``(x[2i], x[2i+1])`` by angle ``pos·θ_i``. We compute that rotation on the even/odd

@@ -5,7 +5,7 @@
 counts of every routing layer (main MoE layers first, then the MTP blocks) as ``expert_counts [L_route, E]``.
 
 ``labels[:, t]`` is the target of position t (the next token; ``-100`` is ignored). The main loss is the mean
-cross-entropy over all positions. MTP depth k (techniques.md §3) combines, at position i, the depth k-1 hidden state
+cross-entropy over all positions. MTP depth k (docs/model.md §5) combines, at position i, the depth k-1 hidden state
 (the main model's pre-final-norm hidden for k=1) with the embedding of token ``input_ids[:, i+k]``:
 ``h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h_i^{k-1})])`` (embedding first, as in the released weights), runs one
 full block over the T−k positions, and predicts ``labels[:, i+k]`` (the input shifted by k+1) through the shared
@@ -31,7 +31,8 @@ from raymoe.model.mla import MLA
 from raymoe.model.moe import MoE, RoutedExperts, Router
 from raymoe.model.rope import RotaryEmbedding
 
-__all__ = ["DecoderLayer", "MTPModule", "DeepSeekV3", "StageChunk", "ModelOutput", "RoutingStats", "split_layers"]
+__all__ = ["DecoderLayer", "MTPModule", "DeepSeekV3", "StageChunk", "ModelOutput", "RoutingStats", "split_layers",
+           "mtp_greedy_acceptance"]
 
 
 @dataclass
@@ -106,10 +107,12 @@ class MTPModule(nn.Module):
 
     def forward(
         self, emb: torch.Tensor, h_prev: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        stats: Optional[RoutingStats] = None,
+        stats: Optional[RoutingStats] = None, cache: Optional[LatentKVCache] = None,
     ) -> torch.Tensor:
+        """``cache`` (inference drafting only): the block attends through it like a main layer (its MLA's
+        ``layer_idx`` is ``num_hidden_layers + depth - 1``)."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.block(h, cos, sin, None, stats)
+        return self.block(h, cos, sin, cache, stats)
 
 
 def split_layers(cfg: ModelConfig, pp: int, layers_per_stage: Optional[Sequence[int]] = None) -> list[range]:
@@ -209,8 +212,10 @@ class DeepSeekV3(nn.Module):
     ) -> torch.Tensor:
         if len(layer_ids) == 0:
             return h
-        start = cache.seq_len if cache is not None else 0
-        cos, sin = self.rope(start, h.shape[1], h.device)
+        if cache is None:
+            cos, sin = self.rope(0, h.shape[1], h.device)
+        else:  # the cache knows the absolute position of every new token (paged caches: per packed token)
+            cos, sin = self.rotary(cache.positions(h.shape[1], h.device))
         for i in layer_ids:
             h = self.layers[i](h, cos, sin, cache, stats)
         return h
@@ -320,6 +325,19 @@ class StageChunk(nn.Module):
         if input_ids is None:
             raise ValueError("the last stage chunk needs input_ids (MTP input) as a side input")
         return model.head(x, input_ids, labels, stats, compute_mtp, mtp_weight)
+
+
+@torch.no_grad()
+def mtp_greedy_acceptance(out: ModelOutput) -> tuple[int, int]:
+    """``(accepted, drafted)`` for greedy MTP drafting with teacher forcing: the depth-1 MTP head at position i
+    drafts token i+2 (``mtp_logits[0][:, i]``); the target model's own greedy choice for that token is
+    ``logits[:, i+1]``. A draft is accepted when the two argmaxes agree — the rule greedy speculative decoding
+    applies, so training's ``eval/mtp_acceptance`` and serving's acceptance rate measure the same thing."""
+    if not out.mtp_logits:
+        return 0, 0
+    draft = out.mtp_logits[0].argmax(-1)  # [B, T-1]
+    target = out.logits[:, 1:1 + draft.shape[1]].argmax(-1)
+    return int((draft == target).sum()), int(draft.numel())
 
 
 class _nullctx:

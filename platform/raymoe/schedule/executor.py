@@ -27,16 +27,20 @@ Roles:
 
 Weight-grad split (ZeroBubble ``Bi``/``W``). Two ways, chosen per chunk (``split=``):
 
-* ``"store"``: autograd functions that know the :class:`WeightGradStore` (our :class:`DeferredLinear`) return only
-  the input grad while a store is active and park a closure computing ``dW = dY^T X`` (and ``db``); ``W`` runs the
-  closures of that (micro-batch, stage). Parameters of other modules (norms, embeddings) get their grads during
-  ``Bi`` as usual: a partial but exact split. :func:`swap_linears` converts a module's ``nn.Linear`` s in place.
+* ``"store"``: autograd functions that know the project's one :class:`~raymoe.wgrad.WeightGradStore` (our
+  :class:`DeferredLinear`, the routed experts' grouped GEMM, the FP8 layers) return only the input grad while a
+  store is active and park a closure computing ``dW = dY^T X`` (and ``db``); ``W`` runs the closures of that
+  (micro-batch, direction, stage) cell, adding them to ``.grad`` through autograd
+  (:func:`~raymoe.wgrad.accumulate_grads`) so gradient hooks fire. Parameters of other modules (norms, embeddings)
+  get their grads during ``Bi`` as usual: a partial but exact split. :func:`swap_linears` converts a module's
+  ``nn.Linear`` s in place.
 * ``"autograd"``: works for any module. ``Bi`` computes only the stage input's gradient with
   ``torch.autograd.grad(..., retain_graph=True)``; ``W`` walks the retained graph again with
   ``backward(inputs=params)``. Exact, but ``W`` re-does the intra-stage activation grads (costs about a ``B``).
 * ``"auto"`` (default): ``"store"`` when the chunk contains a :class:`DeferredLinear`, else ``"autograd"``.
 
-The store is found through a module-level stack that only :meth:`WeightGradStore.defer` pushes and pops: autograd
+The store lives in :mod:`raymoe.wgrad` (``WeightGradStore`` here is the same class); store-aware backwards find
+it through a module-level stack that only :meth:`~raymoe.wgrad.WeightGradStore.defer` pushes and pops: autograd
 runs CUDA backward functions on device threads, where thread-locals and context variables set by the caller are
 not visible.
 
@@ -44,21 +48,22 @@ An ``F&B`` pair runs as its forward and then its backward. The overlapped versio
 attention / dispatch / MLP / combine) belongs to the chunk; it would plug in at :meth:`StageRunner._run_pair`.
 
 Known limits (checked with the tiny DeepSeek-V3's ``model.stages(n)``, tests/unit/test_schedule_executor.py):
-the routed experts keep their weights as grouped ``nn.Parameter`` s, not Linears, so under ``"store"`` their weight
-grads still arrive during ``Bi`` (measured W is ~14% of F; a store-aware grouped-GEMM function would complete the
-split). A ``StageChunk`` refers to its parent model, so the DualPipe deep copy here copies the whole model (fine in
-one process; actors build their own chunks). Sent outputs are not freed early (DualPipe's ``.data`` trick).
+the routed experts' ``bmm`` reference back-end is plain autograd, so under ``"store"`` its weight grads arrive
+during ``Bi`` (the default grouped-GEMM back-ends defer). A ``StageChunk`` refers to its parent model, so the
+DualPipe deep copy here copies the whole model (fine in one process; actors build their own chunks). Sent outputs
+are not freed early (DualPipe's ``.data`` trick).
 """
 from __future__ import annotations
 
 import copy
 from collections import deque
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as Fn
 from torch import nn
+
+from raymoe.wgrad import WeightGradStore, WeightGradStoreError, accumulate_grads
 
 from .ir import Op, OpKind, Schedule, ScheduleError
 from .simulate import Deadlock
@@ -72,53 +77,6 @@ __all__ = [
 Cell = tuple[int, int, int]  # (mb, direction, stage) as in Op.key
 Split = Literal["auto", "store", "autograd"]
 ChunkKwargs = Callable[[int, int], dict]  # (stage, global micro-batch id) -> side inputs for the chunk's forward
-_ACTIVE_STORES: list["WeightGradStore"] = []
-
-
-class WeightGradStore:
-    """Deferred weight-grad closures, grouped by the (micro-batch, direction, stage) cell whose ``Bi`` made them."""
-
-    def __init__(self) -> None:
-        self._groups: dict[Cell, list[Callable[[], None]]] = {}
-        self._open: Optional[list[Callable[[], None]]] = None
-
-    @staticmethod
-    def active() -> Optional["WeightGradStore"]:
-        """The store a deferring backward is filling right now, if any."""
-        return _ACTIVE_STORES[-1] if _ACTIVE_STORES else None
-
-    def put(self, fn: Callable[[], None]) -> None:
-        assert self._open is not None, "WeightGradStore.put outside defer()"
-        self._open.append(fn)
-
-    @contextmanager
-    def defer(self, cell: Cell) -> Iterator[None]:
-        """Within this block, store-aware autograd functions park their weight grads under ``cell``."""
-        if cell in self._groups:
-            raise ScheduleError(f"weight grads of cell {cell} are already pending")
-        self._open = []
-        _ACTIVE_STORES.append(self)
-        try:
-            yield
-        finally:
-            _ACTIVE_STORES.pop()
-            self._groups[cell], self._open = self._open, None
-
-    def run(self, cell: Cell) -> int:
-        """Run and drop the closures of ``cell``; returns how many ran."""
-        if cell not in self._groups:
-            raise ScheduleError(f"W for cell {cell} but no deferred weight grads are pending for it")
-        fns = self._groups.pop(cell)
-        for fn in fns:
-            fn()
-        return len(fns)
-
-    def __len__(self) -> int:
-        return len(self._groups)
-
-
-def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
-    p.grad = g if p.grad is None else p.grad + g
 
 
 class _DeferredLinearFn(torch.autograd.Function):
@@ -141,18 +99,15 @@ class _DeferredLinearFn(torch.autograd.Function):
             gw = g2.t().matmul(x.reshape(-1, x.shape[-1]))  # (out, in)
             return gw, (g2.sum(0) if b_param is not None else None)
 
-        store = WeightGradStore.active()
+        store = WeightGradStore.active() if all(p is None or p.is_leaf for p in ctx.params) else None
         if store is None:
             return (grad_x, *weight_grads())
 
         def deferred() -> None:
             with torch.no_grad():  # W runs outside autograd's backward: do not record a graph into .grad
-                gw, gb = weight_grads()
-                _accumulate(w_param, gw)
-                if gb is not None:
-                    _accumulate(b_param, gb)
+                accumulate_grads((w_param, b_param), weight_grads())
 
-        store.put(deferred)
+        store.put(deferred, ctx.params)
         return grad_x, None, None
 
 
@@ -344,6 +299,8 @@ class StageRunner:
         if not split:
             torch.autograd.backward(y, grad)
         elif mode == "store":
+            if cell in self.store:
+                raise ScheduleError(f"rank {self.rank}: weight grads of cell {cell} are already pending")
             with self.store.defer(cell):
                 torch.autograd.backward(y, grad)
         else:  # autograd: input grad now, parameter grads at W over the retained graph
@@ -366,7 +323,10 @@ class StageRunner:
             if params:
                 torch.autograd.backward(y, grad, inputs=params)
         else:
-            self.store.run(cell)
+            try:
+                self.store.run(cell)
+            except WeightGradStoreError as e:
+                raise ScheduleError(f"rank {self.rank}: {e}") from e
 
 
 class SequentialExecutor:

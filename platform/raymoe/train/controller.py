@@ -1,39 +1,53 @@
 """The training controller: step loop, data position, bias balancer, metrics, checkpoints, resume.
 
-:class:`TrainController` is what the :class:`raymoe.actors.Coordinator` actor runs. It talks to the stage replicas
-only through a :class:`StageGroup` (``call(method, per_rank_args)`` → per-rank results), so it is unit-testable in
-one process with :class:`LocalStageGroup` and runs on Ray with ``RayStageGroup`` (actors/). Each step is:
+:class:`TrainController` is what the :class:`raymoe.actors.Coordinator` actor runs. It talks to the ranks only
+through a :class:`WorkerGroup` of typed calls (``step(list[StepPlan]) -> list[StepResult]``, ``evaluate``,
+``save``, ``load``), so it is unit-testable in one process with :class:`LocalWorkerGroup` and runs on Ray with
+``RayWorkerGroup`` (actors/). Each step is a pass through named phases (:class:`Phase`):
 
-  observe  → next global batch from the resumable sampler, per-rank micro-batch assignment, lr(tokens), γ(tokens)
-  execute  → one ``run_step`` call per rank (forward/backward/optimizer step inside, counts all-reduced over DP)
-  decide   → bias update b ← b + γ·sign(mean − c) from the global counts of every routing layer (MTP included),
-             sent with the next plan; metrics; evaluation, checkpoint every N steps
+  PLAN     → next global batch from the resumable sampler, per-rank micro-batches (the topology's data-rank
+             slices), lr(tokens), the rank's op list from the schedule
+  EXECUTE  → one ``step`` call per rank (its op list, gradient reduction, optimizer step; counts all-reduced)
+  BALANCE  → bias update b ← b + γ·sign(mean − c) from the global counts of every routing layer (MTP included),
+             sent with the next plan; metrics; then EVAL / CHECKPOINT every N steps
 
-Checkpoints (:mod:`raymoe.checkpoint`) hold the stage engines' files plus ``coordinator.pt`` (step, tokens, sampler
-state, biases, RNG) and are committed atomically; ``train.resume=auto`` continues from the newest valid one, so an
-interrupted run followed by a resume reproduces the uninterrupted loss curve exactly (fp32).
+The control-plane share of a step (``perf/control_plane_share``) is the step's wall time minus the slowest rank's
+own step time, over the step's wall time: coordinator work plus Ray call overhead.
+
+Checkpoints (:mod:`raymoe.checkpoint`) hold the ranks' files (sharded safetensors for the native runtime; DeepSpeed
+engine files for ``dp_impl=deepspeed``) plus ``coordinator.json`` / ``coordinator.safetensors`` (step, tokens,
+sampler state, biases, history — no pickles) and ``layout.json``; they are committed atomically and
+``train.resume=auto`` continues from the newest valid one, so an interrupted run followed by a resume reproduces the
+uninterrupted loss curve exactly (fp32).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import enum
 import json
 import logging
 import math
 import pathlib
+import shutil
 import threading
 import time
-from typing import Any, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
 import torch
 
 from raymoe import checkpoint as ckpt
 from raymoe.balance import BiasBalancer, maxvio
-from raymoe.config import RunConfig
+from raymoe.config import ConfigError, RunConfig
 from raymoe.metrics import MetricsLogger
 from raymoe.model.plan import train_flops_per_token
 from raymoe.optim import lr_at
+from raymoe.train.plans import EvalPlan, EvalResult, StepPlan, StepResult
+from raymoe.train.topology import Topology
 
-__all__ = ["StageGroup", "LocalStageGroup", "TrainController", "StepFailed"]
+__all__ = ["WorkerGroup", "LocalWorkerGroup", "TrainController", "StepFailed", "RankFailure", "TrainingFailed",
+           "GroupFactory", "make_worker", "dp_impl", "Phase"]
 
 log = logging.getLogger(__name__)
 
@@ -42,45 +56,139 @@ class StepFailed(RuntimeError):
     pass
 
 
-class StageGroup(Protocol):
+class RankFailure(RuntimeError):
+    """A rank died, hung past ``train.step_timeout_s`` or raised; the message names the rank and the call.
+    Worker groups raise it (the Ray layer's ``StageError`` is one); the controller recovers from it."""
+
+
+class TrainingFailed(RuntimeError):
+    """The run stopped for good (more failures than ``train.max_failures``, or no room to restart)."""
+
+
+class GroupFactory(Protocol):
+    """Creates worker groups for a layout and says how many DP replicas the cluster could host (elasticity)."""
+
+    def create(self, run: RunConfig) -> "WorkerGroup": ...
+
+    def capacity_dp(self, run: RunConfig, current: Optional["WorkerGroup"]) -> int:
+        """The largest DP degree the cluster could host now, counting the resources ``current`` holds."""
+        ...
+
+
+class WorkerGroup(Protocol):
+    """The ranks of a run, as the controller sees them (typed calls; one per rank per step)."""
+
     size: int
 
-    def call(self, method: str, args: Optional[list[tuple]] = None, ranks: Optional[list[int]] = None) -> list[Any]:
-        """Invoke ``method`` on the given ranks (all by default) concurrently; ``args[i]`` for the i-th rank."""
-        ...
+    def step(self, plans: list[StepPlan]) -> list[StepResult]: ...
+
+    def evaluate(self, plan: EvalPlan) -> EvalResult: ...
+
+    def save(self, ckpt_dir: str) -> None: ...
+
+    def load(self, ckpt_dir: str) -> None: ...
+
+    def set_biases(self, biases: torch.Tensor) -> None: ...
+
+    def peak_flops(self) -> float: ...
 
     def shutdown(self) -> None: ...
 
 
-class LocalStageGroup:
-    """DP=1 in-process group around a :class:`raymoe.stage.StageWorker` (tests, debugging)."""
+def make_worker(run: RunConfig, rank: int, master_addr: str, master_port: int, threads: Optional[int] = None) -> Any:
+    """The worker for ``rank``: DeepSpeed ZeRO-1 (pp = ep = 1, ``parallel.dp_impl`` deepspeed) or the pipeline
+    worker (every layout)."""
+    if dp_impl(run) == "deepspeed":
+        from raymoe.train.deepspeed_worker import StageWorker
+
+        return StageWorker(run, rank, master_addr, master_port, threads=threads)
+    from raymoe.train.worker import PipelineWorker
+
+    return PipelineWorker(run, rank, master_addr, master_port, threads=threads)
+
+
+def dp_impl(run: RunConfig) -> str:
+    """``auto`` → DeepSpeed ZeRO-1 for fixed-size pure data parallelism, else the native runtime (any layout,
+    re-shardable checkpoints, elastic DP)."""
+    p = run.parallel
+    if p.dp_impl == "auto":
+        lo, hi = run.elastic.bounds(p.dp)
+        return "deepspeed" if p.pp == 1 and p.ep == 1 and lo == hi else "native"
+    return p.dp_impl
+
+
+class LocalWorkerGroup:
+    """World-of-one group in this process (tests, debugging)."""
 
     def __init__(self, run: RunConfig, master_port: int) -> None:
-        from raymoe.stage import StageWorker
-
-        if run.parallel.dp != 1:
-            raise ValueError("LocalStageGroup supports parallel.dp=1 only; use Ray for DP>1")
+        if run.parallel.world_size != 1:
+            raise ValueError("LocalWorkerGroup runs a world of one rank; use Ray for more")
         self.size = 1
-        self.workers = [StageWorker(run, 0, "127.0.0.1", master_port)]
+        self.worker = make_worker(run, 0, "127.0.0.1", master_port)
 
-    def call(self, method: str, args: Optional[list[tuple]] = None, ranks: Optional[list[int]] = None) -> list[Any]:
-        ranks = list(range(self.size)) if ranks is None else ranks
-        return [getattr(self.workers[r], method)(*(args[i] if args else ())) for i, r in enumerate(ranks)]
+    def step(self, plans: list[StepPlan]) -> list[StepResult]:
+        return [self.worker.step(plans[0])]
+
+    def evaluate(self, plan: EvalPlan) -> EvalResult:
+        return self.worker.evaluate(plan)
+
+    def save(self, ckpt_dir: str) -> None:
+        self.worker.save(ckpt_dir)
+
+    def load(self, ckpt_dir: str) -> None:
+        self.worker.load(ckpt_dir)
+
+    def set_biases(self, biases: torch.Tensor) -> None:
+        self.worker.set_biases(biases)
+
+    def peak_flops(self) -> float:
+        return self.worker.peak_flops()
+
+    def export_hf(self, path: str, biases: torch.Tensor) -> str:
+        return self.worker.export_hf(path, biases)
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            w.close()
+        self.worker.close()
+
+
+class Phase(str, enum.Enum):
+    """Named phases of the controller's loop (``status()["phase"]``; each one's time is a ``control/`` metric)."""
+
+    SETUP = "setup"
+    RESUME = "resume"
+    PLAN = "plan"
+    EXECUTE = "execute"
+    BALANCE = "balance"
+    EVAL = "eval"
+    CHECKPOINT = "checkpoint"
+    EXPORT = "export"
+    DONE = "done"
 
 
 class TrainController:
-    def __init__(self, run: RunConfig, group: StageGroup, train_size: int, val_size: int) -> None:
+    """The step loop as a small state machine: PLAN → EXECUTE → BALANCE (→ EVAL) (→ CHECKPOINT) per step.
+
+    Args:
+        run: the run config.
+        group: the ranks (:class:`WorkerGroup`).
+        train_size, val_size: sample counts of the training and validation sets.
+    """
+
+    def __init__(self, run: RunConfig, group: WorkerGroup, train_size: int, val_size: int,
+                 factory: Optional[GroupFactory] = None, data_info: Optional[dict[str, Any]] = None) -> None:
         from raymoe.data import ResumableSampler
 
-        self.run, self.group = run, group
+        self.run, self.group, self.factory = run, group, factory
+        self.train_size = train_size
+        self.failures = 0
+        self.recoveries: list[dict[str, Any]] = []
+        self.data_info = dict(data_info or {})
+        self.load_window: collections.deque[torch.Tensor] = collections.deque(maxlen=run.balance.load_window_steps)
         self.run_dir = pathlib.Path(run.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        tc, mc = run.train, run.model
-        self.global_batch = run.parallel.dp * tc.num_microbatches * tc.micro_batch_size
+        tc, mc, p = run.train, run.model, run.parallel
+        self._set_layout(run)
+        self.global_batch = self.topo.data_parallel_size * tc.num_microbatches * tc.micro_batch_size
         self.sampler = ResumableSampler(train_size, seed=tc.seed)
         self.val_size = val_size
         self.balancer = BiasBalancer(mc.num_router_layers, mc.n_routed_experts, gamma=run.balance.gamma,
@@ -89,14 +197,24 @@ class TrainController:
         self.tokens = 0
         self.total_tokens = tc.steps * run.tokens_per_step
         self.flops_per_token = train_flops_per_token(mc, run.data.seq_len)
-        self.peak = None
+        self.peak: Optional[float] = None
         self.history: list[dict[str, Any]] = []
         self.last_eval: dict[str, Any] = {}
         self.last_ckpt: Optional[pathlib.Path] = None
         self.resumed_from: Optional[str] = None
+        self.phase_s: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._status: dict[str, Any] = {"phase": "init", "step": 0, "steps": tc.steps}
+        self._status: dict[str, Any] = {"phase": Phase.SETUP.value, "step": 0, "steps": tc.steps}
         self.logger = MetricsLogger(self.run_dir, run.logger, _plain(dataclasses.asdict(run)))
+        self.fault_at: dict[int, str] = {}  # test-only: {step: fault} injected into that step's plans
+
+    def _set_layout(self, run: RunConfig) -> None:
+        p = run.parallel
+        self.run = run
+        self.topo = Topology(p.pp, p.ep, p.dp, p.schedule, run.train.num_microbatches, run.model)
+        self.impl = dp_impl(run)
+        self._ops = {r: tuple(str(o) for o in self.topo.schedule.ops(self.topo.coords(r).pp_rank))
+                     for r in range(self.topo.world_size)}
 
     # ------------------------------------------------------------------ status (read by the driver)
     def status(self) -> dict[str, Any]:
@@ -105,7 +223,16 @@ class TrainController:
 
     def _set_status(self, **kw: Any) -> None:
         with self._lock:
-            self._status.update(kw)
+            self._status.update({k: (v.value if isinstance(v, Phase) else v) for k, v in kw.items()})
+
+    @contextlib.contextmanager
+    def _phase(self, phase: Phase) -> Iterator[None]:
+        self._set_status(phase=phase)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_s[phase.value] = self.phase_s.get(phase.value, 0.0) + time.perf_counter() - t0
 
     # ------------------------------------------------------------------ plans
     def _gamma(self) -> float:
@@ -119,24 +246,25 @@ class TrainController:
         return lr_at(self.tokens, tc.lr, tc.min_lr, tc.warmup_tokens, tc.constant_tokens, tc.decay_tokens,
                      self.total_tokens)
 
-    def _plans(self) -> list[tuple]:
+    def plans(self) -> tuple[list[StepPlan], list[int]]:
+        """One :class:`StepPlan` per rank for the next step, and the step's global sample ids."""
         tc = self.run.train
         ids = self.sampler.next_batch(self.global_batch)
-        per_rank = len(ids) // self.group.size
-        plans = []
-        for r in range(self.group.size):
-            mine = ids[r * per_rank : (r + 1) * per_rank]
-            mbs = [mine[i * tc.micro_batch_size : (i + 1) * tc.micro_batch_size] for i in range(tc.num_microbatches)]
-            plans.append(({
-                "step": self.step,
-                "lr": self._lr(),
-                "mtp_lambda": tc.mtp_lambda,
-                "biases": self.balancer.bias.clone(),
-                "microbatches": mbs,
-            },))
-        return plans
+        lr, bias = self._lr(), self.balancer.bias.clone()
+        fault = self.fault_at.get(self.step)
+        out = []
+        for r in range(self.topo.world_size):
+            mbs = self.topo.microbatches(r, list(ids), tc.micro_batch_size)
+            out.append(StepPlan(step=self.step, lr=lr, mtp_lambda=tc.mtp_lambda, biases=bias,
+                                microbatches=tuple(tuple(int(i) for i in m) for m in mbs), ops=self._ops[r],
+                                fault=fault))
+        return out, [int(i) for i in ids]
 
     # ------------------------------------------------------------------ checkpoint / resume
+    def layout(self) -> dict[str, Any]:
+        p = self.run.parallel
+        return {"pp": p.pp, "ep": p.ep, "dp": p.dp, "schedule": p.schedule, "dp_impl": self.impl}
+
     def resume_if_requested(self) -> None:
         mode = self.run.train.resume
         if mode == "never":
@@ -146,35 +274,34 @@ class TrainController:
             return
         if mode != "auto":
             ckpt.verify(target)
-        self._set_status(phase="resuming", checkpoint=str(target))
-        state = torch.load(target / "coordinator.pt", weights_only=False)
-        self.group.call("load", [(str(target),)] * self.group.size)
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.sampler.load_state_dict(state["sampler"])
-        self.balancer.load_state_dict(state["balancer"])
-        self.history = state.get("history", [])
-        self.resumed_from = str(target)
+        with self._phase(Phase.RESUME):
+            self._set_status(checkpoint=str(target))
+            check_compatible(target, self.run, self.impl)
+            state = load_coordinator_state(target)
+            self.group.load(str(target))
+            self.step, self.tokens = state["step"], state["tokens"]
+            self.sampler.load_state_dict(state["sampler"])
+            self.balancer.load_state_dict(state["balancer"])
+            self.history = state.get("history", [])
+            self.load_window.clear()
+            self.load_window.extend(state.get("load_window", []))
+            self.resumed_from = str(target)
         log.info("resumed from %s at step %d", target, self.step)
 
     def save_checkpoint(self) -> pathlib.Path:
-        self._set_status(phase="checkpoint")
-        tmp = ckpt.new_tmp_dir(self.ckpt_root, self.step)
-        self.group.call("save", [(str(tmp),)] * self.group.size)
-        torch.save(
-            {
-                "step": self.step,
-                "tokens": self.tokens,
-                "sampler": self.sampler.state_dict(),
-                "balancer": self.balancer.state_dict(),
-                "history": self.history,
-                "rng": torch.get_rng_state(),
-            },
-            tmp / "coordinator.pt",
-        )
-        (tmp / "config.json").write_text(json.dumps(_plain(dataclasses.asdict(self.run)), indent=2))
-        final = ckpt.commit(tmp, self.step, {"tokens": self.tokens})
-        ckpt.prune(self.ckpt_root, self.run.train.keep_checkpoints)
-        self.last_ckpt = final
+        with self._phase(Phase.CHECKPOINT):
+            tmp = ckpt.new_tmp_dir(self.ckpt_root, self.step)
+            self.group.save(str(tmp))
+            save_coordinator_state(tmp, {
+                "step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
+                "balancer": self.balancer.state_dict(), "history": self.history,
+                "load_window": list(self.load_window)})
+            self.write_expert_load(tmp)
+            (tmp / "config.json").write_text(json.dumps(_plain(dataclasses.asdict(self.run)), indent=2))
+            (tmp / "layout.json").write_text(json.dumps(self.layout(), indent=2))
+            final = ckpt.commit(tmp, self.step, {"tokens": self.tokens})
+            ckpt.prune(self.ckpt_root, self.run.train.keep_checkpoints)
+            self.last_ckpt = final
         return final
 
     # ------------------------------------------------------------------ eval
@@ -182,79 +309,257 @@ class TrainController:
         tc = self.run.train
         n = min(tc.eval_batches * tc.micro_batch_size, self.val_size)
         ids = list(range(n))
-        batches = [ids[i : i + tc.micro_batch_size] for i in range(0, n, tc.micro_batch_size)]
-        res = self.group.call("evaluate", [(batches,)], ranks=[0])[0]
-        mv = maxvio(res["counts"].double())
-        out = {"val/loss": res["val_loss"], "val/mtp_loss": res["val_mtp_loss"],
+        batches = tuple(tuple(ids[i:i + tc.micro_batch_size]) for i in range(0, n, tc.micro_batch_size))
+        with self._phase(Phase.EVAL):
+            res: EvalResult = self.group.evaluate(EvalPlan(batches=batches, biases=self.balancer.bias.clone()))
+        mv = maxvio(res.counts.double())
+        out = {"val/loss": res.val_loss, "val/mtp_loss": res.val_mtp_loss,
                "balance/maxvio_global": float(mv.mean()) if mv.numel() else 0.0}
+        if res.mtp_acceptance is not None:
+            out["eval/mtp_acceptance"] = res.mtp_acceptance
         self.last_eval = out
         return out
 
     # ------------------------------------------------------------------ loop
+    def train_step(self) -> tuple[list[StepResult], dict[str, Any]]:
+        """PLAN → EXECUTE → BALANCE for one step; returns the ranks' results and the step's metrics."""
+        t0 = time.perf_counter()
+        with self._phase(Phase.PLAN):
+            lr, gamma = self._lr(), self._gamma()
+            plans, sample_ids = self.plans()
+        t_exec = time.perf_counter()
+        with self._phase(Phase.EXECUTE):
+            results = self.group.step(plans)
+        t_exec_end = time.perf_counter()
+        with self._phase(Phase.BALANCE):
+            r0 = results[0]
+            for r in results[1:]:
+                if not torch.equal(r.counts, r0.counts):
+                    raise StepFailed(f"step {self.step}: ranks {r0.rank} and {r.rank} disagree on the all-reduced "
+                                     "expert counts")
+            counts = r0.counts
+            if r0.skipped:
+                log.warning("step %d skipped: non-finite loss/amax %s; weights, optimizer state and biases unchanged",
+                            self.step, r0.nonfinite or "")
+            else:
+                self.balancer.gamma = gamma
+                self.balancer.update(counts)
+                self.load_window.append(counts.clone())
+            self.step += 1
+            self.tokens += self.run.tokens_per_step
+        dt = time.perf_counter() - t0
+        slowest = max(r.step_s for r in results)
+        control = (t_exec - t0) + (t_exec_end - t_exec - slowest) + (time.perf_counter() - t_exec_end)
+        tps = self.run.tokens_per_step / dt
+        if self.peak is None:
+            self.peak = self.group.peak_flops()
+        mv = maxvio(counts.double())
+        L = r0.losses
+        m: dict[str, Any] = {
+            "train/loss": L.mean("loss"), "train/main_loss": L.mean("main"), "train/mtp_loss": L.mean("mtp"),
+            "train/aux_loss": L.mean("aux"), "train/lr": lr, "train/grad_norm": r0.grad_norm,
+            "train/tokens": self.tokens, "train/skipped": int(r0.skipped),
+            "perf/tokens_per_s": tps, "perf/step_s": dt, "perf/mfu": tps * self.flops_per_token / self.peak,
+            "perf/control_plane_s": control, "perf/control_plane_share": control / dt if dt > 0 else 0.0,
+            "perf/idle_s_max": max(r.idle_s for r in results), "perf/busy_s_max": max(r.busy_s for r in results),
+            "balance/maxvio_batch": float(mv.mean()), "balance/bias_std": float(self.balancer.bias.std(dim=1).mean()),
+            "balance/gamma": gamma,
+            "data/sample_ids": sample_ids,
+        }
+        for layer in range(counts.shape[0]):
+            m[f"balance/maxvio_batch/layer_{layer}"] = float(mv[layer])
+        return results, m
+
     def run_loop(self) -> dict[str, Any]:
         tc = self.run.train
         stop_at = tc.steps if tc.stop_after_steps is None else min(tc.steps, tc.stop_after_steps)
         t_start = time.perf_counter()
         tokens_at_start = self.tokens
         while self.step < stop_at:
-            t0 = time.perf_counter()
-            lr, gamma = self._lr(), self._gamma()
-            self._set_status(phase="train", step=self.step, lr=lr)
-            results = self.group.call("run_step", self._plans())
-            r0 = results[0]
-            for r in results[1:]:
-                if not torch.equal(r["counts"], r0["counts"]):
-                    raise StepFailed(f"step {self.step}: DP ranks disagree on the all-reduced expert counts")
-            counts = r0["counts"]
-            if r0["skipped"]:
-                log.warning("step %d skipped: non-finite loss/amax %s", self.step, r0["nonfinite_layers"] or "")
-            else:
-                self.balancer.gamma = gamma
-                self.balancer.update(counts)
-            self.step += 1
-            self.tokens += self.run.tokens_per_step
-            dt = time.perf_counter() - t0
-            tps = self.run.tokens_per_step / dt
-            if self.peak is None:
-                self.peak = float(sum(self.group.call("peak_flops")))
-            mv = maxvio(counts.double())
-            bias = self.balancer.bias
-            m: dict[str, Any] = {
-                "train/loss": r0["loss"], "train/main_loss": r0["main_loss"], "train/mtp_loss": r0["mtp_loss"],
-                "train/aux_loss": r0["aux_loss"], "train/lr": lr, "train/grad_norm": r0["grad_norm"],
-                "train/tokens": self.tokens, "train/skipped": int(r0["skipped"]),
-                "perf/tokens_per_s": tps, "perf/step_s": dt, "perf/mfu": tps * self.flops_per_token / self.peak,
-                "balance/maxvio_batch": float(mv.mean()), "balance/bias_std": float(bias.std(dim=1).mean()),
-                "balance/gamma": gamma,
-            }
-            for layer in range(counts.shape[0]):
-                m[f"balance/maxvio_batch/layer_{layer}"] = float(mv[layer])
-            if self.step % self.run.balance.histogram_every == 0 or self.step == stop_at:
-                m["balance/counts"] = counts.tolist()
-                m["balance/bias"] = bias.tolist()
-            if self.step % tc.eval_every == 0 or self.step == tc.steps:
-                self._set_status(phase="eval")
-                m.update(self.evaluate())
-            self.history.append({k: v for k, v in m.items() if not isinstance(v, list)})
-            self.logger.log(m, step=self.step)
-            self._set_status(phase="train", step=self.step, loss=r0["loss"], tokens_per_s=tps,
-                             maxvio=float(mv.mean()))
-            if self.step % tc.checkpoint_every == 0 or self.step == stop_at:
-                self.save_checkpoint()
-        # replicas hold the bias they last routed with; give them the final one (export, inspection, serving)
-        self.group.call("set_biases", [(self.balancer.bias.clone(),)] * self.group.size)
+            try:
+                self._maybe_grow()
+                self._one_step(stop_at)
+            except RankFailure as e:
+                self._recover(e)
+        # ranks hold the bias they last routed with; give them the final one (export, inspection, serving)
+        self.group.set_biases(self.balancer.bias.clone())
         wall = time.perf_counter() - t_start
         summary = self.summary(wall, self.tokens - tokens_at_start, finished=self.step >= tc.steps)
         if summary["finished"] and tc.export_hf:
-            summary["hf_export"] = self.export_hf(str(self.run_dir / "hf"))
+            with self._phase(Phase.EXPORT):
+                summary["hf_export"] = self.export_hf(str(self.run_dir / "hf"))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.summary(summary)
-        self._set_status(phase="done", step=self.step)
+        self._set_status(phase=Phase.DONE, step=self.step)
         return summary
 
+    def _one_step(self, stop_at: int) -> None:
+        tc = self.run.train
+        results, m = self.train_step()
+        if self.step % self.run.balance.histogram_every == 0 or self.step == stop_at:
+            m["balance/counts"] = results[0].counts.tolist()
+            m["balance/bias"] = self.balancer.bias.tolist()
+        if self.step % tc.eval_every == 0 or self.step == tc.steps:
+            m.update(self.evaluate())
+        self.history.append({k: v for k, v in m.items() if not isinstance(v, list)})
+        self.logger.log(m, step=self.step)
+        self._set_status(phase=Phase.EXECUTE, step=self.step, loss=m["train/loss"],
+                         tokens_per_s=m["perf/tokens_per_s"], maxvio=m["balance/maxvio_batch"],
+                         dp=self.run.parallel.dp, recoveries=len(self.recoveries))
+        if self.step % tc.checkpoint_every == 0 or self.step == stop_at:
+            self.save_checkpoint()
+
+    # ------------------------------------------------------------------ elasticity and recovery
+    def _pick_dp(self, capacity: int) -> Optional[int]:
+        fits = [d for d in self.run.elastic_degrees() if d <= capacity]
+        return max(fits) if fits else None
+
+    def _restore(self) -> Optional[pathlib.Path]:
+        """Load the newest valid checkpoint into the (new) group and the controller; from scratch when none."""
+        from raymoe.data import ResumableSampler
+
+        target = ckpt.latest_valid(self.ckpt_root)
+        if target is None:
+            self.step = self.tokens = 0
+            self.sampler = ResumableSampler(self.train_size, seed=self.run.train.seed)
+            self.balancer.bias.zero_()
+            self.balancer.steps = 0
+            self.history = []
+            self.load_window.clear()
+            return None
+        state = load_coordinator_state(target)
+        self.group.load(str(target))
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.history = state.get("history", [])
+        self.load_window.clear()
+        self.load_window.extend(state.get("load_window", []))
+        self.last_ckpt = target
+        return target
+
+    def _relaunch(self, dp: int) -> None:
+        run = self.run.with_dp(dp) if dp != self.run.parallel.dp else self.run
+        self._set_layout(run)
+        assert self.factory is not None
+        self.group = self.factory.create(run)
+
+    def _recover(self, err: RankFailure) -> None:
+        """Tear the group down, re-create it (same DP when the cluster has room, else the largest allowed smaller
+        one), reload the newest valid checkpoint and continue; bounded by ``train.max_failures``."""
+        t0 = time.perf_counter()
+        phase = self.status().get("phase")
+        self.failures += 1
+        step_before, dp_before = self.step, self.run.parallel.dp
+        newest = ckpt.latest_valid(self.ckpt_root)
+        if self.factory is None or self.failures > self.run.train.max_failures:
+            try:
+                self.group.shutdown()
+            finally:
+                raise TrainingFailed(
+                    f"stopping after {self.failures} failure(s) (train.max_failures={self.run.train.max_failures}) at "
+                    f"step {self.step}: {err}; checkpoints are intact, newest valid: {newest}") from err
+        log.warning("step %d: %s; recovering (failure %d of at most %d)", self.step, err, self.failures,
+                    self.run.train.max_failures)
+        if phase == Phase.CHECKPOINT.value:
+            log.warning("the failure hit while the checkpoint of step %d was being written: it was not committed; "
+                        "resuming from the previous one (%s)", self.step, newest)
+        with self._phase(Phase.RESUME):
+            self.group.shutdown()
+            time.sleep(self.run.elastic.settle_s)  # let the cluster release (or lose) the failed ranks' resources
+            deadline = time.monotonic() + self.run.elastic.wait_for_resources_s
+            while True:
+                capacity = self.factory.capacity_dp(self.run, None)
+                dp = self._pick_dp(capacity)
+                if dp is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(1.0)
+            if dp is None:
+                raise TrainingFailed(f"no room to restart: the cluster cannot host parallel.dp >= "
+                                     f"{min(self.run.elastic_degrees())} after {err}; checkpoints are intact, newest "
+                                     f"valid: {newest}") from err
+            self._relaunch(dp)
+            target = self._restore()
+        rec = {"step": step_before, "resumed_step": self.step, "reason": str(err).splitlines()[0][:300],
+               "dp_before": dp_before, "dp_after": self.run.parallel.dp, "seconds": time.perf_counter() - t0,
+               "capacity_dp": capacity, "cluster": getattr(self.factory, "last_view", None),
+               "checkpoint": str(target) if target else None}
+        self.recoveries.append(rec)
+        self.logger.log({"elastic/recovery_s": rec["seconds"], "elastic/dp": self.run.parallel.dp,
+                         "elastic/failures": self.failures}, step=self.step)
+        log.warning("recovered in %.1f s: dp %d -> %d, continuing from step %d", rec["seconds"], dp_before,
+                    self.run.parallel.dp, self.step)
+
+    def _maybe_grow(self) -> None:
+        """At a step boundary every ``elastic.monitor_every_steps`` steps: grow DP when the cluster has room."""
+        el = self.run.elastic
+        if self.factory is None or self.step == 0 or self.step % el.monitor_every_steps:
+            return
+        degrees = self.run.elastic_degrees()
+        if self.run.parallel.dp >= max(degrees):
+            return
+        dp = self._pick_dp(self.factory.capacity_dp(self.run, self.group))
+        if dp is None or dp <= self.run.parallel.dp:
+            return
+        t0 = time.perf_counter()
+        dp_before, step_before = self.run.parallel.dp, self.step
+        if self.last_ckpt is None or not self.last_ckpt.name.endswith(f"{self.step:08d}"):
+            self.save_checkpoint()
+        with self._phase(Phase.RESUME):
+            self.group.shutdown()
+            self._relaunch(dp)
+            self._restore()
+        rec = {"step": step_before, "resumed_step": self.step, "reason": "grow: resources available",
+               "dp_before": dp_before, "dp_after": dp, "seconds": time.perf_counter() - t0,
+               "checkpoint": str(self.last_ckpt)}
+        self.recoveries.append(rec)
+        self.logger.log({"elastic/recovery_s": rec["seconds"], "elastic/dp": dp}, step=self.step)
+        log.info("grew dp %d -> %d in %.1f s at step %d", dp_before, dp, rec["seconds"], self.step)
+
+    def write_expert_load(self, d: pathlib.Path) -> pathlib.Path:
+        """``expert_load.safetensors``: tensor ``expert_load`` float32 ``[num_router_layers, E]`` — token counts per
+        routed expert summed over the last ``balance.load_window_steps`` optimizer steps (rows: main MoE layers in
+        order, then the MTP blocks); metadata ``window_steps`` (steps actually in the window), ``step``. Serving
+        seeds its redundant-expert placement (EPLB) from it."""
+        from safetensors.torch import save_file
+
+        mc = self.run.model
+        load = (torch.stack(list(self.load_window)).sum(0).float() if self.load_window
+                else torch.zeros(mc.num_router_layers, mc.n_routed_experts))
+        out = pathlib.Path(d) / "expert_load.safetensors"
+        save_file({"expert_load": load.contiguous()}, str(out),
+                  metadata={"window_steps": str(len(self.load_window)), "step": str(self.step)})
+        return out
+
     def export_hf(self, path: str) -> str:
-        """Write the model (DP rank 0, with the balancer's current biases) as a HF DeepseekV3 checkpoint."""
-        return self.group.call("export_hf", [(path, self.balancer.bias.clone())], ranks=[0])[0]
+        """Write the model (with the balancer's current biases) as a HF DeepseekV3 checkpoint, from any layout
+        (the full model is assembled from the newest checkpoint's shards (native) or taken from rank 0 (DeepSpeed)),
+        plus what serving needs beside the weights: ``tokenizer.json``, ``generation_config.json`` (the end-of-text
+        id, so transformers' ``generate`` and our engine stop on the same token) and ``expert_load.safetensors``."""
+        path = self._export_weights(path)
+        d = pathlib.Path(path)
+        tok = self.data_info.get("tokenizer_path")
+        if tok and pathlib.Path(tok).is_file():
+            shutil.copyfile(tok, d / "tokenizer.json")
+        gen: dict[str, Any] = {"_from_model_config": False}
+        if self.data_info.get("eod_id") is not None:
+            gen.update(eos_token_id=int(self.data_info["eod_id"]), pad_token_id=int(self.data_info["eod_id"]))
+        (d / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        self.write_expert_load(d)
+        return path
+
+    def _export_weights(self, path: str) -> str:
+        if self.impl == "deepspeed":
+            return self.group.export_hf(path, self.balancer.bias.clone())  # type: ignore[attr-defined]
+        from raymoe.model import DeepSeekV3, hf
+        from raymoe.train.sharded import assemble_full
+
+        if self.last_ckpt is None or not self.last_ckpt.name.endswith(f"{self.step:08d}"):
+            self.save_checkpoint()
+        model = assemble_full(self.last_ckpt, DeepSeekV3(self.run.model))
+        model.set_expert_biases(self.balancer.bias.clone())
+        hf.save(model, path)
+        return path
 
     def summary(self, wall: float, tokens_run: int, finished: bool) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
@@ -263,12 +568,19 @@ class TrainController:
             "finished": finished,
             "steps": self.step,
             "tokens": self.tokens,
+            "layout": self.layout(),
             "final_train_loss": last.get("train/loss"),
             "final_mtp_loss": last.get("train/mtp_loss"),
             "val_loss": self.last_eval.get("val/loss"),
+            "mtp_acceptance": self.last_eval.get("eval/mtp_acceptance"),
             "maxvio_global": self.last_eval.get("balance/maxvio_global"),
             "maxvio_batch": last.get("balance/maxvio_batch"),
             "tokens_per_s": (tokens_run / wall) if wall > 0 else None,
+            "control_plane_share": (sum(h.get("perf/control_plane_s", 0.0) for h in self.history)
+                                    / max(1e-9, sum(h.get("perf/step_s", 0.0) for h in self.history))),
+            "phase_s": dict(self.phase_s),
+            "recoveries": list(self.recoveries),
+            "failures": self.failures,
             "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
             "resumed_from": self.resumed_from,
             "wandb_dir": self.logger.wandb_dir,
@@ -279,6 +591,77 @@ class TrainController:
 
     def close(self) -> None:
         self.logger.finish()
+
+
+# ---------------------------------------------------------------------- coordinator state (no pickles)
+def save_coordinator_state(d: pathlib.Path, state: dict[str, Any]) -> None:
+    """``coordinator.json`` (plain values) + ``coordinator.safetensors`` (tensors): never a pickle."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def split(obj: Any, path: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensors[path] = obj.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(obj, dict):
+            return {k: split(v, f"{path}.{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [split(v, f"{path}.{i}") for i, v in enumerate(obj)]
+        return obj
+
+    plain = split(state, "state")
+    (d / "coordinator.json").write_text(json.dumps(_plain(plain)))
+    save_file(tensors, str(d / "coordinator.safetensors"))
+
+
+def load_coordinator_state(d: pathlib.Path) -> dict[str, Any]:
+    """Inverse of :func:`save_coordinator_state`; errors name the file."""
+    from safetensors.torch import load_file
+
+    jpath, tpath = d / "coordinator.json", d / "coordinator.safetensors"
+    try:
+        plain = json.loads(jpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ckpt.CheckpointCorrupt(f"{jpath}: unreadable coordinator state ({e})") from e
+    try:
+        tensors = load_file(str(tpath))
+    except Exception as e:  # safetensors raises its own error types
+        raise ckpt.CheckpointCorrupt(f"{tpath}: unreadable coordinator tensors ({e})") from e
+
+    def join(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            if set(obj) == {"__tensor__"}:
+                return tensors[obj["__tensor__"]]
+            return {k: join(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [join(v) for v in obj]
+        return obj
+
+    return join(plain)
+
+
+def check_compatible(target: pathlib.Path, run: RunConfig, impl: str) -> None:
+    """Raise :class:`ConfigError` when a checkpoint cannot be loaded into this run (model or optimizer format)."""
+    cfg_path, lay_path = target / "config.json", target / "layout.json"
+    if cfg_path.exists():
+        saved = json.loads(cfg_path.read_text()).get("model", {})
+        mine = _plain(dataclasses.asdict(run.model))
+        diff = [k for k in sorted(set(saved) | set(mine))
+                if k not in ("name", "mtp_loss_weight", "seq_aux_loss_alpha") and saved.get(k) != mine.get(k)]
+        if diff:
+            k = diff[0]
+            raise ConfigError(f"checkpoint {target} is of a different model: model.{k}={saved.get(k)!r} there, "
+                              f"{mine.get(k)!r} here; resume with the checkpoint's model settings or "
+                              f"train.resume=never")
+    if lay_path.exists():
+        saved_impl = json.loads(lay_path.read_text()).get("dp_impl", "deepspeed")
+    else:
+        saved_impl = "deepspeed"
+    if saved_impl != impl:
+        raise ConfigError(f"checkpoint {target} was written by parallel.dp_impl={saved_impl} but this run uses "
+                          f"{impl}; set parallel.dp_impl={saved_impl} (re-sharding between layouts needs native "
+                          "checkpoints on both sides)")
 
 
 def _plain(obj: Any) -> Any:

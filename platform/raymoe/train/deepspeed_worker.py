@@ -1,8 +1,10 @@
-"""A pipeline stage replica as a plain object: model + DeepSpeed engine + data access + step execution.
+"""The DeepSpeed ZeRO-1 data-parallel worker (``parallel.dp_impl=deepspeed``; layouts with pp = ep = 1).
 
-``StageWorker`` is what a :class:`raymoe.actors.StageActor` wraps (the actor only adds Ray placement and
-error translation), so it runs and is tested in a single process. One call per rank per step:
-``run_step(plan)`` executes the micro-batches of the plan (forward, backward through DeepSpeed), all-reduces the
+``StageWorker`` holds the whole model in a DeepSpeed engine; it is the default for pure data parallelism, where
+ZeRO-1 shards the optimizer state over the replicas. Pipeline and expert parallel layouts run on
+:class:`raymoe.train.worker.PipelineWorker` instead. Both answer the same typed calls (``step(StepPlan) ->
+StepResult``, ``evaluate(EvalPlan) -> EvalResult``, ``save``, ``load``), so the controller and the actors do not
+care which one runs. One call per rank per step: ``step(plan)`` executes the micro-batches of the plan (forward, backward through DeepSpeed), all-reduces the
 expert token counts and the loss statistics over the data-parallel group, applies (or vetoes) the optimizer step and
 returns the step's metrics.
 
@@ -12,8 +14,14 @@ expert-load bias is *not* trained: the coordinator computes it from the all-redu
 plan, so every replica routes with the same bias.
 
 Non-finite guard: a micro-batch whose loss is NaN/Inf on any replica (a MAX all-reduce of the flag keeps replicas in
-agreement) makes the whole step a no-op for the optimizer (``GuardedAdamW.skip_next``), and is reported with the
+agreement) makes the whole step a no-op for the optimizer (:meth:`StageWorker._engine_step`), and is reported with the
 step number; the FP8 amax guard (when FP8 is on) is folded into the same flag and names the offending layer.
+
+Checkpoint loading never executes code from the checkpoint: DeepSpeed's engine files are torch pickles, and its
+checkpoint engine loads them with ``weights_only=False``. The worker replaces the engine's ``checkpoint_engine.load``
+with :func:`safe_torch_load` (``weights_only=True`` plus the three DeepSpeed classes those files legitimately hold,
+see ``_deepspeed_safe_globals``); the RNG file is loaded the same way. A file that holds anything else (a pickled
+callable, an unknown class) or is not a torch file raises :class:`raymoe.checkpoint.CheckpointCorrupt` naming it.
 """
 from __future__ import annotations
 
@@ -25,25 +33,70 @@ from typing import Any, Optional
 
 import torch
 
+from raymoe.checkpoint import CheckpointCorrupt
 from raymoe.config import RunConfig
 from raymoe.malloc import keep_freed_memory
 from raymoe.model import DeepSeekV3
+from raymoe.model.transformer import mtp_greedy_acceptance
 from raymoe.optim import GuardedAdamW, deepspeed_config, param_groups
+from raymoe.train.plans import EvalPlan, EvalResult, LossSums, StepPlan, StepResult
+from raymoe.train.worker import measure_matmul_peak
 
-__all__ = ["StageWorker", "measure_matmul_peak"]
+__all__ = ["StageWorker", "safe_torch_load"]
 
 log = logging.getLogger(__name__)
 
 
-def measure_matmul_peak(dtype: torch.dtype, n: int = 1024, iters: int = 3) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+def _deepspeed_safe_globals() -> list[Any]:
+    """The non-tensor classes DeepSpeed 0.19 pickles into its engine checkpoint files, all in the ZeRO (stage 1 and 2)
+    ``*optim_states.pt`` file's ``optimizer_state_dict`` (found by loading the files of every ``zero_stage`` x
+    ``bf16`` setting of :func:`raymoe.optim.deepspeed_config` with ``weights_only=True``):
+
+    * ``ZeroStageEnum`` (``zero_stage``), an ``IntEnum``;
+    * ``LossScaler`` (``loss_scaler``; the static scaler, kept even for fp32/bf16), plain attributes only;
+    * ``fragment_address`` (``param_slice_mappings`` values), a dataclass of two ints.
+
+    The ``mp_rank_*_model_states.pt`` files hold only tensors, containers and plain scalars. The weights-only
+    unpickler only constructs these three from plain data (an enum lookup by value; ``__new__`` plus attribute state),
+    so allowing them runs no code from the file.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def safe_torch_load(path: Any, map_location: Any = None, allow: tuple[Any, ...] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` with the extra classes ``allow``; any failure (a pickled callable, a
+    class outside the allow list, a truncated or foreign file) raises :class:`CheckpointCorrupt` naming ``path``."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise CheckpointCorrupt(f"{path}: cannot read checkpoint file ({e.strerror or e})") from None
+    except Exception as e:  # UnpicklingError, RuntimeError (not a zip / torch file), EOFError, ...
+        # torch's weights-only message is many lines of advice ("set weights_only=False", "allowlist this global if
+        # you trust it": exactly what must not happen here); keep only what was found.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else "")
+        why = why.split(". Please", 1)[0].removeprefix("WeightsUnpickler error: ")
+        raise CheckpointCorrupt(f"{path}: refusing to load checkpoint file: it is not a plain tensor file "
+                                f"({type(e).__name__}: {why[:300]})") from None
+
+
+def _make_checkpoint_loads_safe(engine: Any) -> None:
+    """Route every file DeepSpeed's ``load_checkpoint`` reads through :func:`safe_torch_load`.
+
+    DeepSpeed 0.19 reads the model-states and ZeRO optimizer-states files of a (non-universal) checkpoint only through
+    ``engine.checkpoint_engine.load(path, map_location=...)``; the instance attribute shadows the class method, so the
+    checkpoint engine keeps its type for DeepSpeed's own checks."""
+    allow = tuple(_deepspeed_safe_globals())
+
+    def load(path: str, map_location: Any = None) -> Any:
+        return safe_torch_load(path, map_location=map_location, allow=allow)
+
+    engine.checkpoint_engine.load = load
 
 
 class StageWorker:
@@ -98,6 +151,7 @@ class StageWorker:
             tc.micro_batch_size, tc.num_microbatches, tc.grad_clip, run.parallel.zero_stage, tc.dtype == "bfloat16"
         )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg)
+        _make_checkpoint_loads_safe(self.engine)  # no code execution when a checkpoint is loaded (module docstring)
         self._peak = measure_matmul_peak(torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32)
         torch.manual_seed(run.train.seed + 1000 + dp_rank)  # per-replica stream for anything stochastic
 
@@ -136,23 +190,23 @@ class StageWorker:
         return self.fp8_guard.problems() if self.fp8_guard is not None else []
 
     # ------------------------------------------------------------------ step
-    def run_step(self, plan: dict[str, Any]) -> dict[str, Any]:
-        """Execute one optimizer step. ``plan``: step, lr, mtp_lambda, biases [L,E] (optional), microbatches
-        (list of sample-id lists for this replica)."""
+    def step(self, plan: StepPlan) -> StepResult:
+        """Execute one optimizer step over this replica's micro-batches."""
         t0 = time.perf_counter()
-        if plan.get("biases") is not None:
-            self.set_biases(plan["biases"])
-        self._set_lr(plan["lr"])
+        self.set_biases(plan.biases)
+        self._set_lr(plan.lr)
         self.engine.train()
         cfg = self.run.model
         counts = torch.zeros(cfg.num_router_layers, cfg.n_routed_experts, dtype=torch.long)
         sums = torch.zeros(5, dtype=torch.float64)  # loss, main, mtp, aux, n_microbatches
         bad = torch.zeros(1)
-        mbs = plan["microbatches"]
+        mbs = plan.microbatches
         for i, ids in enumerate(mbs):
-            x, y = self.train_ds.batch(ids)
-            out = self.engine(x, labels=y, mtp_weight=plan["mtp_lambda"])
+            x, y = self.train_ds.batch(list(ids))
+            out = self.engine(x, labels=y, mtp_weight=plan.mtp_lambda)
             loss = out.loss
+            if plan.fault == "nan_loss":  # test-only fault injection
+                loss = loss * float("nan")
             if not torch.isfinite(loss.detach()):
                 bad.fill_(1)
             self.engine.backward(loss)
@@ -167,44 +221,62 @@ class StageWorker:
             bad.fill_(1)
         self._allreduce(bad, torch.distributed.ReduceOp.MAX)
         skipped = bool(bad.item())
-        if skipped:
-            self.optimizer.skip_next = True
-        self.engine.step()
+        self._engine_step(veto=skipped)
         self._allreduce(counts)
         self._allreduce(sums)
-        n = sums[4].item()
         gn = self.engine.get_global_grad_norm()
         gn = float(gn) if gn is not None else float("nan")
-        return {
-            "step": plan["step"],
-            "loss": sums[0].item() / n,
-            "main_loss": sums[1].item() / n,
-            "mtp_loss": sums[2].item() / n,
-            "aux_loss": sums[3].item() / n,
-            "counts": counts,
-            "grad_norm": gn,
-            "skipped": skipped,
-            "nonfinite_layers": bad_layers,
-            "compute_s": time.perf_counter() - t0,
-            "dp_rank": self.dp_rank,
-        }
+        dt = time.perf_counter() - t0
+        return StepResult(step=plan.step, rank=self.dp_rank,
+                          losses=LossSums(*(float(v) for v in sums[:4]), int(sums[4].item())),
+                          counts=counts, grad_norm=gn, skipped=skipped, nonfinite=bad_layers, busy_s=dt, step_s=dt,
+                          param_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()))
+
+    def _engine_step(self, veto: bool) -> None:
+        """``engine.step()`` at the accumulation boundary; ``veto``: parameters and optimizer state stay untouched.
+
+        Not ``GuardedAdamW.skip_next`` (a one-shot veto of the next ``step()`` call), for two reasons found under
+        ZeRO-1/2: ZeRO calls the base optimizer's ``step()`` once per parameter group, so a one-shot veto spares only
+        the first group (the other one still steps; hit when the FP8 amax guard vetoes a step whose gradients are
+        finite); and when ZeRO sees the non-finite gradient norm itself (a NaN loss) it drops the step without calling
+        the base optimizer at all, so the veto stayed armed and ate the first group's update of the next, healthy
+        step. Here every base-optimizer call inside this ``engine.step()`` is a no-op, and the veto ends with it.
+        DeepSpeed still runs its boundary bookkeeping (gradients cleared, counters advanced).
+        """
+        opt = self.optimizer
+        opt.skip_next = False  # never armed across steps
+        if not veto:
+            self.engine.step()
+            return
+        opt.step = lambda closure=None: None  # type: ignore[method-assign]  # shadows GuardedAdamW.step, this call only
+        try:
+            self.engine.step()
+        finally:
+            del opt.step  # type: ignore[method-assign]
+        opt.skipped_steps += 1
 
     @torch.no_grad()
-    def evaluate(self, batches: list[list[int]]) -> dict[str, Any]:
-        """Validation loss (main, mtp) and summed expert counts over the given validation sample-id batches."""
+    def evaluate(self, plan: EvalPlan) -> EvalResult:
+        """Validation loss (main, mtp) and summed expert counts over the plan's validation sample-id batches."""
+        self.set_biases(plan.biases)
+        batches = [list(b) for b in plan.batches]
         self.engine.eval()
         cfg = self.run.model
         counts = torch.zeros(cfg.num_router_layers, cfg.n_routed_experts, dtype=torch.long)
         main = mtp = 0.0
+        acc = drafted = 0
         for ids in batches:
             x, y = self.val_ds.batch(ids)
             out = self.model(x, labels=y)
             main += out.main_loss.item()
             mtp += out.mtp_losses[0].item() if out.mtp_losses else 0.0
             counts += out.expert_counts
+            a, t = mtp_greedy_acceptance(out)
+            acc, drafted = acc + a, drafted + t
         n = max(1, len(batches))
         self.engine.train()
-        return {"val_loss": main / n, "val_mtp_loss": mtp / n, "counts": counts}
+        return EvalResult(val_loss=main / n, val_mtp_loss=mtp / n, counts=counts,
+                          mtp_acceptance=acc / drafted if drafted else None)
 
     # ------------------------------------------------------------------ checkpoint
     def save(self, ckpt_dir: str) -> None:
@@ -215,12 +287,17 @@ class StageWorker:
         torch.save({"torch": torch.get_rng_state()}, d / f"rng_dp{self.dp_rank}.pt")
 
     def load(self, ckpt_dir: str) -> None:
+        """Restore the engine (weights, ZeRO optimizer state) and this replica's RNG; every file is loaded weights-only
+        (:func:`safe_torch_load`), and a hostile or damaged file raises :class:`CheckpointCorrupt` naming it."""
         d = pathlib.Path(ckpt_dir) / f"stage{self.stage}"
         path, _ = self.engine.load_checkpoint(str(d), tag="engine", load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {d}/engine")
-        rng = torch.load(d / f"rng_dp{self.dp_rank}.pt", weights_only=True)
+        rng_path = d / f"rng_dp{self.dp_rank}.pt"
+        rng = safe_torch_load(rng_path)
+        if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+            raise CheckpointCorrupt(f"{rng_path}: not an RNG state file (expected {{'torch': <uint8 tensor>}})")
         torch.set_rng_state(rng["torch"])
         if self.fp8_guard is not None:
             from raymoe.fp8 import invalidate_weight_caches
@@ -240,9 +317,9 @@ class StageWorker:
         hf.save(model, path)
         return path
 
-    def state_fingerprint(self) -> float:
-        """Sum of all parameters (for tests: replicas must hold identical weights)."""
-        return float(sum(p.detach().double().sum() for p in self.model.parameters()))
+    def param_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter by name (tests: replicas must hold identical tensors)."""
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
 
     def close(self) -> None:
         if torch.distributed.is_initialized():

@@ -1,0 +1,489 @@
+"""`python -m raymoe.jobs.bench serve`: the engine vs transformers, MTP speculation, the Serve app under load.
+
+Three parts, each a table (rich) and a section of the returned JSON; one PNG (``plot=``, default
+``bench_results/serve_latency.png``) with latency vs offered load.
+
+1. **decode** — greedy decode tokens/s of our engine (:class:`raymoe.engine.LLMEngine`, continuous batching over the
+   paged latent cache, MTP off) vs ``transformers`` ``DeepseekV3ForCausalLM.generate`` on the same weights (our HF
+   export), batch 1 and 16 (``batches=1,16``), per model (``model=tiny,small``): ``tiny`` is the trained tiny
+   checkpoint of :mod:`raymoe.engine.tiny`, ``small`` random-init weights of the ``small`` preset, ``hf=<dir>`` any HF
+   DeepseekV3 export (e.g. ``runs/<run>/hf``) instead. Prompts are ``prompt_len`` random token ids (the same for both),
+   ``new_tokens`` tokens are generated with EOS ignored. Decode tokens/s = ``B·(N−1) / (t(N) − t(1))`` (the time of a
+   1-token generation, i.e. the prefill, is subtracted); medians over ``reps`` interleaved rounds. The generated token
+   ids of both implementations are compared and must be equal (the bench fails otherwise).
+2. **mtp** — speculative decoding with the checkpoint's MTP module (``hf=`` or the tiny checkpoint): greedy
+   generations from prompts cut out of **held-out text** (the validation plays of the Shakespeare corpus, the split
+   :func:`raymoe.data.corpus.split_documents` makes for training), ``k = 1, 2`` drafts per step (``spec=1,2``):
+   draft acceptance rate, tokens emitted per target (verify) forward, decode speed vs no speculation, and a check
+   that the outputs equal the non-speculative ones.
+3. **load** — the Ray Serve app (:func:`raymoe.jobs.serve.start_server`, 127.0.0.1) driven by an async load generator
+   with the real ``openai`` client (``AsyncOpenAI``, streaming completions): closed loop at each concurrency of
+   ``conc=1,4,16`` (``load_requests`` requests per level, ``load_timeout`` seconds at most), TTFT and TPOT p50/p99
+   and tokens/s. The same prompts at the same concurrency through an in-process engine with the same config give the
+   cost of the Serve hop (HTTP + proxy + ingress + handle streaming). An existing Ray (``ray.is_initialized()``) is
+   reused and left running; otherwise a local one is started and shut down.
+
+Choose parts with ``parts=decode,mtp,load``; ``threads=1`` (default): intra-op threads for both implementations.
+Numbers are for the machine they ran on; ratios are measured side by side.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import socket
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Any, Optional
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+console = Console()
+
+__all__ = ["run", "decode_bench", "mtp_bench", "load_bench", "heldout_text", "plot_latency"]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in str(s).split(",") if x.strip()]
+
+
+def _pct(xs: list[float], q: float) -> Optional[float]:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    i = min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))
+    return xs[i]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def tiny_checkpoint(root: pathlib.Path, train_steps: int = 30) -> pathlib.Path:
+    """The trained tiny checkpoint of :mod:`raymoe.engine.tiny` (built once per bench run, single thread)."""
+    from raymoe.engine.tiny import build_tiny_checkpoint
+
+    if (root / "tiny" / "config.json").exists():
+        return root / "tiny"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_tiny_checkpoint(root / "tiny", seed=0, train_steps=train_steps)
+    finally:
+        torch.set_num_threads(n)
+
+
+def _random_checkpoint(name: str, root: pathlib.Path) -> pathlib.Path:
+    from raymoe.config import ModelConfig
+    from raymoe.model import DeepSeekV3, hf
+
+    torch.manual_seed(0)
+    model = DeepSeekV3(ModelConfig.preset(name).replace(num_nextn_predict_layers=0))
+    path = root / name
+    hf.save(model, path)
+    return path
+
+
+def _checkpoints(args: dict[str, str], root: pathlib.Path) -> dict[str, pathlib.Path]:
+    if args.get("hf"):
+        p = pathlib.Path(args["hf"]).resolve()
+        if not (p / "config.json").exists():
+            raise SystemExit(f"hf={p} is not a HF checkpoint directory (no config.json)")
+        return {f"hf:{p.parent.name}/{p.name}" if p.name == "hf" else f"hf:{p.name}": p}
+    out = {}
+    for name in [m for m in args.get("model", "tiny,small").split(",") if m]:
+        out[name] = (tiny_checkpoint(root, int(args.get("tiny_steps", 30))) if name == "tiny"
+                     else _random_checkpoint(name, root))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- 1. decode
+def _engine(path: pathlib.Path, **cfg):
+    from raymoe.engine import EngineConfig, LLMEngine
+
+    return LLMEngine.from_pretrained(path, EngineConfig(**cfg))
+
+
+def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: int, new_tokens: int,
+                 reps: int) -> list[dict[str, Any]]:
+    import transformers
+
+    from raymoe.engine import SamplingParams
+
+    transformers.logging.set_verbosity_error()  # an export's MTP tensors are "unexpected" to transformers: fine
+    hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf_model.generation_config = transformers.GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0,
+                                                               use_cache=True)
+    vocab = hf_model.config.vocab_size
+    bmax = max(batches)
+    blocks = bmax * ((prompt_len + new_tokens) // 16 + 2) + 8
+    eng = _engine(path, block_size=16, num_blocks=blocks, max_num_seqs=max(bmax, 1),
+                  max_num_batched_tokens=max(512, bmax * prompt_len), prefill_chunk=max(prompt_len, 16),
+                  num_speculative_tokens=0)
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for B in batches:
+        prompts = torch.randint(0, vocab, (B, prompt_len), generator=g)
+
+        def ours(n: int) -> list[list[int]]:
+            sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+            return [o.outputs[0].token_ids for o in eng.generate([p.tolist() for p in prompts], sp)]
+
+        def theirs(n: int) -> list[list[int]]:
+            with torch.no_grad():
+                out = hf_model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n)
+            return out[:, prompt_len:].tolist()
+
+        # equality first (also the warm-up of both)
+        a, b = ours(new_tokens), theirs(new_tokens)
+        equal = a == b
+        if not equal:
+            first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+            raise AssertionError(f"{name} B={B}: greedy outputs differ (row {first}: ours {a[first]} vs HF {b[first]})")
+        ts: dict[str, list[float]] = {k: [] for k in ("ours_N", "ours_1", "hf_N", "hf_1")}
+        for _ in range(reps):  # interleaved: drifts of the shared machine hit both alike
+            for key, fn, n in (("ours_1", ours, 1), ("ours_N", ours, new_tokens), ("hf_1", theirs, 1),
+                               ("hf_N", theirs, new_tokens)):
+                t0 = time.perf_counter()
+                fn(n)
+                ts[key].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in ts.items()}
+        dec = lambda tn, t1: B * (new_tokens - 1) / max(tn - t1, 1e-9)  # noqa: E731
+        row = {"model": name, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
+               "ours_decode_tok_s": dec(med["ours_N"], med["ours_1"]), "hf_decode_tok_s": dec(med["hf_N"], med["hf_1"]),
+               "ours_e2e_tok_s": B * new_tokens / med["ours_N"], "hf_e2e_tok_s": B * new_tokens / med["hf_N"],
+               "outputs_equal": equal, "times_s": med}
+        row["ratio"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
+        row["ratio_e2e"] = row["ours_e2e_tok_s"] / row["hf_e2e_tok_s"]
+        rows.append(row)
+    del hf_model, eng
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- 2. MTP
+def heldout_text(max_chars: int = 40_000) -> tuple[str, str]:
+    """Text of the validation plays of the Shakespeare corpus (the training job's held-out split) → (text, source)."""
+    try:
+        from raymoe.data.build import DEFAULT_VAL_FRACTION
+        from raymoe.data.corpus import corpus_source, split_documents
+
+        src = corpus_source("shakespeare")
+        _, val = split_documents(src.documents(), DEFAULT_VAL_FRACTION, salt=src.name)
+        text = "\n\n".join(d.text for d in val)[:max_chars]
+        return text, "shakespeare val: " + ", ".join(d.name for d in val)
+    except (ModuleNotFoundError, FileNotFoundError) as e:  # corpus package missing: fall back, and say so
+        from raymoe.engine.tiny import TINY_TEXT
+
+        return TINY_TEXT, f"engine.tiny.TINY_TEXT (shakespeare corpus unavailable: {e})"
+
+
+def _heldout_prompts(eng, n: int, prompt_len: int) -> list[list[int]]:
+    text, _ = heldout_text()
+    ids = eng.encode(text)
+    V = eng.model_config.vocab_size
+    ids = [t for t in ids if t < V]
+    step = max(prompt_len, (len(ids) - prompt_len) // max(n, 1))
+    return [ids[i : i + prompt_len] for i in range(0, step * n, step) if i + prompt_len <= len(ids)][:n]
+
+
+def mtp_bench(name: str, path: pathlib.Path, ks: list[int], n_prompts: int, prompt_len: int, new_tokens: int
+              ) -> list[dict[str, Any]]:
+    from raymoe.engine import SamplingParams
+
+    base = dict(block_size=16, num_blocks=n_prompts * ((prompt_len + new_tokens + max(ks + [0])) // 16 + 3) + 8,
+                max_num_seqs=max(n_prompts, 1), max_num_batched_tokens=max(512, n_prompts * prompt_len),
+                prefill_chunk=max(prompt_len, 16))
+    ref_eng = _engine(path, **base, num_speculative_tokens=0)
+    if ref_eng.tokenizer is None:
+        raise SystemExit(f"{path}: MTP on held-out text needs the checkpoint's tokenizer.json")
+    prompts = _heldout_prompts(ref_eng, n_prompts, prompt_len)
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    ref_eng.generate(prompts[:2], sp)  # warm-up
+    t0 = time.perf_counter()
+    ref = [o.outputs[0].token_ids for o in ref_eng.generate(prompts, sp)]
+    t_ref = time.perf_counter() - t0
+    rows = []
+    for k in ks:
+        eng = _engine(path, **base, num_speculative_tokens=k)
+        if eng.num_spec == 0:
+            rows.append({"model": name, "k": k, "note": "checkpoint has no MTP module"})
+            continue
+        eng.generate(prompts[:2], sp)
+        s0 = dict(eng.stats)
+        t0 = time.perf_counter()
+        got = [o.outputs[0].token_ids for o in eng.generate(prompts, sp)]
+        t = time.perf_counter() - t0
+        d = {key: eng.stats[key] - s0[key] for key in eng.stats}
+        rows.append({
+            "model": name, "k": k, "prompts": len(prompts), "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "acceptance_rate": d["spec_accepted"] / d["spec_drafted"] if d["spec_drafted"] else 0.0,
+            "tokens_per_target_forward": d["spec_emitted"] / d["spec_verifies"] if d["spec_verifies"] else 0.0,
+            "engine_steps": d["steps"],
+            "speedup_vs_no_spec": t_ref / t, "outputs_equal_no_spec": got == ref})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- 3. load
+def _summ(rec: list[dict[str, float]], wall: float, failed: int) -> dict[str, Any]:
+    ttft = [r["ttft"] for r in rec]
+    tpot = [r["tpot"] for r in rec if r["tpot"] is not None]
+    toks = sum(r["ntok"] for r in rec)
+    return {"ok": len(rec), "failed": failed, "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99),
+            "tpot_p50": _pct(tpot, 50), "tpot_p99": _pct(tpot, 99), "tokens_per_s": toks / wall if wall > 0 else 0.0,
+            "wall_s": wall}
+
+
+def _inproc_level(eng, prompts: list[str], conc: int, max_tokens: int, timeout: float) -> dict[str, Any]:
+    """Closed loop in-process: ``conc`` requests in flight, a new one added as soon as one finishes."""
+    from raymoe.engine import SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    todo = list(prompts)
+    inflight, rec = 0, []
+    t0 = time.perf_counter()
+    while (todo or inflight) and time.perf_counter() - t0 < timeout:
+        while todo and inflight < conc:
+            eng.add_request(None, todo.pop(0), sp)
+            inflight += 1
+        for o in eng.step():
+            if o.finished:
+                inflight -= 1
+                m, n = o.metrics, len(o.outputs[0].token_ids)
+                rec.append({"ttft": m["first_token_time"] - m["arrival_time"], "ntok": n,
+                            "tpot": (m["finish_time"] - m["first_token_time"]) / (n - 1) if n > 1 else None})
+    for rid in list(eng.groups):
+        eng.abort(rid)
+    return _summ(rec, time.perf_counter() - t0, len(prompts) - len(rec))
+
+
+async def _http_level(base_url: str, model: str, prompts: list[str], conc: int, max_tokens: int, timeout: float
+                      ) -> dict[str, Any]:
+    """Closed loop over HTTP with ``AsyncOpenAI``: ``conc`` workers, each sending streaming completions in turn."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=timeout)
+    todo = list(prompts)
+    rec: list[dict[str, float]] = []
+    errors: list[str] = []
+
+    async def one(prompt: str) -> None:
+        t0 = time.perf_counter()
+        first = last = None
+        ntok = 0
+        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.choices and chunk.choices[0].text:
+                first = first or now
+                last = now
+            if getattr(chunk, "usage", None) is not None:
+                ntok = chunk.usage.completion_tokens
+        if first is None:
+            raise RuntimeError("stream ended without text")
+        rec.append({"ttft": first - t0, "ntok": ntok, "tpot": (last - first) / (ntok - 1) if ntok > 1 else None})
+
+    async def worker() -> None:
+        while todo:
+            p = todo.pop(0)
+            try:
+                await one(p)
+            except Exception as e:  # noqa: BLE001 - counted, reported
+                errors.append(f"{type(e).__name__}: {e}")
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(conc))), timeout)
+    except asyncio.TimeoutError:
+        errors.append(f"level timed out after {timeout:.0f} s")
+    wall = time.perf_counter() - t0
+    await client.close()
+    out = _summ(rec, wall, len(prompts) - len(rec))
+    out["errors"] = errors[:5]
+    return out
+
+
+def load_bench(path: pathlib.Path, concs: list[int], n_requests: int, max_tokens: int, timeout: float,
+               engine_cfg: dict[str, Any], num_cpus: Optional[int] = None) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from raymoe.jobs.serve import start_server
+
+    probe = _engine(path, **engine_cfg)
+    text, source = heldout_text(20_000)
+    lines = [l.strip() for l in text.splitlines() if len(l.strip()) > 20]
+    prompts = [lines[(i * 7) % len(lines)][:120] for i in range(max(n_requests, 1))]
+    if probe.tokenizer is None:
+        raise SystemExit(f"{path}: the load bench sends text prompts and needs tokenizer.json")
+    own_ray = not ray.is_initialized()
+    args = {"model_path": str(path), "served_model_name": "bench", "engine": dict(engine_cfg),
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 64},
+            "engine_max_ongoing_requests": 256, "engine_max_queued_requests": 1024, "torch_threads": 1,
+            "engine_num_cpus": 1}
+    port = _free_port()
+    t0 = time.perf_counter()
+    url = start_server(args, "127.0.0.1", port, app_name="raymoe-bench", num_cpus=num_cpus or 4, timeout_s=240)
+    startup = time.perf_counter() - t0
+    levels = []
+    try:
+        asyncio.run(_http_level(url, "bench", prompts[:2], 1, max_tokens, timeout))  # warm-up
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)  # the replica runs with torch_threads=1: same for the in-process engine
+        try:
+            _inproc_level(probe, prompts[:2], 1, max_tokens, timeout)  # warm-up
+            for c in concs:
+                ps = prompts[:n_requests]
+                http = asyncio.run(_http_level(url, "bench", ps, c, max_tokens, timeout))
+                inproc = _inproc_level(probe, ps, c, max_tokens, timeout)
+                levels.append({"concurrency": c, "requests": len(ps), "serve": http, "inproc": inproc})
+        finally:
+            torch.set_num_threads(n)
+    finally:
+        try:
+            serve.delete("raymoe-bench")
+            serve.shutdown()
+        finally:
+            if own_ray:
+                ray.shutdown()
+    return {"prompts_from": source, "max_tokens": max_tokens, "engine": engine_cfg, "serve_startup_s": startup,
+            "levels": levels}
+
+
+# ---------------------------------------------------------------------------------------------- plot
+def plot_latency(res: dict[str, Any], out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = res["load"]["levels"]
+    cs = [lv["concurrency"] for lv in levels]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, metric, label in ((axes[0], "ttft", "TTFT (ms)"), (axes[1], "tpot", "TPOT (ms)")):
+        for path, style in (("serve", "-"), ("inproc", "--")):
+            for q, marker in (("p50", "o"), ("p99", "^")):
+                ys = [(lv[path][f"{metric}_{q}"] or 0) * 1e3 for lv in levels]
+                ax.plot(cs, ys, style, marker=marker,
+                        label=f"{'Serve (HTTP, openai)' if path == 'serve' else 'in-process engine'} {q}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams (closed loop)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label.split()[0]} vs offered load")
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    for path, style in (("serve", "-"), ("inproc", "--")):
+        ax.plot(cs, [lv[path]["tokens_per_s"] for lv in levels], style, marker="o",
+                label="Serve" if path == "serve" else "in-process")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title("throughput vs offered load")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- entry
+def _ms(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x * 1e3:,.1f}"
+
+
+def run(args: dict[str, str]) -> dict:
+    warnings.filterwarnings("ignore")
+    parts = set(args.get("parts", "decode,mtp,load").split(","))
+    batches = _ints(args.get("batches", "1,16"))
+    prompt_len, new_tokens = int(args.get("prompt_len", 32)), int(args.get("new_tokens", 32))
+    reps = int(args.get("reps", 3))
+    # one intra-op thread by default: on a small shared machine more threads mostly spin against each other
+    # (measured here: 2 threads on 2 busy cores ran the tiny model ~40x slower than 1 thread)
+    torch.set_num_threads(int(args.get("threads", 1)))
+    res: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory(prefix="raymoe-bench-serve-") as tmp:
+        root = pathlib.Path(tmp)
+        if "decode" in parts:
+            rows = []
+            for name, path in _checkpoints(args, root).items():
+                rows += decode_bench(name, path, batches, prompt_len, new_tokens, reps)
+            res["decode"] = rows
+            t = Table(title=f"greedy decode, prompt {prompt_len} + {new_tokens} new tokens, "
+                            f"{torch.get_num_threads()} threads (ours: MTP off)")
+            for c in ("model", "batch", "ours decode tok/s", "HF decode tok/s", "ours/HF", "ours/HF e2e", "equal"):
+                t.add_column(c, justify="right")
+            for r in rows:
+                t.add_row(r["model"], str(r["batch"]), f"{r['ours_decode_tok_s']:,.0f}", f"{r['hf_decode_tok_s']:,.0f}",
+                          f"{r['ratio']:.2f}x", f"{r['ratio_e2e']:.2f}x", str(r["outputs_equal"]))
+            console.print(t)
+        mtp_path: Optional[pathlib.Path] = None
+        if "mtp" in parts or "load" in parts:
+            mtp_path = pathlib.Path(args["hf"]).resolve() if args.get("hf") else \
+                tiny_checkpoint(root, int(args.get("tiny_steps", 30)))
+        mtp_name = f"hf:{mtp_path.name}" if args.get("hf") and mtp_path else "tiny (engine.tiny, trained)"
+        if "mtp" in parts:
+            ks = _ints(args.get("spec", "1,2"))
+            rows = mtp_bench(mtp_name, mtp_path, ks, int(args.get("mtp_prompts", 16)),
+                             int(args.get("mtp_prompt_len", 32)), int(args.get("mtp_new_tokens", 32)))
+            res["mtp"] = {"text": heldout_text(1)[1], "rows": rows}
+            t = Table(title=f"MTP speculation on held-out text ({res['mtp']['text'][:60]}), greedy")
+            for c in ("model", "k", "acceptance", "tokens / target fwd", "speedup vs k=0", "equal k=0"):
+                t.add_column(c, justify="right")
+            for r in rows:
+                if "note" in r:
+                    t.add_row(r["model"], str(r["k"]), r["note"], "", "", "")
+                else:
+                    t.add_row(r["model"], str(r["k"]), f"{r['acceptance_rate']:.1%}",
+                              f"{r['tokens_per_target_forward']:.2f}", f"{r['speedup_vs_no_spec']:.2f}x",
+                              str(r["outputs_equal_no_spec"]))
+            console.print(t)
+        if "load" in parts:
+            ecfg = dict(block_size=16, num_blocks=int(args.get("num_blocks", 1024)), max_num_seqs=64,
+                        max_num_batched_tokens=512, prefill_chunk=256,
+                        num_speculative_tokens=int(args.get("load_spec", 1)), max_waiting=1024)
+            lres = load_bench(mtp_path, _ints(args.get("conc", "1,4,16")), int(args.get("load_requests", 32)),
+                              int(args.get("load_tokens", 32)), float(args.get("load_timeout", 120)), ecfg,
+                              int(args["ray_cpus"]) if args.get("ray_cpus") else None)
+            lres["model"] = mtp_name
+            for lv in lres["levels"]:
+                s, i = lv["serve"], lv["inproc"]
+                lv["hop_ttft_p50_ms"] = ((s["ttft_p50"] or 0) - (i["ttft_p50"] or 0)) * 1e3
+                lv["hop_tpot_p50_ratio"] = (s["tpot_p50"] / i["tpot_p50"]) if s["tpot_p50"] and i["tpot_p50"] else None
+                lv["hop_throughput_ratio"] = (s["tokens_per_s"] / i["tokens_per_s"]) if i["tokens_per_s"] else None
+            res["load"] = lres
+            t = Table(title=f"under load: {mtp_name}, {lres['max_tokens']} tokens/request, closed loop "
+                            f"(Serve via AsyncOpenAI vs in-process engine; ms)")
+            for c in ("conc", "path", "ok/fail", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "tok/s"):
+                t.add_column(c, justify="right")
+            for lv in lres["levels"]:
+                for pth in ("serve", "inproc"):
+                    x = lv[pth]
+                    t.add_row(str(lv["concurrency"]), pth, f"{x['ok']}/{x['failed']}", _ms(x["ttft_p50"]),
+                              _ms(x["ttft_p99"]), _ms(x["tpot_p50"]), _ms(x["tpot_p99"]), f"{x['tokens_per_s']:,.0f}")
+            console.print(t)
+            h = Table(title="cost of the Serve hop (Serve − in-process, same prompts and engine config)")
+            for c in ("conc", "Δ TTFT p50 (ms)", "TPOT p50 Serve/in-proc", "tok/s Serve/in-proc"):
+                h.add_column(c, justify="right")
+            for lv in lres["levels"]:
+                h.add_row(str(lv["concurrency"]), f"{lv['hop_ttft_p50_ms']:+,.1f}",
+                          f"{lv['hop_tpot_p50_ratio']:.2f}x" if lv["hop_tpot_p50_ratio"] else "-",
+                          f"{lv['hop_throughput_ratio']:.2f}x" if lv["hop_throughput_ratio"] else "-")
+            console.print(h)
+            plot = args.get("plot", "bench_results/serve_latency.png")
+            if plot and plot != "none":
+                res["plot"] = plot_latency(res, plot)
+                print(f"plot: {res['plot']}")
+    return res

@@ -1,0 +1,449 @@
+"""The inference engine: continuous batching over a paged latent KV cache, on the training model's own modules.
+
+``LLMEngine.from_pretrained(dir)`` loads a HF DeepseekV3 checkpoint with :func:`raymoe.model.hf.load` (and
+``dir/tokenizer.json`` with ``tokenizers``); there is no second model implementation. One ``step()``:
+
+1. the :class:`~raymoe.engine.scheduler.Scheduler` picks, under a token budget, decode tokens (+ MTP drafts) of the
+   running sequences, prefill chunks, and newly admitted sequences (see its docstring for the policy);
+2. all picked tokens are packed into one row ``[1, N]`` and run through ``model.embed_tokens`` →
+   ``model.run_layers(..., cache=PackedBatch)`` (absorbed MLA reading/writing the paged cache, see
+   :mod:`raymoe.engine.paged`) → ``model.norm`` → ``model.lm_head`` on the rows that need logits only;
+3. per sequence: sample (prefill's last chunk, decode) or verify drafts (speculative), apply stop conditions;
+4. MTP drafting (``num_speculative_tokens = k > 0`` and the model has MTP modules): for every sequence, the MTP
+   block (depth 1) runs over the positions whose next token is now known — ``[emb(t_{i+1}) ; h_i]`` at position i,
+   attending through its own paged layer — and its head proposes the token after the last one; drafts 2..k chain the
+   same module on its own output hidden state. Drafts are verified in the next step's single target forward
+   (``[t_last, d_1..d_k]`` at positions ``c..c+k``); the cache then keeps positions up to the last accepted one
+   (rejected positions are simply overwritten later).
+
+Seeded sampling draws from one ``torch.Generator`` per sequence; the draws a sequence makes depend only on its own
+tokens (drafting starts after its first generated token, whatever the prefill chunking), so a seeded request gives
+the same output alone or in any batch. Exceptions: a sequence preempted (recomputed) while speculating, or one whose
+drafts were dropped because other decodes filled the step's token budget, may continue on a different stream
+(greedy output is never affected).
+
+Outputs are :class:`RequestOutput` snapshots (cumulative token ids and stable text per choice) for every request
+that progressed, so a server can stream deltas. ``generate()`` runs requests to completion.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import pathlib
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence as Seq
+
+import torch
+from torch import nn
+
+from raymoe.engine.experts import ExpertBackend, install_expert_backend
+from raymoe.engine.paged import PagedLatentCache
+from raymoe.engine.sampling import SamplingParams, probs_from_logits, sample_token, speculative_accept, top_logprobs
+from raymoe.engine.scheduler import Scheduler, Sequence, SequenceGroup
+from raymoe.model.transformer import DeepSeekV3, RoutingStats
+
+__all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "CompletionOutput", "EngineError", "EngineFull",
+           "load_tokenizer"]
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(ValueError):
+    """A request the engine cannot take (too long, bad parameters): ``code`` is an HTTP status."""
+
+    def __init__(self, message: str, param: Optional[str] = None, code: int = 400) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class EngineFull(RuntimeError):
+    """The waiting queue is at its bound (the server answers 503/429)."""
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int = 1024
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    prefill_chunk: int = 256
+    max_model_len: Optional[int] = None  # default: the model's max_position_embeddings
+    num_speculative_tokens: int = 0  # MTP drafts per step (needs MTP modules); 0 = off
+    max_waiting: int = 1024  # bound on queued sequences
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0  # seeds requests that bring no seed of their own (in order of arrival)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict[str, Any]]) -> "EngineConfig":
+        d = dict(d or {})
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ValueError(f"unknown engine options {sorted(unknown)}")
+        return cls(**known)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: Optional[str]
+    logprobs: Optional[list[dict[str, Any]]] = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def load_tokenizer(path: str | pathlib.Path):
+    """``tokenizer.json`` (a file or a directory holding one) → ``tokenizers.Tokenizer``."""
+    import tokenizers
+
+    p = pathlib.Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.exists():
+        raise FileNotFoundError(f"no tokenizer.json at {p}")
+    return tokenizers.Tokenizer.from_file(str(p))
+
+
+def _eos_id(model_dir: Optional[pathlib.Path], tokenizer) -> Optional[int]:
+    if model_dir is not None:
+        for name in ("generation_config.json", "config.json"):
+            f = model_dir / name
+            if f.exists():
+                eos = json.loads(f.read_text()).get("eos_token_id")
+                if isinstance(eos, list):
+                    eos = eos[0] if eos else None
+                if isinstance(eos, int):
+                    return eos
+    if tokenizer is not None:
+        for tok in ("<|endoftext|>", "</s>", "<｜end▁of▁sentence｜>"):
+            i = tokenizer.token_to_id(tok)
+            if i is not None:
+                return i
+    return None
+
+
+class LLMEngine:
+    def __init__(self, model: DeepSeekV3, tokenizer=None, config: Optional[EngineConfig] = None,
+                 eos_token_id: Optional[int] = None, expert_backend: Optional[ExpertBackend] = None) -> None:
+        """Takes ownership of ``model``: it is put in eval mode and its MoE layers are wrapped (outputs unchanged)
+        so routed experts go through ``expert_backend`` (default: local)."""
+        cfg = config or EngineConfig()
+        self.config = cfg
+        self.model = model.eval()
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+        self.device = torch.device(cfg.device)
+        self.expert_backend = install_expert_backend(self.model, expert_backend)
+        mc = model.config
+        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
+        self.num_spec = cfg.num_speculative_tokens if len(model.mtp) > 0 else 0
+        if cfg.num_speculative_tokens and not len(model.mtp):
+            log.warning("num_speculative_tokens=%d but the model has no MTP modules: speculation off",
+                        cfg.num_speculative_tokens)
+        n_layers = mc.num_hidden_layers + (1 if self.num_spec else 0)
+        self.cache = PagedLatentCache(n_layers, cfg.num_blocks, cfg.block_size, mc.kv_lora_rank + mc.qk_rope_head_dim,
+                                      dtype=next(model.parameters()).dtype, device=self.device)
+        self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.prefill_chunk)
+        self.groups: dict[str, SequenceGroup] = {}
+        self._seed_rng = random.Random(cfg.seed)
+        self._req_counter = itertools.count()
+        self.stats: dict[str, float] = dict(steps=0, prompt_tokens=0, generation_tokens=0, spec_drafted=0,
+                                            spec_accepted=0, spec_verifies=0, spec_emitted=0)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path: str | pathlib.Path, config: Optional[EngineConfig] = None,
+                        tokenizer_path: Optional[str | pathlib.Path] = None,
+                        expert_backend: Optional[ExpertBackend] = None) -> "LLMEngine":
+        from raymoe.model import hf
+
+        cfg = config or EngineConfig()
+        path = pathlib.Path(path)
+        model = hf.load(path, dtype=getattr(torch, cfg.dtype)).to(cfg.device)
+        tok_src = pathlib.Path(tokenizer_path) if tokenizer_path else path
+        tokenizer = load_tokenizer(tok_src) if (tok_src.is_file() or (tok_src / "tokenizer.json").exists()) else None
+        return cls(model, tokenizer, cfg, eos_token_id=_eos_id(path, tokenizer), expert_backend=expert_backend)
+
+    # ------------------------------------------------------------------ requests
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise EngineError("this engine has no tokenizer: send token ids", param="prompt")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Seq[int], skip_special_tokens: bool = True) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def add_request(self, request_id: Optional[str], prompt: str | Seq[int], params: SamplingParams) -> str:
+        try:
+            params.validate()
+        except ValueError as e:
+            raise EngineError(str(e), param=getattr(e, "param", None)) from None
+        if params.stop and self.tokenizer is None:
+            raise EngineError("stop strings need a tokenizer", param="stop")
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        V = self.model_config.vocab_size
+        if not ids:
+            raise EngineError("prompt is empty", param="prompt")
+        if any(t < 0 or t >= V for t in ids):
+            raise EngineError(f"prompt token ids must be in [0, {V})", param="prompt")
+        total = len(ids) + params.max_tokens
+        capacity = self.cache.num_blocks * self.cache.block_size
+        if total > self.max_model_len or total > capacity:
+            raise EngineError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the maximum "
+                f"context length {min(self.max_model_len, capacity)}", param="max_tokens", code=413 if
+                len(ids) >= min(self.max_model_len, capacity) else 400)
+        n_waiting = len(self.scheduler.waiting)
+        if n_waiting + params.n > self.config.max_waiting:
+            raise EngineFull(f"{n_waiting} sequences waiting (bound {self.config.max_waiting})")
+        request_id = request_id or f"req-{next(self._req_counter)}"
+        if request_id in self.groups:
+            raise EngineError(f"duplicate request id {request_id!r}", param="request_id")
+        group = SequenceGroup(request_id, ids, params)
+        base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(62)
+        for i in range(params.n):
+            gen = None
+            if not params.greedy:
+                gen = torch.Generator(device="cpu")
+                gen.manual_seed((int(base_seed) * 1_000_003 + i) % (2**63 - 1))
+            seq = Sequence(group, i, list(ids), len(ids), gen)
+            group.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.groups[request_id] = group
+        self.stats["prompt_tokens"] += len(ids) * params.n
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for s in group.seqs:
+            if not s.finished:
+                s.finish_reason = "abort"
+            self.scheduler.remove(s)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.groups)
+
+    # ------------------------------------------------------------------ forward helpers
+    def _mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.mtp[0].head_norm(h))
+
+    @torch.no_grad()
+    def _forward(self, ids: list[int], segments, logit_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed main-model forward → (hidden [N, D], logits [len(logit_rows), V])."""
+        m = self.model
+        batch = self.cache.batch(segments)
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
+        h = m.run_layers(m.embed_tokens(x), range(len(m.layers)), batch, RoutingStats())[0]
+        logits = m.lm_head(m.norm(h[logit_rows])) if logit_rows else h.new_zeros(0, m.config.vocab_size)
+        return h, logits.float()
+
+    @torch.no_grad()
+    def _mtp_forward(self, ids: list[int], h_prev: torch.Tensor, segments) -> torch.Tensor:
+        """Packed MTP (depth 1) forward: ``ids`` are the tokens t_{i+1}, ``h_prev [N, D]`` the hiddens h_i."""
+        m = self.model
+        batch = self.cache.batch(segments)
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
+        cos, sin = m.rotary(batch.positions(len(ids), self.device))
+        return m.mtp[0](m.embed_tokens(x), h_prev[None], cos, sin, RoutingStats(), batch)[0]
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        self.stats["steps"] += 1
+        ids, segments, logit_rows, rows = [], [], [], []
+        for s in sched:
+            seq = s.seq
+            new = seq.tokens[seq.num_computed : seq.num_computed + s.num_tokens] + s.drafts
+            start = len(ids)
+            ids.extend(new)
+            segments.append((seq.block_table, seq.num_computed, len(new)))
+            reaches_end = seq.num_computed + s.num_tokens == len(seq.tokens)
+            lr0 = len(logit_rows)
+            if reaches_end:
+                logit_rows.extend(range(start + s.num_tokens - 1, start + len(new)))
+            rows.append((start, lr0, len(logit_rows)))
+        hidden, logits = self._forward(ids, segments, logit_rows)
+        now = time.monotonic()
+        touched: dict[str, SequenceGroup] = {}
+        for s, (start, l0, l1) in zip(sched, rows):
+            seq = s.seq
+            touched[seq.group.request_id] = seq.group
+            lg = logits[l0:l1]
+            if s.drafts:
+                emitted = speculative_accept(s.drafts, seq.draft_probs, lg, seq.group.params, seq.generator)
+                a = len(emitted) - 1
+                self.stats["spec_drafted"] += len(s.drafts)
+                self.stats["spec_accepted"] += a
+                self.stats["spec_verifies"] += 1
+                self.stats["spec_emitted"] += len(emitted)
+                valid = 1 + a  # t_last and the accepted drafts now hold valid latents
+            else:
+                emitted = [] if l1 == l0 else [sample_token(lg[-1], seq.group.params, seq.generator)]
+                lg = lg[-1:]
+                valid = s.num_tokens
+            if self.num_spec:
+                hid = hidden[start : start + valid]
+                seq.pending_hidden = hid if seq.pending_hidden is None else torch.cat([seq.pending_hidden, hid])
+            seq.num_computed += valid
+            seq.drafts, seq.draft_probs = [], None
+            for j, tok in enumerate(emitted):
+                self._append(seq, tok, lg[j], now)
+                if seq.finished:
+                    break
+            if seq.finished:
+                self.scheduler.remove(seq)
+        if self.num_spec:
+            self._draft([s.seq for s in sched if not s.seq.finished])
+        return [self._snapshot(g) for g in touched.values()]
+
+    def _append(self, seq: Sequence, tok: int, logits_V: torch.Tensor, now: float) -> None:
+        params = seq.group.params
+        seq.tokens.append(tok)
+        self.stats["generation_tokens"] += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            if seq.group.first_token_time is None:
+                seq.group.first_token_time = now
+        if params.logprobs is not None:
+            lp, top = top_logprobs(logits_V, tok, int(params.logprobs))
+            seq.logprobs.append({"token_id": tok, "logprob": lp, "top": top})
+        n_out = len(seq.tokens) - seq.prompt_len
+        if tok in params.stop_token_ids or (not params.ignore_eos and self.eos_token_id is not None
+                                             and tok == self.eos_token_id):
+            seq.finish_reason, seq.exclude_last_from_text = "stop", True
+            return
+        if params.stop:
+            text = self._text_of(seq)
+            lo = max(0, len(text) - max(map(len, params.stop)) - 64)  # only new text can complete a stop string
+            hits = [i for i in (text.find(st, lo) for st in params.stop) if i >= 0]
+            if hits:
+                seq.finish_reason, seq.stop_text_end = "stop", min(hits)
+                return
+        if n_out >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def _text_of(self, seq: Sequence) -> str:
+        ids = seq.output_ids[:-1] if seq.exclude_last_from_text else seq.output_ids
+        text = self.decode(ids, seq.group.params.skip_special_tokens)
+        return text if seq.stop_text_end is None else text[: seq.stop_text_end]
+
+    def stable_text(self, seq: Sequence) -> str:
+        """Text that later tokens cannot change: all of it once finished; otherwise without trailing incomplete
+        UTF-8 (U+FFFD) and without the last ``max(len(stop)) - 1`` characters (a stop string may still start there)."""
+        text = self._text_of(seq)
+        if seq.finished:
+            return text
+        text = text.rstrip("\ufffd")
+        hold = max(map(len, seq.group.params.stop), default=1) - 1
+        return text[: max(0, len(text) - hold)]
+
+    def _snapshot(self, group: SequenceGroup) -> RequestOutput:
+        outs = []
+        for s in group.seqs:
+            outs.append(CompletionOutput(
+                index=s.index, token_ids=list(s.output_ids), text=self.stable_text(s), finish_reason=s.finish_reason,
+                logprobs=list(s.logprobs) if group.params.logprobs is not None else None))
+        finished = group.finished
+        metrics = {"arrival_time": group.arrival_time}
+        if group.first_token_time is not None:
+            metrics["first_token_time"] = group.first_token_time
+        if finished:
+            self.groups.pop(group.request_id, None)
+            metrics["finish_time"] = time.monotonic()
+        return RequestOutput(group.request_id, group.prompt_ids, outs, finished, metrics)
+
+    # ------------------------------------------------------------------ MTP drafting
+    @torch.no_grad()
+    def _draft(self, seqs: list[Sequence]) -> None:
+        """Run the MTP block over each sequence's positions whose next token is known, then propose drafts."""
+        work = []  # (seq, start, end)
+        for seq in seqs:
+            end = min(seq.num_computed, len(seq.tokens) - 1)
+            if end > seq.mtp_computed:
+                work.append((seq, seq.mtp_computed, end))
+        if not work:
+            return
+        ids, h_prev, segments, last_rows = [], [], [], []
+        for seq, a, b in work:
+            ids.extend(seq.tokens[a + 1 : b + 1])
+            h_prev.append(seq.pending_hidden[: b - a])
+            segments.append((seq.block_table, a, b - a))
+            last_rows.append(len(ids) - 1)
+        h1 = self._mtp_forward(ids, torch.cat(h_prev), segments)
+        drafting = []
+        for (seq, a, b), r in zip(work, last_rows):
+            seq.pending_hidden = seq.pending_hidden[b - a :]
+            seq.mtp_computed = b
+            # decoding (the last token is a generated one, so a fresh request's first token is never drafted,
+            # whatever the prefill chunking): propose what follows the last token
+            if b == seq.num_computed == len(seq.tokens) - 1 and len(seq.tokens) > seq.prompt_len:
+                drafting.append((seq, h1[r]))
+        for j in range(self.num_spec):
+            if not drafting:
+                return
+            logits = self._mtp_logits(torch.stack([h for _, h in drafting])).float()
+            nxt = []
+            for (seq, h), lg in zip(drafting, logits):
+                params = seq.group.params
+                if params.greedy:
+                    d, q = int(torch.argmax(lg)), None
+                else:
+                    q = probs_from_logits(lg, params)
+                    d = int(torch.multinomial(q, 1, generator=seq.generator))
+                seq.drafts.append(d)
+                if q is not None:
+                    seq.draft_probs = q[None] if seq.draft_probs is None else torch.cat([seq.draft_probs, q[None]])
+                # the next draft step: MTP at position len(tokens) - 1 + j with (its own hidden, this draft)
+                pos = len(seq.tokens) - 1 + j
+                if j + 1 < self.num_spec and self.cache.ensure(seq.block_table, pos + 1):
+                    nxt.append((seq, h, d, pos))
+            if not nxt:
+                return
+            h_out = self._mtp_forward([d for _, _, d, _ in nxt], torch.stack([h for _, h, _, _ in nxt]),
+                                      [(seq.block_table, pos, 1) for seq, _, _, pos in nxt])
+            drafting = [(seq, h_out[i]) for i, (seq, _, _, _) in enumerate(nxt)]
+
+    # ------------------------------------------------------------------ convenience
+    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams]
+                 ) -> list[RequestOutput]:
+        """Add all prompts, step until they finish, return their final outputs in prompt order."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, plist)]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def metrics(self) -> dict[str, float]:
+        st = self.stats
+        out = dict(st)
+        out.update(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.cache.allocator.num_used, kv_blocks_total=self.cache.num_blocks,
+            preemptions=self.scheduler.num_preemptions,
+            spec_acceptance_rate=(st["spec_accepted"] / st["spec_drafted"]) if st["spec_drafted"] else 0.0,
+            spec_tokens_per_forward=(st["spec_emitted"] / st["spec_verifies"]) if st["spec_verifies"] else 0.0,
+        )
+        return out

@@ -1,0 +1,420 @@
+"""MoE dispatch behind an interface: routed experts run locally, in in-process shards, or (later) in remote actors.
+
+The engine swaps each :class:`raymoe.model.moe.MoE` of its model for a :class:`DispatchedMoE` that keeps the router
+and the shared expert local and sends the routed part through an :class:`ExpertBackend`::
+
+    x [T, D] → router → topk_idx, gates [T, K]
+             → (token, slot) pairs sorted by expert: x_grouped [T·K, D], counts [E]
+             → backend.run(layer_key, x_grouped, counts) → y_grouped [T·K, D]      ← local / shard / remote
+             → combine Σ_k gate·y → [T, D]  (+ shared expert)
+
+``layer_key`` names the layer (``"layers.3"``, ``"mtp.0"``). The grouping and combine are the same ops as
+``RoutedExperts.forward``, so the local backend gives the model's own results. A remote backend (expert-shard actors)
+implements ``run`` by splitting ``x_grouped`` by ``counts`` per shard and calling each shard's ``forward_grouped``
+(exactly what :class:`ShardedExperts` does in process).
+
+:class:`ReplicatedExperts` serves with redundant experts: every MoE layer's routed experts live in physical slots
+per a :class:`raymoe.engine.placement.Placement` (EPLB plan), grouped into shards (:class:`SlotShard`, the unit an
+expert actor / GPU would hold); each logical expert's rows are split evenly over its replicas, each shard runs its
+slots as one grouped GEMM, outputs go back to the rows' original order. A :class:`LoadRecorder` counts rows per
+logical expert and per slot over a sliding window, and the backend re-plans (and copies weights into the new slots)
+every ``replan_every_tokens`` tokens, always at the start of a forward, so no step sees a half-moved layer.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Optional, Protocol
+
+import torch
+from torch import nn
+
+from raymoe.model.moe import MoE, RoutedExperts
+
+__all__ = ["ExpertBackend", "LocalExperts", "ShardedExperts", "ReplicatedExperts", "SlotShard", "LoadRecorder",
+           "DispatchedMoE", "install_expert_backend"]
+
+
+class ExpertBackend(Protocol):
+    def run(self, layer_key: str, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Tokens grouped by expert (``counts_E[e]`` rows for expert e, in expert order) → unweighted outputs."""
+        ...
+
+
+class LocalExperts:
+    """The layer's own :class:`RoutedExperts` (default)."""
+
+    def __init__(self) -> None:
+        self.experts: dict[str, RoutedExperts] = {}
+
+    def register(self, layer_key: str, experts: RoutedExperts) -> None:
+        self.experts[layer_key] = experts
+
+    def run(self, layer_key: str, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return self.experts[layer_key].forward_grouped(x_ND, counts_E)
+
+
+class ShardedExperts:
+    """Experts split into ``num_shards`` contiguous shards (``RoutedExperts.shard``), each run on its own rows: the
+    in-process model of expert-parallel actors (a remote backend does the same with actor calls)."""
+
+    def __init__(self, num_shards: int) -> None:
+        self.num_shards = num_shards
+        self.shards: dict[str, list[tuple[list[int], RoutedExperts]]] = {}
+        self.calls = 0
+
+    def register(self, layer_key: str, experts: RoutedExperts) -> None:
+        E = experts.num_experts
+        bounds = [round(i * E / self.num_shards) for i in range(self.num_shards + 1)]
+        self.shards[layer_key] = [
+            (list(range(a, b)), experts.shard(list(range(a, b)))) for a, b in zip(bounds, bounds[1:]) if b > a
+        ]
+
+    def run(self, layer_key: str, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        outs, row = [], 0
+        for ids, shard in self.shards[layer_key]:
+            c = counts_E[ids[0] : ids[-1] + 1]
+            n = int(c.sum())
+            outs.append(shard.forward_grouped(x_ND[row : row + n], c) if n else x_ND[row:row])
+            row += n
+            self.calls += 1
+        return torch.cat(outs)
+
+
+class SlotShard:
+    """One shard's physical slots for every MoE layer: ``{layer_key: RoutedExperts [S]}`` (slot j holds a copy of
+    logical expert ``slot_experts[layer_key][j]``; a logical expert may sit in several slots). ``run`` is
+    ``ExpertShard.shard``'s contract: rows grouped by local slot, ``counts [S]`` → outputs."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.layers: dict[str, RoutedExperts] = {}
+        self.slot_experts: dict[str, list[int]] = {}
+
+    def load(self, layer_key: str, source: RoutedExperts, experts: list[int]) -> int:
+        """(Re)fill the layer's slots with copies of ``source``'s ``experts``; returns the number of slots whose
+        weights changed (copied in place when the slot count is unchanged)."""
+        cur = self.layers.get(layer_key)
+        if cur is None or cur.num_experts != len(experts):
+            self.layers[layer_key] = source.shard(experts)
+            self.slot_experts[layer_key] = list(experts)
+            return len(experts)
+        moved = 0
+        with torch.no_grad():
+            for j, e in enumerate(experts):
+                if self.slot_experts[layer_key][j] != e:
+                    for name in ("gate_proj", "up_proj", "down_proj"):
+                        getattr(cur, name)[j].copy_(getattr(source, name)[e])
+                    moved += 1
+        cur.expert_ids = [source.expert_ids[e] for e in experts]
+        self.slot_experts[layer_key] = list(experts)
+        return moved
+
+    def run(self, layer_key: str, x_ND: torch.Tensor, counts_S: torch.Tensor) -> torch.Tensor:
+        return self.layers[layer_key].forward_grouped(x_ND, counts_S)
+
+
+class LoadRecorder:
+    """Rows per logical expert ``[L, E]`` and per physical slot ``[L, R]``, over a sliding window of recent
+    forwards (at most ``window_tokens`` tokens, counted at the first MoE layer). Slot counts restart when the
+    placement changes (slot meanings change); logical counts do not depend on the placement and are kept."""
+
+    def __init__(self, num_layers: int, num_experts: int, num_slots: int, window_tokens: int = 4096) -> None:
+        self.L, self.E = num_layers, num_experts
+        self.window_tokens = window_tokens
+        self.chunks: collections.deque = collections.deque()  # (tokens, logical [L, E])
+        self.cur = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        self.cur_tokens = 0
+        self.total_tokens = 0
+        self.tokens_since_reset = 0
+        self.reset_slots(num_slots)
+
+    def reset_slots(self, num_slots: int) -> None:
+        self.slot = torch.zeros(self.L, num_slots, dtype=torch.int64)
+        self.slot_tokens = 0
+
+    def start_forward(self, tokens: int) -> None:
+        """A new forward begins with ``tokens`` tokens: close the previous forward's chunk."""
+        if self.cur_tokens:
+            self.chunks.append((self.cur_tokens, self.cur))
+            self.cur = torch.zeros_like(self.cur)
+            while len(self.chunks) > 1 and sum(t for t, _ in self.chunks) - self.chunks[0][0] >= self.window_tokens:
+                self.chunks.popleft()
+        self.cur_tokens = tokens
+        self.total_tokens += tokens
+        self.tokens_since_reset += tokens
+        self.slot_tokens += tokens
+
+    def record(self, li: int, counts_E: torch.Tensor, slot_counts_R: torch.Tensor) -> None:
+        self.cur[li] += counts_E.to("cpu", torch.int64)
+        self.slot[li] += slot_counts_R.to("cpu", torch.int64)
+
+    def window_load(self) -> torch.Tensor:
+        """``[L, E]`` int64 rows per logical expert over the window (the current forward included)."""
+        out = self.cur.clone()
+        for _, c in self.chunks:
+            out += c
+        return out
+
+    def window_tokens_seen(self) -> int:
+        return self.cur_tokens + sum(t for t, _ in self.chunks)
+
+
+class ReplicatedExperts:
+    """Expert backend with redundant experts (module docstring). Build it, hand it to the engine
+    (``LLMEngine(..., expert_backend=...)``): :func:`install_expert_backend` registers each layer's experts and
+    calls :meth:`configure_model`, which builds the shards from ``placement`` (default: trivial).
+
+    Args:
+        placement: the initial :class:`~raymoe.engine.placement.Placement` (its ``layer_keys`` must be the
+            model's MoE layers in :func:`install_expert_backend` order), or None for trivial with ``num_slots``
+            slots over ``num_shards`` shards.
+        replan_every_tokens: re-plan from the recorder's window every so many tokens (0: never automatically).
+        num_groups / num_nodes: EPLB topology for re-plans (``None`` groups: the router's ``n_group``).
+    """
+
+    def __init__(self, placement: Any = None, *, num_shards: int = 4, num_slots: Optional[int] = None,
+                 replan_every_tokens: int = 0, window_tokens: int = 4096, num_groups: Optional[int] = None,
+                 num_nodes: int = 1) -> None:
+        self.placement = placement
+        self._num_shards = placement.num_shards if placement is not None else num_shards
+        self._num_slots = placement.num_slots if placement is not None else num_slots
+        self.replan_every_tokens = replan_every_tokens
+        self.window_tokens = window_tokens
+        self.num_groups, self.num_nodes = num_groups, num_nodes
+        self.sources: dict[str, RoutedExperts] = {}
+        self.shards: list[SlotShard] = []
+        self.recorder: Optional[LoadRecorder] = None
+        self.top_k = 1
+        self.calls = 0
+        self.events: list[dict[str, Any]] = []  # re-plans / resizes: kind, time, pause_s, moved slots, balance
+        self._maps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._pending_replan = False
+        self.prior_load: Optional[torch.Tensor] = None  # training's load: what re-plans use before any traffic
+        self._config: Any = None
+        self._model_dir: Any = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, model_dir: Any = None) -> "ReplicatedExperts":
+        """From an :class:`~raymoe.engine.placement.ExpertsConfig`: the initial placement is planned when the model
+        is installed (:func:`~raymoe.engine.placement.initial_placement`: ``cfg.load_file``, else
+        ``<model_dir>/expert_load.safetensors``, else trivial)."""
+        self = cls(None, num_shards=cfg.num_shards, replan_every_tokens=cfg.replan_every_tokens,
+                   window_tokens=cfg.window_tokens, num_groups=cfg.num_groups, num_nodes=cfg.num_nodes)
+        self._config, self._model_dir = cfg, model_dir
+        return self
+
+    # ------------------------------------------------------------------ setup
+    def register(self, layer_key: str, experts: RoutedExperts) -> None:
+        self.sources[layer_key] = experts
+
+    def configure_model(self, model: nn.Module) -> None:
+        cfg = model.config
+        self.top_k = int(cfg.num_experts_per_tok)
+        if self.num_groups is None:
+            self.num_groups = int(getattr(cfg, "n_group", 1) or 1)
+        keys = list(self.sources)
+        E = next(iter(self.sources.values())).num_experts
+        if self.placement is None and self._config is not None:
+            from raymoe.engine.placement import initial_placement
+
+            self.placement, self.prior_load = initial_placement(keys, E, self._config, self._model_dir,
+                                                                self.num_groups)
+        if self.placement is None:
+            from raymoe.engine.placement import Placement
+
+            self.placement = Placement.trivial(keys, E, self._num_slots or E, self._num_shards)
+        if list(self.placement.layer_keys) != keys or self.placement.num_experts != E:
+            raise ValueError(f"placement covers layers {self.placement.layer_keys} with "
+                             f"{self.placement.num_experts} experts; the model has {keys} with {E}")
+        self.recorder = LoadRecorder(len(keys), E, self.placement.num_slots, self.window_tokens)
+        self._apply(self.placement)
+
+    @property
+    def layer_keys(self) -> list[str]:
+        return list(self.placement.layer_keys) if self.placement is not None else list(self.sources)
+
+    @property
+    def num_shards(self) -> int:
+        return self.placement.num_shards
+
+    def _apply(self, placement: Any) -> int:
+        """Load the placement's slots into the shards (in place where possible); returns slots moved."""
+        S = placement.slots_per_shard
+        while len(self.shards) < placement.num_shards:
+            self.shards.append(SlotShard(len(self.shards)))
+        del self.shards[placement.num_shards:]
+        moved = 0
+        for li, key in enumerate(placement.layer_keys):
+            p2l = placement.phy2log[li]
+            for s, shard in enumerate(self.shards):
+                moved += shard.load(key, self.sources[key], p2l[s * S : (s + 1) * S].tolist())
+            rank = torch.zeros_like(p2l)
+            seen: dict[int, int] = {}
+            for p, e in enumerate(p2l.tolist()):
+                rank[p] = seen.get(e, 0)
+                seen[e] = seen.get(e, 0) + 1
+            self._maps[key] = (p2l.clone(), rank, placement.logcnt[li].clone())
+        self.placement = placement
+        if self.recorder is not None:
+            self.recorder.reset_slots(placement.num_slots)
+        return moved
+
+    # ------------------------------------------------------------------ placement changes
+    def _plan(self, num_shards: int, num_slots: int, load: Optional[torch.Tensor]) -> Any:
+        from raymoe.engine.placement import Placement
+
+        keys, E = self.layer_keys, self.placement.num_experts
+        if load is None or float(load.sum()) <= 0:
+            return Placement.trivial(keys, E, num_slots, num_shards)
+        return Placement.from_load(keys, load, num_slots, num_shards, self.num_groups or 1, self.num_nodes,
+                                   source="replan")
+
+    def set_placement(self, placement: Any, kind: str = "set") -> dict[str, Any]:
+        """Switch to ``placement`` now (call between forwards); returns the event record (pause, moved slots)."""
+        t0 = time.perf_counter()
+        moved = self._apply(placement)
+        ev = {"kind": kind, "time": time.time(), "pause_s": time.perf_counter() - t0, "moved_slots": moved,
+              "num_shards": placement.num_shards, "num_slots": placement.num_slots,
+              "redundant_slots": placement.redundant_slots}
+        self.events.append(ev)
+        return ev
+
+    def replan(self, num_shards: Optional[int] = None, kind: str = "replan") -> dict[str, Any]:
+        """Plan from the recorder's window (``num_shards`` shards of the current slot capacity; default: the
+        current count) and move the weights. The returned event's ``pause_s`` covers planning + moving."""
+        t0 = time.perf_counter()
+        n = num_shards or self.num_shards
+        slots = n * self.placement.slots_per_shard
+        load = self.recorder.window_load() if self.recorder is not None else None
+        if (load is None or int(load.sum()) == 0) and self.prior_load is not None:
+            load = self.prior_load
+        before = float(self.placement.balance(load).mean()) if load is not None and load.sum() > 0 else None
+        pl = self._plan(n, slots, load)
+        ev = self.set_placement(pl, kind)
+        ev["pause_s"] = time.perf_counter() - t0
+        ev["planned_balance_before"] = before
+        ev["planned_balance_after"] = float(pl.balance(load).mean()) if before is not None else None
+        if self.recorder is not None:
+            self.recorder.tokens_since_reset = 0
+        return ev
+
+    def request_replan(self) -> None:
+        """Re-plan at the start of the next forward."""
+        self._pending_replan = True
+
+    # ------------------------------------------------------------------ data path
+    def _split(self, key: str, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per slot: rows it gets (``[R]``) and the row index (into the expert-grouped input) of each of its rows,
+        slot-major (``[N]``). Expert e's rows are cut into ``logcnt[e]`` consecutive near-equal chunks (token
+        order), chunk j to e's j-th replica."""
+        p2l, rank, cnt = self._maps[key]
+        counts = counts_E.to("cpu", torch.int64)
+        base, extra = counts // cnt, counts % cnt
+        off = torch.cumsum(counts, 0) - counts
+        b, x = base[p2l], extra[p2l]
+        slot_len = b + (rank < x).to(torch.int64)
+        slot_start = off[p2l] + rank * b + torch.minimum(rank, x)
+        n = int(slot_len.sum())
+        shift = slot_start - (torch.cumsum(slot_len, 0) - slot_len)
+        idx = torch.repeat_interleave(shift, slot_len) + torch.arange(n)
+        return slot_len, idx
+
+    def run(self, layer_key: str, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        li = self.placement.layer_keys.index(layer_key)
+        if li == 0:  # a new forward: the only point where the placement may change
+            if self._pending_replan or (self.replan_every_tokens and self.recorder.tokens_since_reset
+                                        >= self.replan_every_tokens):
+                self._pending_replan = False
+                self.replan()
+            self.recorder.start_forward(x_ND.shape[0] // max(self.top_k, 1))
+        slot_len, idx = self._split(layer_key, counts_E)
+        self.recorder.record(li, counts_E, slot_len)
+        idx = idx.to(x_ND.device)
+        x_P = x_ND.index_select(0, idx)
+        S = self.placement.slots_per_shard
+        outs, row = [], 0
+        lens = slot_len.tolist()
+        for s, shard in enumerate(self.shards):
+            n = sum(lens[s * S : (s + 1) * S])
+            if n:
+                outs.append(shard.run(layer_key, x_P[row : row + n], slot_len[s * S : (s + 1) * S].to(x_ND.device)))
+                self.calls += 1
+            row += n
+        y = torch.empty_like(x_ND)
+        if outs:
+            y.index_copy_(0, idx, torch.cat(outs))
+        return y
+
+    # ------------------------------------------------------------------ statistics
+    def shard_rows(self) -> torch.Tensor:
+        """``[L, num_shards]`` rows each shard ran since the last placement change (measured)."""
+        r = self.recorder.slot
+        return r.view(r.shape[0], self.num_shards, -1).sum(-1)
+
+    def measured_balance(self) -> torch.Tensor:
+        """``[L]`` max / mean of measured per-shard rows since the last placement change (1.0 if idle)."""
+        rows = self.shard_rows().to(torch.float64)
+        mean = rows.mean(-1)
+        return torch.where(mean > 0, rows.amax(-1) / mean.clamp_min(1e-300), torch.ones_like(mean))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Metrics for the serving dashboard (JSON-friendly)."""
+        pl = self.placement
+        bal = self.measured_balance()
+        return {"num_shards": pl.num_shards, "num_slots": pl.num_slots, "redundant_slots": pl.redundant_slots,
+                "balance": float(bal.mean()), "balance_per_layer": bal.tolist(),
+                "slot_load": self.recorder.slot.tolist(), "shard_rows": self.shard_rows().sum(0).tolist(),
+                "window_load": self.recorder.window_load().tolist(), "phy2log": pl.phy2log.tolist(),
+                "replans": sum(1 for e in self.events if e["kind"] == "replan"),
+                "last_pause_s": self.events[-1]["pause_s"] if self.events else 0.0,
+                "placement_source": pl.source, "tokens": self.recorder.total_tokens}
+
+
+class DispatchedMoE(nn.Module):
+    """Drop-in for :class:`MoE` inside a decoder layer (same call signature and outputs, inference only)."""
+
+    def __init__(self, moe: MoE, layer_key: str, backend: ExpertBackend) -> None:
+        super().__init__()
+        self.moe = moe
+        self.layer_key = layer_key
+        self.backend = backend
+
+    def forward(self, x_BTD: torch.Tensor):
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        r = self.moe.router(x_TD)
+        K = r.topk_idx.shape[1]
+        flat = r.topk_idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        inv_order = torch.empty_like(order)
+        inv_order[order] = torch.arange(order.numel(), device=order.device)
+        counts = torch.bincount(flat, minlength=self.moe.experts.num_experts)
+        x_ND = x_TD.index_select(0, order // K)
+        y_ND = self.backend.run(self.layer_key, x_ND, counts)
+        y_TKD = y_ND.index_select(0, inv_order).view(B * T, K, D)
+        y = torch.bmm(r.topk_weight.to(y_ND.dtype).unsqueeze(1), y_TKD).squeeze(1).view(B, T, D)
+        if self.moe.shared_experts is not None:
+            y = y + self.moe.shared_experts(x_BTD)
+        return y, r, None
+
+
+def install_expert_backend(model: nn.Module, backend: Optional[ExpertBackend] = None) -> ExpertBackend:
+    """Wrap every MoE of ``model`` (main layers and MTP blocks) so its routed experts go through ``backend``
+    (default :class:`LocalExperts`). Modifies ``model`` in place; returns the backend."""
+    backend = backend if backend is not None else LocalExperts()
+    targets = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    targets += [(f"mtp.{k}", m.block) for k, m in enumerate(model.mtp)]
+    for key, layer in targets:
+        mlp = layer.mlp
+        if isinstance(mlp, DispatchedMoE):
+            mlp = mlp.moe
+        if isinstance(mlp, MoE):
+            register = getattr(backend, "register", None)
+            if register is not None:
+                register(key, mlp.experts)
+            layer.mlp = DispatchedMoE(mlp, key, backend)
+    configure = getattr(backend, "configure_model", None)
+    if configure is not None:  # every layer is registered: backends that need the whole model set up now
+        configure(model)
+    return backend

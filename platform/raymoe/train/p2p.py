@@ -1,0 +1,630 @@
+"""Point-to-point transport for pipeline stages on different processes: communication runs beside compute.
+
+:class:`P2PTransport` implements the :class:`raymoe.schedule.executor.Transport` protocol (``send``, ``recv``,
+``poll``) over ``torch.distributed`` point-to-point ops, so that a :class:`~raymoe.schedule.executor.StageRunner`
+in each process runs its rank's op list of a :class:`~raymoe.schedule.ir.Schedule` unchanged. A channel is
+``(src pp rank, dst pp rank, kind "F"|"B", consumer stage, consumer direction)``, as the runner builds it.
+
+Usage (one process per pipeline rank, ``torch.distributed`` already initialised)::
+
+    tp = P2PTransport(pp_rank, {r: global_rank_of(r) for r in range(pp)}, group_for=topology.p2p_group)
+    runner = StageRunner(schedule, pp_rank, chunks, tp, loss_fn, chunk_kwargs=side_inputs)
+    tp.expect(expected_recvs(schedule, pp_rank))       # arm the receivers: prefetch starts now
+    runner.start_step(inputs, targets)
+    while not runner.done:
+        runner.run_next()
+    losses = runner.finish_step()
+    tp.finish_step()                                    # all sends delivered, nothing left over
+    stats = tp.stats()                                  # bytes, messages, seconds the caller sat in recv()
+
+Design
+------
+
+*Links and threads.* Between two pp ranks there are two **links**, one per direction. Each link carries one
+ordered stream of messages (all channels from that source to that destination, in the sender's ``send`` order) and
+has exactly one thread at each end: a **sender thread** on the source and a **receiver thread** on the destination.
+``send`` never touches the network: it makes a contiguous detached copy of the tensor (on its own device, in the
+caller's stream; a CUDA event marks when the copy is done) and puts it on the link's queue, so the caller returns
+at once and may overwrite or free its tensor. The sender thread sends header and payload and then waits for
+completion. The receiver thread is armed by :meth:`P2PTransport.expect` with the (channel, micro-batch) list this
+rank will receive in the step (:func:`expected_recvs` computes it from the schedule, exactly the sequence of
+``recv`` calls :class:`StageRunner` makes); while messages remain expected on its link it keeps a receive posted,
+so data is **prefetched** while the caller computes, and ``recv`` only blocks when the data has not arrived yet.
+That blocked time is pipeline idle time and is counted (``stats().recv_wait_s``).
+
+*Headers.* Every message is a fixed-size int64 header followed by the payload as raw bytes (``uint8``, so any
+dtype travels, fp8 and bool included). The header holds a magic number, the link's sequence number, the full
+channel, the micro-batch id, a dtype code, the number of dimensions and the shape (at most ``MAX_DIMS``). The
+receiver needs no shape knowledge: it reads the header, allocates, receives the payload, checks that the message
+is the next in the link's sequence and was expected, and files it under ``(channel, micro-batch)``.
+
+*Ordering and channels.* Messages of different channels between the same pair never mix because each message
+names its channel and micro-batch, and the link stream is strictly ordered (sequence numbers are checked). Within
+a channel, order is the send order (a FIFO link); on the receiving side messages are looked up by
+``(channel, micro-batch)``, so the consumer may take them in any order. Per-channel *tags* are deliberately not
+used: NCCL ignores tags, and labelled messages on one ordered stream per link work the same on every backend. The
+link uses one fixed tag (``tag=``) on the group ``group_for(peer)``.
+
+*Why it does not deadlock.* The caller never waits on the network except in ``recv`` (for data its next op needs)
+and ``finish_step``. On each link the receiver thread keeps a receive posted whenever a message is still expected,
+independently of what the receiving process's main thread is doing, and it receives in exactly the order the
+sender thread sends. So every send is matched without waiting for any compute, and the only waits left are
+"rank r's next op needs a tensor that rank q's op list produces" -- the schedule's own dependency graph, which the
+validator proves acyclic (the sequential executor runs it in one process). A single sender thread per process
+would also be deadlock-free for the same reason; one per outgoing link avoids head-of-line blocking (a late peer
+does not hold up sends to the other neighbour) and lets both neighbours' transfers run in parallel. The only
+unbounded buffering is the prefetch itself: at most what the schedule keeps in flight.
+
+*Errors.* An exception in a thread (a bad header, an unexpected or out-of-sequence message, a backend error) is
+stored and re-raised as :class:`P2PError` by the next ``send``/``recv``/``poll``/``expect``/``finish_step``;
+waiters in ``recv``/``finish_step`` are woken, so an error never turns into a silent hang. Waits are bounded by
+``timeout_s`` and raise :class:`P2PTimeout` naming this rank, the peer, the channel and the micro-batch.
+
+*Groups.* ``group_for(peer_pp_rank)`` gives the process group for traffic with that peer (``None``: the default
+group); dedicated 2-rank groups keep P2P in threads apart from collectives (all-reduce, all-to-all) that the main
+thread issues on other groups. ``link_group_for(src_pp, dst_pp)``, when given, overrides it per direction.
+
+*NCCL notes.* The same code path runs on NCCL: the wire device of a link is ``cuda:<current device>`` when the
+group's backend includes NCCL, else CPU (gloo); the header is an int64 tensor on the wire device. Each thread sets
+the CUDA device and runs its ops on its own CUDA stream; the sender's stream waits on the event recorded after the
+caller's copy, and both threads synchronise their stream before reporting completion/arrival, so a delivered
+tensor is ready and ``recv`` records it on the caller's current stream for the caching allocator. (CUDA tensors
+sent over gloo are staged through CPU by the sender thread after the copy's event; pass ``device=`` to have
+received tensors moved back to the GPU.) Two rules for
+the topology object: (1) give each **direction** of a pair its own communicator (``link_group_for``):
+ProcessGroupNCCL issues all P2P ops of one pair of a group on one internal stream, so when both sides send before
+they receive (DualPipe's simultaneous exchange) a message bigger than NCCL's internal buffer waits behind the
+other side's send forever; gloo does not have this problem (full-duplex sockets, ops not serialised), so one
+group per pair is fine there. (2) Concurrent kernels of several NCCL communicators (links of two neighbours, the
+expert all-to-all) rely on the GPU running them side by side; keep ``NCCL_LAUNCH_MODE`` at its default
+(``PARALLEL``) and give the communicators enough channels/SMs. A receive that is posted but never matched cannot
+be cancelled (torch exposes no abort for P2P work): :meth:`P2PTransport.close` leaves such a (daemon) thread
+behind, and only destroying the process group or the process ends it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+import time
+from collections import Counter, defaultdict, deque
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from raymoe.schedule.ir import OpKind, Schedule
+
+__all__ = [
+    "P2PTransport", "P2PError", "P2PTimeout", "P2PStats", "expected_recvs", "Channel", "HEADER_LEN", "MAX_DIMS",
+]
+
+Channel = tuple[int, int, str, int, int]  # (src pp rank, dst pp rank, "F"|"B", consumer stage, consumer direction)
+RecvKey = tuple[Channel, int]  # (channel, global micro-batch id)
+GroupFor = Callable[[int], Optional[dist.ProcessGroup]]
+LinkGroupFor = Callable[[int, int], Optional[dist.ProcessGroup]]
+
+MAX_DIMS = 8
+HEADER_LEN = 10 + MAX_DIMS
+_MAGIC = 0x52594D4F45503250  # "RYMOEP2P"
+_KIND_CODE = {"F": 0, "B": 1}
+_KIND_NAME = {v: k for k, v in _KIND_CODE.items()}
+_DTYPES: list[torch.dtype] = [
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool, torch.complex64, torch.complex128,
+] + [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+     if hasattr(torch, n)]
+_DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
+DEFAULT_TAG = 0x5032  # one fixed tag per link; gloo matches by (peer, tag), NCCL ignores it
+
+
+class P2PError(RuntimeError):
+    """The transport is misused or broke (a thread failed, a message was unexpected); the message says which."""
+
+
+class P2PTimeout(P2PError):
+    """A wait exceeded ``timeout_s``; the message names this rank, the peer, the channel and the micro-batch."""
+
+
+@dataclasses.dataclass
+class P2PStats:
+    """Counters since construction or the last :meth:`P2PTransport.reset_stats` (payload bytes, headers excluded).
+
+    Attributes:
+        msgs_sent / msgs_received: messages over the network (loopback hand-offs on the same rank not counted).
+        bytes_sent / bytes_received: payload bytes of those messages.
+        send_calls / recv_calls: calls of ``send`` / ``recv`` (loopback included).
+        send_call_s: seconds the caller spent inside ``send`` (the copy and the enqueue).
+        recv_wait_s: seconds the caller spent blocked in ``recv`` waiting for data: pipeline idle time.
+        send_thread_s: seconds the sender threads spent sending (link busy time, all links together).
+        finish_wait_s: seconds ``finish_step`` waited for outstanding sends.
+    """
+
+    msgs_sent: int = 0
+    msgs_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    send_calls: int = 0
+    recv_calls: int = 0
+    send_call_s: float = 0.0
+    recv_wait_s: float = 0.0
+    send_thread_s: float = 0.0
+    finish_wait_s: float = 0.0
+
+
+def expected_recvs(schedule: Schedule, pp_rank: int) -> list[tuple[Channel, int]]:
+    """The ``(channel, mb_id)`` receives of rank ``pp_rank`` in one step, in the order its runner makes them.
+
+    Same rule as ``StageRunner._recvs`` (and ``Schedule.with_comms``): a forward of a stage > 0 receives the
+    previous stage's activation, a backward (``B``/``Bi``) of a stage < S-1 receives the next stage's input grad;
+    an ``F&B`` pair receives for its forward first. Entries whose source is ``pp_rank`` itself (the V's turn under
+    DualPipeV) are included: the transport hands those over locally.
+
+    Args:
+        schedule: the step's schedule.
+        pp_rank: this process's pipeline rank.
+
+    Returns:
+        ``[(channel, mb_id), ...]`` with ``channel = (src, pp_rank, "F"|"B", consumer stage, consumer direction)``.
+    """
+    s, out = schedule, []
+    for op in s.ops(pp_rank):
+        for p in op.parts:
+            mb_id = s.mb_id(p)
+            if p.kind is OpKind.F and (prev := s.prev_cell(p)) is not None:
+                out.append(((s.rank_of(prev[2], prev[1]), pp_rank, "F", p.stage, p.direction), mb_id))
+            elif p.kind in (OpKind.B, OpKind.BI) and (nxt := s.next_cell(p)) is not None:
+                out.append(((s.rank_of(nxt[2], nxt[1]), pp_rank, "B", p.stage, p.direction), mb_id))
+    return out
+
+
+def _channel(ch: Sequence[Any]) -> Channel:
+    try:
+        src, dst, kind, stage, direction = ch
+        c = (int(src), int(dst), str(kind), int(stage), int(direction))
+    except (TypeError, ValueError):
+        raise P2PError(f"a channel is (src, dst, 'F'|'B', stage, direction), got {ch!r}") from None
+    if c[2] not in _KIND_CODE:
+        raise P2PError(f"channel kind must be 'F' or 'B', got {ch!r}")
+    return c
+
+
+@dataclasses.dataclass
+class _Link:
+    """One direction between this rank and a peer: src -> dst (pp ranks)."""
+
+    src: int
+    dst: int
+    peer_global: int
+    group: Optional[dist.ProcessGroup]
+    wire: torch.device
+    thread: Optional[threading.Thread] = None
+    queue: Optional["queue.Queue[Optional[tuple]]"] = None  # sender links only
+    seq: int = 0  # next sequence number (sent or expected)
+    pending: int = 0  # sender: enqueued, not yet completed; receiver: still expected to arrive
+    done: int = 0  # messages completed on this link
+    busy: Optional[RecvKey] = None  # what the thread is working on right now
+    stream: Any = None  # the thread's CUDA stream (NCCL links), created by the thread itself
+
+
+class P2PTransport:
+    """Stage-to-stage tensors over ``torch.distributed`` P2P, sent and prefetched by background threads.
+
+    Args:
+        pp_rank: this process's pipeline rank.
+        ranks: ``{pp rank: global torch.distributed rank}`` of the pipeline peers in this rank's ep/dp slice
+            (this rank included).
+        group_for: ``group_for(peer_pp_rank) -> ProcessGroup | None`` (``None``: default group); the group carrying
+            traffic with that peer in both directions.
+        link_group_for: optional ``(src_pp, dst_pp) -> ProcessGroup | None`` overriding ``group_for`` per
+            direction (needed on NCCL, see the module docstring).
+        timeout_s: bound for every wait (``recv``, ``finish_step``); :class:`P2PTimeout` beyond it.
+        device: where received tensors are delivered; default: the link's wire device (CPU for gloo, the current
+            CUDA device for NCCL).
+        tag: the tag every link uses on its group.
+    """
+
+    def __init__(self, pp_rank: int, ranks: Mapping[int, int], group_for: Optional[GroupFor] = None, *,
+                 link_group_for: Optional[LinkGroupFor] = None, timeout_s: float = 300.0,
+                 device: Optional[torch.device | str] = None, tag: int = DEFAULT_TAG) -> None:
+        if pp_rank not in ranks:
+            raise P2PError(f"pp rank {pp_rank} is missing from the rank map {dict(ranks)}")
+        self.pp_rank, self.ranks = int(pp_rank), {int(k): int(v) for k, v in ranks.items()}
+        self.global_rank = self.ranks[self.pp_rank]
+        self._group_for: GroupFor = group_for if group_for is not None else (lambda peer: None)
+        self._link_group_for = link_group_for
+        self.timeout_s, self.tag = float(timeout_s), int(tag)
+        self.device = torch.device(device) if device is not None else None
+        self._cv = threading.Condition()
+        self._send_links: dict[int, _Link] = {}
+        self._recv_links: dict[int, _Link] = {}
+        self._await_consume: Counter[RecvKey] = Counter()  # expected, not yet returned by recv
+        self._await_arrival: Counter[RecvKey] = Counter()  # expected, not yet arrived (network links only)
+        self._arrived: dict[RecvKey, deque[torch.Tensor]] = defaultdict(deque)
+        self._error: Optional[BaseException] = None
+        self._error_where = ""
+        self._closed = False
+        self._stats = P2PStats()
+
+    # -- public API ----------------------------------------------------------------------------------------------
+    def expect(self, recvs: Iterable[tuple[Sequence[Any], int]]) -> None:
+        """Arm the receivers with what this rank will receive (call at step start, before the first op).
+
+        Args:
+            recvs: ``(channel, mb_id)`` pairs, usually :func:`expected_recvs` ``(schedule, pp_rank)``; channels
+                whose source is this rank are loopback hand-offs and need no network.
+        """
+        self._check()
+        keys = [(_channel(ch), int(mb)) for ch, mb in recvs]
+        for ch, _ in keys:
+            if ch[1] != self.pp_rank:
+                raise P2PError(f"rank {self.pp_rank}: expect() got channel {ch} whose destination is not this rank")
+            if ch[0] not in self.ranks:
+                raise P2PError(f"rank {self.pp_rank}: channel {ch} has source {ch[0]} outside the rank map")
+        new_links = []
+        with self._cv:
+            for key in keys:
+                self._await_consume[key] += 1
+                src = key[0][0]
+                if src == self.pp_rank:
+                    continue
+                self._await_arrival[key] += 1
+                link = self._recv_links.get(src)
+                if link is None:
+                    link = self._recv_links[src] = self._make_link(src, self.pp_rank)
+                    new_links.append(link)
+                link.pending += 1
+            self._cv.notify_all()
+        for link in new_links:
+            link.thread = threading.Thread(target=self._recv_loop, args=(link,), daemon=True,
+                                           name=f"p2p-recv-{link.src}->{link.dst}")
+            link.thread.start()
+
+    def send(self, channel: Sequence[Any], mb_id: int, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` for the channel's destination; returns without waiting for the network.
+
+        Args:
+            channel: ``(src, dst, "F"|"B", consumer stage, consumer direction)`` with ``src`` this rank.
+            mb_id: global micro-batch id.
+            tensor: any dtype, at most ``MAX_DIMS`` dimensions; a contiguous detached copy is sent (loopback
+                channels hand over ``tensor.detach()`` itself, as the in-process queue transport does).
+        """
+        t0 = time.perf_counter()
+        self._check()
+        ch, mb_id = _channel(channel), int(mb_id)
+        if ch[0] != self.pp_rank:
+            raise P2PError(f"rank {self.pp_rank}: send on channel {ch} whose source is not this rank")
+        if ch[1] not in self.ranks:
+            raise P2PError(f"rank {self.pp_rank}: channel {ch} has destination {ch[1]} outside the rank map")
+        if tensor.dim() > MAX_DIMS or tensor.dtype not in _DTYPE_CODE:
+            raise P2PError(f"rank {self.pp_rank}: cannot send a {tensor.dim()}-d {tensor.dtype} tensor (at most "
+                           f"{MAX_DIMS} dims, dtypes {[str(d) for d in _DTYPES]})")
+        if ch[1] == self.pp_rank:  # loopback: the V's turn under DualPipeV
+            with self._cv:
+                self._arrived[(ch, mb_id)].append(tensor.detach())
+                self._stats.send_calls += 1
+                self._stats.send_call_s += time.perf_counter() - t0
+                self._cv.notify_all()
+            return
+        copy = tensor.detach().clone(memory_format=torch.contiguous_format)
+        event = None
+        if copy.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        link = self._send_links.get(ch[1])
+        if link is None:
+            link = self._send_links[ch[1]] = self._make_link(self.pp_rank, ch[1])
+            link.queue = queue.Queue()
+            link.thread = threading.Thread(target=self._send_loop, args=(link,), daemon=True,
+                                           name=f"p2p-send-{link.src}->{link.dst}")
+            link.thread.start()
+        with self._cv:
+            link.pending += 1
+            self._stats.send_calls += 1
+        assert link.queue is not None
+        link.queue.put((ch, mb_id, copy, event))
+        with self._cv:
+            self._stats.send_call_s += time.perf_counter() - t0
+
+    def recv(self, channel: Sequence[Any], mb_id: int) -> torch.Tensor:
+        """The tensor sent on ``channel`` for ``mb_id``; blocks until it has arrived (at most ``timeout_s``).
+
+        Args:
+            channel: ``(src, dst, "F"|"B", consumer stage, consumer direction)`` with ``dst`` this rank; must have
+                been announced with :meth:`expect`.
+            mb_id: global micro-batch id.
+
+        Returns:
+            The tensor (shape and dtype as sent) on the delivery device.
+
+        Raises:
+            P2PTimeout: nothing arrived within ``timeout_s``.
+            P2PError: the receive was not expected, or a transport thread failed.
+        """
+        self._check()
+        ch, mb_id = _channel(channel), int(mb_id)
+        key = (ch, mb_id)
+        with self._cv:
+            if self._await_consume[key] <= 0:
+                self._await_consume.pop(key, None)
+                pending = sorted((k for k, n in self._await_consume.items() if n > 0 and k[0] == ch),
+                                 key=lambda k: k[1])
+                raise P2PError(f"rank {self.pp_rank}: recv of micro-batch {mb_id} on channel {ch} was not announced "
+                               f"with expect(); still expected on this channel: {[k[1] for k in pending]}")
+            if ch[0] == self.pp_rank and not self._arrived.get(key):
+                raise P2PError(f"rank {self.pp_rank}: loopback recv of micro-batch {mb_id} on channel {ch} before "
+                               f"its send (a local hand-off must be sent first)")
+            t0 = time.perf_counter()
+            deadline = t0 + self.timeout_s
+            while not self._arrived.get(key):
+                if self._error is not None:
+                    break
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    self._stats.recv_wait_s += time.perf_counter() - t0
+                    raise P2PTimeout(self._timeout_message(ch, mb_id))
+                self._cv.wait(remaining)
+            self._stats.recv_wait_s += time.perf_counter() - t0
+            self._stats.recv_calls += 1
+            if not self._arrived.get(key):
+                self._arrived.pop(key, None)
+                self._raise_error()
+            q = self._arrived[key]
+            t = q.popleft()
+            if not q:
+                del self._arrived[key]
+            self._await_consume[key] -= 1
+            if self._await_consume[key] <= 0:
+                del self._await_consume[key]
+        if t.is_cuda:  # allocated on a receiver stream: keep it alive until the caller's stream is done with it
+            t.record_stream(torch.cuda.current_stream(t.device))
+        return t
+
+    def poll(self, channel: Sequence[Any], mb_id: int) -> bool:
+        """Whether ``recv(channel, mb_id)`` would return without waiting."""
+        self._check()
+        with self._cv:
+            return bool(self._arrived.get((_channel(channel), int(mb_id))))
+
+    def finish_step(self, timeout_s: Optional[float] = None) -> P2PStats:
+        """Wait until every queued send has completed and check that nothing expected or received is left over.
+
+        Call once per step after the runner's last op and before the next :meth:`expect`.
+
+        Args:
+            timeout_s: bound for the wait (default: the transport's ``timeout_s``).
+
+        Returns:
+            A snapshot of :meth:`stats`.
+
+        Raises:
+            P2PTimeout: sends still outstanding after the bound (names the peers and what is in flight).
+            P2PError: a thread failed, or receives were expected but not made, or messages arrived unconsumed.
+        """
+        self._check()
+        t0 = time.perf_counter()
+        deadline = t0 + (self.timeout_s if timeout_s is None else float(timeout_s))
+        with self._cv:
+            while self._error is None and any(link.pending for link in self._send_links.values()):
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    busy = "; ".join(
+                        f"{link.pending} message(s) to peer rank {link.dst} (global {link.peer_global}), in flight: "
+                        + (f"channel {link.busy[0]} micro-batch {link.busy[1]}" if link.busy else "none")
+                        for link in self._send_links.values() if link.pending)
+                    raise P2PTimeout(f"rank {self.pp_rank} (global {self.global_rank}): finish_step timed out after "
+                                     f"{deadline - t0:.1f}s with sends outstanding: {busy}")
+                self._cv.wait(remaining)
+            self._stats.finish_wait_s += time.perf_counter() - t0
+            if self._error is not None:
+                self._raise_error()
+            problems = []
+            if self._await_consume:
+                problems.append("expected but never received: " + ", ".join(
+                    f"{ch} micro-batch {mb}" + (f" (x{n})" if n > 1 else "")
+                    for (ch, mb), n in sorted(self._await_consume.items())))
+            if self._arrived:
+                problems.append("received but never consumed: " + ", ".join(
+                    f"{ch} micro-batch {mb}" for (ch, mb) in sorted(self._arrived)))
+            if problems:
+                raise P2PError(f"rank {self.pp_rank}: step ended with " + "; ".join(problems))
+            return dataclasses.replace(self._stats)
+
+    def stats(self) -> P2PStats:
+        """A snapshot of the counters (see :class:`P2PStats`)."""
+        with self._cv:
+            return dataclasses.replace(self._stats)
+
+    def reset_stats(self) -> None:
+        """Zero the counters."""
+        with self._cv:
+            self._stats = P2PStats()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the threads (idempotent). Queued sends are dropped; call :meth:`finish_step` first to deliver them.
+
+        A receiver blocked in a posted receive that is never matched cannot be cancelled; it stays behind as a
+        daemon thread until the process group or the process goes away.
+
+        Args:
+            timeout_s: how long to wait for each thread to exit.
+        """
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+        for link in self._send_links.values():
+            if link.queue is not None:
+                link.queue.put(None)
+        deadline = time.perf_counter() + timeout_s
+        for link in [*self._send_links.values(), *self._recv_links.values()]:
+            if link.thread is not None:
+                link.thread.join(max(0.0, deadline - time.perf_counter()))
+
+    def __enter__(self) -> "P2PTransport":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------------------------
+    def _make_link(self, src: int, dst: int) -> _Link:
+        peer = dst if src == self.pp_rank else src
+        if peer not in self.ranks:
+            raise P2PError(f"rank {self.pp_rank}: peer pp rank {peer} is not in the rank map {self.ranks}")
+        group = self._link_group_for(src, dst) if self._link_group_for is not None else self._group_for(peer)
+        backend = str(dist.get_backend(group)).lower()
+        if "nccl" in backend:
+            wire = torch.device("cuda", torch.cuda.current_device())  # main thread: the process's device
+        else:
+            wire = torch.device("cpu")
+        return _Link(src, dst, self.ranks[peer], group, wire)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            with self._cv:
+                self._raise_error()
+        if self._closed:
+            raise P2PError(f"rank {self.pp_rank}: transport is closed")
+
+    def _raise_error(self) -> None:
+        err = self._error
+        raise P2PError(f"rank {self.pp_rank} (global {self.global_rank}): P2P thread failed while "
+                       f"{self._error_where}: {type(err).__name__}: {err}") from err
+
+    def _fail(self, err: BaseException, where: str) -> None:
+        with self._cv:
+            if self._error is None:
+                self._error, self._error_where = err, where
+            self._cv.notify_all()
+
+    def _timeout_message(self, ch: Channel, mb_id: int) -> str:
+        src = ch[0]
+        link = self._recv_links.get(src)
+        got = f"{link.done} message(s) received on link {src}->{self.pp_rank}, {link.pending} still expected" \
+            if link is not None else "no receiver armed for that peer"
+        return (f"rank {self.pp_rank} (global {self.global_rank}) timed out after {self.timeout_s:g}s waiting for "
+                f"micro-batch {mb_id} on channel {ch} from peer rank {src} (global {self.ranks.get(src)}); {got}")
+
+    @contextlib.contextmanager
+    def _on_wire(self, link: _Link) -> Iterator[None]:
+        """Run the thread's ops on its own CUDA stream (NCCL); nothing to do for CPU links."""
+        if link.wire.type != "cuda":
+            yield
+            return
+        if link.stream is None:
+            torch.cuda.set_device(link.wire)
+            link.stream = torch.cuda.Stream(device=link.wire)
+        with torch.cuda.stream(link.stream):
+            yield
+
+    def _send_loop(self, link: _Link) -> None:
+        assert link.queue is not None
+        while True:
+            item = link.queue.get()
+            if item is None or self._closed:
+                return
+            ch, mb_id, tensor, event = item
+            with self._cv:
+                link.busy = (ch, mb_id)
+            try:
+                t0 = time.perf_counter()
+                nbytes = self._send_one(link, ch, mb_id, tensor, event)
+            except BaseException as e:  # noqa: BLE001 - surfaced to the caller
+                self._fail(e, f"sending micro-batch {mb_id} on channel {ch} to peer rank {link.dst} "
+                              f"(global {link.peer_global})")
+                return
+            with self._cv:
+                link.pending -= 1
+                link.done += 1
+                link.busy = None
+                self._stats.msgs_sent += 1
+                self._stats.bytes_sent += nbytes
+                self._stats.send_thread_s += time.perf_counter() - t0
+                self._cv.notify_all()
+
+    def _send_one(self, link: _Link, ch: Channel, mb_id: int, tensor: torch.Tensor,
+                  event: Optional[torch.cuda.Event]) -> int:
+        with self._on_wire(link):
+            if event is not None:  # the caller's copy was queued on its stream: wait for it
+                if link.wire.type == "cuda":
+                    torch.cuda.current_stream().wait_event(event)
+                else:
+                    event.synchronize()
+            if tensor.device != link.wire:
+                tensor = tensor.to(link.wire)
+            hdr = [_MAGIC, link.seq, ch[0], ch[1], _KIND_CODE[ch[2]], ch[3], ch[4], mb_id,
+                   _DTYPE_CODE[tensor.dtype], tensor.dim(), *tensor.shape]
+            hdr += [0] * (HEADER_LEN - len(hdr))
+            header = torch.tensor(hdr, dtype=torch.int64, device=link.wire)
+            dist.send(header, dst=link.peer_global, group=link.group, tag=self.tag)
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes:
+                dist.send(tensor.reshape(-1).view(torch.uint8), dst=link.peer_global, group=link.group, tag=self.tag)
+            if link.wire.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+        link.seq += 1
+        return nbytes
+
+    def _recv_loop(self, link: _Link) -> None:
+        while True:
+            with self._cv:
+                while link.pending <= 0 and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+            try:
+                key, tensor, nbytes = self._recv_one(link)
+            except BaseException as e:  # noqa: BLE001 - surfaced to the caller
+                self._fail(e, f"receiving message #{link.seq} from peer rank {link.src} (global {link.peer_global})")
+                return
+            with self._cv:
+                self._arrived[key].append(tensor)
+                link.pending -= 1
+                link.done += 1
+                self._stats.msgs_received += 1
+                self._stats.bytes_received += nbytes
+                self._cv.notify_all()
+
+    def _recv_one(self, link: _Link) -> tuple[RecvKey, torch.Tensor, int]:
+        with self._on_wire(link):
+            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=link.wire)
+            dist.recv(header, src=link.peer_global, group=link.group, tag=self.tag)
+            h = header.tolist()
+            if h[0] != _MAGIC:
+                raise P2PError(f"bad header {h} (magic mismatch: another user of this group/tag?)")
+            if h[1] != link.seq:
+                raise P2PError(f"message out of sequence: got #{h[1]}, expected #{link.seq}")
+            if h[4] not in _KIND_NAME or not 0 <= h[8] < len(_DTYPES) or not 0 <= h[9] <= MAX_DIMS:
+                raise P2PError(f"bad header {h}")
+            ch: Channel = (h[2], h[3], _KIND_NAME[h[4]], h[5], h[6])
+            key = (ch, h[7])
+            link.busy = key
+            dtype, shape = _DTYPES[h[8]], h[10:10 + h[9]]
+            numel = 1
+            for n in shape:
+                numel *= n
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=link.wire)
+            if nbytes:  # receive the payload before judging the message, so that the sender is never left hanging
+                dist.recv(buf, src=link.peer_global, group=link.group, tag=self.tag)
+            if link.wire.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+            if ch[0] != link.src or ch[1] != link.dst:
+                raise P2PError(f"message for channel {ch} arrived on link {link.src}->{link.dst}")
+            with self._cv:
+                if self._await_arrival[key] <= 0:
+                    self._await_arrival.pop(key, None)
+                    raise P2PError(f"unexpected message: micro-batch {key[1]} on channel {ch} was not announced with "
+                                   f"expect() (or arrived twice)")
+                self._await_arrival[key] -= 1
+                if self._await_arrival[key] <= 0:
+                    del self._await_arrival[key]
+            tensor = buf.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype, device=link.wire)
+            if self.device is not None and tensor.device != self.device:
+                tensor = tensor.to(self.device)
+        link.seq += 1
+        link.busy = None
+        return key, tensor, nbytes
