@@ -52,11 +52,16 @@ def _wait_http(port: int, timeout: float) -> None:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     gcs, dash = _free_port(), _free_port()
+    # every agent port explicit: the defaults (52365, ...) collide with any other Ray on the machine, whose agent
+    # then holds them and this head's job agent never registers ("No available agent to submit job")
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     tmp = pathlib.Path("/tmp") / f"rmh{os.getpid()}"  # short: Ray's socket paths have a length limit
     tmp.mkdir(exist_ok=True)
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--num-cpus=4", "--object-store-memory=400000000", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={tmp}"]
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={tmp}",
+           *agent_ports]
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
     proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -3,7 +3,6 @@ seeds, stop strings, concurrency, errors, API key. One Ray + one Serve app for t
 from __future__ import annotations
 
 import concurrent.futures as cf
-import socket
 import warnings
 
 import pytest
@@ -12,7 +11,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from raymoe.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from raymoe.engine.tiny import build_tiny_checkpoint  # noqa: E402
+from serving_helpers import free_port, tiny_checkpoint  # noqa: E402
 
 warnings.filterwarnings("ignore")
 KEY = "sk-test-key"
@@ -23,22 +22,9 @@ PROMPTS = ["The river runs", "In the morning the baker", "A block of memory hold
            "When the memory is full,", "The draft model guesses"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return build_tiny_checkpoint(tmp_path_factory.mktemp("serve") / MODEL, seed=0, train_steps=10)
-    finally:
-        torch.set_num_threads(n)
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve"), MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +34,7 @@ def server(ckpt):
     args = {"model_path": str(ckpt), "served_model_name": MODEL, "api_key": KEY, "engine": ENGINE,
             "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
             "engine_max_queued_requests": 64}
-    url = start_server(args, "127.0.0.1", _free_port(), num_cpus=4, timeout_s=180)
+    url = start_server(args, "127.0.0.1", free_port(), num_cpus=4, timeout_s=180)
     yield url
     stop_server()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
-import socket
 import warnings
 
 import pytest
@@ -19,7 +18,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 openai = pytest.importorskip("openai")
 
 from raymoe.engine import EngineConfig, LLMEngine, SamplingParams, write_expert_load  # noqa: E402
-from raymoe.engine.tiny import build_tiny_checkpoint  # noqa: E402
+from serving_helpers import free_port, tiny_checkpoint  # noqa: E402
 
 warnings.filterwarnings("ignore")
 MODEL = "tiny-experts"
@@ -29,26 +28,14 @@ PROMPTS = ["The river runs", "The draft model guesses"]
 SKEWED = ["She counted the stars: one, two, three, four, five"] * 4  # one prompt kind: a few hot experts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     import torch
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        path = build_tiny_checkpoint(tmp_path_factory.mktemp("serve_experts") / MODEL, seed=0, train_steps=10)
-    finally:
-        torch.set_num_threads(n)
+    path = tiny_checkpoint(tmp_path_factory.mktemp("serve_experts"), MODEL)
     g = torch.Generator().manual_seed(0)
-    # Beside the checkpoint dir, named by experts.load_file: hf.load (no index file) reads every *.safetensors of
-    # the checkpoint dir and rejects the unknown 'expert_load' tensor, so the default location
-    # <ckpt>/expert_load.safetensors only works once hf.load skips that file.
+    # Beside the checkpoint dir, named by experts.load_file (the default <ckpt>/expert_load.safetensors, which the
+    # training export writes, is covered by tests/unit/test_placement.py).
     write_expert_load(path.parent / "load", torch.empty(3, 8).log_normal_(0.0, 1.0, generator=g) * 100,
                       window_steps=10, step=10)
     return path
@@ -65,7 +52,7 @@ def server(ckpt, tmp_path_factory):
                           "min_tokens": 32, "rollback_drop": 0.99}}
     args = {"model_path": str(ckpt), "served_model_name": MODEL, "engine": ENGINE, "experts": experts,
             "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}}
-    url = start_server(args, "127.0.0.1", _free_port(), num_cpus=2, timeout_s=120)
+    url = start_server(args, "127.0.0.1", free_port(), num_cpus=2, timeout_s=120)
     yield url, mdir
     stop_server()
 

@@ -7,7 +7,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import time
 import urllib.request
 import warnings
@@ -17,7 +16,7 @@ import pytest
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from raymoe.engine.tiny import build_tiny_checkpoint  # noqa: E402
+from serving_helpers import free_port, tiny_checkpoint  # noqa: E402
 
 warnings.filterwarnings("ignore")
 MODEL = "tiny"
@@ -30,22 +29,9 @@ PROMPTS = ["The river runs", "In the morning the baker", "A block of memory hold
 REPLICA_CLASS = f"ServeReplica:{APP}:EngineDeployment"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return build_tiny_checkpoint(tmp_path_factory.mktemp("faults") / MODEL, seed=0, train_steps=10)
-    finally:
-        torch.set_num_threads(n)
+    return tiny_checkpoint(tmp_path_factory.mktemp("faults"), MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +41,14 @@ def server(ckpt):
 
     from raymoe.jobs.serve import start_server, stop_server
 
-    metrics_port = _free_port()
+    metrics_port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 2000},
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     args = {"model_path": str(ckpt), "served_model_name": MODEL, "engine": ENGINE,
             "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
             "engine_max_queued_requests": 64}
-    url = start_server(args, "127.0.0.1", _free_port(), app_name=APP, timeout_s=180)
+    url = start_server(args, "127.0.0.1", free_port(), app_name=APP, timeout_s=180)
     yield {"url": url, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     stop_server()
 

@@ -192,3 +192,21 @@ def test_kill_during_checkpoint_write_uses_the_previous_one(tmp_path) -> None:
     rec = s["recoveries"][0]
     assert rec["resumed_step"] == 2, rec
     assert s["losses"] == ref["losses"]
+
+
+def test_hung_rank_is_detected_within_the_step_timeout_and_replaced(tmp_path) -> None:
+    """SIGSTOP (a real hang: the process is alive but does nothing) of one replica: its peer blocks in the gradient
+    all-reduce, the step exceeds train.step_timeout_s, the group is torn down and rebuilt, and the run matches."""
+    ref_run = _run(tmp_path, "ref_hang", dp=2, impl="native", steps=6)
+    ref = _drive(ref_run)
+    run = _run(tmp_path, "hang", dp=2, impl="native", steps=6, step_timeout_s=20.0)
+
+    def stop_rank(coord) -> None:
+        os.kill(coord.initial_pids[1], signal.SIGSTOP)
+
+    s = _drive(run, events=[(3, stop_rank)])
+    assert s["finished"] and len(s["recoveries"]) == 1
+    rec = s["recoveries"][0]
+    assert "did not finish" in rec["reason"] and "within 20 s" in rec["reason"], rec
+    assert s["losses"] == ref["losses"]
+    _assert_same_samples(run, ref_run)

@@ -98,6 +98,8 @@ def test_pp2_equals_pp1(tmp_path, reference, schedule) -> None:
         for row, b in per_rank.items():
             assert torch.equal(b, reference["biases"][row]), (schedule, row)
     assert abs(s["val_loss"] - reference["summary"]["val_loss"]) <= REL * reference["summary"]["val_loss"]
+    # from wherever the last stage lives (a near-tie argmax may flip under another reduction order: one draft)
+    assert abs(s["mtp_acceptance"] - reference["summary"]["mtp_acceptance"]) <= 0.05
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,20 @@ def test_dp2_balancing_invariants(tmp_path) -> None:
 
     exported = hf.load(info["export"])
     assert torch.equal(exported.expert_biases(), b0)
+    # what serving needs beside the weights: the tokenizer, the end-of-text id, the measured expert load
+    import tokenizers
+    from safetensors import safe_open
+
+    export = pathlib.Path(info["export"])
+    tok = tokenizers.Tokenizer.from_file(str(export / "tokenizer.json"))
+    eos = json.loads((export / "generation_config.json").read_text())["eos_token_id"]
+    assert tok.decode([eos], skip_special_tokens=False) != "" and eos < cfg.vocab_size
+    with safe_open(str(export / "expert_load.safetensors"), framework="pt") as f:
+        load = f.get_tensor("expert_load")
+        assert int(f.metadata()["window_steps"]) == 4
+    # the window (balance.load_window_steps=50 > 4 steps) holds every step's global counts
+    assert torch.equal(load, sum(torch.tensor(r["balance/counts"]) for r in counted).float())
+    assert 0 < summary["mtp_acceptance"] <= 1
 
 
 def test_interrupted_run_resumes_to_the_same_losses(tmp_path) -> None:

@@ -277,14 +277,7 @@ class TrainController:
         with self._phase(Phase.RESUME):
             self._set_status(checkpoint=str(target))
             check_compatible(target, self.run, self.impl)
-            state = load_coordinator_state(target)
-            self.group.load(str(target))
-            self.step, self.tokens = state["step"], state["tokens"]
-            self.sampler.load_state_dict(state["sampler"])
-            self.balancer.load_state_dict(state["balancer"])
-            self.history = state.get("history", [])
-            self.load_window.clear()
-            self.load_window.extend(state.get("load_window", []))
+            self._load(target)
             self.resumed_from = str(target)
         log.info("resumed from %s at step %d", target, self.step)
 
@@ -427,6 +420,12 @@ class TrainController:
             self.history = []
             self.load_window.clear()
             return None
+        self._load(target)
+        self.last_ckpt = target
+        return target
+
+    def _load(self, target: pathlib.Path) -> None:
+        """Coordinator state and every rank's shard from one checkpoint directory."""
         state = load_coordinator_state(target)
         self.group.load(str(target))
         self.step, self.tokens = state["step"], state["tokens"]
@@ -435,8 +434,6 @@ class TrainController:
         self.history = state.get("history", [])
         self.load_window.clear()
         self.load_window.extend(state.get("load_window", []))
-        self.last_ckpt = target
-        return target
 
     def _relaunch(self, dp: int) -> None:
         run = self.run.with_dp(dp) if dp != self.run.parallel.dp else self.run
