@@ -33,7 +33,7 @@ def test_rank_numbering_and_groups() -> None:
     assert list(t.shared_param_sets) == [(0, 1)]
     assert set(t.shared_param_sets[(0, 1)]) == {n for n, _ in DeepSeekV3(TINY, device="meta").named_parameters()}
     kinds = [g.kind for g in t.group_specs()]
-    assert kinds.count("p2p") == 4 and kinds.count("ep") == 4 and kinds.count("expert_dp") == 4
+    assert kinds.count("p2p") == 8 and kinds.count("ep") == 4  # 4 data slices × one pair × two directions and kinds.count("expert_dp") == 4
 
 
 def test_one_f_one_b_shares_only_the_mtp_embedding() -> None:

@@ -17,7 +17,9 @@ ZB1P, stages ``r`` and ``PP-1-r`` for DualPipe (two parameter copies of every st
 Process groups (:meth:`Topology.group_specs`; created by :func:`build_process_groups` in the same order on every
 rank, as ``torch.distributed.new_group`` requires):
 
-* ``p2p``: one 2-rank group per communicating pair of pipeline ranks of one data slice (activations, gradients);
+* ``p2p``: two 2-rank groups per communicating pair of pipeline ranks of one data slice, one per direction
+  (activations one way, gradients the other; on NCCL a single communicator would serialise the two directions and
+  DualPipe's two-way exchange could deadlock once messages exceed NCCL's buffers);
 * ``ep``: the ``ep`` ranks of one (pipeline rank, dp rank) — the all-to-all dispatch/combine group;
 * ``expert_dp``: the ``dp`` ranks that hold the same expert shard — expert gradient all-reduce;
 * ``dense_dp``: the ``ep × dp`` ranks of one pipeline rank — gradient all-reduce of everything but routed experts;
@@ -180,8 +182,10 @@ class Topology:
         pairs = sorted({tuple(sorted((a, b))) for a, b in _p2p_pairs(self.schedule)})
         for e in range(self.ep):
             for d in range(self.dp):
-                for a, b in pairs:
-                    specs.append(GroupSpec("p2p", (a, b, e, d), (self.rank_of(a, e, d), self.rank_of(b, e, d))))
+                for a, b in pairs:  # one group per direction: NCCL serialises two-way traffic on one communicator
+                    ranks = (self.rank_of(a, e, d), self.rank_of(b, e, d))
+                    specs.append(GroupSpec("p2p", (a, b, e, d), ranks))
+                    specs.append(GroupSpec("p2p", (b, a, e, d), ranks))
                 for ranks in self.shared_param_sets:
                     specs.append(GroupSpec("shared", (ranks, e, d), tuple(self.rank_of(p, e, d) for p in ranks)))
         for p in range(self.pp):
@@ -270,11 +274,15 @@ class ProcessGroups:
                        for ranks in topo.shared_param_sets if c.pp_rank in ranks}
 
     def p2p(self, peer_pp_rank: int) -> Any:
+        a, b = sorted((self.coords.pp_rank, peer_pp_rank))
+        return self.p2p_link(a, b)
+
+    def p2p_link(self, src_pp_rank: int, dst_pp_rank: int) -> Any:
+        """The group carrying traffic from pipeline rank ``src`` to ``dst`` (one per direction)."""
         c = self.coords
-        a, b = sorted((c.pp_rank, peer_pp_rank))
-        key = ("p2p", (a, b, c.ep_rank, c.dp_rank))
+        key = ("p2p", (src_pp_rank, dst_pp_rank, c.ep_rank, c.dp_rank))
         if key not in self._g:
-            raise KeyError(f"rank {self.rank}: no P2P group with pipeline rank {peer_pp_rank}")
+            raise KeyError(f"rank {self.rank}: no P2P group from pipeline rank {src_pp_rank} to {dst_pp_rank}")
         return self._g[key]
 
 

@@ -218,7 +218,8 @@ class PipelineWorker:
             from raymoe.train.p2p import P2PTransport
 
             peers = topo.pipeline_peers(rank)
-            self.transport: Any = _Loopback(P2PTransport(c.pp_rank, peers, self.groups.p2p, timeout_s=timeout_s))
+            self.transport: Any = _Loopback(P2PTransport(c.pp_rank, peers, self.groups.p2p,
+                                                         link_group_for=self.groups.p2p_link, timeout_s=timeout_s))
         else:
             self.transport = _Loopback(None)
         self._mb: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
