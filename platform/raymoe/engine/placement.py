@@ -69,11 +69,9 @@ class ExpertsConfig:
 
     @classmethod
     def from_dict(cls, d: Optional[dict[str, Any]]) -> "ExpertsConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown experts options {sorted(unknown)}")
-        return cls(**d)
+        from raymoe.engine.redundancy import options_from_dict
+
+        return options_from_dict(cls, d, "experts")
 
 
 @dataclass

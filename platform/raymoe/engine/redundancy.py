@@ -57,11 +57,16 @@ class PolicyConfig:
 
     @classmethod
     def from_dict(cls, d: Optional[dict[str, Any]]) -> "PolicyConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown experts.policy options {sorted(unknown)}")
-        return cls(**d)
+        return options_from_dict(cls, d, "experts.policy")
+
+
+def options_from_dict(cls: Any, d: Optional[dict[str, Any]], where: str) -> Any:
+    """``cls(**d)`` for an options dataclass, rejecting keys it does not declare (named with ``where``)."""
+    d = dict(d or {})
+    unknown = set(d) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown {where} options {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+    return cls(**d)
 
 
 @dataclass
