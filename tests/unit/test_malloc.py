@@ -55,4 +55,7 @@ def test_training_step_stops_page_faulting_once_memory_is_kept() -> None:
 
 def test_opt_out_leaves_malloc_alone() -> None:
     ok, before, after = _probe(RAYMOE_KEEP_FREED_MEMORY="0")
-    assert not ok and after > 2000
+    # the switch was honoured: mallopt was never called. The fault count itself is not asserted: glibc raises its
+    # mmap threshold by itself after large frees (its dynamic threshold), so an untouched allocator sometimes stops
+    # faulting too (measured 2 to ~16,000 per step on the same machine, run to run)
+    assert not ok
