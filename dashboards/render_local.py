@@ -1,6 +1,7 @@
 """Static report of one training run from its own files: ``<run_dir>/metrics.jsonl`` (+ ``summary.json``).
 
-wandb's offline ``.wandb`` log cannot be read back locally (docs/ecosystem.md §7), so this report reads the JSONL
+wandb's offline ``.wandb`` log cannot be read back locally (wandb 0.31 has no local reader for it: ``wandb sync
+--view`` is gone), so this report reads the JSONL
 file the coordinator always writes (``platform/raymoe/metrics.py``) and draws, with matplotlib's Agg canvas (no
 pyplot, no global backend switch):
 

@@ -41,7 +41,7 @@ def test_no_references_to_docs_outside_the_repo() -> None:
     import re
 
     # built from parts so that this file does not match itself
-    banned = re.compile(r"(?<![\w-])(?:techniques|style)\.md\b|\.\./" + "shared")
+    banned = re.compile(r"(?<![\w-])(?:techniques|style|ecosystem|architecture)\.md\b|\.\./" + "shared")
     res = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr

@@ -4,7 +4,8 @@ Layout. Each split (``train``, ``val``) is one token **stream**: its documents i
 end-of-document token, ``doc₀ EOD doc₁ EOD … docₙ EOD``. The stream is cut into shard files
 ``<split>-00000.arrow, …`` of at most ``shard_tokens`` tokens; each file is an Arrow IPC file holding **one record
 batch with one int32 column** ``tokens``. int32 rather than uint32: torch has no use for ``torch.uint32`` ids
-(ecosystem.md §8), and int32 halves the int64 footprint.
+(pyarrow hands uint32 columns to torch as ``torch.uint32``, which ``nn.Embedding`` rejects), and int32
+halves the int64 footprint.
 
 Why Arrow IPC and one batch per shard: opened through ``pa.memory_map``, ``reader.get_batch(0).column(0)
 .to_numpy(zero_copy_only=True)`` is a numpy view straight onto the page cache (0.13 ms for 16 M tokens), so every

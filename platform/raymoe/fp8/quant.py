@@ -26,7 +26,8 @@ Dtypes
 
 Trade-off
     On CPU the cost of emulation is memory passes, not FLOPs: a naive eager QDQ is 6–10× a bf16 GEMM on this machine
-    (ecosystem.md §10), mostly the E4M3→bf16 upcast. Every kernel here therefore comes in a fused "quantize +
+    (measured on 2 cores at 2048³: 67–90 ms against 10 ms; an E4M3→bf16 cast of 4096² alone takes ~65 ms), mostly
+    the E4M3→bf16 upcast. Every kernel here therefore comes in a fused "quantize +
     dequantize" form (``qdq_*``) returning ``(q, s, deq)`` in one pass, and can run through ``torch.compile`` (Inductor
     fuses the whole tile computation into one loop: ~4.5× faster than eager, bit-identical). Eager stays the default
     because a cold compile costs ~22 s; :class:`~raymoe.fp8.config.FP8Config` ``compile=True`` switches it on.
