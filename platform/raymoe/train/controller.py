@@ -246,11 +246,11 @@ class TrainController:
         return lr_at(self.tokens, tc.lr, tc.min_lr, tc.warmup_tokens, tc.constant_tokens, tc.decay_tokens,
                      self.total_tokens)
 
-    def plans(self) -> tuple[list[StepPlan], list[int]]:
-        """One :class:`StepPlan` per rank for the next step, and the step's global sample ids."""
+    def plans(self, lr: float) -> tuple[list[StepPlan], list[int]]:
+        """One :class:`StepPlan` per rank for the next step (at learning rate ``lr``), and the step's sample ids."""
         tc = self.run.train
         ids = self.sampler.next_batch(self.global_batch)
-        lr, bias = self._lr(), self.balancer.bias.clone()
+        bias = self.balancer.bias.clone()
         fault = self.fault_at.get(self.step)
         out = []
         for r in range(self.topo.world_size):
@@ -319,7 +319,7 @@ class TrainController:
         t0 = time.perf_counter()
         with self._phase(Phase.PLAN):
             lr, gamma = self._lr(), self._gamma()
-            plans, sample_ids = self.plans()
+            plans, sample_ids = self.plans(lr)
         t_exec = time.perf_counter()
         with self._phase(Phase.EXECUTE):
             results = self.group.step(plans)

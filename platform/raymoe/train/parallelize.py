@@ -130,7 +130,7 @@ def is_expert_param(model: nn.Module) -> set[int]:
     """ids of routed-expert parameters (split over ep, replicated over dp)."""
     out: set[int] = set()
     for m in model.modules():
-        if isinstance(m, RoutedExperts) or type(m).__name__ == "ExpertParallelExperts":
+        if isinstance(m, RoutedExperts):  # ExpertParallelExperts is one too
             out |= {id(p) for p in m.parameters()}
     return out
 

@@ -304,11 +304,3 @@ def build_process_groups(topo: Topology, rank: int, timeout_s: Optional[float] =
             groups[(spec.kind, spec.key)] = g
     return ProcessGroups(topo, rank, groups)
 
-
-def replace(topo: Topology, **changes: Any) -> Topology:
-    """A topology with some degrees changed (elastic resize, re-sharded resume)."""
-    kw = dict(pp=topo.pp, ep=topo.ep, dp=topo.dp, schedule=topo.schedule_name,
-              num_microbatches=topo.num_microbatches, model=topo.model)
-    kw.update(changes)
-    return Topology(**kw)
-

@@ -223,7 +223,7 @@ class PipelineWorker:
         else:
             self.transport = _Loopback(None)
         self._mb: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._mb_out: dict[int, Any] = {}
+        self._mb_out: list[tuple[float, float, float, float]] = []  # per micro-batch: loss, main, mtp, aux
         self._mtp_lambda = tc.mtp_lambda
         self._fault: Optional[str] = None
         self.autocast = run.train.dtype == "bfloat16"
@@ -252,10 +252,10 @@ class PipelineWorker:
         loss = out.loss
         if self._fault == "nan_loss":
             loss = loss * float("nan")
-        self._mb_out[len(self._mb_out)] = (
+        self._mb_out.append((
             float(loss.detach()), float(out.main_loss.detach()),
             float(out.mtp_loss.detach()) if out.mtp_loss is not None else 0.0,
-            float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0)
+            float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0))
         return loss / self.topo.num_microbatches
 
     def set_biases(self, biases: torch.Tensor) -> None:
@@ -304,7 +304,7 @@ class PipelineWorker:
         self.model.train()
         self._counts.zero_()
         self._mb = {i: self._load(list(ids), self.train_ds) for i, ids in enumerate(plan.microbatches)}
-        self._mb_out = {}
+        self._mb_out = []
         inputs = {i: x for i, (x, _) in self._mb.items()}
         targets = {i: y for i, (_, y) in self._mb.items()}
         self.transport.expect_schedule(topo.schedule, c.pp_rank)
@@ -324,7 +324,7 @@ class PipelineWorker:
 
         # one world all-reduce: counts, loss sums, non-finite flag
         sums = torch.zeros(5, dtype=torch.float64)
-        for loss, main, mtp, aux in self._mb_out.values():
+        for loss, main, mtp, aux in self._mb_out:
             sums += torch.tensor([loss, main, mtp, aux, 1.0], dtype=torch.float64)
         bad_layers = self.fp8_guard.problems() if self.fp8_guard is not None else []
         bad = float(bool(bad_layers) or not math.isfinite(float(sums[0])))
