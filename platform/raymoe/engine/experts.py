@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import nn
@@ -113,6 +113,11 @@ class SlotShard:
     def run(self, layer_key: str, x_ND: torch.Tensor, counts_S: torch.Tensor) -> torch.Tensor:
         return self.layers[layer_key].forward_grouped(x_ND, counts_S)
 
+    def submit(self, layer_key: str, x_ND: torch.Tensor, counts_S: torch.Tensor):
+        """Run now; return a callable yielding the output (the contract remote shards implement asynchronously)."""
+        y = self.run(layer_key, x_ND, counts_S)
+        return lambda: y
+
 
 class LoadRecorder:
     """Rows per logical expert ``[L, E]`` and per physical slot ``[L, R]``, over a sliding window of recent
@@ -171,12 +176,23 @@ class ReplicatedExperts:
             slots over ``num_shards`` shards.
         replan_every_tokens: re-plan from the recorder's window every so many tokens (0: never automatically).
         num_groups / num_nodes: EPLB topology for re-plans (``None`` groups: the router's ``n_group``).
+        shard_factory: ``index -> shard`` for shards the backend creates itself (default in-process
+            :class:`SlotShard`); shards that come and go from outside (remote expert-shard replicas) are handed in
+            with :meth:`replace_shards`.
+
+    Shards are anything with ``load(layer_key, source, experts) -> moved`` and ``submit(layer_key, x, counts) ->
+    (() -> y)`` (``SlotShard``, :class:`raymoe.engine.remote.RemoteShard`). ``run`` submits to every shard with
+    rows before waiting on any, so remote shards compute in parallel. A shard that fails
+    (:class:`raymoe.engine.remote.ShardUnavailable`) is dropped: the backend re-plans over the remaining shards
+    (the engine keeps the source weights, so any shard's slots can be rebuilt elsewhere) and re-runs the layer;
+    with no shard left it runs the layer on the source experts in process. No request fails either way.
     """
 
     def __init__(self, placement: Any = None, *, num_shards: int = 4, num_slots: Optional[int] = None,
                  replan_every_tokens: int = 0, window_tokens: int = 4096, num_groups: Optional[int] = None,
-                 num_nodes: int = 1) -> None:
+                 num_nodes: int = 1, shard_factory: Optional[Callable[[int], Any]] = None) -> None:
         self.placement = placement
+        self.shard_factory = shard_factory or SlotShard
         self._num_shards = placement.num_shards if placement is not None else num_shards
         self._num_slots = placement.num_slots if placement is not None else num_slots
         self.replan_every_tokens = replan_every_tokens
@@ -190,6 +206,7 @@ class ReplicatedExperts:
         self.events: list[dict[str, Any]] = []  # re-plans / resizes: kind, time, pause_s, moved slots, balance
         self._maps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pending_replan = False
+        self._base_slots_per_shard: Optional[int] = None
         self.prior_load: Optional[torch.Tensor] = None  # training's load: what re-plans use before any traffic
         self._config: Any = None
         self._model_dir: Any = None
@@ -242,7 +259,9 @@ class ReplicatedExperts:
         """Load the placement's slots into the shards (in place where possible); returns slots moved."""
         S = placement.slots_per_shard
         while len(self.shards) < placement.num_shards:
-            self.shards.append(SlotShard(len(self.shards)))
+            self.shards.append(self.shard_factory(len(self.shards)))
+        for gone in self.shards[placement.num_shards:]:
+            _close(gone)
         del self.shards[placement.num_shards:]
         moved = 0
         for li, key in enumerate(placement.layer_keys):
@@ -281,11 +300,17 @@ class ReplicatedExperts:
         return ev
 
     def replan(self, num_shards: Optional[int] = None, kind: str = "replan") -> dict[str, Any]:
-        """Plan from the recorder's window (``num_shards`` shards of the current slot capacity; default: the
-        current count) and move the weights. The returned event's ``pause_s`` covers planning + moving."""
+        """Plan from the recorder's window (``num_shards`` shards of the configured slot capacity; default: the
+        current count) and move the weights. The returned event's ``pause_s`` covers planning + moving.
+
+        A shard keeps the slot count it was configured with, except that ``num_shards`` shards must hold every
+        logical expert at least once: after losing shards, each remaining one grows to ``ceil(E / n)`` slots."""
         t0 = time.perf_counter()
         n = num_shards or self.num_shards
-        slots = n * self.placement.slots_per_shard
+        if self._base_slots_per_shard is None:
+            self._base_slots_per_shard = self.placement.slots_per_shard
+        E = self.placement.num_experts
+        slots = n * max(self._base_slots_per_shard, -(-E // n))
         load = self.recorder.window_load() if self.recorder is not None else None
         if (load is None or int(load.sum()) == 0) and self.prior_load is not None:
             load = self.prior_load
@@ -298,6 +323,44 @@ class ReplicatedExperts:
         if self.recorder is not None:
             self.recorder.tokens_since_reset = 0
         return ev
+
+    def replace_shards(self, shards: list, kind: str = "membership") -> dict[str, Any]:
+        """Serve from exactly ``shards`` from now on (remote replicas that joined / left): re-plan for
+        ``len(shards)`` shards of the current slot capacity and load every shard's slots (new shards get all of
+        theirs, kept ones only what moved). Shards no longer listed are closed. Returns the event record."""
+        if not shards:
+            raise ValueError("replace_shards needs at least one shard")
+        from raymoe.engine.remote import ShardUnavailable
+
+        keep = {id(x) for x in shards}
+        for old in self.shards:
+            if id(old) not in keep:
+                _close(old)
+        self.shards = list(shards)
+        try:
+            return self.replan(num_shards=len(shards), kind=kind)
+        except ShardUnavailable as e:
+            ev = self._drop_failed(str(e))
+            return ev if ev is not None else {"kind": kind, "time": time.time(), "pause_s": 0.0, "moved_slots": 0,
+                                              "num_shards": 0, "error": str(e)}
+
+    def _drop_failed(self, error: str = "") -> Optional[dict[str, Any]]:
+        """Drop shards marked dead and re-plan over the rest (again if another fails while loading); None when no
+        shard is left (layers then run on the source experts in process)."""
+        from raymoe.engine.remote import ShardUnavailable
+
+        while True:
+            lost = [x for x in self.shards if getattr(x, "dead", False)]
+            self.shards = [x for x in self.shards if not getattr(x, "dead", False)]
+            if lost:
+                self.events.append({"kind": "shard_failed", "time": time.time(), "lost": len(lost),
+                                    "error": error})
+            if not self.shards:
+                return None
+            try:
+                return self.replan(num_shards=len(self.shards), kind="shard_lost")
+            except ShardUnavailable as e:
+                error = str(e)
 
     def request_replan(self) -> None:
         """Re-plan at the start of the next forward."""
@@ -326,21 +389,40 @@ class ReplicatedExperts:
             if self._pending_replan or (self.replan_every_tokens and self.recorder.tokens_since_reset
                                         >= self.replan_every_tokens):
                 self._pending_replan = False
-                self.replan()
+                from raymoe.engine.remote import ShardUnavailable
+
+                try:
+                    self.replan()
+                except ShardUnavailable as e:
+                    self._drop_failed(str(e))
             self.recorder.start_forward(x_ND.shape[0] // max(self.top_k, 1))
+        from raymoe.engine.remote import ShardUnavailable
+
+        for _ in range(len(self.shards) + 1):
+            if not self.shards:  # every shard lost: the source experts, in process
+                return self.sources[layer_key].forward_grouped(x_ND, counts_E)
+            try:
+                return self._run_placed(layer_key, li, x_ND, counts_E)
+            except ShardUnavailable as e:  # a failed submit/wait marked its shard dead: re-plan without it
+                self._drop_failed(str(e))
+        return self.sources[layer_key].forward_grouped(x_ND, counts_E)
+
+    def _run_placed(self, layer_key: str, li: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         slot_len, idx = self._split(layer_key, counts_E)
-        self.recorder.record(li, counts_E, slot_len)
         idx = idx.to(x_ND.device)
         x_P = x_ND.index_select(0, idx)
         S = self.placement.slots_per_shard
-        outs, row = [], 0
+        pending, row = [], 0
         lens = slot_len.tolist()
         for s, shard in enumerate(self.shards):
             n = sum(lens[s * S : (s + 1) * S])
             if n:
-                outs.append(shard.run(layer_key, x_P[row : row + n], slot_len[s * S : (s + 1) * S].to(x_ND.device)))
+                pending.append(shard.submit(layer_key, x_P[row : row + n],
+                                            slot_len[s * S : (s + 1) * S].to(x_ND.device)))
                 self.calls += 1
             row += n
+        outs = [p() for p in pending]
+        self.recorder.record(li, counts_E, slot_len)
         y = torch.empty_like(x_ND)
         if outs:
             y.index_copy_(0, idx, torch.cat(outs))
@@ -369,6 +451,12 @@ class ReplicatedExperts:
                 "replans": sum(1 for e in self.events if e["kind"] == "replan"),
                 "last_pause_s": self.events[-1]["pause_s"] if self.events else 0.0,
                 "placement_source": pl.source, "tokens": self.recorder.total_tokens}
+
+
+def _close(shard: Any) -> None:
+    close = getattr(shard, "close", None)
+    if close is not None:
+        close()
 
 
 class DispatchedMoE(nn.Module):
