@@ -103,6 +103,10 @@ def stop_server() -> None:
 
     try:
         serve.shutdown()
+        if ray.is_initialized():  # the expert-shard registries are detached actors: serve.shutdown leaves them
+            from raymoe.actors.serve.expert_shards import kill_registry
+
+            kill_registry()
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -64,7 +64,7 @@ DEFAULT_ARGS: dict[str, Any] = {
 @serve.deployment(name="EngineDeployment")
 class EngineDeployment:
     def __init__(self, model_path: str, engine: dict, tokenizer_path: Optional[str] = None,
-                 torch_threads: int = 1, experts: Optional[dict] = None) -> None:
+                 torch_threads: int = 1, experts: Optional[dict] = None, expert_shards: Any = None) -> None:
         import torch
 
         from raymoe.actors.serve.experts import ExpertServing
@@ -72,7 +72,10 @@ class EngineDeployment:
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
-        self.experts = ExpertServing(model_path, experts)  # redundant experts (in-process shards) or none
+        # redundant experts: in-process shards, ExpertShards replicas (``expert_shards``: that deployment's handle,
+        # bound so Serve deploys it; the data plane goes through the app's expert registry), or none
+        self.expert_shards = expert_shards
+        self.experts = ExpertServing(model_path, experts, serve.get_replica_context().app_name)
         self.engine = LLMEngine.from_pretrained(model_path, EngineConfig.from_dict(engine), tokenizer_path,
                                                 expert_backend=self.experts.backend)
         self.lock = asyncio.Lock()
@@ -120,6 +123,11 @@ class EngineDeployment:
         self.m_kv_total.set(m["kv_blocks_total"])
         self.m_acc.set(m["spec_acceptance_rate"])
         self.m_tpf.set(m["spec_tokens_per_forward"])
+
+    def __del__(self) -> None:
+        experts = getattr(self, "experts", None)
+        if experts is not None:
+            experts.close()  # closes remote shard connections, so draining shards are not kept waiting
 
     async def info(self) -> dict[str, Any]:
         e = self.engine
@@ -389,6 +397,33 @@ class APIIngress:
         yield "data: [DONE]\n\n"
 
 
+def expert_shards_deployment(experts: dict[str, Any]):
+    """The bound ``ExpertShards`` deployment for ``experts.backend=remote`` (else None): ``num_shards`` initial
+    replicas within ``[min_shards, max_shards]``, scaled by :class:`ExpertRedundancyPolicy` on the replicas'
+    reported rows/s every ``remote.interval_s``."""
+    from raymoe.engine import ExpertsConfig
+
+    d = {k: v for k, v in experts.items() if k not in ("decide_every_steps", "remote")}
+    cfg = ExpertsConfig.from_dict(d)  # validates (unknown keys, bad values) before anything is deployed
+    if cfg.backend != "remote":
+        return None
+    from raymoe.actors.serve.expert_shards import POLICY_PATH, ExpertShardDeployment, RemoteShardsConfig
+    from raymoe.engine.redundancy import PolicyConfig
+
+    rc = RemoteShardsConfig.from_dict(experts.get("remote"))
+    lo, hi = cfg.min_shards or cfg.num_shards, cfg.max_shards or cfg.num_shards
+    policy = {**dict(cfg.policy or {}), "min_shards": lo, "max_shards": hi}
+    PolicyConfig.from_dict(policy)  # validate here, not in the Serve controller
+    autoscaling = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": cfg.num_shards,
+                   "metrics_interval_s": rc.interval_s, "look_back_period_s": max(2 * rc.interval_s, 1.0),
+                   "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+                   "policy": {"policy_function": POLICY_PATH, "policy_kwargs": {**policy, "interval_s": rc.interval_s}}}
+    return ExpertShardDeployment.options(
+        autoscaling_config=autoscaling, ray_actor_options={"num_cpus": rc.num_cpus},
+        graceful_shutdown_timeout_s=rc.drain_timeout_s + 5,
+    ).bind(rc.host, rc.torch_threads, rc.drain_timeout_s)
+
+
 def build_app(args: dict[str, Any]):
     """Serve application builder (``import_path: raymoe.actors.serve.app:build_app`` in a Serve config).
 
@@ -403,13 +438,14 @@ def build_app(args: dict[str, Any]):
     if not a["model_path"]:
         raise ValueError("model_path is required")
     name = a["served_model_name"] or str(a["model_path"]).rstrip("/").split("/")[-1]
+    experts = dict(a["experts"] or {})
     engine = EngineDeployment.options(
         autoscaling_config=dict(a["autoscaling"]),
         ray_actor_options={"num_cpus": a["engine_num_cpus"]},
         max_ongoing_requests=a["engine_max_ongoing_requests"],
         max_queued_requests=a["engine_max_queued_requests"],
-    ).bind(str(a["model_path"]), dict(a["engine"] or {}), a["tokenizer_path"], a["torch_threads"],
-           dict(a["experts"] or {}))
+    ).bind(str(a["model_path"]), dict(a["engine"] or {}), a["tokenizer_path"], a["torch_threads"], experts,
+           expert_shards_deployment(experts))
     tok_path = a["tokenizer_path"] or str(a["model_path"])
     return APIIngress.options(max_ongoing_requests=a["ingress_max_ongoing_requests"], ray_actor_options={
         "num_cpus": 0}).bind(engine, name, a["api_key"], a["max_body_bytes"], tok_path)

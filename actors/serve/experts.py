@@ -1,20 +1,24 @@
-"""Redundant experts inside the Serve engine replica: build the expert backend and the redundancy controller.
+"""Redundant experts of an engine replica: build the expert backend and whatever drives its shard count.
 
-Design decision (stated plainly): the expert shards are **in-process** :class:`raymoe.engine.SlotShard` objects of a
-:class:`raymoe.engine.ReplicatedExperts` backend inside each ``EngineDeployment`` replica, not a separate Serve
-deployment. A Serve deployment's replicas are interchangeable (its router picks any of them), while an expert shard
-holds specific slots, so a remote path needs one deployment (or one multiplexed model id) per shard plus one
-``DeploymentHandle`` round trip per shard per MoE layer per step; that was not built. The redundancy therefore means
-more slots / shard objects in the replica, and :class:`raymoe.engine.redundancy.RedundancyPolicy` decides their
-number (``experts.min_shards .. experts.max_shards``) from measured balance and throughput; each decision re-plans
-the placement and copies the weights between two engine steps (the pause is measured and logged).
+Two placements of the shards (``experts.backend``):
+
+* ``replicated``: in-process :class:`raymoe.engine.SlotShard` objects of a :class:`raymoe.engine.ReplicatedExperts`
+  backend inside the ``EngineDeployment`` replica. :class:`raymoe.engine.redundancy.RedundancyPolicy` runs in the
+  replica (every ``decide_every_steps`` engine steps, default 50) and decides the number of shards
+  (``experts.min_shards .. experts.max_shards``) from measured balance and throughput; each decision re-plans and
+  copies weights between two engine steps (the pause is measured and logged).
+* ``remote``: the shards are replicas of the ``ExpertShards`` Serve deployment
+  (:mod:`raymoe.actors.serve.expert_shards`), reached over gloo pairs; Serve's autoscaler runs the same
+  ``RedundancyPolicy`` over the replicas' reported load and sets the replica count, and this replica follows the
+  registry's member list (:class:`raymoe.actors.serve.expert_shards.ExpertMembership`), re-planning at step
+  boundaries when shards join or leave.
 
 ``experts`` args of the app (``conf/serve.yaml`` ``experts:``): :class:`raymoe.engine.placement.ExpertsConfig`
 fields; ``policy`` holds :class:`raymoe.engine.redundancy.PolicyConfig` fields (``min_shards``/``max_shards``
-default to ``experts.min_shards``/``max_shards``, else ``num_shards``); ``decide_every_steps`` (default 50) is how
-often the policy is consulted. With ``metrics_dir`` set, serving metrics (``serving/*``) go to
-``<metrics_dir>/metrics.jsonl`` through :class:`raymoe.metrics.MetricsLogger` (no wandb: ``kind=none``), rendered by
-``dashboards/render_local.py``.
+default to ``experts.min_shards``/``max_shards``, else ``num_shards``); ``remote`` holds
+:class:`raymoe.actors.serve.expert_shards.RemoteShardsConfig` fields. With ``metrics_dir`` set, serving metrics
+(``serving/*``) go to ``<metrics_dir>/replica-<pid>/metrics.jsonl`` through :class:`raymoe.metrics.MetricsLogger`
+(no wandb: ``kind=none``), rendered by ``dashboards/render_local.py``.
 """
 from __future__ import annotations
 
@@ -30,20 +34,33 @@ log = logging.getLogger(__name__)
 class ExpertServing:
     """Owns the replicated backend, the controller and the metrics sink of one engine replica."""
 
-    def __init__(self, model_path: str, experts: Optional[dict[str, Any]]) -> None:
+    def __init__(self, model_path: str, experts: Optional[dict[str, Any]], app_name: Optional[str] = None) -> None:
         from raymoe.engine import ExpertsConfig, ReplicatedExperts
         from raymoe.engine.redundancy import PolicyConfig, RedundancyController, RedundancyPolicy
 
         d = dict(experts or {})
         decide_every = int(d.pop("decide_every_steps", 50))
+        remote = d.pop("remote", None)
         self.config = ExpertsConfig.from_dict(d)
         self.backend: Optional[ReplicatedExperts] = None
         self.controller: Optional[RedundancyController] = None
+        self.membership = None
         self.logger = None
-        if self.config.backend != "replicated":
+        if self.config.backend == "local":
             return
         c = self.config
-        self.backend = ReplicatedExperts.from_config(c, model_path)
+        if c.backend == "remote":  # shards are ExpertShards replicas; Serve's autoscaler sets their number
+            from raymoe.actors.serve.expert_shards import ExpertMembership, RemoteShardsConfig
+
+            rc = RemoteShardsConfig.from_dict(remote)
+            self.membership = ExpertMembership(app_name or "default")
+            shards = self.membership.wait_for(c.num_shards, rc.wait_s)[: c.num_shards]
+            c.num_shards = len(shards)
+            decide_every = 0  # the Serve autoscaling policy decides, not the replica
+            self.backend = ReplicatedExperts.from_config(c, model_path)
+            self.backend.shard_factory = lambda i: shards[i]
+        else:
+            self.backend = ReplicatedExperts.from_config(c, model_path)
         pol = dict(c.policy or {})
         pol.setdefault("min_shards", c.min_shards or c.num_shards)
         pol.setdefault("max_shards", c.max_shards or c.num_shards)
@@ -61,6 +78,12 @@ class ExpertServing:
         """After each engine step, under the replica's engine lock (a scale decision moves weights here)."""
         if self.controller is None:
             return
+        if self.membership is not None:
+            mev = self.membership.poll(self.backend)
+            if mev is not None:
+                self.controller.decisions.append(mev)
+                if self.logger is not None:
+                    self.controller.log_metrics(mev)
         ev = self.controller.after_step(outputs, generated_tokens)
         if ev is not None:
             log.info("expert shards %s -> %d (%s); pause %.1f ms", ev["action"], ev["num_shards"], ev["reason"],
@@ -70,7 +93,10 @@ class ExpertServing:
         if self.backend is None or self.backend.placement is None:
             return {"backend": self.config.backend}
         snap = self.backend.snapshot()
-        return {"backend": "replicated", "num_shards": snap["num_shards"], "num_slots": snap["num_slots"],
+        return {"backend": self.config.backend, "shard_names": [getattr(x, "name", str(i))
+                                                                for i, x in enumerate(self.backend.shards)],
+                "events": [{k: v for k, v in e.items() if isinstance(v, (int, float, str)) or v is None}
+                           for e in self.backend.events], "num_shards": snap["num_shards"], "num_slots": snap["num_slots"],
                 "redundant_slots": snap["redundant_slots"], "balance": snap["balance"],
                 "placement_source": snap["placement_source"], "replans": snap["replans"],
                 "shard_rows": snap["shard_rows"], "phy2log": snap["phy2log"], "tokens": snap["tokens"],
@@ -80,6 +106,8 @@ class ExpertServing:
                 "policy_max_shards": self.controller.policy.config.max_shards}
 
     def close(self) -> None:
+        if self.membership is not None:
+            self.membership.close()
         if self.logger is not None:
             self.logger.finish()
             self.logger = None

@@ -38,8 +38,10 @@ EXPERT_LOAD_FILE = "expert_load.safetensors"
 class ExpertsConfig:
     """Serving-side expert placement (``experts:`` in ``conf/serve.yaml``).
 
-    ``backend``: ``local`` (the model's own experts, no redundancy) or ``replicated``
-    (:class:`raymoe.engine.experts.ReplicatedExperts`). ``num_shards`` shards of equal slot count hold
+    ``backend``: ``local`` (the model's own experts, no redundancy), ``replicated``
+    (:class:`raymoe.engine.experts.ReplicatedExperts` with in-process shards) or ``remote`` (the same backend with
+    shards in other processes, :mod:`raymoe.engine.remote`; on Serve the ``ExpertShards`` deployment).
+    ``num_shards`` shards of equal slot count hold
     ``E + redundant_slots`` slots (must divide evenly). ``num_groups`` / ``num_nodes`` map onto EPLB's topology
     (``num_groups=None``: the router's ``n_group``; hierarchical placement when ``num_groups % num_nodes == 0``).
     ``load_file``: an explicit expert-load file (default: ``<checkpoint>/expert_load.safetensors`` if present).
@@ -62,8 +64,8 @@ class ExpertsConfig:
     metrics_every_steps: int = 10
 
     def __post_init__(self) -> None:
-        if self.backend not in ("local", "replicated"):
-            raise ValueError(f"experts.backend={self.backend!r}; allowed: local, replicated")
+        if self.backend not in ("local", "replicated", "remote"):
+            raise ValueError(f"experts.backend={self.backend!r}; allowed: local, replicated, remote")
         if self.num_shards < 1 or self.redundant_slots < 0 or self.num_nodes < 1:
             raise ValueError("experts.num_shards >= 1, experts.redundant_slots >= 0, experts.num_nodes >= 1")
 
