@@ -9,6 +9,10 @@ Deployments::
                  one LLMEngine + one asyncio batching loop per replica
                  (+ with ``experts.backend=replicated``: in-process redundant expert shards whose count a
                   RedundancyPolicy decides after engine steps, see raymoe.actors.serve.experts)
+                 │  experts.backend=remote: one gloo pair per shard, no Serve hop on the data path
+                 ▼
+             ExpertShards × [min_shards, max_shards]   (autoscaled by ExpertRedundancyPolicy on expert balance;
+                 raymoe.actors.serve.expert_shards)
 
 The batching loop of a replica waits until some request is pending, then repeatedly runs ``engine.step()`` in a
 worker thread (so the replica's event loop keeps accepting requests: they join the running batch at the next step)

@@ -210,7 +210,7 @@ class ExpertRedundancyPolicy:
             return max(target, self.policy.config.min_shards), state
         mean = sum(vals) / len(vals)
         balance = max(vals) / mean if mean > 0 else 1.0
-        now = float(ctx.current_time or time.time())
+        now = float(ctx.current_time) if ctx.current_time is not None else time.time()
         if now - self._last_decision < self.interval_s:
             return target, state
         self._last_decision = now

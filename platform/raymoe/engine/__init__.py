@@ -4,6 +4,7 @@
 * :mod:`raymoe.engine.scheduler` – sequences and the continuous-batching scheduler (chunked prefill, preemption);
 * :mod:`raymoe.engine.sampling`  – sampling parameters, seeded draws, the speculative acceptance rule;
 * :mod:`raymoe.engine.experts`   – MoE dispatch behind a local/sharded/replicated expert backend interface;
+* :mod:`raymoe.engine.remote`    – expert shards in other processes: the gloo-pair data plane (server and client);
 * :mod:`raymoe.engine.placement` – redundant-expert placement (EPLB plans, the training-recorded expert load);
 * :mod:`raymoe.engine.redundancy` – the policy that grows/shrinks the expert shards from balance and throughput;
 * :mod:`raymoe.engine.engine`    – :class:`LLMEngine` (``from_pretrained``, ``add_request``, ``step``, ``generate``).
