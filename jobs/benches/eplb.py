@@ -45,6 +45,11 @@ pause (median of ``reps`` re-plans at a fixed shard count). Greedy tokens are ch
 and to the local-experts engine. Serving metrics are written through :class:`raymoe.metrics.MetricsLogger` to
 ``<out_dir>/serving_metrics`` (``metrics_dir=`` to override) for ``dashboards/render_local.py``.
 
+With ``remote=1`` the shards are separate processes (``python -m raymoe.engine.remote``, one per shard, plus one
+for the scale-up) reached over gloo pairs (:class:`raymoe.engine.remote.RemoteShard`), exactly the data plane of
+the ``ExpertShards`` Serve deployment; a third phase runs the *before* placement with in-process shards in the same
+run, so the table shows the data-plane cost (tok/s remote vs in-process) side by side.
+
 Other args: ``seed=0``, ``sigma=1.0``, ``reps=5``, ``threads=1``, ``plot=<png>`` (bar chart of the layer-mean
 imbalance per plan and case, with the worst layer and the bound), ``width=150`` (console).
 """
@@ -265,6 +270,21 @@ def _phase(engine, backend, ctl, prompts: list[str], max_tokens: int) -> dict:
             "num_shards": backend.num_shards, "redundant_slots": backend.placement.redundant_slots}
 
 
+def _start_shard_processes(n: int, procs: list) -> list[tuple[str, int]]:
+    """``n`` expert-shard server processes on 127.0.0.1 (appended to ``procs``); their addresses."""
+    import subprocess
+    import sys
+
+    new = [subprocess.Popen([sys.executable, "-m", "raymoe.engine.remote"], stdout=subprocess.PIPE, text=True)
+           for _ in range(n)]
+    procs.extend(new)
+    addrs = []
+    for p in new:
+        _, host, port = p.stdout.readline().split()
+        addrs.append((host, int(port)))
+    return addrs
+
+
 def run_serving(args: dict[str, str], console: Console) -> dict:
     """Redundant experts while serving (module docstring, ``serving=1``)."""
     import copy
@@ -278,8 +298,10 @@ def run_serving(args: dict[str, str], console: Console) -> dict:
 
     requests, max_tokens = int(args.get("requests", "8")), int(args.get("max_tokens", "24"))
     shards, reps = int(args.get("shards", "4")), int(args.get("reps", "5"))
+    remote = args.get("remote") in ("1", "true", "yes")
     prev = torch.get_num_threads()
     torch.set_num_threads(int(args.get("threads", "1")))
+    procs: list = []
     try:
         with tempfile.TemporaryDirectory(prefix="raymoe-eplb-serving-") as tmp:
             ck = build_tiny_checkpoint(pathlib.Path(tmp) / "ckpt", seed=int(args.get("seed", "0")))
@@ -300,8 +322,15 @@ def run_serving(args: dict[str, str], console: Console) -> dict:
             mix = ["She counted the stars: one, two, three, four, five, six"] * requests
             ref = [o.outputs[0].token_ids for o in
                    engine(None).generate(mix, SamplingParams(max_tokens=max_tokens, temperature=0))]
-            backend = ReplicatedExperts(Placement.from_load(keys, train_load, shards * (E // shards), shards, 1, 1,
-                                                            source="load-file"))
+            initial = Placement.from_load(keys, train_load, shards * (E // shards), shards, 1, 1, source="load-file")
+            factory = None
+            if remote:
+                addrs = _start_shard_processes(shards + 1, procs)
+                from raymoe.engine.remote import RemoteShard
+
+                def factory(i: int):
+                    return RemoteShard(addrs[i], f"shard{i}")
+            backend = ReplicatedExperts(initial, shard_factory=factory)
             backend.prior_load = train_load
             eng = engine(backend)
             mdir = pathlib.Path(args.get("metrics_dir", str(pathlib.Path(args.get("out_dir", "bench_results"))
@@ -319,15 +348,27 @@ def run_serving(args: dict[str, str], console: Console) -> dict:
             pauses = [1e3 * backend.replan()["pause_s"] for _ in range(reps)]
             ctl.log_metrics()
             logger.finish()
+            local = None
+            if remote:  # the same initial placement with in-process shards: the data-plane cost side by side
+                lb = ReplicatedExperts(initial)
+                lb.prior_load = train_load
+                local = _phase(engine(lb), lb, None, mix, max_tokens)
     finally:
         torch.set_num_threads(prev)
-    same = before["tokens"] == ref and after["tokens"] == ref
-    t = Table(title=f"Redundant experts while serving (tiny, {requests} skewed requests x {max_tokens} tokens; "
-                    f"greedy tokens identical to local experts: {same})")
+        for p in procs:
+            p.kill()
+            p.wait()
+    same = before["tokens"] == ref and after["tokens"] == ref and (local is None or local["tokens"] == ref)
+    where = "remote shard processes over gloo" if remote else "in-process shards"
+    t = Table(title=f"Redundant experts while serving (tiny, {where}, {requests} skewed requests x {max_tokens} "
+                    f"tokens; greedy tokens identical to local experts: {same})")
     for col in ("phase", "shards", "redundant", "balance", "tok/s (wall)", "EP critical rows/token", "TTFT ms",
                 "TPOT ms"):
         t.add_column(col, justify="left" if col == "phase" else "right")
-    for name, r in (("before", before), ("after scale-up", after)):
+    phases = [("before", before), ("after scale-up", after)]
+    if local is not None:
+        phases.append(("before, in-process shards", local))
+    for name, r in phases:
         t.add_row(name, str(r["num_shards"]), str(r["redundant_slots"]), f"{r['balance']:.3f}",
                   f"{r['tokens_per_s']:.1f}", f"{r['critical_rows_per_token']:.2f}", f"{r['ttft_ms']:.1f}",
                   f"{r['tpot_ms']:.2f}")
@@ -335,9 +376,12 @@ def run_serving(args: dict[str, str], console: Console) -> dict:
     decision = {k: v for k, v in (ev or {}).items() if isinstance(v, (int, float, str)) or v is None}
     console.print(f"decision: {decision.get('action')} ({decision.get('reason')}); apply {apply_ms:.1f} ms; "
                   f"re-plan pause median {statistics.median(pauses):.2f} ms over {reps}; metrics: {mdir}")
-    for r in (before, after):
+    for _, r in phases:
         r.pop("tokens")
-    return {"serving": {"before": before, "after": after, "decision": decision, "apply_ms": apply_ms,
+    if local is not None:
+        console.print(f"data plane: remote / in-process tok/s = {before['tokens_per_s'] / local['tokens_per_s']:.2f}")
+    return {"serving": {"before": before, "after": after, "in_process": local, "remote": remote,
+                        "decision": decision, "apply_ms": apply_ms,
                         "replan_pause_ms": {"median": statistics.median(pauses), "max": max(pauses)},
                         "tokens_identical": same, "metrics_dir": str(mdir), "requests": requests,
                         "max_tokens": max_tokens}}
