@@ -32,7 +32,10 @@ def server(ckpt):
     from raymoe.jobs.serve import start_server, stop_server
 
     args = {"model_path": str(ckpt), "served_model_name": MODEL, "api_key": KEY, "engine": ENGINE,
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
+            # up to 2 engine replicas, scaled by Serve on ongoing requests (exercised by the last test)
+            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
+                            "upscale_delay_s": 0, "downscale_delay_s": 600, "metrics_interval_s": 0.5,
+                            "look_back_period_s": 1.0},
             "engine_max_queued_requests": 64}
     url = start_server(args, "127.0.0.1", free_port(), num_cpus=4, timeout_s=180)
     yield url
@@ -144,3 +147,36 @@ def test_errors_and_api_key(server, client) -> None:
     with pytest.raises(openai.AuthenticationError):
         bad.completions.create(model=MODEL, prompt="x", max_tokens=2)
     assert httpx.post(f"{server}/v1/completions", json={"prompt": "x"}).status_code == 401
+
+
+def _running_engine_replicas() -> int:
+    from ray import serve
+
+    dep = serve.status().applications["raymoe"].deployments["EngineDeployment"]
+    return int(dep.replica_states.get("RUNNING", 0))
+
+
+def test_engine_replicas_autoscale_on_ongoing_requests(client, local) -> None:
+    """24 concurrent streams against target_ongoing_requests=8: Serve adds the second engine replica while they run;
+    every request completes with the single-request greedy text (runs last: the module's other tests see one
+    replica unless their own load scales it)."""
+    import time
+
+    ref = local_greedy(local, PROMPTS[0], max_tokens=48)
+
+    def one(_: int) -> str:
+        return client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=48,
+                                         temperature=0).choices[0].text
+
+    deadline = time.monotonic() + 120
+    scaled = _running_engine_replicas() >= 2
+    while not scaled:
+        assert time.monotonic() < deadline, "Serve did not start a second engine replica within 120 s"
+        with cf.ThreadPoolExecutor(24) as ex:
+            futs = [ex.submit(one, i) for i in range(24)]
+            while not all(f.done() for f in futs):
+                scaled = scaled or _running_engine_replicas() >= 2
+                time.sleep(0.25)
+            assert [f.result() for f in futs] == [ref] * 24
+    with cf.ThreadPoolExecutor(8) as ex:  # both replicas serve identical greedy text
+        assert list(ex.map(one, range(16))) == [ref] * 16
