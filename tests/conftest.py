@@ -1,7 +1,10 @@
-"""Shared test settings: loopback-only Ray, offline wandb, CPU DeepSpeed, a per-session data cache."""
+"""Shared test settings: loopback-only Ray, offline wandb, CPU DeepSpeed, a per-session data cache; and the fixtures
+every layer shares: the tiny trained checkpoint (built once per session) and its loaded model."""
 from __future__ import annotations
 
 import os
+
+import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # must precede `import ray`
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -10,3 +13,28 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """The tiny model of :mod:`raymoe.engine.tiny`, trained for 30 steps on its bundled text, exported as a HF
+    checkpoint directory with its tokenizer (built on one torch thread: the CI box is shared)."""
+    import torch
+
+    from raymoe.engine.tiny import build_tiny_checkpoint
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_ckpt):
+    """``(model, tokenizer, eos_token_id)`` of :func:`tiny_ckpt`, loaded once; tests deep-copy the model."""
+    from raymoe.engine import LLMEngine
+
+    eng = LLMEngine.from_pretrained(tiny_ckpt)
+    return eng.model, eng.tokenizer, eng.eos_token_id

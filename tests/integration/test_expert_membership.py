@@ -12,18 +12,16 @@ import torch
 
 from raymoe.engine import EngineConfig, LLMEngine, Placement, ReplicatedExperts, SamplingParams
 from raymoe.engine.remote import ShardServer
-from raymoe.engine.tiny import build_tiny_checkpoint
 
 PROMPTS = ["The river runs past", "Every expert in the layer reads"]
 KEYS = ["layers.1", "layers.2", "mtp.0"]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tiny_base):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    eng = LLMEngine.from_pretrained(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0))
-    yield eng.model, eng.tokenizer, eng.eos_token_id
+    yield tiny_base
     torch.set_num_threads(n)
 
 

@@ -11,7 +11,6 @@ import torch
 
 from raymoe.engine import EngineConfig, EngineError, EngineFull, LLMEngine, SamplingParams, ShardedExperts
 from raymoe.engine.paged import BlockAllocator, PagedLatentCache
-from raymoe.engine.tiny import build_tiny_checkpoint
 from raymoe.model import hf
 
 warnings.filterwarnings("ignore")
@@ -35,15 +34,14 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+def ckpt(tiny_ckpt):
+    return tiny_ckpt
 
 
 @pytest.fixture(scope="module")
-def base(ckpt):
+def base(tiny_base):
     """(model, tokenizer, eos) loaded once; every engine gets a deep copy."""
-    eng = LLMEngine.from_pretrained(ckpt)
-    return eng.model, eng.tokenizer, eng.eos_token_id
+    return tiny_base
 
 
 @pytest.fixture(scope="module")

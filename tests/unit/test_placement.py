@@ -18,7 +18,7 @@ from raymoe.engine import (EngineConfig, ExpertsConfig, LLMEngine, Placement, Re
                            initial_placement, read_expert_load, write_expert_load)
 from raymoe.engine.placement import align_load, slots_for
 from raymoe.engine.redundancy import Decision, PolicyConfig, RedundancyController, RedundancyPolicy
-from raymoe.engine.tiny import build_tiny_checkpoint, tiny_corpus
+from raymoe.engine.tiny import tiny_corpus
 
 warnings.filterwarnings("ignore")
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -44,14 +44,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+def ckpt(tiny_ckpt):
+    return tiny_ckpt
 
 
 @pytest.fixture(scope="module")
-def base(ckpt):
-    eng = LLMEngine.from_pretrained(ckpt)
-    return eng.model, eng.tokenizer, eng.eos_token_id
+def base(tiny_base):
+    return tiny_base
 
 
 def make_engine(base, backend=None, spec: int = 1) -> LLMEngine:

@@ -15,7 +15,6 @@ import torch
 
 from raymoe.engine import EngineConfig, LLMEngine, Placement, ReplicatedExperts, SamplingParams
 from raymoe.engine.remote import RemoteShard, ShardServer, ShardUnavailable
-from raymoe.engine.tiny import build_tiny_checkpoint
 from raymoe.model.moe import RoutedExperts
 
 GEN = 10
@@ -33,9 +32,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    eng = LLMEngine.from_pretrained(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0))
-    return eng.model, eng.tokenizer, eng.eos_token_id
+def base(tiny_base):
+    return tiny_base
 
 
 def make_engine(base, backend=None) -> LLMEngine:
