@@ -34,6 +34,7 @@ Metrics (Prometheus via ``ray.serve.metrics``, exported by Ray's metrics agent):
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional
@@ -135,7 +136,7 @@ class EngineDeployment:
 
     async def info(self) -> dict[str, Any]:
         e = self.engine
-        return {"vocab_size": e.model_config.vocab_size, "max_model_len": e.max_model_len,
+        return {"pid": os.getpid(), "vocab_size": e.model_config.vocab_size, "max_model_len": e.max_model_len,
                 "num_speculative_tokens": e.num_spec, "has_tokenizer": e.tokenizer is not None,
                 "metrics": e.metrics(), "experts": self.experts.info()}
 

@@ -1,7 +1,8 @@
 """Expert shards as their own Serve deployment (experts.backend=remote): the engine replica reaches ExpertShards
 replicas over gloo pairs, Serve's autoscaler (our ExpertRedundancyPolicy over the replicas' reported rows/s) adds a
-replica under a skewed prompt mix, the engine re-plans onto it, and a replica SIGKILLed under load costs no request.
-Greedy completions over HTTP equal the local-experts engine token for token throughout."""
+replica under a skewed prompt mix, the engines re-plan onto it, and a replica SIGKILLed under load costs no request.
+Two engine replicas share the shards (one connection each, own slots). Greedy completions over HTTP equal the
+local-experts engine token for token throughout."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -43,16 +44,32 @@ def server(ckpt):
                "policy": {"up_balance": 1.02, "down_balance": 1.01, "patience": 2, "cooldown_s": 3600,
                           "min_tokens": 32, "rollback_drop": 0.99}}
     args = {"model_path": str(ckpt), "served_model_name": MODEL, "engine": ENGINE, "experts": experts,
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}}
+            # two engine replicas: each opens its own gloo pair to every shard and follows the registry by itself
+            "autoscaling": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 8}}
     url = start_server(args, "127.0.0.1", free_port(), num_cpus=4, timeout_s=180)
     yield url
     stop_server()
 
 
 def _info() -> dict:
+    """One engine replica's view (the handle picks either)."""
     from ray import serve
 
     return serve.get_deployment_handle("EngineDeployment", app_name="raymoe").info.remote().result()["experts"]
+
+
+def _all_infos() -> list[dict]:
+    """Every engine replica's view: ask until two distinct replica pids answered."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("EngineDeployment", app_name="raymoe")
+    seen: dict[int, dict] = {}
+    for _ in range(40):
+        i = h.info.remote().result()
+        seen[i["pid"]] = i["experts"]
+        if len(seen) == 2:
+            break
+    return list(seen.values())
 
 
 def _shard_pids() -> set[int]:
@@ -107,8 +124,11 @@ def test_remote_shards_scale_up_and_survive_a_kill(server, ckpt) -> None:
     # skewed traffic: per-replica rows/s diverge, Serve's autoscaler (our policy) starts a third replica, the engine
     # connects it at a step boundary and re-plans 8 -> 12 slots
     balance_before = _info()["balance"]
-    _wait(lambda: _info()["num_shards"] == 3, 120, "the scale-up to 3 shards", tick=skewed_round)
-    info = _info()
+    _wait(lambda: all(i["num_shards"] == 3 for i in _all_infos()), 120, "the scale-up to 3 shards",
+          tick=skewed_round)
+    infos = _all_infos()
+    assert len(infos) == 2 and all(len(i["shard_names"]) == 3 for i in infos)
+    info = infos[0]
     ups = [e for e in info["events"] if e["kind"] == "scale_up"]
     assert ups and ups[-1]["num_slots"] == 12 and ups[-1]["pause_s"] < 2.0, info["events"]
     assert info["redundant_slots"] == 4
@@ -130,6 +150,6 @@ def test_remote_shards_scale_up_and_survive_a_kill(server, ckpt) -> None:
         texts = [f.result() for f in futs]
     long_ref = local.generate([SKEWED[0]], SamplingParams(max_tokens=24, temperature=0))[0].outputs[0].text
     assert texts == [long_ref] * len(texts)
-    assert any(e["kind"] == "shard_failed" for e in _info()["events"])
+    assert any(any(e["kind"] == "shard_failed" for e in i["events"]) for i in _all_infos())
     _wait(lambda: _info()["num_shards"] >= 2 and victim not in _shard_pids(), 120, "the replacement shard")
     skewed_round()
