@@ -35,12 +35,7 @@ HELD_OUT = ["The baker counts the boats under the old bridge while the rain fall
             "The router sends each token to an expert, and the expert reads only its own tokens."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ PROMPTS = ["The river runs past", "She counted the stars: one, two", "Every expe
 LAYER_KEYS = ["layers.1", "layers.2", "mtp.0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
