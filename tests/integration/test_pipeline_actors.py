@@ -106,8 +106,16 @@ def test_pp2_equals_pp1(tmp_path, reference, schedule) -> None:
 def reference8(tmp_path_factory) -> dict:
     """pp = ep = dp = 1 with 8 micro-batches of 1 sequence: the global batch of 8 used below."""
     tmp = tmp_path_factory.mktemp("ref8")
-    s, _ = _drive(_run(tmp, "ref8", C=8, steps=4), inspect=False)
-    return {"summary": s, "weights": _weights(s)}
+    s, _ = _drive(_run(tmp, "ref8", C=8, steps=4, checkpoint_every=2), inspect=False)
+    return {"summary": s, "weights": _weights(s), "run_dir": tmp / "ref8"}
+
+
+def _fork(src_run_dir: pathlib.Path, step: int, dst_run_dir: pathlib.Path) -> None:
+    """Start ``dst_run_dir`` from ``src_run_dir``'s step-``step`` checkpoint (what a run stopped there would hold)."""
+    import shutil
+
+    name = f"step_{step:08d}"
+    shutil.copytree(src_run_dir / "checkpoints" / name, dst_run_dir / "checkpoints" / name)
 
 
 def test_dualpipe_pp4_equals_pp1(tmp_path, reference8) -> None:
@@ -132,15 +140,13 @@ def test_pp2_ep2_equals_pp1_dp2_and_reshards_both_ways(tmp_path, reference8) -> 
     full, _ = _drive(_run(tmp_path, "pe", pp=2, ep=2, C=4, steps=4, checkpoint_every=2), inspect=False)
     _close(full["losses"], ref)
     _same_weights(_weights(full), reference8["weights"])
-    # saved at pp=2 × ep=2, resumed at pp=1 × ep=1
-    part, _ = _drive(_run(tmp_path, "down", pp=2, ep=2, C=4, steps=4, checkpoint_every=2, stop_after_steps=2),
-                     inspect=False)
-    assert part["steps"] == 2 and not part["finished"]
+    # saved at pp=2 × ep=2 (the run above, step 2), resumed at pp=1 × ep=1
+    _fork(tmp_path / "pe", 2, tmp_path / "down")
     rest, _ = _drive(_run(tmp_path, "down", C=8, steps=4, checkpoint_every=2), inspect=False)
     assert rest["resumed_from"].endswith("step_00000002")
     _close(rest["losses"], ref)
-    # saved at pp=1 × ep=1, resumed at pp=2 × ep=2
-    _drive(_run(tmp_path, "up", C=8, steps=4, checkpoint_every=2, stop_after_steps=2), inspect=False)
+    # saved at pp=1 × ep=1 (the reference, step 2), resumed at pp=2 × ep=2
+    _fork(reference8["run_dir"], 2, tmp_path / "up")
     back, _ = _drive(_run(tmp_path, "up", pp=2, ep=2, C=4, steps=4, checkpoint_every=2), inspect=False)
     assert back["resumed_from"].endswith("step_00000002")
     _close(back["losses"], ref)
