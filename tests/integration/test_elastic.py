@@ -104,10 +104,24 @@ def _assert_same_samples(a: RunConfig, b: RunConfig) -> None:
     assert ca == cb  # nothing replayed twice into the optimizer, nothing skipped
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """``reference(dp, impl) -> (RunConfig, summary)``: the uninterrupted 8-step run, made once per (dp, impl) and
+    shared by every test that compares against it."""
+    made: dict[tuple[int, str], tuple[RunConfig, dict]] = {}
+
+    def get(dp: int, impl: str = "auto") -> tuple[RunConfig, dict]:
+        if (dp, impl) not in made:
+            run = _run(tmp_path_factory.mktemp("ref"), f"ref_dp{dp}_{impl}", dp=dp, impl=impl)
+            made[(dp, impl)] = (run, _drive(run))
+        return made[(dp, impl)]
+
+    return get
+
+
 @pytest.mark.parametrize("dp", [1, 2])
-def test_killed_rank_is_replaced_and_the_run_matches(tmp_path, dp) -> None:
-    ref_run = _run(tmp_path, f"ref{dp}", dp=dp)
-    ref = _drive(ref_run)
+def test_killed_rank_is_replaced_and_the_run_matches(tmp_path, reference, dp) -> None:
+    ref_run, ref = reference(dp)
     run = _run(tmp_path, f"kill{dp}", dp=dp)
     s = _drive(run, events=[(3, _kill_rank(dp - 1))])
     assert s["finished"] and s["steps"] == 8
@@ -119,12 +133,12 @@ def test_killed_rank_is_replaced_and_the_run_matches(tmp_path, dp) -> None:
     _assert_same_samples(run, ref_run)
 
 
-def test_shrink_then_grow_keeps_the_global_batch(tmp_path) -> None:
-    """dp 2 → 1 (a replica dies while the cluster has room for one) → 2 (resources come back)."""
+def test_shrink_then_grow_keeps_the_global_batch(tmp_path, reference) -> None:
+    """dp 2 → 1 (a replica dies while the cluster has room for one) → 2 (resources come back); the reference is
+    the uninterrupted fixed dp=2 native run (elastic bounds change no arithmetic)."""
     import ray
 
-    ref_run = _run(tmp_path, "ref_el", dp=2, impl="native", elastic=(1, 2), cpus=3)
-    ref = _drive(ref_run)
+    ref_run, ref = reference(2, "native")
 
     @ray.remote(num_cpus=5)
     def squat(seconds: float) -> None:  # holds the dead replica's CPUs: the cluster "lost a node"
@@ -171,13 +185,12 @@ def test_failures_past_max_failures_stop_with_checkpoints_intact(tmp_path) -> No
     assert s["finished"] and s["resumed_from"] == str(newest)
 
 
-def test_kill_during_checkpoint_write_uses_the_previous_one(tmp_path) -> None:
+def test_kill_during_checkpoint_write_uses_the_previous_one(tmp_path, reference) -> None:
     """The rank sleeps inside save (test-only delay); the test kills it there: step 4's checkpoint never commits."""
     import ray
 
-    ref_run = _run(tmp_path, "ref_ck", dp=1, impl="native", steps=6)
-    ref = _drive(ref_run)
-    run = _run(tmp_path, "ck", dp=1, impl="native", steps=6)
+    _, ref = reference(1, "native")
+    run = _run(tmp_path, "ck", dp=1, impl="native")
 
     def kill_in_save(coord) -> None:
         pid = coord.initial_pids[0]  # asking the rank now would wait for its save to finish
@@ -194,12 +207,11 @@ def test_kill_during_checkpoint_write_uses_the_previous_one(tmp_path) -> None:
     assert s["losses"] == ref["losses"]
 
 
-def test_hung_rank_is_detected_within_the_step_timeout_and_replaced(tmp_path) -> None:
+def test_hung_rank_is_detected_within_the_step_timeout_and_replaced(tmp_path, reference) -> None:
     """SIGSTOP (a real hang: the process is alive but does nothing) of one replica: its peer blocks in the gradient
     all-reduce, the step exceeds train.step_timeout_s, the group is torn down and rebuilt, and the run matches."""
-    ref_run = _run(tmp_path, "ref_hang", dp=2, impl="native", steps=6)
-    ref = _drive(ref_run)
-    run = _run(tmp_path, "hang", dp=2, impl="native", steps=6, step_timeout_s=20.0)
+    ref_run, ref = reference(2, "native")
+    run = _run(tmp_path, "hang", dp=2, impl="native", step_timeout_s=20.0)
 
     def stop_rank(coord) -> None:
         os.kill(coord.initial_pids[1], signal.SIGSTOP)
