@@ -412,16 +412,30 @@ class ReplicatedExperts:
         idx = idx.to(x_ND.device)
         x_P = x_ND.index_select(0, idx)
         S = self.placement.slots_per_shard
+        from raymoe.engine.remote import ShardUnavailable
+
         pending, row = [], 0
         lens = slot_len.tolist()
+        error: Optional[ShardUnavailable] = None
         for s, shard in enumerate(self.shards):
             n = sum(lens[s * S : (s + 1) * S])
             if n:
-                pending.append(shard.submit(layer_key, x_P[row : row + n],
-                                            slot_len[s * S : (s + 1) * S].to(x_ND.device)))
+                try:
+                    pending.append(shard.submit(layer_key, x_P[row : row + n],
+                                                slot_len[s * S : (s + 1) * S].to(x_ND.device)))
+                except ShardUnavailable as e:
+                    error = e
+                    break
                 self.calls += 1
             row += n
-        outs = [p() for p in pending]
+        outs = []
+        for p in pending:  # wait on every submitted shard even after a failure: each reply must be consumed
+            try:           # before the connection carries the next message (the re-plan's LOAD)
+                outs.append(p())
+            except ShardUnavailable as e:
+                error = error or e
+        if error is not None:
+            raise error
         self.recorder.record(li, counts_E, slot_len)
         y = torch.empty_like(x_ND)
         if outs:
