@@ -10,8 +10,8 @@ Transport: one torch.distributed **gloo process group of two** (engine = rank 0,
 connection, built directly as ``ProcessGroupGloo`` on a ``PrefixStore`` of the shard's ``TCPStore``, so a process
 can hold any number of connections, connections come and go without a world-wide rendezvous, and nothing touches the
 default process group. Connecting: the engine increments the store counter ``"next"`` to get a connection id ``c``,
-writes ``"req/<c>"``; the shard's accept thread waits for ``req/<c>`` and starts a serving thread; both build the
-pair group on prefix ``"conn<c>/"``. Every message starts with an ``int64[8]`` header (engine → shard, tag 0);
+writes ``"req/<c>"``; the shard's accept thread polls for requested ids and starts a serving thread per id; both
+build the pair group on prefix ``"conn<c>/"``. Every message starts with an ``int64[8]`` header (engine → shard, tag 0);
 replies use tag 1::
 
     HELLO  [1, D, I, dtype]                         set the row width / dtype of this connection
@@ -135,19 +135,22 @@ class ShardServer:
 
     # ------------------------------------------------------------------ accept / serve
     def _accept(self) -> None:
-        nxt = 1
+        """Start a serving thread for every requested connection id. Ids are polled, not awaited in order: an engine
+        that died between taking an id and requesting it must not block the ones after it."""
+        started: set[int] = set()
         while not self._stop.is_set():
             try:
-                if not self.store.check([f"req/{nxt}"]):  # polled: a blocking wait logs a warning per timeout
-                    time.sleep(0.02)
-                    continue
+                issued = self.store.add("next", 0)
+                ready = [c for c in range(1, issued + 1) if c not in started and self.store.check([f"req/{c}"])]
             except Exception:  # noqa: BLE001 - the store is closing
-                time.sleep(0.1)
-                continue
-            cid, nxt = nxt, nxt + 1
-            t = threading.Thread(target=self._serve, args=(cid,), name=f"shard-conn{cid}", daemon=True)
-            t.start()
-            self._threads.append(t)
+                ready = []
+            for cid in ready:
+                started.add(cid)
+                t = threading.Thread(target=self._serve, args=(cid,), name=f"shard-conn{cid}", daemon=True)
+                t.start()
+                self._threads.append(t)
+            if not ready:
+                time.sleep(0.02)
 
     def _serve(self, cid: int) -> None:
         try:
