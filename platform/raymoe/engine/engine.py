@@ -7,8 +7,13 @@
    running sequences, prefill chunks, and newly admitted sequences (see its docstring for the policy);
 2. all picked tokens are packed into one row ``[1, N]`` and run through ``model.embed_tokens`` →
    ``model.run_layers(..., cache=PackedBatch)`` (absorbed MLA reading/writing the paged cache, see
-   :mod:`raymoe.engine.paged`) → ``model.norm`` → ``model.lm_head`` on the rows that need logits only;
-3. per sequence: sample (prefill's last chunk, decode) or verify drafts (speculative), apply stop conditions;
+   :mod:`raymoe.engine.paged`) → ``model.norm`` → ``model.lm_head`` on the rows that need logits only.
+   **Decode fast path**: when every sequence contributes at most ``1 + num_speculative_tokens`` tokens (decode, draft
+   verification; ``EngineConfig.fast_decode``), the tokens run instead as ``[N, 1]`` — one batch row per token —
+   with a :class:`~raymoe.engine.paged.DecodeBatch`, so each token attends to its own sequence's latents only
+   (``O(Σ len)`` attention instead of the packed ``O(N·Σ len)``); every other op sees the same ``[N, D]`` rows;
+3. per sequence: sample (prefill's last chunk, decode) or verify drafts (speculative), apply stop conditions; the
+   greedy tokens of all sequences come from one ``argmax`` over the step's logits;
 4. MTP drafting (``num_speculative_tokens = k > 0`` and the model has MTP modules): for every sequence, the MTP
    block (depth 1) runs over the positions whose next token is now known — ``[emb(t_{i+1}) ; h_i]`` at position i,
    attending through its own paged layer — and its head proposes the token after the last one; drafts 2..k chain the
@@ -40,7 +45,7 @@ import torch
 from torch import nn
 
 from raymoe.engine.experts import ExpertBackend, install_expert_backend
-from raymoe.engine.paged import PagedLatentCache
+from raymoe.engine.paged import DecodeBatch, PackedBatch, PagedLatentCache
 from raymoe.engine.sampling import SamplingParams, probs_from_logits, sample_token, speculative_accept, top_logprobs
 from raymoe.engine.scheduler import Scheduler, Sequence, SequenceGroup
 from raymoe.model.transformer import DeepSeekV3, RoutingStats
@@ -75,6 +80,7 @@ class EngineConfig:
     max_waiting: int = 1024  # bound on queued sequences
     dtype: str = "float32"
     device: str = "cpu"
+    fast_decode: bool = True  # decode / draft-verify steps use the per-token DecodeBatch attention (see module doc)
     seed: int = 0  # seeds requests that bring no seed of their own (in order of arrival)
 
     @classmethod
@@ -163,6 +169,10 @@ class LLMEngine:
         self._req_counter = itertools.count()
         self.stats: dict[str, float] = dict(steps=0, prompt_tokens=0, generation_tokens=0, spec_drafted=0,
                                             spec_accepted=0, spec_verifies=0, spec_emitted=0)
+        # forwards (main and MTP) per cache view: "decode" = DecodeBatch fast path, "packed" = PackedBatch
+        self.forward_paths: dict[str, int] = {"decode": 0, "packed": 0}
+        # segments of at most this many tokens take the decode fast path (a decode token + its drafts)
+        self.fast_decode_max_tokens = 1 + self.num_spec
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -245,24 +255,45 @@ class LLMEngine:
     def _mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.mtp[0].head_norm(h))
 
+    def _view(self, segments: list[tuple[list[int], int, int]]) -> PackedBatch | DecodeBatch:
+        """The cache view of one forward: :class:`DecodeBatch` (row-per-token layout) when every segment has at most
+        ``fast_decode_max_tokens`` tokens and ``fast_decode`` is on, else :class:`PackedBatch` (one packed row)."""
+        if self.config.fast_decode and all(n <= self.fast_decode_max_tokens for _, _, n in segments):
+            self.forward_paths["decode"] += 1
+            return self.cache.decode_batch(segments)
+        self.forward_paths["packed"] += 1
+        return self.cache.batch(segments)
+
+    def _embed(self, ids: list[int], view: PackedBatch | DecodeBatch) -> torch.Tensor:
+        """Token embeddings in the view's layout: ``[N, 1, D]`` for a decode batch, ``[1, N, D]`` packed."""
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return self.model.embed_tokens(x[:, None] if isinstance(view, DecodeBatch) else x[None])
+
+    @staticmethod
+    def _rows(h: torch.Tensor, view: PackedBatch | DecodeBatch) -> torch.Tensor:
+        """``[N, 1, D]`` or ``[1, N, D]`` → ``[N, D]`` (a view; the token order is the same in both layouts)."""
+        return h[:, 0] if isinstance(view, DecodeBatch) else h[0]
+
     @torch.no_grad()
     def _forward(self, ids: list[int], segments, logit_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed main-model forward → (hidden [N, D], logits [len(logit_rows), V])."""
+        """Main-model forward of the step's tokens → (hidden [N, D], logits [len(logit_rows), V] fp32)."""
         m = self.model
-        batch = self.cache.batch(segments)
-        x = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
-        h = m.run_layers(m.embed_tokens(x), range(len(m.layers)), batch, RoutingStats())[0]
-        logits = m.lm_head(m.norm(h[logit_rows])) if logit_rows else h.new_zeros(0, m.config.vocab_size)
-        return h, logits.float()
+        view = self._view(segments)
+        h = self._rows(m.run_layers(self._embed(ids, view), range(len(m.layers)), view, RoutingStats()), view)
+        if not logit_rows:
+            return h, h.new_zeros(0, m.config.vocab_size).float()
+        if len(logit_rows) == h.shape[0]:  # every row (decode steps): no gather
+            return h, m.lm_head(m.norm(h)).float()
+        return h, m.lm_head(m.norm(h[logit_rows])).float()
 
     @torch.no_grad()
     def _mtp_forward(self, ids: list[int], h_prev: torch.Tensor, segments) -> torch.Tensor:
-        """Packed MTP (depth 1) forward: ``ids`` are the tokens t_{i+1}, ``h_prev [N, D]`` the hiddens h_i."""
+        """MTP (depth 1) forward: ``ids`` are the tokens t_{i+1}, ``h_prev [N, D]`` the hiddens h_i → ``[N, D]``."""
         m = self.model
-        batch = self.cache.batch(segments)
-        x = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
-        cos, sin = m.rotary(batch.positions(len(ids), self.device))
-        return m.mtp[0](m.embed_tokens(x), h_prev[None], cos, sin, RoutingStats(), batch)[0]
+        view = self._view(segments)
+        cos, sin = m.rotary(view.positions(1 if isinstance(view, DecodeBatch) else len(ids), self.device))
+        h_prev = h_prev[:, None] if isinstance(view, DecodeBatch) else h_prev[None]
+        return self._rows(m.mtp[0](self._embed(ids, view), h_prev, cos, sin, RoutingStats(), view), view)
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
@@ -283,14 +314,19 @@ class LLMEngine:
                 logit_rows.extend(range(start + s.num_tokens - 1, start + len(new)))
             rows.append((start, lr0, len(logit_rows)))
         hidden, logits = self._forward(ids, segments, logit_rows)
+        # greedy choices of every logit row at once (one argmax, one conversion to Python ints)
+        any_greedy = any(s.seq.group.params.greedy for s in sched)
+        argmax = logits.argmax(dim=-1).tolist() if any_greedy and logits.shape[0] else []
         now = time.monotonic()
         touched: dict[str, SequenceGroup] = {}
         for s, (start, l0, l1) in zip(sched, rows):
             seq = s.seq
+            params = seq.group.params
             touched[seq.group.request_id] = seq.group
             lg = logits[l0:l1]
             if s.drafts:
-                emitted = speculative_accept(s.drafts, seq.draft_probs, lg, seq.group.params, seq.generator)
+                emitted = speculative_accept(s.drafts, seq.draft_probs, lg, params, seq.generator,
+                                             target_argmax=argmax[l0:l1] if params.greedy else None)
                 a = len(emitted) - 1
                 self.stats["spec_drafted"] += len(s.drafts)
                 self.stats["spec_accepted"] += a
@@ -298,7 +334,12 @@ class LLMEngine:
                 self.stats["spec_emitted"] += len(emitted)
                 valid = 1 + a  # t_last and the accepted drafts now hold valid latents
             else:
-                emitted = [] if l1 == l0 else [sample_token(lg[-1], seq.group.params, seq.generator)]
+                if l1 == l0:
+                    emitted = []
+                elif params.greedy:
+                    emitted = [argmax[l1 - 1]]
+                else:
+                    emitted = [sample_token(lg[-1], params, seq.generator)]
                 lg = lg[-1:]
                 valid = s.num_tokens
             if self.num_spec:
@@ -402,11 +443,13 @@ class LLMEngine:
             if not drafting:
                 return
             logits = self._mtp_logits(torch.stack([h for _, h in drafting])).float()
+            greedy = any(seq.group.params.greedy for seq, _ in drafting)
+            argmax = logits.argmax(dim=-1).tolist() if greedy else []
             nxt = []
-            for (seq, h), lg in zip(drafting, logits):
+            for i, ((seq, h), lg) in enumerate(zip(drafting, logits)):
                 params = seq.group.params
                 if params.greedy:
-                    d, q = int(torch.argmax(lg)), None
+                    d, q = argmax[i], None
                 else:
                     q = probs_from_logits(lg, params)
                     d = int(torch.multinomial(q, 1, generator=seq.generator))

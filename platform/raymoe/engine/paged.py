@@ -20,8 +20,23 @@ implements the two methods the absorbed MLA path calls (see :mod:`raymoe.model.c
   step's sequences concatenated, ``[1, S, C+R]`` with ``S = Σ_j (start_j + n_j)``, and the mask ``[N, S]``
   (True = masked): a query sees only keys of its own sequence at positions ≤ its own (block-diagonal causal).
 
-Attention over the concatenated keys costs ``O(N·S)`` instead of ``O(Σ n_j·(start_j+n_j))``; a fused paged-attention
-kernel would remove that, the math (and the cache layout) would not change.
+Attention over the concatenated keys costs ``O(N·S)`` instead of ``O(Σ n_j·(start_j+n_j))``: fine for prefill chunks
+(a few long segments), wasteful for decode (N = B and S = Σ_j len_j, so ``O(B²·len)``).
+
+Decode batches. When every segment is short (a decode token, or ``1 + k`` tokens verifying MTP drafts),
+:meth:`PagedLatentCache.decode_batch` gives a :class:`DecodeBatch` instead, for the **row-per-token layout**: the
+model runs on ``x [N, 1, D]`` (every packed token is its own batch row, T = 1), so the absorbed MLA's score einsum
+``bthc,bsc->bths`` is a batched GEMM of each token against *its own sequence's* keys only:
+
+* ``positions(1)`` → ``[N, 1]`` positions (the rotary embedding then yields ``cos/sin [N, 1, R/2]``, which
+  broadcast per row in ``apply_rope``);
+* ``gather(layer, kv [N, 1, C+R])`` → writes the latents, returns ``[N, S_max, C+R]`` (row i: the keys of token i's
+  sequence at positions ``0..S_max-1``, gathered through a padded block table; ``S_max = max_j (start_j + n_j)``)
+  and the mask ``[N, 1, S_max]`` (True beyond the row's own position: padding and, for draft rows, the causal
+  future), or None when nothing is masked (one token per sequence, all of the same length).
+
+Cost ``O(N·S_max)`` instead of ``O(N·Σ_j len_j)``. Outputs equal the packed path's up to float summation order
+(masked keys contribute exact zeros in both).
 """
 from __future__ import annotations
 
@@ -30,7 +45,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["BlockAllocator", "NoFreeBlocks", "PagedLatentCache", "PackedBatch"]
+__all__ = ["BlockAllocator", "NoFreeBlocks", "PagedLatentCache", "PackedBatch", "DecodeBatch"]
 
 
 class NoFreeBlocks(RuntimeError):
@@ -73,6 +88,7 @@ class PagedLatentCache:
         self.values_per_token = values_per_token
         self.buf = torch.zeros(num_layers, num_blocks * block_size, values_per_token, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks)
+        self._pos = torch.arange(0)  # cached 0..n-1 (grown on demand) for decode batches
 
     @property
     def num_blocks(self) -> int:
@@ -101,24 +117,72 @@ class PagedLatentCache:
         bt = torch.as_tensor(list(block_table), dtype=torch.long)
         return bt[pos // self.block_size] * self.block_size + pos % self.block_size
 
+    def _block_table_tensor(self, segments: Sequence[tuple[Sequence[int], int, int]]) -> tuple[torch.Tensor, list[int]]:
+        """Checked ``[B, nb]`` block table of the segments (rows padded with block 0, ``nb`` = blocks of the longest)
+        and the segments' end positions ``start + n``."""
+        ends = [start + n for _, start, n in segments]
+        nb = self.blocks_for(max(ends)) if ends else 0
+        rows = []
+        for j, ((bt, _, _), end) in enumerate(zip(segments, ends)):
+            need = self.blocks_for(end)
+            if need > len(bt):
+                raise ValueError(f"segment {j}: positions up to {end} need {need} blocks, has {len(bt)}")
+            row = list(bt[:nb])
+            rows.append(row + [0] * (nb - len(row)))
+        return torch.tensor(rows, dtype=torch.long).view(len(segments), nb), ends
+
     def batch(self, segments: Sequence[tuple[Sequence[int], int, int]]) -> "PackedBatch":
         """A view for one packed forward. ``segments[j] = (block_table, start, n)``: sequence j contributes n new
-        tokens at positions ``start..start+n-1`` and attends to its positions ``0..start+n-1``."""
-        q_slots, q_pos, q_seq, k_slots, k_pos, k_seq = [], [], [], [], [], []
-        for j, (bt, start, n) in enumerate(segments):
-            end = start + n
-            if self.blocks_for(end) > len(bt):
-                raise ValueError(f"segment {j}: positions up to {end} need {self.blocks_for(end)} blocks, has {len(bt)}")
-            all_slots = self.slots(bt, 0, end)
-            q_slots.append(all_slots[start:])
-            q_pos.append(torch.arange(start, end))
-            q_seq.append(torch.full((n,), j))
-            k_slots.append(all_slots)
-            k_pos.append(torch.arange(end))
-            k_seq.append(torch.full((end,), j))
+        tokens at positions ``start..start+n-1`` and attends to its positions ``0..start+n-1``.
+
+        Built with a handful of vectorised ops: ``q_seq/k_seq`` repeat the segment index ``n_j`` / ``end_j`` times,
+        positions are offsets within the segment, and slot = ``table[seq, pos // bs] · bs + pos % bs``."""
+        table, ends = self._block_table_tensor(segments)
+        bs = self.block_size
+        B = len(segments)
+        starts_B = torch.tensor([start for _, start, _ in segments], dtype=torch.long)
+        n_B = torch.tensor([n for _, _, n in segments], dtype=torch.long)
+        ends_B = starts_B + n_B
+        seq_ids = torch.arange(B)
+        q_seq = torch.repeat_interleave(seq_ids, n_B)
+        k_seq = torch.repeat_interleave(seq_ids, ends_B)
+        q_off = torch.arange(q_seq.numel()) - torch.repeat_interleave(n_B.cumsum(0) - n_B, n_B)
+        q_pos = starts_B[q_seq] + q_off
+        k_pos = torch.arange(k_seq.numel()) - torch.repeat_interleave(ends_B.cumsum(0) - ends_B, ends_B)
+        q_slots = table[q_seq, q_pos // bs] * bs + q_pos % bs
+        k_slots = table[k_seq, k_pos // bs] * bs + k_pos % bs
         dev = self.buf.device
-        cat = lambda xs: torch.cat(xs).to(dev)  # noqa: E731
-        return PackedBatch(self, cat(q_slots), cat(q_pos), cat(q_seq), cat(k_slots), cat(k_pos), cat(k_seq))
+        return PackedBatch(self, q_slots.to(dev), q_pos.to(dev), q_seq.to(dev), k_slots.to(dev), k_pos.to(dev),
+                           k_seq.to(dev))
+
+    def decode_batch(self, segments: Sequence[tuple[Sequence[int], int, int]]) -> "DecodeBatch":
+        """A view for one forward in the row-per-token layout (see the module docstring); same ``segments`` as
+        :meth:`batch`. Meant for short segments (decode, draft verification): it gathers ``S_max`` keys per token.
+
+        With ``table [B, nb]`` the padded block table and ``p = 0..S_max-1``: key slots of sequence j are
+        ``slots_BS[j, p] = table[j, p // bs] · bs + p % bs``; token i (of sequence ``seq_i`` at position ``pos_i``)
+        reads row ``seq_i`` and writes slot ``bt[pos_i // bs] · bs + pos_i % bs``; its mask is ``p > pos_i``."""
+        table, ends = self._block_table_tensor(segments)
+        bs = self.block_size
+        S = max(ends)
+        if self._pos.numel() < S:
+            self._pos = torch.arange(max(S, 2 * self._pos.numel()))
+        p_S = self._pos[:S]
+        slots_BS = table[:, p_S // bs] * bs + p_S % bs  # [B, S]
+        q_pos_l = [start + i for _, start, n in segments for i in range(n)]
+        q_slots_l = [bt[q // bs] * bs + q % bs for bt, start, n in segments for q in range(start, start + n)]
+        if all(n == 1 for _, _, n in segments):  # one token per sequence: rows are the sequences
+            slots_NS = slots_BS
+            all_full = all(e == S for e in ends)
+        else:
+            q_seq = torch.tensor([j for j, (_, _, n) in enumerate(segments) for _ in range(n)], dtype=torch.long)
+            slots_NS = slots_BS.index_select(0, q_seq)
+            all_full = False
+        dev = self.buf.device
+        q_pos = torch.tensor(q_pos_l, dtype=torch.long, device=dev)
+        masked = None if all_full else (p_S.to(dev)[None, :] > q_pos[:, None])[:, None, :]  # [N, 1, S]
+        return DecodeBatch(self, torch.tensor(q_slots_l, dtype=torch.long, device=dev), q_pos, slots_NS.to(dev),
+                           masked)
 
 
 class PackedBatch:
@@ -146,6 +210,45 @@ class PackedBatch:
         buf = self.cache.buf[layer]
         buf.index_copy_(0, self.q_slots, kv_BTC[0].to(buf.dtype))
         return buf.index_select(0, self.k_slots)[None], self.masked
+
+    def advance(self, n: int) -> None:
+        return None
+
+
+class DecodeBatch:
+    """Cache view of one forward in the row-per-token layout ``x [N, 1, D]`` (see the module docstring).
+
+    ``q_slots [N]`` / ``q_pos [N]``: slot and position of every token; ``k_slots_NS [N, S]``: the slots of the keys
+    row i attends to (its own sequence, positions ``0..S-1``, padded); ``masked_N1S [N, 1, S]`` or None.
+    ``advance`` is a no-op: the engine owns lengths."""
+
+    def __init__(self, cache: PagedLatentCache, q_slots: torch.Tensor, q_pos: torch.Tensor, k_slots_NS: torch.Tensor,
+                 masked_N1S: torch.Tensor | None) -> None:
+        self.cache = cache
+        self.q_slots, self.q_pos = q_slots, q_pos
+        self.k_slots_NS = k_slots_NS
+        self._k_flat = k_slots_NS.reshape(-1)
+        self.masked = masked_N1S
+        self.seq_len = 0  # unused by the paged path; kept for code that reads it
+
+    @property
+    def num_tokens(self) -> int:
+        return self.q_slots.numel()
+
+    def positions(self, T: int, device: torch.device | str) -> torch.Tensor:
+        """``[N, 1]``: one position per batch row (the forward's T must be 1)."""
+        if T != 1:
+            raise ValueError(f"a decode batch runs one token per row ([N, 1, D]), the forward has T={T}")
+        return self.q_pos.to(device)[:, None]
+
+    def gather(self, layer: int, kv_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Write ``kv [N, 1, C+R]`` into the token slots; return keys ``[N, S, C+R]`` and the mask ``[N, 1, S]``."""
+        N, S = self.k_slots_NS.shape
+        if kv_BTC.shape[0] != N or kv_BTC.shape[1] != 1:
+            raise ValueError(f"decode batch expects [{N}, 1, C+R], got {tuple(kv_BTC.shape)}")
+        buf = self.cache.buf[layer]
+        buf.index_copy_(0, self.q_slots, kv_BTC[:, 0].to(buf.dtype))
+        return buf.index_select(0, self._k_flat).view(N, S, buf.shape[-1]), self.masked
 
     def advance(self, n: int) -> None:
         return None

@@ -117,12 +117,15 @@ def speculative_accept(
     target_logits: torch.Tensor,
     params: SamplingParams,
     gen: Optional[torch.Generator],
+    target_argmax: Optional[Sequence[int]] = None,
 ) -> list[int]:
     """Verify ``k`` drafts against ``target_logits [k+1, V]`` (see module docstring); ``draft_probs [k, V]`` are the
-    draft distributions (unused when greedy). Returns the emitted tokens: the accepted drafts plus one more."""
+    draft distributions (unused when greedy). Returns the emitted tokens: the accepted drafts plus one more.
+    ``target_argmax`` (greedy only, optional): ``argmax(target_logits, -1)`` already computed by the caller (the
+    engine takes one argmax over the whole step's logits)."""
     k = len(drafts)
     if params.greedy:
-        target = torch.argmax(target_logits, dim=-1).tolist()
+        target = list(target_argmax) if target_argmax is not None else torch.argmax(target_logits, dim=-1).tolist()
         out = []
         for i in range(k):
             if drafts[i] != target[i]:

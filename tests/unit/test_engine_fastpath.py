@@ -1,0 +1,113 @@
+"""The engine's decode fast path (:class:`raymoe.engine.paged.DecodeBatch`, one batch row per token attending to its
+own sequence's latents) against the packed path (:class:`~raymoe.engine.paged.PackedBatch`, block-diagonal mask):
+same slots and visibility, the same logits (1e-5) and the same tokens step by step, with sequences of different
+lengths crossing block boundaries, with and without MTP draft verification."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from raymoe.config import ModelConfig
+from raymoe.engine import EngineConfig, LLMEngine, SamplingParams
+from raymoe.engine.paged import DecodeBatch, PagedLatentCache
+from raymoe.model import DeepSeekV3
+
+PROMPT_LENS = (3, 7, 12, 17, 30)  # block size 4: every sequence crosses block boundaries while decoding
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model() -> DeepSeekV3:
+    torch.manual_seed(0)
+    m = DeepSeekV3(ModelConfig.preset("tiny").replace(vocab_size=256)).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(4.0)  # input-dependent distributions, so sampled tokens differ between rows
+    return m
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+def recording_engine(model: DeepSeekV3, fast: bool, spec: int) -> tuple[LLMEngine, list[torch.Tensor]]:
+    """An engine whose main forwards append their logits ``[rows, V]`` to the returned list."""
+    eng = LLMEngine(copy.deepcopy(model), None, EngineConfig(block_size=4, num_blocks=128, max_num_batched_tokens=256,
+                                                             prefill_chunk=64, num_speculative_tokens=spec,
+                                                             fast_decode=fast))
+    log: list[torch.Tensor] = []
+    inner = eng._forward
+
+    def forward(ids, segments, logit_rows):
+        h, logits = inner(ids, segments, logit_rows)
+        log.append(logits.clone())
+        return h, logits
+
+    eng._forward = forward  # type: ignore[method-assign]
+    return eng, log
+
+
+def test_decode_batch_matches_packed_batch_slots_and_mask() -> None:
+    c = PagedLatentCache(num_layers=1, num_blocks=12, block_size=4, values_per_token=3)
+    tables: list[list[int]] = [[], [], []]
+    for bt, n in zip(tables, (6, 11, 3)):
+        assert c.ensure(bt, n)
+    c.buf.normal_()
+    # one decode token at 5, a draft verification of 3 tokens at 8..10 (crosses a block), one decode token at 2
+    segments = [(tables[0], 5, 1), (tables[1], 8, 3), (tables[2], 2, 1)]
+    packed, dec = c.batch(segments), c.decode_batch(segments)
+    assert isinstance(dec, DecodeBatch) and dec.num_tokens == packed.num_tokens == 5
+    assert torch.equal(dec.q_slots, packed.q_slots) and dec.positions(1, "cpu").flatten().tolist() == [5, 8, 9, 10, 2]
+    kv = torch.randn(5, 1, 3)
+    k_packed, m_packed = packed.gather(0, kv.view(1, 5, 3))
+    k_dec, m_dec = dec.gather(0, kv)
+    assert k_dec.shape == (5, 11, 3) and m_dec.shape == (5, 1, 11)
+    for i in range(5):  # row i sees exactly the keys the packed query i sees, in position order
+        assert torch.equal(k_dec[i][~m_dec[i, 0]], k_packed[0][~m_packed[i]])
+    # one token per sequence, all of the same length: nothing to mask
+    same = [(tables[0], 5, 1), (tables[1], 5, 1)]
+    assert c.decode_batch(same).masked is None
+    with pytest.raises(ValueError, match="blocks"):
+        c.decode_batch([(tables[2], 12, 1)])
+
+
+@pytest.mark.parametrize("spec", [0, 2])
+def test_fast_path_equals_packed_path(model, spec) -> None:
+    """Greedy: the same tokens every step and logits within 1e-5; the fast path is taken for every decode step."""
+    fast, fast_log = recording_engine(model, True, spec)
+    packed, packed_log = recording_engine(model, False, spec)
+    sp = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    for eng in (fast, packed):
+        for i, p in enumerate(prompts()):
+            eng.add_request(f"r{i}", p, sp)
+    finals: dict[str, list[int]] = {}
+    while fast.has_unfinished() or packed.has_unfinished():
+        outs_f, outs_p = fast.step(), packed.step()
+        assert [(o.request_id, o.outputs[0].token_ids) for o in outs_f] == \
+               [(o.request_id, o.outputs[0].token_ids) for o in outs_p]
+        finals.update({o.request_id: o.outputs[0].token_ids for o in outs_f if o.finished})
+    assert len(fast_log) == len(packed_log) and len(finals) == len(PROMPT_LENS)
+    assert all(len(t) == 20 for t in finals.values())
+    for a, b in zip(fast_log, packed_log):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert packed.forward_paths["decode"] == 0
+    # every main forward after the single prefill step is a decode / verify step (and with MTP the drafts too)
+    assert fast.forward_paths["decode"] >= fast.stats["steps"] - 1 > 0
+    if spec:
+        assert fast.stats["spec_drafted"] > 0 and fast.stats == packed.stats
+
+
+def test_fast_path_seeded_sampling_equals_packed_path(model) -> None:
+    sp = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=11, ignore_eos=True, logprobs=2)
+    outs = []
+    for fast in (True, False):
+        eng, _ = recording_engine(model, fast, 1)
+        res = eng.generate(prompts(), sp)
+        outs.append([(o.outputs[0].token_ids, [e["token_id"] for e in o.outputs[0].logprobs]) for o in res])
+        assert (eng.forward_paths["decode"] > 0) == fast
+    assert outs[0] == outs[1]
