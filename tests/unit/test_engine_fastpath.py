@@ -111,3 +111,29 @@ def test_fast_path_seeded_sampling_equals_packed_path(model) -> None:
         outs.append([(o.outputs[0].token_ids, [e["token_id"] for e in o.outputs[0].logprobs]) for o in res])
         assert (eng.forward_paths["decode"] > 0) == fast
     assert outs[0] == outs[1]
+
+
+def test_fused_weight_cache_follows_weight_changes() -> None:
+    """The serving cache of fused_linear's concatenated weight: used only without autograd, rebuilt after an
+    in-place weight update, never used by training."""
+    from torch import nn
+
+    from raymoe.model.layers import enable_fused_weight_cache, fused_linear
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 4, bias=False), nn.Linear(8, 6, bias=False))
+    x = torch.randn(3, 8)
+    assert enable_fused_weight_cache(m) == 2
+    with torch.no_grad():
+        a, b = fused_linear(x, m[0], m[1])
+        w_cached = m[0]._fused_weight_cache["w"]
+        a2, _ = fused_linear(x, m[0], m[1])
+        assert m[0]._fused_weight_cache["w"] is w_cached  # reused
+        torch.testing.assert_close(a, m[0](x), rtol=0, atol=0)
+        torch.testing.assert_close(b, m[1](x), rtol=0, atol=0)
+        m[1].weight.add_(1.0)  # an optimizer step / load: the cache must not serve stale weights
+        _, b3 = fused_linear(x, m[0], m[1])
+        torch.testing.assert_close(b3, m[1](x), rtol=0, atol=0)
+    a4, _ = fused_linear(x, m[0], m[1])  # with autograd: no cache, gradients reach the weights
+    a4.sum().backward()
+    assert m[0].weight.grad is not None

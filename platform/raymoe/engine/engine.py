@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from raymoe.engine.experts import ExpertBackend, install_expert_backend
+from raymoe.model.layers import enable_fused_weight_cache
 from raymoe.engine.paged import DecodeBatch, PackedBatch, PagedLatentCache
 from raymoe.engine.sampling import SamplingParams, probs_from_logits, sample_token, speculative_accept, top_logprobs
 from raymoe.engine.scheduler import Scheduler, Sequence, SequenceGroup
@@ -154,6 +155,7 @@ class LLMEngine:
         self.eos_token_id = eos_token_id
         self.device = torch.device(cfg.device)
         self.expert_backend = install_expert_backend(self.model, expert_backend)
+        enable_fused_weight_cache(self.model)  # the engine never trains: keep fused projection weights
         mc = model.config
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
         self.num_spec = cfg.num_speculative_tokens if len(model.mtp) > 0 else 0

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "SwiGLU", "cross_entropy", "autocast_apply", "fused_linear"]
+__all__ = ["RMSNorm", "SwiGLU", "cross_entropy", "autocast_apply", "fused_linear", "enable_fused_weight_cache"]
 
 
 def autocast_apply(fn: type, *args):
@@ -129,8 +129,31 @@ def fused_linear(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ..
     saves). Any other module (e.g. :class:`raymoe.fp8.FP8Linear`, which is a subclass) keeps its own forward."""
     if len(linears) < 2 or any(type(m) is not nn.Linear or m.bias is not None for m in linears):
         return tuple(m(x) for m in linears)
-    y = F.linear(x, torch.cat([m.weight for m in linears]))
+    cache = getattr(linears[0], "_fused_weight_cache", None)
+    if cache is not None and not torch.is_grad_enabled():
+        # inference (opted in by enable_fused_weight_cache): keep the concatenated weight while no weight changed
+        # (an in-place update bumps _version, a moved tensor changes data_ptr)
+        key = tuple((id(m), m.weight.data_ptr(), m.weight._version) for m in linears)
+        if cache.get("key") != key:
+            cache["key"], cache["w"] = key, torch.cat([m.weight for m in linears])
+        w = cache["w"]
+    else:
+        w = torch.cat([m.weight for m in linears])
+    y = F.linear(x, w)
     return y.split([m.out_features for m in linears], dim=-1)
+
+
+def enable_fused_weight_cache(model: nn.Module) -> int:
+    """Serving: let :func:`fused_linear` keep each fused group's concatenated weight between calls made without
+    autograd (one extra copy of those weights — the MLA down-projections, dense and shared-expert gate/up — in
+    exchange for a concatenation per call: ~10% of a small model's batch-1 decode step on CPU). Training never turns
+    it on. Returns the number of linears marked."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear and not hasattr(m, "_fused_weight_cache"):
+            m._fused_weight_cache = {}
+            n += 1
+    return n
 
 
 class SwiGLU(nn.Module):
