@@ -102,6 +102,27 @@ def test_fast_path_equals_packed_path(model, spec) -> None:
         assert fast.stats["spec_drafted"] > 0 and fast.stats == packed.stats
 
 
+def test_many_prompt_prefill_takes_the_row_layout_and_matches_packed(model) -> None:
+    """16 prompts of 9-12 tokens prefilled in one step: per token the row layout scores 12 keys where the packed one
+    scores all ~170, so the engine takes rows (tiny: W = 48, H = 4: rows when Σ end > 13 · S_max); logits of that
+    step and every token after equal the packed engine's."""
+    g = torch.Generator().manual_seed(3)
+    many = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in torch.randint(9, 13, (16,), generator=g)]
+    fast, fast_log = recording_engine(model, True, 1)
+    packed, packed_log = recording_engine(model, False, 1)
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    res = [e.generate(many, sp) for e in (fast, packed)]
+    assert [o.outputs[0].token_ids for o in res[0]] == [o.outputs[0].token_ids for o in res[1]]
+    assert fast.forward_paths["packed"] == 0 and packed.forward_paths["decode"] == 0
+    assert len(fast_log) == len(packed_log)
+    for a, b in zip(fast_log, packed_log):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # one long prompt alone stays packed (rows would gather more than they save)
+    solo, _ = recording_engine(model, True, 0)
+    solo.generate([many[0] * 3], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    assert solo.forward_paths["packed"] == 1
+
+
 def test_fast_path_seeded_sampling_equals_packed_path(model) -> None:
     sp = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=11, ignore_eos=True, logprobs=2)
     outs = []

@@ -82,6 +82,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     fast_decode: bool = True  # decode / draft-verify steps use the per-token DecodeBatch attention (see module doc)
+    fast_prefill_max_mib: int = 256  # prefill steps use it too when cheaper and its gathered keys fit this (MiB)
     seed: int = 0  # seeds requests that bring no seed of their own (in order of arrival)
 
     @classmethod
@@ -258,13 +259,28 @@ class LLMEngine:
         return self.model.lm_head(self.model.mtp[0].head_norm(h))
 
     def _view(self, segments: list[tuple[list[int], int, int]]) -> PackedBatch | DecodeBatch:
-        """The cache view of one forward: :class:`DecodeBatch` (row-per-token layout) when every segment has at most
-        ``fast_decode_max_tokens`` tokens and ``fast_decode`` is on, else :class:`PackedBatch` (one packed row)."""
-        if self.config.fast_decode and all(n <= self.fast_decode_max_tokens for _, _, n in segments):
+        """The cache view of one forward (``fast_decode`` on): :class:`DecodeBatch` (row-per-token layout) when
+        every segment has at most ``fast_decode_max_tokens`` tokens, or when it is the cheaper layout for a step
+        with prefill chunks (:meth:`_row_view_cheaper`); else :class:`PackedBatch` (one packed row)."""
+        if self.config.fast_decode and (all(n <= self.fast_decode_max_tokens for _, _, n in segments)
+                                        or self._row_view_cheaper(segments)):
             self.forward_paths["decode"] += 1
             return self.cache.decode_batch(segments)
         self.forward_paths["packed"] += 1
         return self.cache.batch(segments)
+
+    def _row_view_cheaper(self, segments: list[tuple[list[int], int, int]]) -> bool:
+        """Row-per-token vs packed for one step, per layer: the row layout gathers ``N · S_max`` latents of width
+        ``W = C + R`` and scores ``N · S_max`` per head; the packed layout scores ``N · Σ_j end_j`` per head. Take
+        rows when ``N·S_max·(W + H) < N·Σ end·H`` (several sequences: a step prefilling many prompts) and the
+        gathered keys fit ``fast_prefill_max_mib``."""
+        ends = [start + n for _, start, n in segments]
+        if len(ends) < 2:
+            return False
+        N, S_max, total = sum(n for _, _, n in segments), max(ends), sum(ends)
+        W, H = self.cache.values_per_token, self.model_config.num_attention_heads
+        fits = N * S_max * W * self.cache.buf.element_size() <= self.config.fast_prefill_max_mib * 2**20
+        return fits and S_max * (W + H) < total * H
 
     def _embed(self, ids: list[int], view: PackedBatch | DecodeBatch) -> torch.Tensor:
         """Token embeddings in the view's layout: ``[N, 1, D]`` for a decode batch, ``[1, N, D]`` packed."""
