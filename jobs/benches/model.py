@@ -31,23 +31,13 @@ from rich.console import Console
 from rich.table import Table
 
 from raymoe.config import ModelConfig
+from raymoe.jobs.benches import median_seconds
 from raymoe.model import DeepSeekV3
 from raymoe.model import hf as hf_io
 from raymoe.model.moe import DEFAULT_EXPERT_IMPL, EXPERT_IMPLS, set_expert_impl
 from raymoe.model.plan import train_flops_per_token
 
 console = Console()
-
-
-def _median_time(fn: Callable[[], Any], iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _interleaved_medians(candidates: dict[str, Callable[[], None]], iters: int, warmup: int) -> dict[str, float]:
@@ -74,7 +64,7 @@ def _with_impl(model: torch.nn.Module, impl: str, step: Callable[[], None]) -> C
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    t = _median_time(lambda: a @ b, iters=5, warmup=2)
+    t = median_seconds(lambda: a @ b, iters=5, warmup=2)
     return 2 * n**3 / t
 
 
