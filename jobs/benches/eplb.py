@@ -59,13 +59,14 @@ import json
 import pathlib
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from raymoe.balance.eplb import balancedness, rebalance_experts, trivial_placement
+from raymoe.jobs.benches import median_seconds
 
 # name: (layers, experts, replicas, gpus, nodes, groups)
 CASES: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -104,15 +105,6 @@ def read_loads(path: str) -> torch.Tensor:
     return t
 
 
-def _median_ms(fn: Callable[[], Any], reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
-
-
 def _bound(w: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, gpus: int, nodes: int) -> torch.Tensor:
     """Per-layer lower bound of max/mean for any packing keeping this plan's node assignment and replica counts."""
     w = w.to(torch.float64)
@@ -138,8 +130,9 @@ def bench_case(name: str, w: torch.Tensor, replicas: int, gpus: int, nodes: int,
     eff_nodes = nodes if mode == "hierarchical" else 1
     bound = _bound(w, plans["refined"][0], plans["refined"][2], gpus, eff_nodes)
     times = {
-        "greedy": _median_ms(lambda: rebalance_experts(w, replicas, groups, nodes, gpus, refine=False), reps),
-        "refined": _median_ms(lambda: rebalance_experts(w, replicas, groups, nodes, gpus), reps),
+        "greedy": 1e3 * median_seconds(lambda: rebalance_experts(w, replicas, groups, nodes, gpus, refine=False),
+                                        reps),
+        "refined": 1e3 * median_seconds(lambda: rebalance_experts(w, replicas, groups, nodes, gpus), reps),
     }
     return {"case": name, "mode": mode, "layers": layers, "experts": experts, "replicas": replicas, "gpus": gpus,
             "nodes": nodes, "groups": groups, "quality": quality,
@@ -270,21 +263,6 @@ def _phase(engine, backend, ctl, prompts: list[str], max_tokens: int) -> dict:
             "num_shards": backend.num_shards, "redundant_slots": backend.placement.redundant_slots}
 
 
-def _start_shard_processes(n: int, procs: list) -> list[tuple[str, int]]:
-    """``n`` expert-shard server processes on 127.0.0.1 (appended to ``procs``); their addresses."""
-    import subprocess
-    import sys
-
-    new = [subprocess.Popen([sys.executable, "-m", "raymoe.engine.remote"], stdout=subprocess.PIPE, text=True)
-           for _ in range(n)]
-    procs.extend(new)
-    addrs = []
-    for p in new:
-        _, host, port = p.stdout.readline().split()
-        addrs.append((host, int(port)))
-    return addrs
-
-
 def run_serving(args: dict[str, str], console: Console) -> dict:
     """Redundant experts while serving (module docstring, ``serving=1``)."""
     import copy
@@ -325,8 +303,9 @@ def run_serving(args: dict[str, str], console: Console) -> dict:
             initial = Placement.from_load(keys, train_load, shards * (E // shards), shards, 1, 1, source="load-file")
             factory = None
             if remote:
-                addrs = _start_shard_processes(shards + 1, procs)
-                from raymoe.engine.remote import RemoteShard
+                from raymoe.engine.remote import RemoteShard, spawn_shard_processes
+
+                addrs = spawn_shard_processes(shards + 1, procs)
 
                 def factory(i: int):
                     return RemoteShard(addrs[i], f"shard{i}")

@@ -16,28 +16,18 @@ The ratio ``ray / gloo`` is why the data plane is gloo pairs. ``threads=1`` torc
 from __future__ import annotations
 
 import os
-import statistics
-import subprocess
-import sys
-import time
 from typing import Any, Callable
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from raymoe.jobs.benches import median_seconds
 from raymoe.model.moe import RoutedExperts
 
 
 def _median_ms(fn: Callable[[], Any], reps: int) -> float:
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * median_seconds(fn, reps, warmup=5)
 
 
 def run(args: dict[str, str]) -> dict:
@@ -54,16 +44,14 @@ def run(args: dict[str, str]) -> dict:
         for p in ex.parameters():
             torch.nn.init.normal_(p, std=0.05)
 
-    from raymoe.engine.remote import RemoteShard
+    from raymoe.engine.remote import RemoteShard, spawn_shard_processes
 
-    procs = [subprocess.Popen([sys.executable, "-m", "raymoe.engine.remote", "--threads", str(threads)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(shards)]
+    procs: list = []
     started_ray = False
     try:
         remote = []
-        for i, (p, ex) in enumerate(zip(procs, experts)):
-            _, host, port = p.stdout.readline().split()
-            r = RemoteShard((host, int(port)), f"bench{i}")
+        for i, (addr, ex) in enumerate(zip(spawn_shard_processes(shards, procs, threads), experts)):
+            r = RemoteShard(addr, f"bench{i}")
             r.load("layer", ex, list(range(slots)))
             remote.append(r)
         if not ray.is_initialized():

@@ -8,13 +8,12 @@ import copy
 import signal
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from raymoe.engine import EngineConfig, LLMEngine, Placement, ReplicatedExperts, SamplingParams
-from raymoe.engine.remote import RemoteShard, ShardServer, ShardUnavailable
+from raymoe.engine.remote import RemoteShard, ShardServer, ShardUnavailable, spawn_shard_processes
 from raymoe.model.moe import RoutedExperts
 
 GEN = 10
@@ -117,14 +116,8 @@ def shard_processes():
     procs: list[subprocess.Popen] = []
 
     def make(n: int) -> list[tuple[subprocess.Popen, tuple[str, int]]]:
-        new = [subprocess.Popen([sys.executable, "-m", "raymoe.engine.remote"], stdout=subprocess.PIPE, text=True)
-               for _ in range(n)]
-        procs.extend(new)
-        out = []
-        for p in new:
-            _, host, port = p.stdout.readline().split()
-            out.append((p, (host, int(port))))
-        return out
+        addrs = spawn_shard_processes(n, procs)
+        return list(zip(procs[-n:], addrs))
 
     yield make
     for p in procs:

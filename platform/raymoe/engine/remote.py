@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from raymoe.model.moe import RoutedExperts
 
-__all__ = ["ShardServer", "RemoteShard", "ShardUnavailable", "OP_HELLO", "OP_LOAD", "OP_RUN", "OP_CLOSE"]
+__all__ = ["ShardServer", "RemoteShard", "ShardUnavailable", "spawn_shard_processes", "OP_HELLO", "OP_LOAD", "OP_RUN", "OP_CLOSE"]
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,23 @@ class ShardServer:
             except Exception:  # noqa: BLE001
                 pass
         self._threads[0].join(timeout=2.0)
+
+
+def spawn_shard_processes(n: int, procs: list, threads: int = 1,
+                          host: str = "127.0.0.1") -> list[tuple[str, int]]:
+    """Start ``n`` shard server processes (``python -m raymoe.engine.remote``), all before waiting on any; each
+    ``Popen`` is appended to ``procs`` (the caller kills them) as soon as it exists. Returns their addresses."""
+    import subprocess
+    import sys
+
+    new = [subprocess.Popen([sys.executable, "-m", "raymoe.engine.remote", "--host", host, "--threads", str(threads)],
+                            stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    procs.extend(new)
+    addrs = []
+    for p in new:
+        _, h, port = p.stdout.readline().split()
+        addrs.append((h, int(port)))
+    return addrs
 
 
 def main(argv: Optional[list[str]] = None) -> None:
