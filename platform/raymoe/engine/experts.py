@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from torch import nn
 
+from raymoe.engine.remote import ShardUnavailable
 from raymoe.model.moe import MoE, RoutedExperts
 
 __all__ = ["ExpertBackend", "LocalExperts", "ShardedExperts", "ReplicatedExperts", "SlotShard", "LoadRecorder",
@@ -330,25 +331,19 @@ class ReplicatedExperts:
         theirs, kept ones only what moved). Shards no longer listed are closed. Returns the event record."""
         if not shards:
             raise ValueError("replace_shards needs at least one shard")
-        from raymoe.engine.remote import ShardUnavailable
-
         keep = {id(x) for x in shards}
         for old in self.shards:
             if id(old) not in keep:
                 _close(old)
         self.shards = list(shards)
-        try:
-            return self.replan(num_shards=len(shards), kind=kind)
-        except ShardUnavailable as e:
-            ev = self._drop_failed(str(e))
-            return ev if ev is not None else {"kind": kind, "time": time.time(), "pause_s": 0.0, "moved_slots": 0,
-                                              "num_shards": 0, "error": str(e)}
+        ev = self._replan_live(kind)
+        return ev if ev is not None else {"kind": kind, "time": time.time(), "pause_s": 0.0, "moved_slots": 0,
+                                          "num_shards": 0, "error": self.events[-1].get("error", "")}
 
-    def _drop_failed(self, error: str = "") -> Optional[dict[str, Any]]:
-        """Drop shards marked dead and re-plan over the rest (again if another fails while loading); None when no
-        shard is left (layers then run on the source experts in process)."""
-        from raymoe.engine.remote import ShardUnavailable
-
+    def _replan_live(self, kind: str, error: str = "") -> Optional[dict[str, Any]]:
+        """Re-plan over the live shards: drop the ones marked dead (a ``shard_failed`` event), re-plan, and when a
+        shard fails while loading its slots drop it too and plan again (kind ``shard_lost``). None when no shard is
+        left (layers then run on the source experts in process)."""
         while True:
             lost = [x for x in self.shards if getattr(x, "dead", False)]
             self.shards = [x for x in self.shards if not getattr(x, "dead", False)]
@@ -358,9 +353,9 @@ class ReplicatedExperts:
             if not self.shards:
                 return None
             try:
-                return self.replan(num_shards=len(self.shards), kind="shard_lost")
+                return self.replan(num_shards=len(self.shards), kind=kind)
             except ShardUnavailable as e:
-                error = str(e)
+                error, kind = str(e), "shard_lost"
 
     def request_replan(self) -> None:
         """Re-plan at the start of the next forward."""
@@ -389,22 +384,15 @@ class ReplicatedExperts:
             if self._pending_replan or (self.replan_every_tokens and self.recorder.tokens_since_reset
                                         >= self.replan_every_tokens):
                 self._pending_replan = False
-                from raymoe.engine.remote import ShardUnavailable
-
-                try:
-                    self.replan()
-                except ShardUnavailable as e:
-                    self._drop_failed(str(e))
+                self._replan_live("replan")
             self.recorder.start_forward(x_ND.shape[0] // max(self.top_k, 1))
-        from raymoe.engine.remote import ShardUnavailable
-
         for _ in range(len(self.shards) + 1):
             if not self.shards:  # every shard lost: the source experts, in process
                 return self.sources[layer_key].forward_grouped(x_ND, counts_E)
             try:
                 return self._run_placed(layer_key, li, x_ND, counts_E)
             except ShardUnavailable as e:  # a failed submit/wait marked its shard dead: re-plan without it
-                self._drop_failed(str(e))
+                self._replan_live("shard_lost", str(e))
         return self.sources[layer_key].forward_grouped(x_ND, counts_E)
 
     def _run_placed(self, layer_key: str, li: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -412,8 +400,6 @@ class ReplicatedExperts:
         idx = idx.to(x_ND.device)
         x_P = x_ND.index_select(0, idx)
         S = self.placement.slots_per_shard
-        from raymoe.engine.remote import ShardUnavailable
-
         pending, row = [], 0
         lens = slot_len.tolist()
         error: Optional[ShardUnavailable] = None
