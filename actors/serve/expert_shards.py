@@ -160,9 +160,6 @@ class ExpertShardDeployment:
 
         return {"member_id": self.member_id, "pid": os.getpid(), "address": list(self.server.address), **st}
 
-    async def __call__(self) -> dict[str, Any]:
-        return await self.stats()
-
     async def __del__(self) -> None:
         """Graceful stop (scale down): drain, wait for the engines to close their connections, leave."""
         import asyncio

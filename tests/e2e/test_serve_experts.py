@@ -6,14 +6,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
 import warnings
 
 import pytest
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 openai = pytest.importorskip("openai")
 

@@ -13,10 +13,6 @@ import warnings
 
 import pytest
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
 openai = pytest.importorskip("openai")
 
 from raymoe.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
