@@ -4,13 +4,19 @@ Three parts, each a table (rich) and a section of the returned JSON; one PNG (``
 ``bench_results/serve_latency.png``) with latency vs offered load.
 
 1. **decode** — greedy decode tokens/s of our engine (:class:`raymoe.engine.LLMEngine`, continuous batching over the
-   paged latent cache, MTP off) vs ``transformers`` ``DeepseekV3ForCausalLM.generate`` on the same weights (our HF
+   paged latent cache) vs ``transformers`` ``DeepseekV3ForCausalLM.generate`` on the same weights (our HF
    export), batch 1 and 16 (``batches=1,16``), per model (``model=tiny,small``): ``tiny`` is the trained tiny
    checkpoint of :mod:`raymoe.engine.tiny`, ``small`` random-init weights of the ``small`` preset, ``hf=<dir>`` any HF
    DeepseekV3 export (e.g. ``runs/<run>/hf``) instead. Prompts are ``prompt_len`` random token ids (the same for both),
    ``new_tokens`` tokens are generated with EOS ignored. Decode tokens/s = ``B·(N−1) / (t(N) − t(1))`` (the time of a
-   1-token generation, i.e. the prefill, is subtracted); medians over ``reps`` interleaved rounds. The generated token
-   ids of both implementations are compared and must be equal (the bench fails otherwise).
+   1-token generation, i.e. the prefill, is subtracted); medians over ``reps`` interleaved rounds. When the checkpoint
+   has an MTP module, ours also runs with ``decode_spec`` (default 1; 0 turns it off) MTP drafts per step: the same
+   greedy tokens in fewer target forwards. The generated token ids of every implementation are compared and must be
+   equal (the bench fails otherwise). Each row also reports the **bandwidth floor** of a decode step: the weights it
+   must read (all but the token embedding, with the routed experts the batch actually touched, counted per layer
+   with a forward hook) divided by this machine's streaming read bandwidth, measured in the same run
+   (:func:`streaming_read`). ``HF step / floor`` is the largest speed-up over transformers that any implementation
+   reading fp32 weights at that bandwidth could reach.
 2. **mtp** — speculative decoding with the checkpoint's MTP module (``hf=`` or the tiny checkpoint): greedy
    generations from prompts cut out of **held-out text** (the validation plays of the Shakespeare corpus, the split
    :func:`raymoe.data.corpus.split_documents` makes for training), ``k = 1, 2`` drafts per step (``spec=1,2``):
@@ -32,6 +38,7 @@ import asyncio
 import os
 import pathlib
 import socket
+import sys
 import statistics
 import tempfile
 import time
@@ -47,7 +54,9 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-console = Console()
+from raymoe.jobs.benches import median_seconds  # noqa: E402
+
+console = Console() if sys.stdout.isatty() else Console(width=160)  # logs/pipes: no 80-column squeeze
 
 __all__ = ["run", "decode_bench", "mtp_bench", "load_bench", "heldout_text", "plot_latency"]
 
@@ -116,11 +125,54 @@ def _engine(path: pathlib.Path, **cfg):
     return LLMEngine.from_pretrained(path, EngineConfig(**cfg))
 
 
+def streaming_read(model: torch.nn.Module, reps: int = 5) -> tuple[float, float, float]:
+    """``(bandwidth bytes/s, routed MB per expert and layer, other MB)`` of what a decode step reads: every parameter
+    but the token embedding (gathered, not read whole) and the MTP modules. Bandwidth is measured on this machine now
+    as the median time of one ``sum`` per tensor over all of them (for ``small`` ~400 MB, far beyond any cache; a
+    tiny model's few MB stay cached, but its steps are bound by per-op overhead, not by bandwidth)."""
+    from raymoe.model.moe import RoutedExperts
+
+    named = [(n, p.detach()) for n, p in model.named_parameters() if "embed_tokens" not in n and not n.startswith("mtp.")]
+    total = sum(p.numel() * p.element_size() for _, p in named)
+    routed = [m for n, m in model.named_modules() if isinstance(m, RoutedExperts) and not n.startswith("mtp.")]
+    routed_bytes = sum(p.numel() * p.element_size() for m in routed for p in m.parameters())
+    per_expert = routed_bytes / max(sum(m.num_experts for m in routed), 1)
+
+    def read() -> None:
+        for _, p in named:
+            p.sum()
+
+    return total / median_seconds(read, reps, warmup=1), per_expert / 1e6, (total - routed_bytes) / 1e6
+
+
+def touched_experts(model: torch.nn.Module, tokens: int, fn) -> float:
+    """Mean number of distinct routed experts per MoE layer over the forwards of exactly ``tokens`` tokens (the
+    decode steps of a batch of ``tokens`` sequences) while ``fn()`` runs; 0 when there was none."""
+    from raymoe.engine.experts import DispatchedMoE
+
+    seen: list[int] = []
+
+    def hook(_m, args, out) -> None:
+        if args[0].shape[0] * args[0].shape[1] == tokens:
+            seen.append(int((out[1].counts > 0).sum()))
+
+    hs = [m.register_forward_hook(hook) for m in model.layers.modules() if isinstance(m, DispatchedMoE)]
+    try:
+        fn()
+    finally:
+        for h in hs:
+            h.remove()
+    return sum(seen) / len(seen) if seen else 0.0
+
+
 def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: int, new_tokens: int,
-                 reps: int) -> list[dict[str, Any]]:
+                 reps: int, spec: int = 1) -> list[dict[str, Any]]:
+    """Rows per batch size: ours (MTP off) and, when the checkpoint has an MTP module and ``spec > 0``, ours with
+    ``spec`` MTP drafts per step, vs HF ``generate``; all three must give the same greedy token ids."""
     import transformers
 
     from raymoe.engine import SamplingParams
+    from raymoe.engine.experts import DispatchedMoE
 
     transformers.logging.set_verbosity_error()  # an export's MTP tensors are "unexpected" to transformers: fine
     hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -128,47 +180,69 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
                                                                use_cache=True)
     vocab = hf_model.config.vocab_size
     bmax = max(batches)
-    blocks = bmax * ((prompt_len + new_tokens) // 16 + 2) + 8
-    eng = _engine(path, block_size=16, num_blocks=blocks, max_num_seqs=max(bmax, 1),
-                  max_num_batched_tokens=max(512, bmax * prompt_len), prefill_chunk=max(prompt_len, 16),
-                  num_speculative_tokens=0)
+    cfg = dict(block_size=16, num_blocks=bmax * ((prompt_len + new_tokens + spec) // 16 + 2) + 8,
+               max_num_seqs=max(bmax, 1), max_num_batched_tokens=max(512, bmax * prompt_len),
+               prefill_chunk=max(prompt_len, 16))
+    eng = _engine(path, **cfg, num_speculative_tokens=0)
+    eng_mtp = _engine(path, **cfg, num_speculative_tokens=spec) if spec > 0 else None
+    if eng_mtp is not None and eng_mtp.num_spec == 0:
+        eng_mtp = None  # the checkpoint has no MTP module
+    bandwidth, expert_mb, other_mb = streaming_read(eng.model)
+    n_moe = sum(1 for m in eng.model.layers.modules() if isinstance(m, DispatchedMoE))
     g = torch.Generator().manual_seed(1)
     rows = []
     for B in batches:
         prompts = torch.randint(0, vocab, (B, prompt_len), generator=g)
 
-        def ours(n: int) -> list[list[int]]:
+        def ours(n: int, e=eng) -> list[list[int]]:
             sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-            return [o.outputs[0].token_ids for o in eng.generate([p.tolist() for p in prompts], sp)]
+            return [o.outputs[0].token_ids for o in e.generate([p.tolist() for p in prompts], sp)]
 
         def theirs(n: int) -> list[list[int]]:
             with torch.no_grad():
                 out = hf_model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n)
             return out[:, prompt_len:].tolist()
 
-        # equality first (also the warm-up of both)
-        a, b = ours(new_tokens), theirs(new_tokens)
-        equal = a == b
-        if not equal:
-            first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-            raise AssertionError(f"{name} B={B}: greedy outputs differ (row {first}: ours {a[first]} vs HF {b[first]})")
-        ts: dict[str, list[float]] = {k: [] for k in ("ours_N", "ours_1", "hf_N", "hf_1")}
-        for _ in range(reps):  # interleaved: drifts of the shared machine hit both alike
-            for key, fn, n in (("ours_1", ours, 1), ("ours_N", ours, new_tokens), ("hf_1", theirs, 1),
-                               ("hf_N", theirs, new_tokens)):
-                t0 = time.perf_counter()
-                fn(n)
-                ts[key].append(time.perf_counter() - t0)
+        # equality first (also the warm-up of every implementation); then the experts a decode step of B reads
+        touched = touched_experts(eng.model, B, lambda: ours(new_tokens))
+        fns = {"ours": ours, "hf": theirs}
+        if eng_mtp is not None:
+            fns["mtp"] = lambda n: ours(n, eng_mtp)
+        outs = {k: fn(new_tokens) for k, fn in fns.items()}
+        for k, got in outs.items():
+            if got != outs["hf"]:
+                first = next(i for i, (x, y) in enumerate(zip(got, outs["hf"])) if x != y)
+                raise AssertionError(f"{name} B={B}: greedy outputs differ ({k} row {first}: {got[first]} vs HF "
+                                     f"{outs['hf'][first]})")
+        ts: dict[str, list[float]] = {f"{k}_{n}": [] for k in fns for n in ("1", "N")}
+        s0 = dict(eng_mtp.stats) if eng_mtp is not None else {}
+        for _ in range(reps):  # interleaved: drifts of the shared machine hit all alike
+            for k, fn in fns.items():
+                for n, key in ((1, f"{k}_1"), (new_tokens, f"{k}_N")):
+                    t0 = time.perf_counter()
+                    fn(n)
+                    ts[key].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in ts.items()}
-        dec = lambda tn, t1: B * (new_tokens - 1) / max(tn - t1, 1e-9)  # noqa: E731
+        dec = lambda k: B * (new_tokens - 1) / max(med[f"{k}_N"] - med[f"{k}_1"], 1e-9)  # noqa: E731
+        step_ms = lambda k: 1e3 * (med[f"{k}_N"] - med[f"{k}_1"]) / max(new_tokens - 1, 1)  # noqa: E731
         row = {"model": name, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
-               "ours_decode_tok_s": dec(med["ours_N"], med["ours_1"]), "hf_decode_tok_s": dec(med["hf_N"], med["hf_1"]),
+               "ours_decode_tok_s": dec("ours"), "hf_decode_tok_s": dec("hf"),
                "ours_e2e_tok_s": B * new_tokens / med["ours_N"], "hf_e2e_tok_s": B * new_tokens / med["hf_N"],
-               "outputs_equal": equal, "times_s": med}
+               "outputs_equal": True, "times_s": med,
+               "ours_step_ms": step_ms("ours"), "hf_step_ms": step_ms("hf"),
+               "touched_experts_per_layer": touched, "read_mb_per_step": other_mb + n_moe * touched * expert_mb,
+               "stream_gb_s": bandwidth / 1e9}
+        row["floor_step_ms"] = row["read_mb_per_step"] / row["stream_gb_s"]
         row["ratio"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
         row["ratio_e2e"] = row["ours_e2e_tok_s"] / row["hf_e2e_tok_s"]
+        row["bandwidth_bound_ratio"] = row["hf_step_ms"] / row["floor_step_ms"]
+        if eng_mtp is not None:
+            d = {key: eng_mtp.stats[key] - s0[key] for key in eng_mtp.stats}
+            row.update(mtp_k=spec, ours_mtp_decode_tok_s=dec("mtp"),
+                       mtp_tokens_per_forward=d["spec_emitted"] / d["spec_verifies"] if d["spec_verifies"] else 0.0)
+            row["ratio_mtp"] = row["ours_mtp_decode_tok_s"] / row["hf_decode_tok_s"]
         rows.append(row)
-    del hf_model, eng
+    del hf_model, eng, eng_mtp
     return rows
 
 
@@ -419,15 +493,20 @@ def run(args: dict[str, str]) -> dict:
         if "decode" in parts:
             rows = []
             for name, path in _checkpoints(args, root).items():
-                rows += decode_bench(name, path, batches, prompt_len, new_tokens, reps)
+                rows += decode_bench(name, path, batches, prompt_len, new_tokens, reps, int(args.get("decode_spec", 1)))
             res["decode"] = rows
             t = Table(title=f"greedy decode, prompt {prompt_len} + {new_tokens} new tokens, "
-                            f"{torch.get_num_threads()} threads (ours: MTP off)")
-            for c in ("model", "batch", "ours decode tok/s", "HF decode tok/s", "ours/HF", "ours/HF e2e", "equal"):
+                            f"{torch.get_num_threads()} threads")
+            for c in ("model", "batch", "ours tok/s", "HF tok/s", "ours/HF", "ours/HF e2e", "MTP tok/fwd",
+                      "ours+MTP/HF", "step ms ours/HF/floor", "HF/floor", "equal"):
                 t.add_column(c, justify="right")
             for r in rows:
                 t.add_row(r["model"], str(r["batch"]), f"{r['ours_decode_tok_s']:,.0f}", f"{r['hf_decode_tok_s']:,.0f}",
-                          f"{r['ratio']:.2f}x", f"{r['ratio_e2e']:.2f}x", str(r["outputs_equal"]))
+                          f"{r['ratio']:.2f}x", f"{r['ratio_e2e']:.2f}x",
+                          f"{r['mtp_tokens_per_forward']:.2f}" if "ratio_mtp" in r else "-",
+                          f"{r['ratio_mtp']:.2f}x" if "ratio_mtp" in r else "-",
+                          f"{r['ours_step_ms']:.1f}/{r['hf_step_ms']:.1f}/{r['floor_step_ms']:.1f}",
+                          f"{r['bandwidth_bound_ratio']:.1f}x", str(r["outputs_equal"]))
             console.print(t)
         mtp_path: Optional[pathlib.Path] = None
         if "mtp" in parts or "load" in parts:

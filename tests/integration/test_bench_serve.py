@@ -25,6 +25,14 @@ def test_bench_serve_tiny_minimal(tmp_path) -> None:
     for r in dec:
         assert r["outputs_equal"] is True
         assert r["ours_decode_tok_s"] > 0 and r["hf_decode_tok_s"] > 0 and r["ratio"] > 0 and r["ratio_e2e"] > 0
+        # the tiny checkpoint has an MTP module: ours with one draft per step gave the same tokens (checked inside)
+        assert r["mtp_k"] == 1 and 1 <= r["mtp_tokens_per_forward"] <= 2 and r["ratio_mtp"] > 0
+        # bandwidth floor: a batch-1 decode step touches exactly top-k (2) experts per MoE layer, a batch of 4 2..8
+        lo, hi = (2, 2) if r["batch"] == 1 else (2, 8)
+        assert lo <= r["touched_experts_per_layer"] <= hi
+        assert r["read_mb_per_step"] > 0 and r["stream_gb_s"] > 0
+        assert r["floor_step_ms"] == pytest.approx(r["read_mb_per_step"] / r["stream_gb_s"])
+        assert r["bandwidth_bound_ratio"] == pytest.approx(r["hf_step_ms"] / r["floor_step_ms"])
     (m,) = out["mtp"]["rows"]
     assert m["k"] == 1 and m["outputs_equal_no_spec"] is True
     assert 0 <= m["acceptance_rate"] <= 1 and 1 <= m["tokens_per_target_forward"] <= 2
