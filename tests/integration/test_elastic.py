@@ -119,10 +119,12 @@ def reference(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("dp", [1, 2])
-def test_killed_rank_is_replaced_and_the_run_matches(tmp_path, reference, dp) -> None:
-    ref_run, ref = reference(dp)
-    run = _run(tmp_path, f"kill{dp}", dp=dp)
+# dp=1 on the native runtime (its reference is shared with the checkpoint-write test), dp=2 on DeepSpeed ZeRO-1
+# (what dp_impl=auto picks for fixed-size pure data parallelism)
+@pytest.mark.parametrize("dp, impl", [(1, "native"), (2, "auto")])
+def test_killed_rank_is_replaced_and_the_run_matches(tmp_path, reference, dp, impl) -> None:
+    ref_run, ref = reference(dp, impl)
+    run = _run(tmp_path, f"kill{dp}", dp=dp, impl=impl)
     s = _drive(run, events=[(3, _kill_rank(dp - 1))])
     assert s["finished"] and s["steps"] == 8
     assert len(s["recoveries"]) == 1, s["recoveries"]

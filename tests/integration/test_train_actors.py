@@ -99,8 +99,18 @@ def test_dp2_balancing_invariants(tmp_path) -> None:
     assert 0 < summary["mtp_acceptance"] <= 1
 
 
-def test_interrupted_run_resumes_to_the_same_losses(tmp_path) -> None:
-    full, _ = _drive(_run(tmp_path, "full", steps=6))
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory) -> dict:
+    """The uninterrupted 6-step fp32 run (dp=1, checkpoints at 3 and 6), made once and shared by the resume, corrupt
+    checkpoint and FP8 tests: ``{"summary": ..., "run_dir": ...}``."""
+    run = _run(tmp_path_factory.mktemp("fp32"), "full", steps=6)
+    summary, _ = _drive(run)
+    assert summary["finished"] and summary["steps"] == 6
+    return {"summary": summary, "run_dir": pathlib.Path(run.run_dir)}
+
+
+def test_interrupted_run_resumes_to_the_same_losses(tmp_path, fp32_run) -> None:
+    full = fp32_run["summary"]
     part1, _ = _drive(_run(tmp_path, "resumed", steps=6, stop_after_steps=3))
     assert part1["steps"] == 3 and not part1["finished"]
     part2, _ = _drive(_run(tmp_path, "resumed", steps=6))
@@ -109,24 +119,27 @@ def test_interrupted_run_resumes_to_the_same_losses(tmp_path) -> None:
     assert part2["losses"] == full["losses"], (part2["losses"], full["losses"])
 
 
-def test_corrupt_latest_checkpoint_falls_back(tmp_path) -> None:
-    run = _run(tmp_path, "corrupt", steps=6)
-    _drive(run)
-    ckpts = sorted((pathlib.Path(run.run_dir) / "checkpoints").glob("step_*"))
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, fp32_run) -> None:
+    import shutil
+
+    ckpts = sorted((fp32_run["run_dir"] / "checkpoints").glob("step_*"))
     assert [c.name for c in ckpts][-2:] == ["step_00000003", "step_00000006"]
-    victim = ckpts[-1] / "coordinator.safetensors"
+    # a copy of the finished run's checkpoints (the shared run stays intact), its newest one damaged
+    run = _run(tmp_path, "corrupt", steps=8)
+    for c in ckpts:
+        shutil.copytree(c, pathlib.Path(run.run_dir) / "checkpoints" / c.name)
+    victim = pathlib.Path(run.run_dir) / "checkpoints" / "step_00000006" / "coordinator.safetensors"
     victim.write_bytes(victim.read_bytes()[:-7] + b"garbage")
-    again = _run(tmp_path, "corrupt", steps=8)
-    summary, _ = _drive(again)
+    summary, _ = _drive(run)
     assert summary["resumed_from"].endswith("step_00000003")
     assert summary["steps"] == 8
 
 
-def test_fp8_training_through_deepspeed_resumes_exactly(tmp_path) -> None:
+def test_fp8_training_through_deepspeed_resumes_exactly(tmp_path, fp32_run) -> None:
     """fp8=blockwise on the actor graph: Linears swapped before deepspeed.initialize, losses close to (but not
     equal to) the fp32 run, and an interrupted FP8 run resumes to the same losses (the per-step FP8 weight cache is
     dropped after the DeepSpeed checkpoint load)."""
-    ref, _ = _drive(_run(tmp_path, "ref32", steps=6))
+    ref = fp32_run["summary"]
     full, _ = _drive(_run(tmp_path, "fp8full", steps=6, fp8=True))
     assert full["finished"] and full["steps"] == 6
     rel = [abs(a - b) / b for a, b in zip(full["losses"], ref["losses"])]
