@@ -68,6 +68,7 @@ from raymoe.fp8.linear import convert_to_fp8, invalidate_weight_caches
 from raymoe.wgrad import WeightGradStore
 
 __all__ = [
+    "init_deepspeed_dist",
     "attach_wgrad_store",
     "ds_config",
     "fp8_pre_initialize",
@@ -123,16 +124,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def init_deepspeed_dist(backend: str, **kwargs: Any) -> None:
+    """``deepspeed.init_distributed`` without DeepSpeed's CPU shared-memory all-reduce op.
+
+    On its CPU accelerator DeepSpeed JIT-compiles the ``deepspeed_shm_comm`` op (ninja, ~65 s on 2 cores) when it
+    first initializes, into ``~/.cache/torch_extensions/<py>_cpu/deepspeed_shm_comm`` — keyed by name only, with the
+    venv's absolute paths in its ``build.ninja``, so any other checkout rebuilds it. DeepSpeed uses the op only in
+    ``inference_all_reduce``; training reductions (ours and ZeRO's) are ``torch.distributed`` collectives, so the op
+    is marked incompatible here and never built."""
+    import deepspeed
+    import deepspeed.ops
+
+    try:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except (AttributeError, TypeError):  # another DeepSpeed layout: it builds the op as before, nothing else changes
+        pass
+    deepspeed.init_distributed(dist_backend=backend, **kwargs)
+
+
 def init_single_process_dist(port: int | None = None) -> None:
     """World of one over gloo (tests, single-process runs): sets the env DeepSpeed reads, then initializes."""
-    import deepspeed
-
     if torch.distributed.is_initialized():
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port or _free_port()))
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_dist("gloo")
 
 
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer | Callable[[Iterable[nn.Parameter]], Any],

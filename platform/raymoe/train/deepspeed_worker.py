@@ -127,7 +127,9 @@ class StageWorker:
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+            from raymoe.fp8.deepspeed_hooks import init_deepspeed_dist
+
+            init_deepspeed_dist(backend, auto_mpi_discovery=False, verbose=False)
         self.group = torch.distributed.group.WORLD
 
         from raymoe.data import open_datasets  # local import keeps raymoe.stage importable without data deps
