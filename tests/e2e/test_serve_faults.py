@@ -144,7 +144,7 @@ def test_disconnect_mid_stream_frees_kv_blocks(server) -> None:
                     if got == 3:
                         break
             during = engine_info()["metrics"]
-            assert during["running"] == 1 and during["kv_blocks_used"] > 0
+            assert during["running"] == 1 and during["kv_blocks_used"] > 0, during
         # leaving the block closes the connection mid-stream (400 tokens take far longer than this)
     deadline = time.time() + 20
     m = engine_info()["metrics"]
