@@ -44,15 +44,6 @@ OURS = ["1f1b", "zb1p", "dualpipe", "dualpipev"]
 PAPER_COSTS = {"F": 1.0, "B": 2.0, "W": 1.0, "FB": 3.0}
 
 
-def _median(fn: Callable[[], Any], reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def _chunk(source: str) -> tuple[nn.Module, Callable[[], torch.Tensor], str]:
     """A stage chunk (hidden -> hidden) and an input factory; falls back to the MLP if the model is unavailable."""
     torch.manual_seed(0)

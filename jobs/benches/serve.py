@@ -38,12 +38,12 @@ import asyncio
 import os
 import pathlib
 import socket
-import sys
 import statistics
+import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -145,9 +145,9 @@ def streaming_read(model: torch.nn.Module, reps: int = 5) -> tuple[float, float,
     return total / median_seconds(read, reps, warmup=1), per_expert / 1e6, (total - routed_bytes) / 1e6
 
 
-def touched_experts(model: torch.nn.Module, tokens: int, fn) -> float:
-    """Mean number of distinct routed experts per MoE layer over the forwards of exactly ``tokens`` tokens (the
-    decode steps of a batch of ``tokens`` sequences) while ``fn()`` runs; 0 when there was none."""
+def touched_experts(model: torch.nn.Module, tokens: int, fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Run ``fn()`` → (mean number of distinct routed experts per MoE layer over the forwards of exactly ``tokens``
+    tokens — the decode steps of a batch of ``tokens`` sequences —, 0 when there was none; ``fn()``'s result)."""
     from raymoe.engine.experts import DispatchedMoE
 
     seen: list[int] = []
@@ -158,11 +158,11 @@ def touched_experts(model: torch.nn.Module, tokens: int, fn) -> float:
 
     hs = [m.register_forward_hook(hook) for m in model.layers.modules() if isinstance(m, DispatchedMoE)]
     try:
-        fn()
+        result = fn()
     finally:
         for h in hs:
             h.remove()
-    return sum(seen) / len(seen) if seen else 0.0
+    return (sum(seen) / len(seen) if seen else 0.0), result
 
 
 def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: int, new_tokens: int,
@@ -204,11 +204,11 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
             return out[:, prompt_len:].tolist()
 
         # equality first (also the warm-up of every implementation); then the experts a decode step of B reads
-        touched = touched_experts(eng.model, B, lambda: ours(new_tokens))
+        touched, ours_out = touched_experts(eng.model, B, lambda: ours(new_tokens))
         fns = {"ours": ours, "hf": theirs}
         if eng_mtp is not None:
             fns["mtp"] = lambda n: ours(n, eng_mtp)
-        outs = {k: fn(new_tokens) for k, fn in fns.items()}
+        outs = {k: ours_out if k == "ours" else fn(new_tokens) for k, fn in fns.items()}
         for k, got in outs.items():
             if got != outs["hf"]:
                 first = next(i for i, (x, y) in enumerate(zip(got, outs["hf"])) if x != y)
@@ -223,8 +223,10 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
                     fn(n)
                     ts[key].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in ts.items()}
-        dec = lambda k: B * (new_tokens - 1) / max(med[f"{k}_N"] - med[f"{k}_1"], 1e-9)  # noqa: E731
-        step_ms = lambda k: 1e3 * (med[f"{k}_N"] - med[f"{k}_1"]) / max(new_tokens - 1, 1)  # noqa: E731
+        # one decode step: (t(N) − t(1)) / (N − 1); decode tokens/s = B / step
+        step_s = {k: max(med[f"{k}_N"] - med[f"{k}_1"], 1e-9) / max(new_tokens - 1, 1) for k in fns}
+        dec = lambda k: B / step_s[k]  # noqa: E731
+        step_ms = lambda k: 1e3 * step_s[k]  # noqa: E731
         row = {"model": name, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
                "ours_decode_tok_s": dec("ours"), "hf_decode_tok_s": dec("hf"),
                "ours_e2e_tok_s": B * new_tokens / med["ours_N"], "hf_e2e_tok_s": B * new_tokens / med["hf_N"],
