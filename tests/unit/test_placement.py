@@ -112,9 +112,14 @@ def test_split_spreads_each_expert_over_its_replicas() -> None:
 
 
 def test_live_replan_and_resize_keep_outputs(base, refs) -> None:
-    backend = ReplicatedExperts(num_shards=4, num_slots=12, replan_every_tokens=40, window_tokens=200)
+    # ignore_eos fixes the token count (4 prompts of >= 5 tokens + 4 x GEN generated = 60 or more), so the number of
+    # re-plans does not depend on where this host's greedy text reaches EOS: every forward adds at most 28 tokens
+    # (the prefill), so 60 tokens at one re-plan per 16 give at least two.
+    every = SamplingParams(max_tokens=GEN, temperature=0, ignore_eos=True)
+    ref_long = [o.outputs[0].token_ids for o in make_engine(base).generate(PROMPTS, every)]
+    backend = ReplicatedExperts(num_shards=4, num_slots=12, replan_every_tokens=16, window_tokens=200)
     eng = make_engine(base, backend)
-    assert greedy(eng) == refs
+    assert [o.outputs[0].token_ids for o in eng.generate(PROMPTS, every)] == ref_long
     replans = [e for e in backend.events if e["kind"] == "replan"]
     assert len(replans) >= 2, backend.events
     assert all(e["pause_s"] < 1.0 and e["moved_slots"] >= 0 for e in replans)
