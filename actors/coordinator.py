@@ -19,13 +19,17 @@ import torch
 
 from raymoe.actors.errors import StageDied, StageError
 from raymoe.actors.stage import StageActor
+from raymoe.checkpoint import CheckpointRef, ChecksumMismatch
 from raymoe.config import RunConfig
+from raymoe.train.placement import NodeCapacity, PlacementInfeasible, max_placeable_dp, plan_placement
 from raymoe.train.plans import EvalPlan, EvalResult, StepPlan, StepResult
 from raymoe.train.topology import check_layout
 
 __all__ = ["Coordinator", "RayWorkerGroup", "RayGroupFactory"]
 
 log = logging.getLogger(__name__)
+NODE_ID_LABEL = "ray.io/node-id"
+NODE_LOCAL_ENV = ("RAYMOE_LOCAL_DIR", "RAYMOE_NODE_INDEX", "RAYMOE_SCRATCH_DIR")  # per node, set before `ray start`  # every Ray node carries this label (placement-group bundle selectors)
 
 
 def check_cluster(run: RunConfig) -> None:
@@ -46,20 +50,67 @@ class RayWorkerGroup:
         self.size = p.world_size
         self.timeout_s = timeout_s if timeout_s is not None else run.train.step_timeout_s
         self.cpus_per_rank = p.num_cpus_per_rank
+        self.gpus_per_rank = 1.0 if p.backend == "nccl" else 0.0
+        self.pg_timeout_s = 60.0
         cpus = os.cpu_count() or 1
         threads = max(1, cpus // self.size)
         env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": str(threads)}
-        env.update({k: v for k, v in os.environ.items() if k.startswith("RAYMOE_")})  # e.g. cache dir, test hooks
+        # e.g. cache dir, test hooks; never a node's own settings (its scratch dir), which each node keeps
+        env.update({k: v for k, v in os.environ.items() if k.startswith("RAYMOE_") and k not in NODE_LOCAL_ENV})
         opts: dict[str, Any] = {"num_cpus": p.num_cpus_per_rank, "runtime_env": {"env_vars": env}}
-        if p.backend == "nccl":
+        gpus = 1.0 if p.backend == "nccl" else 0.0
+        if gpus:
             opts["num_gpus"] = 1
-        self.actors = [StageActor.options(**opts).remote(run, r) for r in range(self.size)]
+        self.actors: list[Any] = []
+        self.pg: Any = None
+        # rank -> node: the plan (EP groups on one node, DP replicas spread), reserved as one placement group
+        self.plan = self._plan(p.pp, p.ep, p.dp, p.num_cpus_per_rank, gpus)
         try:
+            strategies = self._reserve(self.plan, p.num_cpus_per_rank, gpus)
+            self.actors = [StageActor.options(**opts, scheduling_strategy=st).remote(run, r)
+                           for r, st in enumerate(strategies)]
             addr, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=120)
-            self._gather("init", [a.init.remote(addr, port, threads) for a in self.actors])
+            self.where = self._gather("init", [a.init.remote(addr, port, threads) for a in self.actors])
         except Exception:
             self.shutdown()
             raise
+
+    def _plan(self, pp: int, ep: int, dp: int, cpus: float, gpus: float) -> list[NodeCapacity]:
+        """The placement plan over the alive nodes; retried for ``pg_timeout_s`` while a group that was just torn
+        down still holds its resources (Ray releases them asynchronously)."""
+        deadline = time.monotonic() + self.pg_timeout_s
+        while True:
+            try:
+                return plan_placement(pp, ep, dp, alive_nodes(), cpus, gpus)
+            except PlacementInfeasible as e:
+                if time.monotonic() > deadline:
+                    raise StageError(f"cannot place pp={pp} x ep={ep} x dp={dp}: {e}") from e
+                time.sleep(0.5)
+
+    def _reserve(self, plan: list[NodeCapacity], cpus: float, gpus: float) -> list[Any]:
+        """One scheduling strategy per rank: a bundle of a placement group pinned to the planned node by its
+        ``ray.io/node-id`` label (all-or-nothing reservation); ranks that reserve no resources (a bundle cannot be
+        empty) are pinned by node affinity instead."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+        if cpus <= 0 and gpus <= 0:
+            return [NodeAffinitySchedulingStrategy(n.node_id, soft=False) for n in plan]
+        bundle = {"CPU": float(cpus)} if cpus > 0 else {}
+        if gpus > 0:
+            bundle["GPU"] = float(gpus)
+        self.pg = ray.util.placement_group([dict(bundle) for _ in plan], strategy="PACK",
+                                           bundle_label_selector=[{NODE_ID_LABEL: n.node_id} for n in plan])
+        try:
+            ray.get(self.pg.ready(), timeout=self.pg_timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            raise StageError(f"the placement group of {len(plan)} rank(s) on nodes "
+                             f"{sorted({n.ip for n in plan})} was not ready within {self.pg_timeout_s:.0f} s "
+                             "(a planned node died or its resources are taken)") from e
+        return [PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r) for r in range(len(plan))]
+
+    def placement(self) -> list[dict[str, Any]]:
+        """Per rank: node IP and id, pid, and where its ``raymoe`` code was imported from (``summary.json``)."""
+        return [dict(w) for w in getattr(self, "where", [])]
 
     def _gather(self, what: str, refs: list, ranks: Optional[list[int]] = None) -> list[Any]:
         """Results of one call per rank. On failure the error names the root cause: a rank that died is reported
@@ -87,13 +138,18 @@ class RayWorkerGroup:
                 continue
             try:
                 out.append(ray.get(ref, timeout=0))
-            except ray.exceptions.ActorDiedError as e:
+            except ray.exceptions.RayActorError as e:  # died, or unreachable (its node is gone)
                 died.append((r, e))
             except ray.exceptions.RayTaskError as e:
                 errors.append((r, e))
         if died:
             r, e = died[0]
-            raise StageDied(f"rank {r} died during {what} (actor process gone: {str(e).splitlines()[0][:200]})") from e
+            node = self.plan[r].ip if r < len(self.plan) else "?"
+            lost = [n.ip for n in {x.node_id: x for x in self.plan}.values() if not node_reachable(n.node_id)]
+            why = f"node {lost[0]} lost" if lost else "actor process gone"
+            err = StageDied(f"rank {r} on node {node} died during {what} ({why}: {str(e).splitlines()[0][:200]})")
+            err.node, err.lost_nodes = node, lost
+            raise err from e
         if errors:
             r, e = errors[0]
             raise StageError(f"rank {r} failed in {what}: {e.cause!r}") from e
@@ -108,11 +164,21 @@ class RayWorkerGroup:
     def evaluate(self, plan: EvalPlan) -> EvalResult:
         return self._gather("evaluate", [a.evaluate.remote(plan) for a in self.actors])[0]
 
-    def save(self, ckpt_dir: str) -> None:
-        self._gather("save", [a.save.remote(ckpt_dir) for a in self.actors])
+    def save(self, dest: str) -> list[dict[str, dict[str, Any]]]:
+        """Every rank stages its files and puts them under ``dest``; one ``{relpath: {sha256, bytes}}`` per rank."""
+        return self._gather("save", [a.save.remote(dest) for a in self.actors])
 
-    def load(self, ckpt_dir: str) -> None:
-        self._gather("load", [a.load.remote(ckpt_dir) for a in self.actors])
+    def load(self, ref: CheckpointRef) -> None:
+        """Every rank loads its share of ``ref``. A rank that finds a file damaged (size or sha256 against the
+        manifest) raises :class:`ChecksumMismatch` here, not a rank failure: the controller then falls back to the
+        previous checkpoint instead of restarting the group."""
+        try:
+            self._gather("load", [a.load.remote(ref) for a in self.actors])
+        except StageError as e:
+            cause = getattr(e.__cause__, "cause", None)
+            if isinstance(cause, ChecksumMismatch):
+                raise ChecksumMismatch(str(cause)) from e
+            raise
 
     def set_biases(self, biases: torch.Tensor) -> None:
         self._gather("set_biases", [a.set_biases.remote(biases) for a in self.actors])
@@ -141,6 +207,12 @@ class RayWorkerGroup:
                 ray.kill(a)
             except Exception:  # already dead
                 pass
+        if self.pg is not None:
+            try:
+                ray.util.remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001 - its node may be gone
+                pass
+            self.pg = None
 
 
 class RayGroupFactory:
@@ -150,17 +222,59 @@ class RayGroupFactory:
         return RayWorkerGroup(run)
 
     def capacity_dp(self, run: RunConfig, current: Optional[RayWorkerGroup]) -> int:
+        """The largest allowed DP degree the alive nodes can place (the current group's reservations count as
+        free: it is replaced, not joined); 0 when none fits."""
         p = run.parallel
-        per_replica = p.pp * p.ep
-        avail = ray.available_resources()
-        if p.backend == "nccl":
-            free = avail.get("GPU", 0.0) + (current.size if current is not None else 0)
-            return int(free // per_replica)
-        if p.num_cpus_per_rank <= 0:
-            return max(run.elastic_degrees())
-        free = avail.get("CPU", 0.0) + (current.size * current.cpus_per_rank if current is not None else 0.0)
-        self.last_view = {"free_cpus": free, "cpus_per_rank": p.num_cpus_per_rank, "ranks_per_replica": per_replica}
-        return int((free + 1e-9) // (p.num_cpus_per_rank * per_replica))
+        gpus = 1.0 if p.backend == "nccl" else 0.0
+        nodes = alive_nodes(give_back=current)
+        dp = max_placeable_dp(p.pp, p.ep, run.elastic_degrees(), nodes, p.num_cpus_per_rank, gpus)
+        self.last_view = {"nodes": {n.ip: n.cpus for n in nodes}, "cpus_per_rank": p.num_cpus_per_rank,
+                          "ranks_per_replica": p.pp * p.ep, "placeable_dp": dp}
+        return dp or 0
+
+
+def node_reachable(node_id: str, timeout_s: float = 1.0) -> bool:
+    """Whether a node's raylet accepts a TCP connection. The GCS marks a node dead only after several missed health
+    checks (seconds to tens of seconds); a SIGKILLed raylet refuses connections at once, so recovery does not
+    plan onto a node that is already gone."""
+    import socket
+
+    for n in ray.nodes():
+        if n["NodeID"] == node_id:
+            if not n.get("Alive"):
+                return False
+            try:
+                with socket.create_connection((n["NodeManagerAddress"], int(n["NodeManagerPort"])), timeout=timeout_s):
+                    return True
+            except OSError:
+                return False
+    return False
+
+
+def alive_nodes(give_back: Optional[RayWorkerGroup] = None) -> list[NodeCapacity]:
+    """Nodes the GCS reports alive whose raylet answers, with their free CPUs/GPUs (plus what ``give_back``'s
+    placement holds on each, when it is about to be replaced), in a stable order (by IP)."""
+    from ray._private.state import available_resources_per_node
+
+    free = available_resources_per_node()
+    held: dict[str, list[float]] = {}
+    if give_back is not None:
+        for n in give_back.plan:
+            h = held.setdefault(n.node_id, [0.0, 0.0])
+            h[0] += give_back.cpus_per_rank
+            h[1] += 1.0 if give_back.gpus_per_rank else 0.0
+    out = []
+    for n in ray.nodes():
+        nid = n["NodeID"]
+        if not n.get("Alive") or not node_reachable(nid):
+            continue
+        f = free.get(nid, {})
+        h = held.get(nid, [0.0, 0.0])
+        cpus, gpus = float(f.get("CPU", 0.0)) + h[0], float(f.get("GPU", 0.0)) + h[1]
+        if n["Resources"].get("CPU", 0.0) <= 0 and n["Resources"].get("GPU", 0.0) <= 0:
+            continue  # a head started with --num-cpus=0 hosts no ranks
+        out.append(NodeCapacity(nid, n["NodeManagerAddress"], cpus, gpus))
+    return sorted(out, key=lambda x: tuple(int(p) if p.isdigit() else 0 for p in x.ip.split(".")))
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)

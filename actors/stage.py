@@ -2,7 +2,8 @@
 
 The actor is a thin shell around the worker from :func:`raymoe.train.controller.make_worker` (which runs without
 Ray): it offers a rendezvous address, builds the worker (model, process groups, optimizer) and forwards typed
-calls — ``step(StepPlan) -> StepResult``, ``evaluate(EvalPlan) -> EvalResult``, ``save``, ``load``. Methods are
+calls — ``step(StepPlan) -> StepResult``, ``evaluate(EvalPlan) -> EvalResult``, ``save(dest) -> {relpath: {sha256,
+bytes}}``, ``load(CheckpointRef)``. Methods are
 spelled out (no dispatch by method name), so the boundary is typed end to end.
 """
 from __future__ import annotations
@@ -14,11 +15,28 @@ from typing import Any, Optional
 import ray
 import torch
 
+from raymoe.checkpoint import CheckpointRef
 from raymoe.config import RunConfig
 from raymoe.train.plans import EvalPlan, EvalResult, StepPlan, StepResult
 from raymoe.train.rendezvous import reserve_port
 
 __all__ = ["StageActor"]
+
+
+def interface_of(ip: str) -> Optional[str]:
+    """The network interface whose address range holds ``ip`` (``lo`` for any 127.x address), or None."""
+    import ipaddress
+
+    import psutil
+
+    addr = ipaddress.ip_address(ip)
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family != socket.AF_INET or not a.netmask:
+                continue
+            if addr in ipaddress.ip_network(f"{a.address}/{a.netmask}", strict=False):
+                return name
+    return None
 
 
 @ray.remote
@@ -44,8 +62,19 @@ class StageActor:
         if self._sock is not None:  # release the reserved port just before the store binds it
             self._sock.close()
             self._sock = None
+        ip = ray.util.get_node_ip_address()
+        iface = interface_of(ip)
+        if iface and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # gloo otherwise picks its interface from the hostname's resolution, which on a cluster node may be
+            # another network than the one Ray (and the rendezvous) uses
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
         self.worker = make_worker(self.run, self.rank, master_addr, master_port, threads=threads)
-        return {"rank": self.rank, "node": ray.util.get_node_ip_address(), "pid": os.getpid()}
+        import raymoe
+
+        return {"rank": self.rank, "node": ip, "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(), "gloo_iface": os.environ.get("GLOO_SOCKET_IFNAME"),
+                "code": os.path.dirname(os.path.abspath(raymoe.__file__)),
+                "version": getattr(raymoe, "__version__", None)}
 
     def _w(self) -> Any:
         if self.worker is None:
@@ -58,11 +87,11 @@ class StageActor:
     def evaluate(self, plan: EvalPlan) -> EvalResult:
         return self._w().evaluate(plan)
 
-    def save(self, ckpt_dir: str) -> None:
-        self._w().save(ckpt_dir)
+    def save(self, dest: str) -> dict[str, dict[str, Any]]:
+        return self._w().save(dest)
 
-    def load(self, ckpt_dir: str) -> None:
-        self._w().load(ckpt_dir)
+    def load(self, ref: CheckpointRef) -> None:
+        self._w().load(ref)
 
     def set_biases(self, biases: torch.Tensor) -> None:
         self._w().set_biases(biases)

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: bind loopback only
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from raymoe.jobs.cluster import configure_process_env
+
+configure_process_env()  # before `import ray`: embedded (loopback only) or cluster mode, see raymoe.jobs.cluster
 
 import pathlib  # noqa: E402
 import signal  # noqa: E402
@@ -83,13 +82,10 @@ def start_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000
 
     from raymoe.actors.serve.app import build_app
 
-    if not ray.is_initialized():
-        address = ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus or max(2, (os.cpu_count() or 2)), include_dashboard=False,
-                     log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    from raymoe.jobs.cluster import connect
+
+    connect(ray_address, num_cpus=num_cpus or max(2, (os.cpu_count() or 2)), log_to_driver=False,
+            env_vars={"TOKENIZERS_PARALLELISM": "false"})
     serve.start(http_options={"host": host, "port": int(port)})
     serve.run(build_app(args), name=app_name, route_prefix=route_prefix)
     url = f"http://{host}:{port}{route_prefix.rstrip('/')}"

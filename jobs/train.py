@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: bind loopback only
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from raymoe.jobs.cluster import configure_process_env
+
+configure_process_env()  # before `import ray`: embedded (loopback only) or cluster mode, see raymoe.jobs.cluster
 
 import pathlib  # noqa: E402
 import time  # noqa: E402
@@ -33,26 +31,15 @@ from raymoe.jobs.configs import hydra_app, register, to_run_config  # noqa: E402
 register()
 
 
-def init_ray(run: RunConfig) -> None:
-    import ray
+def init_ray(run: RunConfig) -> str:
+    """Connect to ``ray.address``/``RAY_ADDRESS`` (shipping this code to every worker) or start an embedded Ray."""
+    from raymoe.jobs.cluster import connect
 
-    if ray.is_initialized():
-        return
-    address = run.ray.address or os.environ.get("RAY_ADDRESS")
     env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "TOKENIZERS_PARALLELISM", "RAYMOE_CACHE_DIR")
            if k in os.environ}
-    if address:
-        # Under `ray job submit` the job's runtime env (working dir, env vars) already applies to every actor;
-        # passing another one here would conflict with it.
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=run.ray.num_cpus or max(4, run.parallel.world_size * 2),
-            include_dashboard=run.ray.include_dashboard,
-            object_store_memory=run.ray.object_store_mb * 1024**2,
-            runtime_env={"env_vars": env},
-            log_to_driver=True,
-        )
+    return connect(run.ray.address, num_cpus=run.ray.num_cpus or max(4, run.parallel.world_size * 2),
+                   object_store_mb=run.ray.object_store_mb, include_dashboard=run.ray.include_dashboard,
+                   env_vars=env, log_to_driver=True)
 
 
 def train(run: RunConfig, progress: bool = True) -> dict[str, Any]:
@@ -62,8 +49,16 @@ def train(run: RunConfig, progress: bool = True) -> dict[str, Any]:
 
     from raymoe.actors import Coordinator
 
-    init_ray(run)
-    coord = Coordinator.remote(run)
+    mode = init_ray(run)
+    import raymoe
+
+    print(f"raymoe {raymoe.__version__} ({pathlib.Path(raymoe.__file__).parent}) on Ray ({mode}: "
+          f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s))", flush=True)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # the coordinator lives on the driver's node: losing a worker node must not take the run's brain with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    coord = Coordinator.options(scheduling_strategy=here).remote(run)
     try:
         info = ray.get(coord.setup.remote())
         start = info.get("start_step", 0)

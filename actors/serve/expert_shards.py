@@ -29,11 +29,37 @@ Pieces (``experts.backend: remote``)::
   may run different placements (memory grows with disagreeing placements; they converge on the same load).
 
 The registry is a detached named actor (``raymoe-experts-<app name>`` in namespace ``raymoe``) so it outlives any
-single replica; ``python -m raymoe.jobs.serve`` kills it at shutdown (:func:`kill_registry`). It holds addresses only.
+single replica; ``python -m raymoe.jobs.serve`` kills it at shutdown (:func:`kill_registry`). It holds the members'
+addresses and the app's data-plane secret.
+
+**Where the data plane listens.** A shard listens on its node's IP as Ray reports it
+(``ray.util.get_node_ip_address()``, i.e. the address Ray itself uses between nodes) and binds its gloo pairs there;
+an engine binds its end of each pair to its own node's IP. Never ``0.0.0.0``, never what the hostname resolves to.
+``experts.remote.host`` overrides both (one-machine setups: ``127.0.0.1``).
+
+**Who may connect: the app's secret.** Every connection proves a per-app secret (32 random bytes) by an HMAC
+challenge–response over its own gloo pair before the shard serves it, and the shard proves it back
+(:mod:`raymoe.engine.shard_protocol`). The secret is generated with ``secrets.token_bytes(32)`` by the app's
+:class:`ExpertRegistry` when the app's first replica creates it (deploy time), and every ``ExpertShards`` and
+``EngineDeployment`` replica fetches it from there with one actor call at start. Why there and not elsewhere:
+
+* not a deployment argument, an env var in ``ray_actor_options.runtime_env`` or an arg of ``build_app``: those
+  are part of the Serve config / deployment config that ``serve status``, ``serve config`` and the dashboard show
+  and that the controller checkpoints;
+* not generated in ``build_app``: under ``serve deploy`` it runs in a throwaway build task that does not know the
+  app's name, and anything it hands the replicas would be such an argument;
+* the registry is already the one per-app object both sides consult, is keyed by the app name both know, lives as
+  long as the app (detached; killed with it), and an actor call's return value is never printed or logged.
+
+The trust boundary this draws: anyone who can call Ray actors in the cluster can read the secret (and could run any
+code on the nodes anyway); a process that can only reach a shard's port over the network cannot be served, and an
+engine never talks to a listener that cannot prove the secret. The payload is not encrypted: rows and weights cross
+the network in the clear, so the network between nodes must be private.
 """
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -52,13 +78,15 @@ POLICY_PATH = "raymoe.actors.serve.expert_shards:ExpertRedundancyPolicy"
 
 @dataclass
 class RemoteShardsConfig:
-    """``experts.remote`` (backend ``remote``): the ``ExpertShards`` deployment. ``host``: the interface shard
-    data planes listen on (the node IP on a multi-node cluster); ``num_cpus`` / ``torch_threads`` per replica;
+    """``experts.remote`` (backend ``remote``): the ``ExpertShards`` deployment. ``host``: the IP address shard
+    data planes listen on and engines bind their end of the pairs to; None (default): each replica's node IP as Ray
+    reports it (set ``127.0.0.1`` only where every replica runs on one machine); ``num_cpus`` / ``torch_threads`` per
+    replica;
     ``wait_s``: how long an engine replica waits at start for ``experts.num_shards`` shards to register;
     ``interval_s``: Serve's ``metrics_interval_s`` for the shards and the policy's decision interval;
     ``drain_timeout_s``: how long a stopping shard waits for engines to move its slots away."""
 
-    host: str = "127.0.0.1"
+    host: Optional[str] = None
     num_cpus: float = 1.0
     torch_threads: int = 1
     wait_s: float = 120.0
@@ -79,11 +107,16 @@ def registry_name(app_name: str) -> str:
 @ray.remote(num_cpus=0)
 class ExpertRegistry:
     """Member list of one app's expert shards: ``{id: {host, port, draining, since}}`` and a version that changes
-    with every update (engines re-sync only when it moved)."""
+    with every update (engines re-sync only when it moved); and the app's data-plane secret (module docstring),
+    generated here once and returned only by :meth:`secret`."""
 
     def __init__(self) -> None:
         self.members: dict[str, dict[str, Any]] = {}
         self.version = 0
+        self._secret = secrets.token_bytes(32)
+
+    def secret(self) -> bytes:
+        return self._secret
 
     def register(self, member_id: str, host: str, port: int) -> int:
         self.members[member_id] = {"host": host, "port": int(port), "draining": False, "since": time.time()}
@@ -128,11 +161,11 @@ def kill_registry(app_name: Optional[str] = None) -> int:
 
 @serve.deployment(name="ExpertShards")
 class ExpertShardDeployment:
-    """One expert shard (module docstring). Args: ``host`` the interface its data plane listens on,
-    ``torch_threads`` intra-op threads, ``drain_timeout_s`` how long a stopping replica waits for engines to move
-    its slots away."""
+    """One expert shard (module docstring). Args: ``host`` the IP address its data plane listens on (None: this
+    node's IP as Ray reports it), ``torch_threads`` intra-op threads, ``drain_timeout_s`` how long a stopping replica
+    waits for engines to move its slots away."""
 
-    def __init__(self, host: str = "127.0.0.1", torch_threads: int = 1, drain_timeout_s: float = 30.0) -> None:
+    def __init__(self, host: Optional[str] = None, torch_threads: int = 1, drain_timeout_s: float = 30.0) -> None:
         import torch
 
         from raymoe.engine.remote import ShardServer
@@ -143,9 +176,10 @@ class ExpertShardDeployment:
         self.app_name = ctx.app_name
         self.member_id = ctx.replica_id.unique_id
         self.drain_timeout_s = drain_timeout_s
-        self.server = ShardServer(host)
+        host = host or ray.util.get_node_ip_address()
         self.registry = get_registry(self.app_name)
-        ray.get(self.registry.register.remote(self.member_id, host, self.server.port))
+        self.server = ShardServer(host, secret=ray.get(self.registry.secret.remote()))
+        ray.get(self.registry.register.remote(self.member_id, self.server.host, self.server.port))
         log.info("expert shard %s listening on %s:%d", self.member_id, host, self.server.port)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
@@ -227,11 +261,16 @@ class ExpertMembership:
     registry's live members. :meth:`poll` is called after every engine step (under the engine lock): it never
     blocks on Ray — it collects the previous step's registry snapshot if ready and issues the next request — and
     when the member set changed it connects the new shards / drops draining ones and re-plans
-    (``backend.replace_shards``), returning the event (pause, moved slots, shard count)."""
+    (``backend.replace_shards``), returning the event (pause, moved slots, shard count).
 
-    def __init__(self, app_name: str, connect_timeout_s: float = 30.0) -> None:
+    Connections bind their end of the gloo pairs to ``local_host`` (None: this node's IP as Ray reports it) and
+    prove the app's secret, fetched from the registry once here."""
+
+    def __init__(self, app_name: str, connect_timeout_s: float = 30.0, local_host: Optional[str] = None) -> None:
         self.registry = get_registry(app_name)
         self.connect_timeout_s = connect_timeout_s
+        self.local_host = local_host or ray.util.get_node_ip_address()
+        self._secret: bytes = ray.get(self.registry.secret.remote())
         self.version = -1
         self.failed: set[str] = set()  # member ids whose connection failed (dead replicas never come back)
         self.shards: dict[str, Any] = {}  # member id -> RemoteShard
@@ -263,9 +302,10 @@ class ExpertMembership:
             if sh is None or sh.dead:
                 try:
                     sh = RemoteShard((live[mid]["host"], live[mid]["port"]), mid,
-                                     connect_timeout_s=self.connect_timeout_s)
-                except ShardUnavailable:
-                    log.warning("expert shard %s unreachable; skipped", mid)
+                                     connect_timeout_s=self.connect_timeout_s, secret=self._secret,
+                                     local_host=self.local_host)
+                except ShardUnavailable as e:
+                    log.warning("expert shard %s unreachable; skipped: %s", mid, e)
                     self.failed.add(mid)
                     continue
             out.append(sh)
@@ -293,7 +333,7 @@ class ExpertMembership:
             return None
         t0 = time.perf_counter()
         shards = self._connect(live)
-        if not shards:
+        if not shards or sorted(s.name for s in shards) == sorted(current):  # nothing joined (e.g. refused)
             return None
         kind = "scale_up" if len(shards) > len(current) else "scale_down" if len(shards) < len(current) \
             else "membership"

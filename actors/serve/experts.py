@@ -53,7 +53,8 @@ class ExpertServing:
             from raymoe.actors.serve.expert_shards import ExpertMembership, RemoteShardsConfig
 
             rc = RemoteShardsConfig.from_dict(remote)
-            self.membership = ExpertMembership(app_name or "default")
+            # the engine's end of each gloo pair binds the same explicit host as the shards, else this node's IP
+            self.membership = ExpertMembership(app_name or "default", local_host=rc.host)
             shards = self.membership.wait_for(c.num_shards, rc.wait_s)[: c.num_shards]
             c.num_shards = len(shards)
             decide_every = 0  # the Serve autoscaling policy decides, not the replica

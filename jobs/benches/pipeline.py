@@ -65,11 +65,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: bind loopback only
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from raymoe.jobs.cluster import configure_process_env
+
+configure_process_env()  # before `import ray`: embedded (loopback only) or cluster mode, see raymoe.jobs.cluster
 
 import pathlib  # noqa: E402
 import statistics  # noqa: E402
@@ -147,12 +145,9 @@ def _ensure_ray(num_cpus: int = 8) -> bool:
         return False
     env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "TOKENIZERS_PARALLELISM", "RAYMOE_CACHE_DIR")
            if k in os.environ}
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * MiB, log_to_driver=False,
-                 runtime_env={"env_vars": env})
+    from raymoe.jobs.cluster import connect
+
+    connect(num_cpus=num_cpus, object_store_mb=512, env_vars=env, log_to_driver=False)
     return True
 
 

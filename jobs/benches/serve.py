@@ -45,10 +45,9 @@ import time
 import warnings
 from typing import Any, Callable, Optional
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from raymoe.jobs.cluster import configure_process_env
+
+configure_process_env()  # before `import ray`: embedded (loopback only) or cluster mode, see raymoe.jobs.cluster
 
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402

@@ -379,7 +379,7 @@ class TrainConfig:
     mtp_lambda: float = 0.3
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
-    resume: str = "auto"  # auto (latest valid checkpoint in run_dir, if any) | never | <path to a checkpoint dir>
+    resume: str = "auto"  # auto (newest valid checkpoint in the storage, if any) | never | <checkpoint dir or URI>
     eval_every: int = 100
     eval_batches: int = 4
     log_every: int = 1
@@ -387,6 +387,9 @@ class TrainConfig:
     export_hf: bool = True  # at the end, write the model as a HF DeepseekV3 checkpoint to <run_dir>/hf
     max_failures: int = 3  # rank deaths / hangs the coordinator recovers from before it stops the run
     step_timeout_s: float = 600.0  # a step (or collective) taking longer is a hang: the group is torn down
+    # where checkpoints, hf/ and summary.json go so that they survive a node (raymoe.storage): None = run_dir; an
+    # absolute path, file:///..., s3://bucket/prefix, gs://..., hdfs://...; credentials only from the environment
+    storage_path: Optional[str] = None
 
     def __post_init__(self) -> None:
         for k in ("steps", "micro_batch_size", "num_microbatches", "checkpoint_every", "eval_every", "log_every",
@@ -405,6 +408,13 @@ class TrainConfig:
         _require(isinstance(self.max_failures, int) and self.max_failures >= 0,
                  f"train.max_failures must be an integer >= 0, got {self.max_failures!r}")
         _require(self.step_timeout_s > 0, f"train.step_timeout_s must be > 0, got {self.step_timeout_s}")
+        if self.storage_path is not None:
+            from raymoe.storage import check_uri  # syntax only: no I/O, no pyarrow import
+
+            try:
+                check_uri(self.storage_path, what="train.storage_path")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 @dataclass

@@ -96,6 +96,26 @@ def _wait(pred, timeout_s: float, what: str, tick=None):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; experts: {_info()}")
 
 
+def _check_data_plane_exposure() -> None:
+    """A shard listens on the node IP Ray reports and refuses a connection that cannot prove the app's secret; the
+    secret (from the app's registry) appears nowhere in what Serve reports."""
+    import ray
+    from ray import serve
+
+    from raymoe.actors.serve.expert_shards import get_registry
+    from raymoe.engine.remote import RemoteShard, ShardUnavailable
+
+    h = serve.get_deployment_handle("ExpertShards", app_name="raymoe")
+    st = h.stats.remote().result()
+    assert st["address"][0] == ray.util.get_node_ip_address()
+    with pytest.raises(ShardUnavailable, match="refused: wrong or missing secret"):
+        RemoteShard(tuple(st["address"]), "outsider", connect_timeout_s=10)
+    secret = ray.get(get_registry("raymoe").secret.remote())
+    assert len(secret) == 32
+    shown = str(serve.status()) + str(ray.util.list_named_actors(all_namespaces=True))
+    assert secret.hex() not in shown and repr(secret) not in shown
+
+
 def test_remote_shards_scale_up_and_survive_a_kill(server, ckpt) -> None:
     import torch
 
@@ -103,6 +123,7 @@ def test_remote_shards_scale_up_and_survive_a_kill(server, ckpt) -> None:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
     info = _info()
     assert info["backend"] == "remote" and info["num_shards"] == 2 and len(set(info["shard_names"])) == 2
+    _check_data_plane_exposure()
     torch.set_num_threads(1)
     local = LLMEngine.from_pretrained(ckpt, EngineConfig(**ENGINE))
     sp = SamplingParams(max_tokens=12, temperature=0)

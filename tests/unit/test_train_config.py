@@ -68,6 +68,8 @@ def test_overrides_and_groups() -> None:
         ("train.dtype=fp16", "train.dtype='fp16'; allowed: float32, bfloat16"),
         ("data.vocab_size=9000", "exceeds model.vocab_size"),
         ("model.seq_aux_loss_alpha=0.5", "set balance.alpha instead"),
+        ("train.storage_path=s3:///run", "train.storage_path 's3:///run' names no bucket"),
+        ("train.storage_path=runs/here", "train.storage_path 'runs/here' is relative"),
     ],
 )
 def test_invalid_combinations_name_the_key(override: str, needle: str) -> None:
@@ -92,7 +94,8 @@ def test_composed_config_keys_are_deliberate() -> None:
                    "train"]
     expected_train = sorted(f.name for f in dataclasses.fields(TrainConfig))
     assert sorted(k.split(".", 1)[1] for k in keys if k.startswith("train.")) == expected_train
-    assert len(keys) == 99, (len(keys), keys)
+    assert "train.storage_path" in keys  # added with raymoe.storage (docs/storage.md)
+    assert len(keys) == 100, (len(keys), keys)
 
 
 # ------------------------------------------------------------------ LR schedule (V3 numbers, in tokens)

@@ -16,9 +16,13 @@ own step time, over the step's wall time: coordinator work plus Ray call overhea
 
 Checkpoints (:mod:`raymoe.checkpoint`) hold the ranks' files (sharded safetensors for the native runtime; DeepSpeed
 engine files for ``dp_impl=deepspeed``) plus ``coordinator.json`` / ``coordinator.safetensors`` (step, tokens,
-sampler state, biases, history — no pickles) and ``layout.json``; they are committed atomically and
-``train.resume=auto`` continues from the newest valid one, so an interrupted run followed by a resume reproduces the
-uninterrupted loss curve exactly (fp32).
+sampler state, biases, history — no pickles) and ``layout.json``. They live under ``train.storage_path`` (default: the
+run directory; an object store such as ``s3://bucket/run`` when the nodes share no disk, :mod:`raymoe.storage`): each
+rank puts its own files there and reports their hashes, the controller writes the manifest last, and
+``train.resume=auto`` continues from the newest valid one — from any node and any run directory — so an interrupted
+run followed by a resume reproduces the uninterrupted loss curve exactly (fp32). A checkpoint whose file fails its
+hash while being loaded is skipped for the previous one. The HF export (``hf/``) and ``summary.json`` are uploaded
+to the storage too; ``metrics.jsonl`` and wandb stay in the (node-local) run directory.
 """
 from __future__ import annotations
 
@@ -26,9 +30,9 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import itertools
 import json
 import logging
-import math
 import pathlib
 import shutil
 import threading
@@ -39,17 +43,21 @@ import torch
 
 from raymoe import checkpoint as ckpt
 from raymoe.balance import BiasBalancer, maxvio
-from raymoe.config import ConfigError, RunConfig
+from raymoe.config import RunConfig
 from raymoe.metrics import MetricsLogger
 from raymoe.model.plan import train_flops_per_token
 from raymoe.optim import lr_at
+from raymoe.storage import Storage, stage_and_put
 from raymoe.train.plans import EvalPlan, EvalResult, StepPlan, StepResult
+from raymoe.train.run_state import check_compatible, load_coordinator_state, plain, save_coordinator_state
 from raymoe.train.topology import Topology
 
 __all__ = ["WorkerGroup", "LocalWorkerGroup", "TrainController", "StepFailed", "RankFailure", "TrainingFailed",
            "GroupFactory", "make_worker", "dp_impl", "Phase"]
 
 log = logging.getLogger(__name__)
+# what the coordinator itself reads from a checkpoint (the ranks read the rest)
+_COORDINATOR_FILES = ("coordinator.json", "coordinator.safetensors", "config.json", "layout.json")
 
 
 class StepFailed(RuntimeError):
@@ -84,9 +92,14 @@ class WorkerGroup(Protocol):
 
     def evaluate(self, plan: EvalPlan) -> EvalResult: ...
 
-    def save(self, ckpt_dir: str) -> None: ...
+    def save(self, dest: str) -> list[dict[str, dict[str, Any]]]:
+        """Every rank puts its checkpoint files under ``dest`` (a local directory or a storage URI) and reports
+        ``{relpath: {"sha256", "bytes"}}``; one table per rank."""
+        ...
 
-    def load(self, ckpt_dir: str) -> None: ...
+    def load(self, ref: ckpt.CheckpointRef) -> None:
+        """Every rank loads its share of ``ref``; a damaged file raises :class:`raymoe.checkpoint.ChecksumMismatch`."""
+        ...
 
     def set_biases(self, biases: torch.Tensor) -> None: ...
 
@@ -132,11 +145,11 @@ class LocalWorkerGroup:
     def evaluate(self, plan: EvalPlan) -> EvalResult:
         return self.worker.evaluate(plan)
 
-    def save(self, ckpt_dir: str) -> None:
-        self.worker.save(ckpt_dir)
+    def save(self, dest: str) -> list[dict[str, dict[str, Any]]]:
+        return [self.worker.save(dest)]
 
-    def load(self, ckpt_dir: str) -> None:
-        self.worker.load(ckpt_dir)
+    def load(self, ref: ckpt.CheckpointRef) -> None:
+        self.worker.load(ref)
 
     def set_biases(self, biases: torch.Tensor) -> None:
         self.worker.set_biases(biases)
@@ -185,7 +198,10 @@ class TrainController:
         self.data_info = dict(data_info or {})
         self.load_window: collections.deque[torch.Tensor] = collections.deque(maxlen=run.balance.load_window_steps)
         self.run_dir = pathlib.Path(run.run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
+        # where everything that must survive a node goes: checkpoints, hf/, summary.json (raymoe.storage)
+        self.storage_uri = run.train.storage_path or str(self.run_dir)
+        self.storage = Storage(self.storage_uri)
+        self.store = ckpt.CheckpointStore(self.storage_uri)
         tc, mc, p = run.train, run.model, run.parallel
         self._set_layout(run)
         self.global_batch = self.topo.data_parallel_size * tc.num_microbatches * tc.micro_batch_size
@@ -200,12 +216,12 @@ class TrainController:
         self.peak: Optional[float] = None
         self.history: list[dict[str, Any]] = []
         self.last_eval: dict[str, Any] = {}
-        self.last_ckpt: Optional[pathlib.Path] = None
+        self.last_ckpt: Optional[ckpt.CheckpointRef] = None
         self.resumed_from: Optional[str] = None
         self.phase_s: dict[str, float] = {}
         self._lock = threading.Lock()
         self._status: dict[str, Any] = {"phase": Phase.SETUP.value, "step": 0, "steps": tc.steps}
-        self.logger = MetricsLogger(self.run_dir, run.logger, _plain(dataclasses.asdict(run)))
+        self.logger = MetricsLogger(self.run_dir, run.logger, plain(dataclasses.asdict(run)))
         self.fault_at: dict[int, str] = {}  # test-only: {step: fault} injected into that step's plans
 
     def _set_layout(self, run: RunConfig) -> None:
@@ -266,36 +282,44 @@ class TrainController:
         return {"pp": p.pp, "ep": p.ep, "dp": p.dp, "schedule": p.schedule, "dp_impl": self.impl}
 
     def resume_if_requested(self) -> None:
+        """``train.resume``: ``auto`` continues from the newest valid checkpoint in the storage, if any (one whose file
+        fails its hash while loading is skipped for the previous one); a directory or storage URI continues from that
+        checkpoint (any problem is an error); ``never`` starts fresh."""
         mode = self.run.train.resume
         if mode == "never":
             return
-        target = ckpt.latest_valid(self.ckpt_root) if mode == "auto" else pathlib.Path(mode)
+        explicit = mode != "auto"
+        cands = iter([self.store.open(mode)]) if explicit else self.store.candidates()
+        first = next(cands, None)
+        if first is None:
+            return
+        with self._phase(Phase.RESUME):
+            target = self._load_first(itertools.chain([first], cands), check=True, fallback=not explicit)
         if target is None:
             return
-        if mode != "auto":
-            ckpt.verify(target)
-        with self._phase(Phase.RESUME):
-            self._set_status(checkpoint=str(target))
-            check_compatible(target, self.run, self.impl)
-            self._load(target)
-            self.resumed_from = str(target)
-        log.info("resumed from %s at step %d", target, self.step)
+        self.resumed_from = target.location
+        log.info("resumed from %s at step %d", target.location, self.step)
 
-    def save_checkpoint(self) -> pathlib.Path:
+    def save_checkpoint(self) -> ckpt.CheckpointRef:
+        """Every rank puts its files under this step's checkpoint location and reports their hashes; the controller
+        adds its own files (state, config, layout, expert load) the same way, writes the manifest last and prunes."""
         with self._phase(Phase.CHECKPOINT):
-            tmp = ckpt.new_tmp_dir(self.ckpt_root, self.step)
-            self.group.save(str(tmp))
-            save_coordinator_state(tmp, {
-                "step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
-                "balancer": self.balancer.state_dict(), "history": self.history,
-                "load_window": list(self.load_window)})
-            self.write_expert_load(tmp)
-            (tmp / "config.json").write_text(json.dumps(_plain(dataclasses.asdict(self.run)), indent=2))
-            (tmp / "layout.json").write_text(json.dumps(self.layout(), indent=2))
-            final = ckpt.commit(tmp, self.step, {"tokens": self.tokens})
-            ckpt.prune(self.ckpt_root, self.run.train.keep_checkpoints)
-            self.last_ckpt = final
-        return final
+            dest = self.store.begin(self.step)
+            tables = list(self.group.save(dest))
+            state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
+                     "balancer": self.balancer.state_dict(), "history": self.history,
+                     "load_window": list(self.load_window)}
+            tables.append(stage_and_put(dest, lambda d: self._write_own_files(d, state)))
+            ref = self.store.commit(dest, self.step, ckpt.merge_files(tables), {"tokens": self.tokens})
+            self.store.prune(self.run.train.keep_checkpoints)
+            self.last_ckpt = ref
+        return ref
+
+    def _write_own_files(self, d: pathlib.Path, state: dict[str, Any]) -> None:
+        save_coordinator_state(d, state)
+        self.write_expert_load(d)
+        (d / "config.json").write_text(json.dumps(plain(dataclasses.asdict(self.run)), indent=2))
+        (d / "layout.json").write_text(json.dumps(self.layout(), indent=2))
 
     # ------------------------------------------------------------------ eval
     def evaluate(self) -> dict[str, Any]:
@@ -381,7 +405,11 @@ class TrainController:
         if summary["finished"] and tc.export_hf:
             with self._phase(Phase.EXPORT):
                 summary["hf_export"] = self.export_hf(str(self.run_dir / "hf"))
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                summary["hf_export_uri"] = self.storage.uri_of("hf") if self._storage_elsewhere() else None
+        text = json.dumps(summary, indent=2)
+        (self.run_dir / "summary.json").write_text(text)
+        if self._storage_elsewhere():
+            self.storage.write_bytes("summary.json", text.encode())
         self.logger.summary(summary)
         self._set_status(phase=Phase.DONE, step=self.step)
         return summary
@@ -407,11 +435,11 @@ class TrainController:
         fits = [d for d in self.run.elastic_degrees() if d <= capacity]
         return max(fits) if fits else None
 
-    def _restore(self) -> Optional[pathlib.Path]:
+    def _restore(self) -> Optional[ckpt.CheckpointRef]:
         """Load the newest valid checkpoint into the (new) group and the controller; from scratch when none."""
         from raymoe.data import ResumableSampler
 
-        target = ckpt.latest_valid(self.ckpt_root)
+        target = self._load_first(self.store.candidates(), check=False)
         if target is None:
             self.step = self.tokens = 0
             self.sampler = ResumableSampler(self.train_size, seed=self.run.train.seed)
@@ -420,14 +448,38 @@ class TrainController:
             self.history = []
             self.load_window.clear()
             return None
-        self._load(target)
         self.last_ckpt = target
         return target
 
-    def _load(self, target: pathlib.Path) -> None:
-        """Coordinator state and every rank's shard from one checkpoint directory."""
-        state = load_coordinator_state(target)
-        self.group.load(str(target))
+    def _load_first(self, cands: Iterator[ckpt.CheckpointRef], check: bool,
+                    fallback: bool = True) -> Optional[ckpt.CheckpointRef]:
+        """Load the first of ``cands`` (newest first) that passes its hash checks while loading; ``check``: refuse a
+        checkpoint of another model or optimizer format. None when there is no candidate at all."""
+        tried: list[str] = []
+        for ref in cands:
+            self._set_status(checkpoint=ref.location)
+            try:
+                self._load(ref, check=check)
+                return ref
+            except ckpt.ChecksumMismatch as e:
+                if not fallback:
+                    raise
+                log.warning("checkpoint %s failed its hash check while loading (%s); falling back to the previous "
+                            "one", ref.location, e)
+                tried.append(ref.location)
+        if tried:  # some ranks may hold a checkpoint's state by now: never continue as if from scratch
+            raise ckpt.CheckpointCorrupt(f"no checkpoint in {self.store.uri} loads: {', '.join(tried)} failed their "
+                                         "hash checks; train.resume=never starts from scratch")
+        return None
+
+    def _load(self, target: ckpt.CheckpointRef, check: bool = False) -> None:
+        """Coordinator state and every rank's share of one checkpoint (from an object store the coordinator fetches
+        just its own small files into scratch; each rank fetches what it reads)."""
+        with ckpt.local_copy(target, [f for f in _COORDINATOR_FILES if f in target.files]) as d:
+            if check:
+                check_compatible(d, self.run, self.impl, name=target.location)
+            state = load_coordinator_state(d)
+        self.group.load(target)
         self.step, self.tokens = state["step"], state["tokens"]
         self.sampler.load_state_dict(state["sampler"])
         self.balancer.load_state_dict(state["balancer"])
@@ -448,7 +500,8 @@ class TrainController:
         phase = self.status().get("phase")
         self.failures += 1
         step_before, dp_before = self.step, self.run.parallel.dp
-        newest = ckpt.latest_valid(self.ckpt_root)
+        newest_ref = self.store.latest_valid()
+        newest = newest_ref.location if newest_ref else None
         if self.factory is None or self.failures > self.run.train.max_failures:
             try:
                 self.group.shutdown()
@@ -478,9 +531,11 @@ class TrainController:
             self._relaunch(dp)
             target = self._restore()
         rec = {"step": step_before, "resumed_step": self.step, "reason": str(err).splitlines()[0][:300],
+               "node": getattr(err, "node", None), "lost_nodes": getattr(err, "lost_nodes", []),
+               "steps_recomputed": max(0, step_before - self.step),
                "dp_before": dp_before, "dp_after": self.run.parallel.dp, "seconds": time.perf_counter() - t0,
                "capacity_dp": capacity, "cluster": getattr(self.factory, "last_view", None),
-               "checkpoint": str(target) if target else None}
+               "checkpoint": target.location if target else None}
         self.recoveries.append(rec)
         self.logger.log({"elastic/recovery_s": rec["seconds"], "elastic/dp": self.run.parallel.dp,
                          "elastic/failures": self.failures}, step=self.step)
@@ -500,15 +555,16 @@ class TrainController:
             return
         t0 = time.perf_counter()
         dp_before, step_before = self.run.parallel.dp, self.step
-        if self.last_ckpt is None or not self.last_ckpt.name.endswith(f"{self.step:08d}"):
+        if self.last_ckpt is None or self.last_ckpt.step != self.step:
             self.save_checkpoint()
         with self._phase(Phase.RESUME):
             self.group.shutdown()
             self._relaunch(dp)
             self._restore()
         rec = {"step": step_before, "resumed_step": self.step, "reason": "grow: resources available",
+               "node": None, "lost_nodes": [], "steps_recomputed": max(0, step_before - self.step),
                "dp_before": dp_before, "dp_after": dp, "seconds": time.perf_counter() - t0,
-               "checkpoint": str(self.last_ckpt)}
+               "checkpoint": self.last_ckpt.location if self.last_ckpt else None}
         self.recoveries.append(rec)
         self.logger.log({"elastic/recovery_s": rec["seconds"], "elastic/dp": dp}, step=self.step)
         log.info("grew dp %d -> %d in %.1f s at step %d", dp_before, dp, rec["seconds"], self.step)
@@ -532,8 +588,14 @@ class TrainController:
         """Write the model (with the balancer's current biases) as a HF DeepseekV3 checkpoint, from any layout
         (the full model is assembled from the newest checkpoint's shards (native) or taken from rank 0 (DeepSpeed)),
         plus what serving needs beside the weights: ``tokenizer.json``, ``generation_config.json`` (the end-of-text
-        id, so transformers' ``generate`` and our engine stop on the same token) and ``expert_load.safetensors``."""
-        path = self._export_weights(path)
+        id, so transformers' ``generate`` and our engine stop on the same token) and ``expert_load.safetensors``.
+
+        ``path`` is a local directory (the run directory's ``hf/``); when the storage is elsewhere the export is also
+        put under ``<storage>/hf/`` (an older export there is deleted first, so files of two exports never mix)."""
+        hf_store = self.storage.child("hf") if self._storage_elsewhere() else None
+        if hf_store is not None:
+            self.storage.delete("hf")
+        path = self._export_weights(path, hf_store)
         d = pathlib.Path(path)
         tok = self.data_info.get("tokenizer_path")
         if tok and pathlib.Path(tok).is_file():
@@ -543,20 +605,35 @@ class TrainController:
             gen.update(eos_token_id=int(self.data_info["eod_id"]), pad_token_id=int(self.data_info["eod_id"]))
         (d / "generation_config.json").write_text(json.dumps(gen, indent=2))
         self.write_expert_load(d)
+        if hf_store is not None:
+            hf_store.put_dir(d, skip=hf_store.list())  # the weights may be there already (DeepSpeed's rank 0)
         return path
 
-    def _export_weights(self, path: str) -> str:
+    def _export_weights(self, path: str, hf_store: Optional[Storage]) -> str:
         if self.impl == "deepspeed":
-            return self.group.export_hf(path, self.balancer.bias.clone())  # type: ignore[attr-defined]
+            biases = self.balancer.bias.clone()
+            if hf_store is None:
+                return self.group.export_hf(path, biases)  # type: ignore[attr-defined]
+            # rank 0 may run on another node: it uploads, the coordinator's run directory gets a copy
+            self.group.export_hf(hf_store.uri, biases)  # type: ignore[attr-defined]
+            hf_store.get_dir("", path)
+            return path
         from raymoe.model import DeepSeekV3, hf
-        from raymoe.train.sharded import assemble_full
+        from raymoe.train.sharded import SHARD_PREFIX, assemble_full
 
-        if self.last_ckpt is None or not self.last_ckpt.name.endswith(f"{self.step:08d}"):
+        if self.last_ckpt is None or self.last_ckpt.step != self.step:
             self.save_checkpoint()
-        model = assemble_full(self.last_ckpt, DeepSeekV3(self.run.model))
+        ref = self.last_ckpt
+        with ckpt.local_copy(ref, [f for f in ref.files if f.startswith(SHARD_PREFIX)]) as d:
+            model = assemble_full(d, DeepSeekV3(self.run.model))
         model.set_expert_biases(self.balancer.bias.clone())
         hf.save(model, path)
         return path
+
+    def _storage_elsewhere(self) -> bool:
+        """True when ``train.storage_path`` is not the run directory: what must survive a node is copied there."""
+        root = self.storage.local_root
+        return root is None or root.resolve() != self.run_dir.resolve()
 
     def summary(self, wall: float, tokens_run: int, finished: bool) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
@@ -566,6 +643,8 @@ class TrainController:
             "steps": self.step,
             "tokens": self.tokens,
             "layout": self.layout(),
+            # per rank: node, pid, where its code came from (Ray groups; None for in-process groups)
+            "placement": self.group.placement() if hasattr(self.group, "placement") else None,
             "final_train_loss": last.get("train/loss"),
             "final_mtp_loss": last.get("train/mtp_loss"),
             "val_loss": self.last_eval.get("val/loss"),
@@ -578,7 +657,8 @@ class TrainController:
             "phase_s": dict(self.phase_s),
             "recoveries": list(self.recoveries),
             "failures": self.failures,
-            "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+            "checkpoint": self.last_ckpt.location if self.last_ckpt else None,
+            "storage": self.storage_uri,
             "resumed_from": self.resumed_from,
             "wandb_dir": self.logger.wandb_dir,
             "metrics_file": str(self.logger.jsonl_path),
@@ -588,84 +668,3 @@ class TrainController:
 
     def close(self) -> None:
         self.logger.finish()
-
-
-# ---------------------------------------------------------------------- coordinator state (no pickles)
-def save_coordinator_state(d: pathlib.Path, state: dict[str, Any]) -> None:
-    """``coordinator.json`` (plain values) + ``coordinator.safetensors`` (tensors): never a pickle."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-
-    def split(obj: Any, path: str) -> Any:
-        if isinstance(obj, torch.Tensor):
-            tensors[path] = obj.detach().cpu().contiguous()
-            return {"__tensor__": path}
-        if isinstance(obj, dict):
-            return {k: split(v, f"{path}.{k}") for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [split(v, f"{path}.{i}") for i, v in enumerate(obj)]
-        return obj
-
-    plain = split(state, "state")
-    (d / "coordinator.json").write_text(json.dumps(_plain(plain)))
-    save_file(tensors, str(d / "coordinator.safetensors"))
-
-
-def load_coordinator_state(d: pathlib.Path) -> dict[str, Any]:
-    """Inverse of :func:`save_coordinator_state`; errors name the file."""
-    from safetensors.torch import load_file
-
-    jpath, tpath = d / "coordinator.json", d / "coordinator.safetensors"
-    try:
-        plain = json.loads(jpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ckpt.CheckpointCorrupt(f"{jpath}: unreadable coordinator state ({e})") from e
-    try:
-        tensors = load_file(str(tpath))
-    except Exception as e:  # safetensors raises its own error types
-        raise ckpt.CheckpointCorrupt(f"{tpath}: unreadable coordinator tensors ({e})") from e
-
-    def join(obj: Any) -> Any:
-        if isinstance(obj, dict):
-            if set(obj) == {"__tensor__"}:
-                return tensors[obj["__tensor__"]]
-            return {k: join(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [join(v) for v in obj]
-        return obj
-
-    return join(plain)
-
-
-def check_compatible(target: pathlib.Path, run: RunConfig, impl: str) -> None:
-    """Raise :class:`ConfigError` when a checkpoint cannot be loaded into this run (model or optimizer format)."""
-    cfg_path, lay_path = target / "config.json", target / "layout.json"
-    if cfg_path.exists():
-        saved = json.loads(cfg_path.read_text()).get("model", {})
-        mine = _plain(dataclasses.asdict(run.model))
-        diff = [k for k in sorted(set(saved) | set(mine))
-                if k not in ("name", "mtp_loss_weight", "seq_aux_loss_alpha") and saved.get(k) != mine.get(k)]
-        if diff:
-            k = diff[0]
-            raise ConfigError(f"checkpoint {target} is of a different model: model.{k}={saved.get(k)!r} there, "
-                              f"{mine.get(k)!r} here; resume with the checkpoint's model settings or "
-                              f"train.resume=never")
-    if lay_path.exists():
-        saved_impl = json.loads(lay_path.read_text()).get("dp_impl", "deepspeed")
-    else:
-        saved_impl = "deepspeed"
-    if saved_impl != impl:
-        raise ConfigError(f"checkpoint {target} was written by parallel.dp_impl={saved_impl} but this run uses "
-                          f"{impl}; set parallel.dp_impl={saved_impl} (re-sharding between layouts needs native "
-                          "checkpoints on both sides)")
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    return obj

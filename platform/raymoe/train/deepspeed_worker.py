@@ -281,17 +281,32 @@ class StageWorker:
                           mtp_acceptance=acc / drafted if drafted else None)
 
     # ------------------------------------------------------------------ checkpoint
-    def save(self, ckpt_dir: str) -> None:
-        """Collective over the DP group: DeepSpeed engine files + this replica's RNG state."""
-        d = pathlib.Path(ckpt_dir) / f"stage{self.stage}"
-        d.mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(str(d), tag="engine", save_latest=False)
-        torch.save({"torch": torch.get_rng_state()}, d / f"rng_dp{self.dp_rank}.pt")
+    def save(self, dest: str) -> dict[str, dict[str, Any]]:
+        """Collective over the DP group: DeepSpeed engine files + this replica's RNG state, written into this rank's
+        own staging directory and put under ``dest`` (local checkpoint directory or storage URI); returns
+        ``{relpath: {sha256, bytes}}`` of the files this rank wrote (the ZeRO partitions differ per rank)."""
+        from raymoe.storage import stage_and_put
 
-    def load(self, ckpt_dir: str) -> None:
-        """Restore the engine (weights, ZeRO optimizer state) and this replica's RNG; every file is loaded weights-only
-        (:func:`safe_torch_load`), and a hostile or damaged file raises :class:`CheckpointCorrupt` naming it."""
-        d = pathlib.Path(ckpt_dir) / f"stage{self.stage}"
+        def write(root: pathlib.Path) -> None:
+            d = root / f"stage{self.stage}"
+            d.mkdir(parents=True, exist_ok=True)
+            self.engine.save_checkpoint(str(d), tag="engine", save_latest=False)
+            torch.save({"torch": torch.get_rng_state()}, d / f"rng_dp{self.dp_rank}.pt")
+
+        return stage_and_put(dest, write)
+
+    def load(self, ref: Any) -> None:
+        """Restore the engine (weights, ZeRO optimizer state) and this replica's RNG from checkpoint ``ref``
+        (:class:`raymoe.checkpoint.CheckpointRef`; from an object store the ``stage<i>/`` files are downloaded into
+        node-local scratch first, hash-checked). Every file is loaded weights-only (:func:`safe_torch_load`), and a
+        hostile or damaged file raises :class:`CheckpointCorrupt` naming it."""
+        from raymoe.checkpoint import local_copy
+
+        prefix = f"stage{self.stage}/"
+        with local_copy(ref, None if ref.local else [f for f in ref.files if f.startswith(prefix)]) as root:
+            self._load_dir(root / f"stage{self.stage}")
+
+    def _load_dir(self, d: pathlib.Path) -> None:
         path, _ = self.engine.load_checkpoint(str(d), tag="engine", load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
@@ -307,7 +322,10 @@ class StageWorker:
             invalidate_weight_caches(self.model)  # weights changed behind the FP8 per-step weight cache
 
     def export_hf(self, path: str, biases: Optional[torch.Tensor] = None) -> str:
+        """Write the model as a HF checkpoint to ``path``: a local directory, or a storage URI (staged in node-local
+        scratch and uploaded, so the export survives this node)."""
         from raymoe.model import hf
+        from raymoe.storage import is_local, stage_and_put
 
         if biases is not None:
             self.set_biases(biases)
@@ -316,7 +334,10 @@ class StageWorker:
             import copy
 
             model = copy.deepcopy(model).float()
-        hf.save(model, path)
+        if is_local(path):
+            hf.save(model, path)
+        else:
+            stage_and_put(path, lambda d: hf.save(model, str(d)))
         return path
 
     def param_state(self) -> dict[str, torch.Tensor]:

@@ -19,7 +19,9 @@ partitioning), so dp rank 0 has all of it.
 Re-sharding: a loader in ANY layout indexes every shard file (names, shapes, expert row ranges; no tensor is read
 yet), then reads, for each of its own parameters, the full tensor or the expert rows it owns, concatenated from
 whichever files hold them. A checkpoint saved at pp=2 × ep=2 therefore resumes at pp=1 × ep=1 (and back) with
-bit-identical weights and optimizer state. Loading never unpickles: safetensors and JSON only. A missing tensor, a
+bit-identical weights and optimizer state. From an object store (``train.storage_path``, :mod:`raymoe.storage`) a
+rank first reads just the headers (:func:`read_header`) and downloads only the files :func:`needed_shards` names, then
+loads from that local subset. Loading never unpickles: safetensors and JSON only. A missing tensor, a
 shape that does not match the model, or expert rows that do not tile ``0..E`` raise :class:`IncompatibleCheckpoint`
 naming the tensor and the file.
 """
@@ -27,14 +29,19 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Optional
+import struct
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-__all__ = ["IncompatibleCheckpoint", "expert_rows", "save_rank", "load_rank", "ShardIndex", "assemble_full"]
+__all__ = ["IncompatibleCheckpoint", "expert_rows", "save_rank", "load_rank", "ShardIndex", "assemble_full",
+           "SHARD_PREFIX", "read_header", "needed_shards"]
+
+SHARD_PREFIX = "shards/"
+_MAX_HEADER = 100 << 20  # safetensors' own bound on the JSON header
 
 _KINDS = ("param", "exp_avg", "exp_avg_sq", "step")
 
@@ -89,6 +96,48 @@ def save_rank(model: nn.Module, optimizer: torch.optim.Optimizer, topo: Any, ran
     path = d / f"pp{c.pp_rank}_ep{c.ep_rank}.safetensors"
     save_file(tensors, str(path), metadata=meta)
     return [str(path)]
+
+
+def read_header(read: Callable[[int, int], bytes], where: str) -> dict[str, Any]:
+    """The JSON header of a safetensors file through ``read(offset, length)`` (two ranged reads, no tensor data):
+    ``{key: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}``. Raises :class:`IncompatibleCheckpoint`
+    naming ``where`` when the bytes are not a safetensors header."""
+    head = read(0, 8)
+    if len(head) != 8:
+        raise IncompatibleCheckpoint(f"{where}: too short for a safetensors file")
+    n = struct.unpack("<Q", head)[0]
+    if not 2 <= n <= _MAX_HEADER:
+        raise IncompatibleCheckpoint(f"{where}: safetensors header length {n} out of range")
+    try:
+        header = json.loads(read(8, n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IncompatibleCheckpoint(f"{where}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise IncompatibleCheckpoint(f"{where}: safetensors header is not an object")
+    return header
+
+
+def needed_shards(model: nn.Module, headers: dict[str, dict[str, Any]]) -> list[str]:
+    """Which shard files :func:`load_rank` reads for ``model`` (this rank's share, any saved layout): the files that
+    hold one of its parameters, for routed experts only those whose expert rows overlap the rank's. ``headers``:
+    ``{file: safetensors header}`` (:func:`read_header`). Lets a rank download just its part of a checkpoint."""
+    mine = {n for n, _ in model.named_parameters()}
+    rows = expert_rows(model)
+    out = []
+    for f, header in headers.items():
+        try:
+            saved_rows = json.loads((header.get("__metadata__") or {}).get("rows", "{}"))
+        except (json.JSONDecodeError, TypeError):
+            saved_rows = {}
+        for key in header:
+            kind, _, name = key.partition("/")
+            if key == "__metadata__" or kind not in _KINDS or name not in mine:
+                continue
+            r, sr = rows.get(name), saved_rows.get(name) if isinstance(saved_rows, dict) else None
+            if r is None or not isinstance(sr, list) or len(sr) != 3 or (sr[0] < r[1] and r[0] < sr[1]):
+                out.append(f)
+                break
+    return sorted(out)
 
 
 class ShardIndex:

@@ -26,8 +26,6 @@ import datetime
 import logging
 import math
 import os
-
-import pathlib
 import time
 import weakref
 from typing import Any, Optional
@@ -165,6 +163,24 @@ class _Loopback:
     def close(self) -> None:
         if self.p2p is not None:
             self.p2p.close()
+
+
+def _shards_to_fetch(ref: Any, model: torch.nn.Module) -> list[str]:
+    """The shard files of a checkpoint in storage that ``model`` (a rank's share) reads. A file whose header cannot be
+    read is fetched anyway: the download's hash check then says what is wrong with it."""
+    from raymoe.storage import Storage
+    from raymoe.train import sharded
+
+    st = Storage(ref.location)
+    shard_files = [f for f in ref.files if f.startswith(sharded.SHARD_PREFIX) and f.endswith(".safetensors")]
+    headers, unreadable = {}, []
+    for f in shard_files:
+        try:
+            headers[f] = sharded.read_header(lambda off, n, f=f: st.read_range(f, off, n), f"{ref.location}/{f}")
+        except (sharded.IncompatibleCheckpoint, OSError) as e:
+            log.warning("cannot read the header of %s/%s (%s); fetching the whole file", ref.location, f, e)
+            unreadable.append(f)
+    return sorted(set(sharded.needed_shards(model, headers)) | set(unreadable))
 
 
 class PipelineWorker:
@@ -396,16 +412,27 @@ class PipelineWorker:
                           mtp_acceptance=acc_s / drafted_s if drafted_s else None)
 
     # ------------------------------------------------------------------ checkpoint
-    def save(self, ckpt_dir: str) -> list[str]:
+    def save(self, dest: str) -> dict[str, dict[str, Any]]:
+        """Write this rank's shard (dp rank 0 of each (pp, ep) pair; others write nothing) into a staging directory
+        and put it under ``dest`` (a local checkpoint directory or a storage URI); returns ``{relpath: {sha256,
+        bytes}}`` of what it put, for the coordinator's manifest."""
+        from raymoe.storage import stage_and_put
         from raymoe.train import sharded
 
         _test_delay("RAYMOE_TEST_SAVE_DELAY_S")
-        return sharded.save_rank(self.model, self.optimizer, self.topo, self.rank, pathlib.Path(ckpt_dir))
+        return stage_and_put(dest, lambda d: sharded.save_rank(self.model, self.optimizer, self.topo, self.rank, d))
 
-    def load(self, ckpt_dir: str) -> None:
+    def load(self, ref: Any) -> None:
+        """Load this rank's share of checkpoint ``ref`` (:class:`raymoe.checkpoint.CheckpointRef`): from the directory
+        itself on local storage; from an object store, only the shard files this rank reads (found from their
+        headers, two ranged reads per file) are downloaded into node-local scratch, each hash-checked against the
+        manifest (:class:`raymoe.checkpoint.ChecksumMismatch` otherwise) before anything is loaded."""
+        from raymoe import checkpoint as ckpt
         from raymoe.train import sharded
 
-        sharded.load_rank(self.model, self.optimizer, self.topo, self.rank, pathlib.Path(ckpt_dir))
+        needed = None if ref.local else _shards_to_fetch(ref, self.model)
+        with ckpt.local_copy(ref, needed) as d:
+            sharded.load_rank(self.model, self.optimizer, self.topo, self.rank, d)
         if self.fp8_guard is not None:
             from raymoe.fp8 import invalidate_weight_caches
 

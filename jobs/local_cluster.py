@@ -1,0 +1,361 @@
+"""A real multi-node Ray cluster on one machine: ``python -m raymoe.jobs.local_cluster up|down``.
+
+Every node is a separate ``ray start`` (its own raylet, object store, agents and workers) on its **own loopback
+address** — head ``127.0.0.2``, workers ``127.0.0.3``, ``127.0.0.4``, ... Ray keeps such an address as the node IP
+(it replaces only ``127.0.0.1``/``localhost`` by the machine's routable address), so all traffic stays in
+127.0.0.0/8 and nothing reaches the machine's external address. Each node gets:
+
+- its own ports (GCS/node manager/object manager/agents/metrics: two nodes on one machine otherwise collide);
+- its own local directory, exported to every worker it starts as ``RAYMOE_LOCAL_DIR`` (node-local scratch: the
+  training runtime stages checkpoint files there), so no two nodes share a disk path by accident;
+- its own process group (``setsid``), so losing a node is ``kill -9`` of that group: ``ray start``, its raylet,
+  its agents and every worker it spawned die together, the way a machine dies.
+
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is removed from every node's environment: set to 0 it switches multi-node
+support off on Linux (a worker's ``ray start --address`` aborts). The head starts with ``--num-cpus=0`` (no work on
+it, as on a real cluster's head) unless told otherwise; the dashboard (needed for ``ray job submit``) listens on
+127.0.0.1.
+
+Usage::
+
+    python -m raymoe.jobs.local_cluster up --workers 2 --cpus-per-worker 2     # prints RAY_ADDRESS / dashboard
+    RAY_ADDRESS=127.0.0.2:<port> python -m raymoe.jobs.train parallel=dp2 ...   # a driver on the cluster
+    ray job submit --address http://127.0.0.1:<dash> --working-dir . -- python -m raymoe.jobs.train ...
+    python -m raymoe.jobs.local_cluster kill-node 1     # SIGKILL worker node 1's whole process tree
+    python -m raymoe.jobs.local_cluster down
+
+The state (pids, addresses, ports) is kept in ``<state_dir>/cluster.json`` (default ``/tmp/raymoe-cluster``).
+Tests use :class:`LocalCluster` directly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+__all__ = ["LocalCluster", "LocalS3", "NodeProc", "cluster_env", "free_port"]
+
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def cluster_env(base: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The environment for a cluster process: multi-node support left on, usage stats and token auth off (a
+    loopback-only cluster), this interpreter's ``bin/`` first on PATH (the job's ``python`` and ``ray``)."""
+    env = dict(os.environ if base is None else base)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    env.pop("RAY_ADDRESS", None)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    bin_dir = str(pathlib.Path(sys.executable).parent)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@dataclass
+class NodeProc:
+    """One node: its loopback IP, the pid of its ``ray start --block`` (= its process group), its local dir."""
+
+    index: int  # 0 = head
+    ip: str
+    pid: int
+    local_dir: str
+    num_cpus: float
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        try:
+            os.killpg(self.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+
+class LocalCluster:
+    """Start/stop/kill nodes of a loopback multi-node Ray cluster (see the module docstring)."""
+
+    def __init__(self, state_dir: str | pathlib.Path = "/tmp/raymoe-cluster", object_store_mb: int = 300,
+                 extra_env: Optional[dict[str, str]] = None, first_ip: int = 2) -> None:
+        # short: Ray's unix socket paths under the temp dir have a length limit
+        self.state_dir = pathlib.Path(state_dir)
+        self.object_store_mb = object_store_mb
+        self.env = cluster_env()
+        self.env.update(extra_env or {})  # e.g. LocalS3.env: every node reaches the same object store
+        # head on 127.0.0.<first_ip>, workers on the following addresses: two clusters on one machine (two test
+        # modules, a test beside a manual cluster) use disjoint ranges
+        self.first_ip = first_ip
+        self.nodes: list[NodeProc] = []
+        self.gcs_port = 0
+        self.dashboard_port = 0
+
+    # ------------------------------------------------------------------ addresses
+    @property
+    def address(self) -> str:
+        """``RAY_ADDRESS`` for a driver on this machine (the GCS)."""
+        return f"{self.head_ip}:{self.gcs_port}"
+
+    @property
+    def head_ip(self) -> str:
+        return f"127.0.0.{self.first_ip}"
+
+    def _ip(self, index: int) -> str:
+        if not 0 < self.first_ip + index < 255:
+            raise ValueError(f"no loopback address left for node {index} (first_ip={self.first_ip})")
+        return f"127.0.0.{self.first_ip + index}"
+
+    @property
+    def dashboard(self) -> str:
+        """Address for ``ray job submit --address``."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def workers(self) -> list[NodeProc]:
+        return [n for n in self.nodes if n.index > 0]
+
+    # ------------------------------------------------------------------ lifecycle
+    def _ports(self, ip: str) -> dict[str, int]:
+        names = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
+                 "dashboard-agent-grpc-port", "runtime-env-agent-port")
+        return {n: free_port(ip) for n in names}
+
+    def _spawn(self, index: int, ip: str, num_cpus: float, extra: list[str],
+               resources: Optional[dict[str, float]] = None) -> NodeProc:
+        local = self.state_dir / f"node{index}"
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        ports = self._ports(ip)
+        cmd = [str(pathlib.Path(sys.executable).parent / "ray"), "start", "--block", f"--node-ip-address={ip}",
+               f"--num-cpus={int(num_cpus)}", f"--object-store-memory={self.object_store_mb * 2**20}",
+               "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()],
+               f"--min-worker-port={20000 + 400 * ((self.first_ip + index) % 100)}",
+               f"--max-worker-port={20399 + 400 * ((self.first_ip + index) % 100)}", *extra]
+        if resources:
+            cmd.append(f"--resources={json.dumps(resources)}")
+        env = dict(self.env, RAYMOE_LOCAL_DIR=str(local), RAYMOE_NODE_INDEX=str(index))
+        log = open(local / "ray-start.log", "w")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        node = NodeProc(index, ip, proc.pid, str(local), num_cpus, ports)
+        self.nodes.append(node)
+        self._procs = getattr(self, "_procs", {})
+        self._procs[proc.pid] = proc
+        return node
+
+    def start(self, workers: int = 2, cpus_per_worker: float = 2, head_cpus: float = 0,
+              timeout_s: float = 180.0) -> "LocalCluster":
+        """Head on 127.0.0.2 plus ``workers`` worker nodes on 127.0.0.3, ...; waits until all are ALIVE."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.gcs_port, self.dashboard_port = free_port(self.head_ip), free_port()
+        tmp = self.state_dir / "ray"
+        self._spawn(0, self.head_ip, head_cpus, [
+            "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port(self.head_ip)}",
+            f"--temp-dir={tmp}"])
+        self._wait_dashboard(timeout_s)
+        for _ in range(workers):
+            self.add_worker(cpus_per_worker, wait=False)
+        try:
+            self.wait_nodes(workers + 1, timeout_s)
+        except TimeoutError:
+            # on a loaded machine a raylet can miss its start-up deadline ("timed out during startup") and its
+            # `ray start` exits: start such nodes once more on the same address
+            for node in [n for n in self.workers if not n.alive]:
+                self.nodes.remove(node)
+                self._spawn(node.index, node.ip, node.num_cpus, [f"--address={self.address}"])
+            try:
+                self.wait_nodes(workers + 1, timeout_s)
+            except TimeoutError as e:
+                logs = "\n".join(f"--- node {n.index} ({n.ip}, alive={n.alive}): "
+                                  + (pathlib.Path(n.local_dir) / "ray-start.log").read_text()[-1500:]
+                                  for n in self.nodes)
+                raise TimeoutError(f"{e}\n{logs}") from e
+        self.save()
+        return self
+
+    def add_worker(self, num_cpus: float = 2, wait: bool = True, timeout_s: float = 120.0) -> NodeProc:
+        """A new worker node on the next unused loopback address (a killed node's address is not reused)."""
+        index = max((n.index for n in self.nodes), default=0) + 1
+        node = self._spawn(index, self._ip(index), num_cpus, [f"--address={self.address}"])
+        if wait:
+            self.wait_nodes(len([n for n in self.nodes if n.alive]), timeout_s)
+        self.save()
+        return node
+
+    def kill_node(self, index: int) -> NodeProc:
+        """SIGKILL a node's whole process group (``ray start``, raylet, agents, workers): a machine lost."""
+        node = next(n for n in self.nodes if n.index == index)
+        try:
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc = getattr(self, "_procs", {}).get(node.pid)
+        if proc is not None:
+            proc.wait(timeout=30)
+        return node
+
+    def stop(self) -> None:
+        """Workers first, then the head: SIGTERM to each ``ray start`` (it drains through the live GCS), then
+        SIGKILL of whatever is left of each group."""
+        for node in sorted(self.nodes, key=lambda n: -n.index):
+            try:
+                os.kill(node.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        deadline = time.time() + 30
+        for node in self.nodes:
+            proc = getattr(self, "_procs", {}).get(node.pid)
+            while node.alive and time.time() < deadline:
+                if proc is not None and proc.poll() is not None:
+                    break
+                time.sleep(0.2)
+        for node in self.nodes:
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.nodes = []
+        shutil.rmtree(self.state_dir, ignore_errors=True)  # node dirs, Ray's temp dir, cluster.json: all ours
+
+    # ------------------------------------------------------------------ waiting / state
+    def _wait_dashboard(self, timeout_s: float) -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if not self.nodes[0].alive:
+                    raise RuntimeError(f"ray head exited; see {self.nodes[0].local_dir}/ray-start.log")
+                time.sleep(0.5)
+        raise TimeoutError(f"Ray dashboard on {self.dashboard} did not come up within {timeout_s:.0f} s")
+
+    def alive_node_ips(self) -> list[str]:
+        """IPs of the nodes the GCS reports ALIVE (via the dashboard's state API)."""
+        with urllib.request.urlopen(f"{self.dashboard}/api/v0/nodes?limit=100", timeout=10) as r:
+            data = json.loads(r.read())
+        rows = data.get("data", {}).get("result", {}).get("result", [])
+        return sorted(n["node_ip"] for n in rows if n.get("state") == "ALIVE")
+
+    def wait_nodes(self, count: int, timeout_s: float = 120.0) -> list[str]:
+        deadline = time.time() + timeout_s
+        ips: list[str] = []
+        while time.time() < deadline:
+            try:
+                ips = self.alive_node_ips()
+            except Exception:  # noqa: BLE001 - state API warming up
+                ips = []
+            if len(ips) >= count:
+                return ips
+            time.sleep(0.5)
+        raise TimeoutError(f"{count} Ray nodes not ALIVE within {timeout_s:.0f} s (alive: {ips})")
+
+    def save(self) -> None:
+        state = {"gcs_port": self.gcs_port, "dashboard_port": self.dashboard_port, "first_ip": self.first_ip,
+                 "nodes": [asdict(n) for n in self.nodes]}
+        (self.state_dir / "cluster.json").write_text(json.dumps(state, indent=1))
+
+    @classmethod
+    def load(cls, state_dir: str | pathlib.Path = "/tmp/raymoe-cluster") -> "LocalCluster":
+        c = cls(state_dir)
+        state = json.loads((c.state_dir / "cluster.json").read_text())
+        c.gcs_port, c.dashboard_port = state["gcs_port"], state["dashboard_port"]
+        c.first_ip = state.get("first_ip", 2)
+        c.nodes = [NodeProc(**n) for n in state["nodes"]]
+        return c
+
+
+class LocalS3:
+    """A real S3-compatible server on 127.0.0.1 (moto's server mode, a dev dependency) with one bucket: storage that
+    no two nodes share through a disk. ``env`` holds the standard variables pyarrow reads (endpoint, fake keys,
+    region); give them to every node (``LocalCluster(env=...)``) and to the driver."""
+
+    def __init__(self, bucket: str = "raymoe") -> None:
+        self.bucket = bucket
+        self.port = 0
+        self.server = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def uri(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix.strip('/')}"
+
+    def start(self) -> "LocalS3":
+        import logging
+
+        import pyarrow.fs as pafs
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        fs = pafs.S3FileSystem(endpoint_override=self.env["AWS_ENDPOINT_URL"], access_key="testing",
+                               secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+        fs.create_dir(self.bucket)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m raymoe.jobs.local_cluster", description=__doc__.split("\n")[0])
+    ap.add_argument("--state-dir", default="/tmp/raymoe-cluster")
+    ap.add_argument("--first-ip", type=int, default=2, help="head on 127.0.0.<first-ip>, workers on the next ones")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start a head (127.0.0.2) and worker nodes (127.0.0.3, ...)")
+    up.add_argument("--workers", type=int, default=2)
+    up.add_argument("--cpus-per-worker", type=float, default=2)
+    up.add_argument("--head-cpus", type=float, default=0)
+    up.add_argument("--object-store-mb", type=int, default=300)
+    add = sub.add_parser("add-node", help="start one more worker node")
+    add.add_argument("--cpus", type=float, default=2)
+    kill = sub.add_parser("kill-node", help="SIGKILL one node's whole process tree")
+    kill.add_argument("index", type=int)
+    sub.add_parser("status", help="print the nodes the GCS reports alive")
+    sub.add_parser("down", help="stop every node")
+    a = ap.parse_args(argv)
+    if a.cmd == "up":
+        c = LocalCluster(a.state_dir, a.object_store_mb, first_ip=a.first_ip).start(a.workers, a.cpus_per_worker,
+                                                                                    a.head_cpus)
+        # the `ray start` processes are our children: detach them so they outlive this command
+        print(f"cluster up: nodes {c.alive_node_ips()}")
+        print(f"export RAY_ADDRESS={c.address}        # a driver on this machine")
+        print(f"ray job submit --address {c.dashboard} --working-dir . -- python -m raymoe.jobs.train ...")
+        return
+    c = LocalCluster.load(a.state_dir)
+    if a.cmd == "add-node":
+        n = c.add_worker(a.cpus)
+        print(f"node {n.index} up on {n.ip}")
+    elif a.cmd == "kill-node":
+        n = c.kill_node(a.index)
+        print(f"node {n.index} ({n.ip}) killed")
+    elif a.cmd == "status":
+        print("alive:", c.alive_node_ips())
+    elif a.cmd == "down":
+        c.stop()
+        print("cluster down")
+
+
+if __name__ == "__main__":
+    main()
