@@ -8,8 +8,9 @@ address** — head ``127.0.0.2``, workers ``127.0.0.3``, ``127.0.0.4``, ... Ray 
 - its own ports (GCS/node manager/object manager/agents/metrics: two nodes on one machine otherwise collide);
 - its own local directory, exported to every worker it starts as ``RAYMOE_LOCAL_DIR`` (node-local scratch: the
   training runtime stages checkpoint files there), so no two nodes share a disk path by accident;
-- its own process group (``setsid``), so losing a node is ``kill -9`` of that group: ``ray start``, its raylet,
-  its agents and every worker it spawned die together, the way a machine dies.
+- its own session (``setsid``), so losing a node is ``kill -9`` of every process in that session: ``ray start``,
+  its raylet, its agents and every worker it spawned die together, the way a machine dies (the workers are in
+  process groups of their own, so a ``killpg`` alone would not reach them).
 
 ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is removed from every node's environment: set to 0 it switches multi-node
 support off on Linux (a worker's ``ray start --address`` aborts). The head starts with ``--num-cpus=0`` (no work on
@@ -21,6 +22,7 @@ Usage::
     python -m raymoe.jobs.local_cluster up --workers 2 --cpus-per-worker 2     # prints RAY_ADDRESS / dashboard
     RAY_ADDRESS=127.0.0.2:<port> python -m raymoe.jobs.train parallel=dp2 ...   # a driver on the cluster
     ray job submit --address http://127.0.0.1:<dash> --working-dir . -- python -m raymoe.jobs.train ...
+    python -m raymoe.jobs.local_cluster add-node --resources '{"shard": 1}'   # a worker with a custom resource
     python -m raymoe.jobs.local_cluster kill-node 1     # SIGKILL worker node 1's whole process tree
     python -m raymoe.jobs.local_cluster down
 
@@ -47,10 +49,20 @@ __all__ = ["LocalCluster", "LocalS3", "NodeProc", "cluster_env", "free_port"]
 
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+_HANDED_OUT: set[int] = set()
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port free on every address (Ray's raylet and agents bind 0.0.0.0 whatever the node IP, so a port free
+    only on one loopback alias may be taken by another node's agent), never one this process handed out before
+    (the nodes bind them only later)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def cluster_env(base: Optional[dict[str, str]] = None) -> dict[str, str]:
@@ -66,9 +78,44 @@ def cluster_env(base: Optional[dict[str, str]] = None) -> dict[str, str]:
     return env
 
 
+def _session_pids(sid: int) -> list[int]:
+    """PIDs of the live processes in session ``sid`` (Linux ``/proc``)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(d))
+    return out
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of a node. A node is one session (``ray start`` runs with ``setsid``), but not one
+    process group: the raylet starts each Ray worker in a process group of its own (Ray's per-worker process group
+    cleanup), so a ``killpg`` of the node's group leaves its workers (actors, Serve replicas) running until they
+    notice their raylet is gone, seconds later. Sweeps until nothing of the session is left (a process forked
+    during a sweep is caught by the next)."""
+    for _ in range(10):
+        pids = _session_pids(sid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
 @dataclass
 class NodeProc:
-    """One node: its loopback IP, the pid of its ``ray start --block`` (= its process group), its local dir."""
+    """One node: its loopback IP, the pid of its ``ray start --block`` (= its session and process group), its local
+    dir."""
 
     index: int  # 0 = head
     ip: str
@@ -76,6 +123,7 @@ class NodeProc:
     local_dir: str
     num_cpus: float
     ports: dict[str, int] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources (``ray start --resources``)
 
     @property
     def alive(self) -> bool:
@@ -131,7 +179,7 @@ class LocalCluster:
     def _ports(self, ip: str) -> dict[str, int]:
         names = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
                  "dashboard-agent-grpc-port", "runtime-env-agent-port")
-        return {n: free_port(ip) for n in names}
+        return {n: free_port() for n in names}
 
     def _spawn(self, index: int, ip: str, num_cpus: float, extra: list[str],
                resources: Optional[dict[str, float]] = None) -> NodeProc:
@@ -149,72 +197,114 @@ class LocalCluster:
         env = dict(self.env, RAYMOE_LOCAL_DIR=str(local), RAYMOE_NODE_INDEX=str(index))
         log = open(local / "ray-start.log", "w")
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        node = NodeProc(index, ip, proc.pid, str(local), num_cpus, ports)
+        node = NodeProc(index, ip, proc.pid, str(local), num_cpus, ports, dict(resources or {}))
         self.nodes.append(node)
         self._procs = getattr(self, "_procs", {})
         self._procs[proc.pid] = proc
         return node
 
     def start(self, workers: int = 2, cpus_per_worker: float = 2, head_cpus: float = 0,
-              timeout_s: float = 180.0) -> "LocalCluster":
-        """Head on 127.0.0.2 plus ``workers`` worker nodes on 127.0.0.3, ...; waits until all are ALIVE."""
+              timeout_s: float = 180.0, worker_resources: Optional[list[Optional[dict[str, float]]]] = None
+              ) -> "LocalCluster":
+        """Head on 127.0.0.<first_ip> plus ``workers`` worker nodes on the next addresses; waits until all are ALIVE.
+        ``worker_resources[i]``: Ray custom resources of worker ``i`` (e.g. ``{"shard": 1}``), to pin deployments to
+        nodes."""
+        worker_resources = list(worker_resources or [])
+        if len(worker_resources) > workers:
+            raise ValueError(f"worker_resources has {len(worker_resources)} entries for {workers} workers")
+        worker_resources += [None] * (workers - len(worker_resources))
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.gcs_port, self.dashboard_port = free_port(self.head_ip), free_port()
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
         tmp = self.state_dir / "ray"
         self._spawn(0, self.head_ip, head_cpus, [
             "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port(self.head_ip)}",
+            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
             f"--temp-dir={tmp}"])
         self._wait_dashboard(timeout_s)
-        for _ in range(workers):
-            self.add_worker(cpus_per_worker, wait=False)
-        try:
-            self.wait_nodes(workers + 1, timeout_s)
-        except TimeoutError:
-            # on a loaded machine a raylet can miss its start-up deadline ("timed out during startup") and its
-            # `ray start` exits: start such nodes once more on the same address
-            for node in [n for n in self.workers if not n.alive]:
-                self.nodes.remove(node)
-                self._spawn(node.index, node.ip, node.num_cpus, [f"--address={self.address}"])
-            try:
-                self.wait_nodes(workers + 1, timeout_s)
-            except TimeoutError as e:
-                logs = "\n".join(f"--- node {n.index} ({n.ip}, alive={n.alive}): "
-                                  + (pathlib.Path(n.local_dir) / "ray-start.log").read_text()[-1500:]
-                                  for n in self.nodes)
-                raise TimeoutError(f"{e}\n{logs}") from e
+        for res in worker_resources:
+            self.add_worker(cpus_per_worker, wait=True, timeout_s=timeout_s, resources=res)
+        self.wait_nodes(workers + 1, timeout_s)
         self.save()
         return self
 
-    def add_worker(self, num_cpus: float = 2, wait: bool = True, timeout_s: float = 120.0) -> NodeProc:
-        """A new worker node on the next unused loopback address (a killed node's address is not reused)."""
+    def add_worker(self, num_cpus: float = 2, wait: bool = True, timeout_s: float = 120.0,
+                   resources: Optional[dict[str, float]] = None) -> NodeProc:
+        """A new worker node on the next unused loopback address (a killed node's address is not reused), with
+        optional Ray custom ``resources`` (e.g. ``{"shard": 1}``).
+
+        With ``wait`` (what :meth:`start` does for each worker, one after the other) it returns once the GCS reports
+        the node ALIVE. Nodes are started one at a time because every ``ray start`` of a cluster picks its raylet's
+        socket name in the shared session directory by probing for the first unused ``sockets/raylet.<n>`` (Ray
+        2.60's ``ray start`` has no option to name it): two raylets starting together can pick the same name, and
+        the second aborts with "bind: Address already in use". Its ``ray start`` then waits for a start-up deadline
+        and exits; so does one whose raylet missed that deadline on a loaded machine. Either way the node is
+        started again on the same address (up to 3 tries). ``wait=False`` (a node joining a running job) returns at
+        once: do not start another node before this one is up."""
         index = max((n.index for n in self.nodes), default=0) + 1
-        node = self._spawn(index, self._ip(index), num_cpus, [f"--address={self.address}"])
-        if wait:
-            self.wait_nodes(len([n for n in self.nodes if n.alive]), timeout_s)
+        ip = self._ip(index)
+        for attempt in range(3 if wait else 1):
+            node = self._spawn(index, ip, num_cpus, [f"--address={self.address}"], resources)
+            if not wait or self._wait_up(node, timeout_s):
+                break
+            self.nodes.remove(node)
+            _kill_session(node.pid)  # whatever of the failed try is left (agents of an aborted raylet)
+        else:
+            raise RuntimeError(f"worker node {index} ({ip}) failed to start 3 times; see {node.local_dir}/"
+                               "ray-start.log and the raylet logs under the state dir")
         self.save()
         return node
 
+    def _wait_up(self, node: NodeProc, timeout_s: float) -> bool:
+        """True once the GCS reports ``node`` ALIVE; False if its ``ray start`` exited first."""
+        proc = getattr(self, "_procs", {}).get(node.pid)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if proc is not None and proc.poll() is not None:
+                return False
+            try:
+                if node.ip in self.alive_node_ips():
+                    return True
+            except Exception:  # noqa: BLE001 - state API busy
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"worker node {node.index} ({node.ip}) not ALIVE within {timeout_s:.0f} s")
+
     def kill_node(self, index: int) -> NodeProc:
-        """SIGKILL a node's whole process group (``ray start``, raylet, agents, workers): a machine lost."""
+        """SIGKILL every process of a node (``ray start``, raylet, agents, workers) at once: a machine lost."""
         node = next(n for n in self.nodes if n.index == index)
-        try:
-            os.killpg(node.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_session(node.pid)
         proc = getattr(self, "_procs", {}).get(node.pid)
         if proc is not None:
             proc.wait(timeout=30)
         return node
 
+    def freeze_node(self, index: int) -> NodeProc:
+        """SIGSTOP every process of a node: a machine that vanishes without closing anything (power loss, network
+        partition). Its sockets stay open and its kernel still accepts data, but nothing answers; peers notice only
+        by their own timeouts, and the GCS by missed health checks. :meth:`kill_node` (SIGKILL) ends it."""
+        node = next(n for n in self.nodes if n.index == index)
+        for _ in range(3):  # a process forked during a sweep is caught by the next
+            for pid in _session_pids(node.pid):
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+        return node
+
     def stop(self) -> None:
         """Workers first, then the head: SIGTERM to each ``ray start`` (it drains through the live GCS), then
-        SIGKILL of whatever is left of each group."""
+        SIGKILL of whatever is left of each node."""
         for node in sorted(self.nodes, key=lambda n: -n.index):
             try:
                 os.kill(node.pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
+            for pid in _session_pids(node.pid):  # a frozen node (freeze_node) must run to handle its SIGTERM
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
         deadline = time.time() + 30
         for node in self.nodes:
             proc = getattr(self, "_procs", {}).get(node.pid)
@@ -223,10 +313,7 @@ class LocalCluster:
                     break
                 time.sleep(0.2)
         for node in self.nodes:
-            try:
-                os.killpg(node.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_session(node.pid)
         self.nodes = []
         shutil.rmtree(self.state_dir, ignore_errors=True)  # node dirs, Ray's temp dir, cluster.json: all ours
 
@@ -330,6 +417,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     up.add_argument("--object-store-mb", type=int, default=300)
     add = sub.add_parser("add-node", help="start one more worker node")
     add.add_argument("--cpus", type=float, default=2)
+    add.add_argument("--resources", type=json.loads, default=None,
+                     help='Ray custom resources of the node as JSON, e.g. \'{"shard": 1}\'')
     kill = sub.add_parser("kill-node", help="SIGKILL one node's whole process tree")
     kill.add_argument("index", type=int)
     sub.add_parser("status", help="print the nodes the GCS reports alive")
@@ -345,7 +434,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     c = LocalCluster.load(a.state_dir)
     if a.cmd == "add-node":
-        n = c.add_worker(a.cpus)
+        n = c.add_worker(a.cpus, resources=a.resources)
         print(f"node {n.index} up on {n.ip}")
     elif a.cmd == "kill-node":
         n = c.kill_node(a.index)

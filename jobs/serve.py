@@ -51,6 +51,8 @@ def app_args(cfg: DictConfig | dict) -> dict[str, Any]:
         "experts": c.get("experts"),
         "torch_threads": s.get("torch_threads", 1),
         "engine_num_cpus": s.get("engine_num_cpus", 1),
+        "engine_resources": s.get("engine_resources"),
+        "ingress_resources": s.get("ingress_resources"),
         "autoscaling": s.get("autoscaling"),
         "engine_max_ongoing_requests": s.get("engine_max_ongoing_requests"),
         "engine_max_queued_requests": s.get("engine_max_queued_requests"),
@@ -75,8 +77,12 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
 
 def start_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, app_name: str = "raymoe",
                  route_prefix: str = "/", ray_address: Optional[str] = None, num_cpus: Optional[int] = None,
-                 timeout_s: float = 300.0) -> str:
-    """Start (or connect to) Ray, start Serve's proxy, deploy the app, wait for /health; return the base URL."""
+                 timeout_s: float = 300.0, proxy_location: Optional[str] = None) -> str:
+    """Start (or connect to) Ray, start Serve's proxy, deploy the app, wait for /health; return the base URL.
+
+    ``proxy_location``: Serve's ``HeadOnly`` / ``EveryNode`` / ``Disabled`` (None: Serve's default, EveryNode: a
+    proxy on every node with a replica, each bound to ``host`` on its own node). ``HeadOnly`` keeps the one proxy on
+    the head, so no HTTP connection runs through a worker node that may be lost (docs/cluster.md)."""
     import ray
     from ray import serve
 
@@ -86,7 +92,8 @@ def start_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000
 
     connect(ray_address, num_cpus=num_cpus or max(2, (os.cpu_count() or 2)), log_to_driver=False,
             env_vars={"TOKENIZERS_PARALLELISM": "false"})
-    serve.start(http_options={"host": host, "port": int(port)})
+    serve.start(http_options={"host": host, "port": int(port)},
+                **({"proxy_location": proxy_location} if proxy_location else {}))
     serve.run(build_app(args), name=app_name, route_prefix=route_prefix)
     url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     _wait_healthy(url, timeout_s)
@@ -118,7 +125,8 @@ def main(cfg: DictConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        url = start_server(args, s.host, s.port, s.app_name, s.route_prefix, cfg.ray.address, cfg.ray.num_cpus)
+        url = start_server(args, s.host, s.port, s.app_name, s.route_prefix, cfg.ray.address, cfg.ray.num_cpus,
+                           proxy_location=s.get("proxy_location"))
         name = args["served_model_name"] or pathlib.Path(args["model_path"]).name
         print(f"raymoe: serving '{name}' at {url} (OpenAI API base {url}/v1); Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):

@@ -60,6 +60,8 @@ DEFAULT_ARGS: dict[str, Any] = {
     "experts": {},
     "torch_threads": 1,
     "engine_num_cpus": 1,
+    "engine_resources": {},  # Ray custom resources per engine replica, e.g. {"engine": 1} (placement, below)
+    "ingress_resources": {},  # the same for the APIIngress replica (it needs no CPU)
     "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
     "engine_max_ongoing_requests": 128,
     "engine_max_queued_requests": 256,
@@ -138,7 +140,10 @@ class EngineDeployment:
 
     async def info(self) -> dict[str, Any]:
         e = self.engine
-        return {"pid": os.getpid(), "vocab_size": e.model_config.vocab_size, "max_model_len": e.max_model_len,
+        import ray
+
+        return {"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
+                "vocab_size": e.model_config.vocab_size, "max_model_len": e.max_model_len,
                 "num_speculative_tokens": e.num_spec, "has_tokenizer": e.tokenizer is not None,
                 "metrics": e.metrics(), "experts": self.experts.info()}
 
@@ -425,8 +430,11 @@ def expert_shards_deployment(experts: dict[str, Any]):
                    "metrics_interval_s": rc.interval_s, "look_back_period_s": max(2 * rc.interval_s, 1.0),
                    "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
                    "policy": {"policy_function": POLICY_PATH, "policy_kwargs": {**policy, "interval_s": rc.interval_s}}}
+    opts: dict[str, Any] = {"num_cpus": rc.num_cpus}
+    if rc.resources:  # experts.remote.resources: e.g. {"shard": 1} keeps shards on the nodes that offer it
+        opts["resources"] = dict(rc.resources)
     return ExpertShardDeployment.options(
-        autoscaling_config=autoscaling, ray_actor_options={"num_cpus": rc.num_cpus},
+        autoscaling_config=autoscaling, ray_actor_options=opts,
         graceful_shutdown_timeout_s=rc.drain_timeout_s + 5,
     ).bind(rc.host, rc.torch_threads, rc.drain_timeout_s)
 
@@ -437,6 +445,13 @@ def build_app(args: dict[str, Any]):
     ``args``: see :data:`DEFAULT_ARGS`; ``model_path`` is required, ``engine`` holds
     :class:`raymoe.engine.EngineConfig` fields, ``experts`` the redundant-expert settings
     (:mod:`raymoe.actors.serve.experts`), ``autoscaling`` Serve's ``autoscaling_config``.
+
+    Placement on a multi-node cluster: ``engine_resources`` / ``ingress_resources`` (and, for
+    ``experts.backend=remote``, ``experts.remote.resources``) are Ray custom-resource requirements
+    ``{name: amount}`` put into each replica's ``ray_actor_options["resources"]``. A replica then runs only on nodes
+    started with that resource (``ray start --resources '{"engine": 1}'``), e.g. engines on some nodes, expert
+    shards on others (``docs/cluster.md``, "Serving across nodes"). Empty (default): Serve places replicas
+    anywhere.
     """
     a = {**DEFAULT_ARGS, **{k: v for k, v in dict(args or {}).items() if v is not None}}
     unknown = set(a) - set(DEFAULT_ARGS)
@@ -446,13 +461,22 @@ def build_app(args: dict[str, Any]):
         raise ValueError("model_path is required")
     name = a["served_model_name"] or str(a["model_path"]).rstrip("/").split("/")[-1]
     experts = dict(a["experts"] or {})
+    from raymoe.actors.serve.expert_shards import check_resources
+
+    engine_opts: dict[str, Any] = {"num_cpus": a["engine_num_cpus"]}
+    ingress_opts: dict[str, Any] = {"num_cpus": 0}
+    for opts, key in ((engine_opts, "engine_resources"), (ingress_opts, "ingress_resources")):
+        res = check_resources(a[key], key)
+        if res:
+            opts["resources"] = res
     engine = EngineDeployment.options(
         autoscaling_config=dict(a["autoscaling"]),
-        ray_actor_options={"num_cpus": a["engine_num_cpus"]},
+        ray_actor_options=engine_opts,
         max_ongoing_requests=a["engine_max_ongoing_requests"],
         max_queued_requests=a["engine_max_queued_requests"],
     ).bind(str(a["model_path"]), dict(a["engine"] or {}), a["tokenizer_path"], a["torch_threads"], experts,
            expert_shards_deployment(experts))
     tok_path = a["tokenizer_path"] or str(a["model_path"])
-    return APIIngress.options(max_ongoing_requests=a["ingress_max_ongoing_requests"], ray_actor_options={
-        "num_cpus": 0}).bind(engine, name, a["api_key"], a["max_body_bytes"], tok_path)
+    return APIIngress.options(max_ongoing_requests=a["ingress_max_ongoing_requests"],
+                              ray_actor_options=ingress_opts).bind(engine, name, a["api_key"], a["max_body_bytes"],
+                                                                   tok_path)

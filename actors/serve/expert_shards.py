@@ -24,12 +24,14 @@ Pieces (``experts.backend: remote``)::
   connection, so no in-flight step loses its shard.
 * **Failure.** A killed replica breaks its gloo pairs; the engine drops it at once and re-plans over the rest
   (:class:`raymoe.engine.experts.ReplicatedExperts`), with no failed request; Serve replaces the replica and the new
-  one joins as in a scale up.
+  one joins as in a scale up. A replica whose node vanished without closing its connections is dropped the same way
+  once an operation waited ``experts.remote.op_timeout_s``. The dead replica's registry entry stays; engines try it
+  once, in the background (:class:`ExpertMembership`).
 * **Several engines.** Each engine replica connects to every shard; slot contents are per connection, so engines
   may run different placements (memory grows with disagreeing placements; they converge on the same load).
 
-The registry is a detached named actor (``raymoe-experts-<app name>`` in namespace ``raymoe``) so it outlives any
-single replica; ``python -m raymoe.jobs.serve`` kills it at shutdown (:func:`kill_registry`). It holds the members'
+The registry is a detached named actor (``raymoe-experts-<app name>`` in namespace ``raymoe``), pinned to the head
+node (:func:`get_registry`), so it outlives any single replica and any worker node; ``python -m raymoe.jobs.serve`` kills it at shutdown (:func:`kill_registry`). It holds the members'
 addresses and the app's data-plane secret.
 
 **Where the data plane listens.** A shard listens on its node's IP as Ray reports it
@@ -67,7 +69,8 @@ from typing import Any, Optional
 import ray
 from ray import serve
 
-__all__ = ["RemoteShardsConfig", "ExpertRegistry", "ExpertShardDeployment", "ExpertRedundancyPolicy", "ExpertMembership",
+__all__ = ["RemoteShardsConfig", "check_resources", "ExpertRegistry", "ExpertShardDeployment",
+           "ExpertRedundancyPolicy", "ExpertMembership",
            "registry_name", "get_registry", "kill_registry", "POLICY_PATH"]
 
 log = logging.getLogger(__name__)
@@ -84,7 +87,14 @@ class RemoteShardsConfig:
     replica;
     ``wait_s``: how long an engine replica waits at start for ``experts.num_shards`` shards to register;
     ``interval_s``: Serve's ``metrics_interval_s`` for the shards and the policy's decision interval;
-    ``drain_timeout_s``: how long a stopping shard waits for engines to move its slots away."""
+    ``drain_timeout_s``: how long a stopping shard waits for engines to move its slots away;
+    ``op_timeout_s``: how long an engine waits on one shard operation (a RUN's reply, a LOAD's ack) before it drops
+    the shard as lost and re-plans. A killed shard process is noticed at once (its kernel closes the connection);
+    this bounds the stall of every running request when a shard's node vanishes silently (power loss, partition).
+    Too short drops a healthy but slow shard for good (the engine never reconnects a failed member);
+    ``resources``: Ray custom resources each replica requires (``ray_actor_options["resources"]``), e.g.
+    ``{"shard": 1}`` to put shards only on nodes started with ``--resources '{"shard": N}'`` (at most N per node),
+    away from the engine replicas (``engine_resources`` of the app). Empty (default): Serve places them anywhere."""
 
     host: Optional[str] = None
     num_cpus: float = 1.0
@@ -92,12 +102,51 @@ class RemoteShardsConfig:
     wait_s: float = 120.0
     interval_s: float = 1.0
     drain_timeout_s: float = 30.0
+    op_timeout_s: float = 60.0
+    resources: Optional[dict[str, float]] = None
+
+    def __post_init__(self) -> None:
+        if not self.op_timeout_s > 0:
+            raise ValueError(f"experts.remote.op_timeout_s must be > 0, got {self.op_timeout_s}")
+        self.resources = check_resources(self.resources, "experts.remote.resources")
 
     @classmethod
     def from_dict(cls, d: Optional[dict[str, Any]]) -> "RemoteShardsConfig":
         from raymoe.engine.redundancy import options_from_dict
 
         return options_from_dict(cls, d, "experts.remote")
+
+
+# Ray sets these through num_cpus / num_gpus / memory, and refuses them in `resources`
+_RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_resources(d: Optional[Any], where: str) -> dict[str, float]:
+    """A Ray custom-resource requirement ``{name: amount}`` (for ``ray_actor_options["resources"]``), validated here
+    so a typo fails at deploy time with the setting's name, not as a replica that never schedules: names non-empty
+    strings other than Ray's built-ins, amounts finite numbers >= 0 (fractions allowed; amounts above 1 must be
+    whole numbers, as Ray requires)."""
+    import math
+
+    if d is None:
+        return {}
+    if not isinstance(d, dict) and hasattr(d, "items"):  # an OmegaConf DictConfig
+        d = dict(d.items())
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a mapping {{resource name: amount}}, got {type(d).__name__}")
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if not isinstance(k, str) or not k:
+            raise ValueError(f"{where}: resource names must be non-empty strings, got {k!r}")
+        if k in _RAY_BUILTIN_RESOURCES:
+            raise ValueError(f"{where}: {k!r} is a Ray built-in resource; use the num_cpus setting (or Ray's own "
+                             "options) instead")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{where}.{k} must be a finite number >= 0, got {v!r}")
+        if v > 1 and float(v) != int(v):
+            raise ValueError(f"{where}.{k}: amounts above 1 must be whole numbers (Ray's rule), got {v}")
+        out[k] = float(v)
+    return out
 
 
 def registry_name(app_name: str) -> str:
@@ -138,9 +187,18 @@ class ExpertRegistry:
         return self.version, {k: dict(v) for k, v in self.members.items()}
 
 
+# Ray gives the head node this resource (amount 1); Ray Train pins its own state actor the same way
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
 def get_registry(app_name: str):
+    """The app's registry actor, created by the first caller. It is pinned to the **head node** (a sliver of the
+    head's ``node:__internal_head__`` resource; it needs no CPU): whichever replica calls first would otherwise host
+    it on *its* node — often an ``ExpertShards`` replica's — and losing that node would take the member list and
+    the secret with it (every engine's membership poll failing, no replacement shard able to register). The head
+    also holds the GCS and Serve's controller, so the registry dies only with the cluster."""
     return ExpertRegistry.options(name=registry_name(app_name), namespace=REGISTRY_NAMESPACE, get_if_exists=True,
-                                  lifetime="detached").remote()
+                                  lifetime="detached", resources={HEAD_NODE_RESOURCE: 0.001}).remote()
 
 
 def kill_registry(app_name: Optional[str] = None) -> int:
@@ -192,7 +250,8 @@ class ExpertShardDeployment:
         st = self.server.stats()
         import os
 
-        return {"member_id": self.member_id, "pid": os.getpid(), "address": list(self.server.address), **st}
+        return {"member_id": self.member_id, "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
+                "address": list(self.server.address), **st}
 
     async def __del__(self) -> None:
         """Graceful stop (scale down): drain, wait for the engines to close their connections, leave."""
@@ -258,92 +317,155 @@ class ExpertRedundancyPolicy:
 
 class ExpertMembership:
     """Engine side: keeps a :class:`~raymoe.engine.experts.ReplicatedExperts` backend's shards equal to the
-    registry's live members. :meth:`poll` is called after every engine step (under the engine lock): it never
-    blocks on Ray — it collects the previous step's registry snapshot if ready and issues the next request — and
-    when the member set changed it connects the new shards / drops draining ones and re-plans
-    (``backend.replace_shards``), returning the event (pause, moved slots, shard count).
+    registry's live members. :meth:`poll` is called after every engine step (under the engine lock) and never
+    blocks: it collects the previous step's registry snapshot if ready and issues the next request, starts
+    connecting members it has no connection to **in background threads**, and when the set of live members with an
+    open connection differs from the backend's shards, re-plans onto exactly those (``backend.replace_shards``:
+    joiners get their slots, draining members are moved away from and closed), returning the event (pause, moved
+    slots, shard count).
 
-    Connections bind their end of the gloo pairs to ``local_host`` (None: this node's IP as Ray reports it) and
-    prove the app's secret, fetched from the registry once here."""
+    Why connect off the step path: a member can be listed and unreachable — a replica whose node died keeps its
+    registry entry (it never ran its ``__del__``), and connecting to a dead address waits ``connect_timeout_s``
+    (TCPStore retries a refused connection until then; a vanished machine never answers). Done between steps, that
+    wait stalled every running request and the replica's event loop (Serve health checks included), once per dead
+    member, whenever *any* member joined. Members whose connection failed, or whose shard the backend found dead
+    during a forward, are never tried again (a dead replica does not come back; Serve replaces it under a new id).
 
-    def __init__(self, app_name: str, connect_timeout_s: float = 30.0, local_host: Optional[str] = None) -> None:
+    Connections bind their end of the gloo pairs to ``local_host`` (None: this node's IP as Ray reports it), prove
+    the app's secret (fetched from the registry once here) and wait at most ``op_timeout_s`` per operation."""
+
+    def __init__(self, app_name: str, connect_timeout_s: float = 30.0, local_host: Optional[str] = None,
+                 op_timeout_s: float = 60.0) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.registry = get_registry(app_name)
         self.connect_timeout_s = connect_timeout_s
+        self.op_timeout_s = op_timeout_s  # RemoteShard timeout_s: bounds the wait on a shard whose node went silent
         self.local_host = local_host or ray.util.get_node_ip_address()
         self._secret: bytes = ray.get(self.registry.secret.remote())
         self.version = -1
-        self.failed: set[str] = set()  # member ids whose connection failed (dead replicas never come back)
-        self.shards: dict[str, Any] = {}  # member id -> RemoteShard
+        self.failed: set[str] = set()  # member ids whose connection failed or died (never tried again)
+        self.shards: dict[str, Any] = {}  # member id -> open RemoteShard (in the backend, or about to join it)
         self.events: list[dict[str, Any]] = []
+        self._live: dict[str, dict[str, Any]] = {}  # the registry's latest members that are not draining
+        self._connecting: dict[str, Any] = {}  # member id -> Future of its RemoteShard
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="expert-connect")
         self._ref: Optional[ray.ObjectRef] = None
+        self.registry_errors = 0  # registry snapshots that failed (poll goes on without it)
+
+    # ------------------------------------------------------------------ connections
+    def _open(self, mid: str, info: dict[str, Any]) -> Any:
+        """One connection (a pool thread): store rendezvous, gloo pair, mutual proof of the secret."""
+        from raymoe.engine.remote import RemoteShard
+
+        return RemoteShard((info["host"], info["port"]), mid, timeout_s=self.op_timeout_s,
+                           connect_timeout_s=self.connect_timeout_s, secret=self._secret, local_host=self.local_host)
+
+    def _start_connects(self) -> None:
+        for mid in sorted(self._live):
+            if mid not in self.failed and mid not in self.shards and mid not in self._connecting:
+                self._connecting[mid] = self._pool.submit(self._open, mid, self._live[mid])
+
+    def _collect(self) -> None:
+        for mid, fut in list(self._connecting.items()):
+            if not fut.done():
+                continue
+            del self._connecting[mid]
+            try:
+                self.shards[mid] = fut.result()
+            except Exception as e:  # noqa: BLE001 - ShardUnavailable, or a malformed registered address
+                log.warning("expert shard %s unreachable; skipped: %s", mid, e)
+                self.failed.add(mid)
+
+    def _note_dead(self, backend: Any) -> None:
+        """Shards found dead: the backend drops a shard from its own list inside the forward that found it dead, so
+        the connections handed out here are checked too (else a dead member would look like a new one)."""
+        for sh in list(backend.shards) + list(self.shards.values()):
+            if getattr(sh, "dead", False):
+                self.failed.add(sh.name)
+        for mid in [m for m, sh in self.shards.items() if sh.dead]:
+            del self.shards[mid]
+
+    def _set_members(self, version: int, members: dict[str, dict[str, Any]]) -> None:
+        self.version = version
+        self._live = {k: v for k, v in members.items() if not v["draining"]}
 
     def wait_for(self, count: int, timeout_s: float) -> list:
-        """Block until ``count`` live members are registered (engine start-up); connect them; return the shards."""
+        """Block until ``count`` live members are registered (engine start-up) and connected — or every registered
+        live member was tried and at least one connected; return the connected shards (sorted by member id)."""
         end = time.monotonic() + timeout_s
         while True:
-            version, members = ray.get(self.registry.snapshot.remote())
-            live = {k: v for k, v in members.items() if not v["draining"]}
-            if len(live) >= count:
-                self.version = version
-                return self._connect(live)
+            self._set_members(*ray.get(self.registry.snapshot.remote()))
+            self._start_connects()
+            self._collect()
+            ready = [m for m in sorted(self._live) if m in self.shards]
+            tried = len(self._live) >= count and not any(m in self._connecting for m in self._live)
+            if len(ready) >= count or (ready and tried):
+                return [self.shards[m] for m in ready]
             if time.monotonic() > end:
-                raise TimeoutError(f"only {len(live)} of {count} expert shards registered after {timeout_s:.0f} s "
-                                   "(is the ExpertShards deployment running? check `serve status`)")
+                if ready:
+                    return [self.shards[m] for m in ready]
+                raise TimeoutError(f"only {len(self._live)} of {count} expert shards registered after "
+                                   f"{timeout_s:.0f} s, {len(ready)} reachable (is the ExpertShards deployment "
+                                   "running? check `serve status`)")
             time.sleep(0.2)
 
-    def _connect(self, live: dict[str, dict[str, Any]]) -> list:
-        from raymoe.engine.remote import RemoteShard, ShardUnavailable
-
-        out = []
-        for mid in sorted(live):
-            if mid in self.failed:
-                continue
-            sh = self.shards.get(mid)
-            if sh is None or sh.dead:
-                try:
-                    sh = RemoteShard((live[mid]["host"], live[mid]["port"]), mid,
-                                     connect_timeout_s=self.connect_timeout_s, secret=self._secret,
-                                     local_host=self.local_host)
-                except ShardUnavailable as e:
-                    log.warning("expert shard %s unreachable; skipped: %s", mid, e)
-                    self.failed.add(mid)
-                    continue
-            out.append(sh)
-        self.shards = {s.name: s for s in out}
-        return out
-
-    def poll(self, backend: Any) -> Optional[dict[str, Any]]:
-        for s in list(backend.shards):
-            if getattr(s, "dead", False):
-                self.failed.add(s.name)
+    # ------------------------------------------------------------------ per step
+    def _snapshot(self) -> None:
+        """Take the registry snapshot requested at the previous step if it arrived (never waits); request the next."""
         if self._ref is None:
             self._ref = self.registry.snapshot.remote()
-            return None
+            return
         ready, _ = ray.wait([self._ref], timeout=0)
         if not ready:
-            return None
-        version, members = ray.get(self._ref)
+            return
+        try:
+            version, members = ray.get(self._ref)
+        except Exception as e:  # noqa: BLE001 - see below
+            # The registry is control plane only: the engine keeps serving on the shards it holds (their gloo pairs
+            # do not go through it). Raising here would fail the engine step and with it every running request.
+            # It lives on the head (get_registry), so this means a head hiccup or the app shutting down: log (1st,
+            # 2nd, 4th, 8th, ... failure) and ask again at the next step.
+            self.registry_errors += 1
+            if self.registry_errors & (self.registry_errors - 1) == 0:
+                log.warning("expert registry snapshot failed (%d times); keeping the current shards: %s",
+                            self.registry_errors, e)
+            self._ref = None
+            return
         self._ref = self.registry.snapshot.remote()
-        if version == self.version:
+        if version != self.version:
+            self._set_members(version, members)
+
+    def poll(self, backend: Any) -> Optional[dict[str, Any]]:
+        self._note_dead(backend)
+        self._collect()
+        self._snapshot()
+        if self.version < 0:  # no member list yet
             return None
-        self.version = version
-        live = {k: v for k, v in members.items() if not v["draining"] and k not in self.failed}
-        current = [s.name for s in backend.shards]
-        if sorted(live) == sorted(current) or not live:
+        self._start_connects()
+        target = [m for m in sorted(self._live) if m in self.shards]
+        current = sorted(sh.name for sh in backend.shards)
+        if not target or target == current:
             return None
+        for mid in [m for m in self.shards if m not in target and m not in current]:
+            self.shards.pop(mid).close()  # connected, then drained before it joined
         t0 = time.perf_counter()
-        shards = self._connect(live)
-        if not shards or sorted(s.name for s in shards) == sorted(current):  # nothing joined (e.g. refused)
-            return None
-        kind = "scale_up" if len(shards) > len(current) else "scale_down" if len(shards) < len(current) \
+        kind = "scale_up" if len(target) > len(current) else "scale_down" if len(target) < len(current) \
             else "membership"
-        ev = backend.replace_shards(shards, kind=kind)
-        ev = dict(ev, pause_s=time.perf_counter() - t0, members=sorted(s.name for s in shards))
+        ev = backend.replace_shards([self.shards[m] for m in target], kind=kind)  # closes the ones left out
+        for mid in current:
+            if mid not in target:
+                self.shards.pop(mid, None)
+        ev = dict(ev, pause_s=time.perf_counter() - t0, members=target)
         self.events.append(ev)
-        log.info("expert shards %d -> %d (%s); pause %.1f ms", len(current), len(shards), kind, 1e3 * ev["pause_s"])
+        log.info("expert shards %d -> %d (%s); pause %.1f ms", len(current), len(target), kind, 1e3 * ev["pause_s"])
         return ev
 
     def close(self) -> None:
-        for s in self.shards.values():
-            s.close()
+        for fut in self._connecting.values():  # a connection still forming is closed when it completes
+            fut.add_done_callback(lambda f: f.result().close() if f.exception() is None else None)
+        self._connecting.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for sh in self.shards.values():
+            sh.close()
         self.shards.clear()

@@ -54,7 +54,8 @@ class ExpertServing:
 
             rc = RemoteShardsConfig.from_dict(remote)
             # the engine's end of each gloo pair binds the same explicit host as the shards, else this node's IP
-            self.membership = ExpertMembership(app_name or "default", local_host=rc.host)
+            self.membership = ExpertMembership(app_name or "default", local_host=rc.host,
+                                               op_timeout_s=rc.op_timeout_s)
             shards = self.membership.wait_for(c.num_shards, rc.wait_s)[: c.num_shards]
             c.num_shards = len(shards)
             decide_every = 0  # the Serve autoscaling policy decides, not the replica
@@ -96,6 +97,8 @@ class ExpertServing:
         snap = self.backend.snapshot()
         return {"backend": self.config.backend, "shard_names": [getattr(x, "name", str(i))
                                                                 for i, x in enumerate(self.backend.shards)],
+                # remote shards: (ip, port) each listens on (its node's IP unless experts.remote.host is set)
+                "shard_addresses": [list(x.address) for x in self.backend.shards if hasattr(x, "address")],
                 "events": [{k: v for k, v in e.items() if isinstance(v, (int, float, str)) or v is None}
                            for e in self.backend.events], "num_shards": snap["num_shards"], "num_slots": snap["num_slots"],
                 "redundant_slots": snap["redundant_slots"], "balance": snap["balance"],

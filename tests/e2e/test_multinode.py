@@ -1,5 +1,5 @@
-"""A real multi-node Ray cluster on this machine (:mod:`raymoe.jobs.local_cluster`): a head on 127.0.0.2 with no CPUs
-for work and two worker nodes on 127.0.0.3 / 127.0.0.4 (each its own raylet, object store, ports and local
+"""A real multi-node Ray cluster on this machine (:mod:`raymoe.jobs.local_cluster`): a head on 127.0.0.40 with no CPUs
+for work and two worker nodes on 127.0.0.41 / 127.0.0.42 (each its own raylet, object store, ports and local
 directory), started with ``ray start`` and never told ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``; checkpoints go to a real
 S3-compatible server on 127.0.0.1 (moto), never through a shared disk. Drivers are separate processes, as users run
 them: ``ray job submit`` and ``RAY_ADDRESS=... python -m raymoe.jobs.train``.
@@ -43,7 +43,8 @@ def s3():
 
 @pytest.fixture(scope="module")
 def cluster(s3):
-    c = LocalCluster(pathlib.Path("/tmp") / f"rmc{os.getpid()}", extra_env=s3.env)
+    # head 127.0.0.40, workers .41 and .42 (a node that joins later: .43); other cluster tests use other ranges
+    c = LocalCluster(pathlib.Path("/tmp") / f"rmc{os.getpid()}", extra_env=s3.env, first_ip=40)
     try:
         c.start(workers=2, cpus_per_worker=2, head_cpus=0)
         yield c
@@ -113,7 +114,7 @@ def test_submitted_copy_runs_everywhere_and_replicas_spread(submitted) -> None:
     # replicas spread: replica d (ranks d and 2 + d: pp_rank * dp + dp_rank) on one node, the two on different nodes
     nodes = {r["rank"]: r["node"] for r in placement}
     assert nodes[0] == nodes[2] and nodes[1] == nodes[3] and nodes[0] != nodes[1], nodes
-    assert sorted({nodes[0], nodes[1]}) == ["127.0.0.3", "127.0.0.4"]
+    assert sorted({nodes[0], nodes[1]}) == ["127.0.0.41", "127.0.0.42"]
     # checkpoints went to S3, nothing to the run directory's disk
     assert s["checkpoint"].startswith("s3://") and not (submitted["run_dir"] / "checkpoints").exists()
 
@@ -121,7 +122,7 @@ def test_submitted_copy_runs_everywhere_and_replicas_spread(submitted) -> None:
 def test_node_loss_shrinks_then_grows_back_with_equal_losses(cluster, s3, submitted, tmp_path) -> None:
     """A driver started with RAY_ADDRESS from the installed checkout (its code shipped as py_modules). At step 6
     the worker node holding one replica is SIGKILLed as a whole process tree; the run goes on at dp=1 from the
-    checkpoint in S3, a new node (127.0.0.5) joins, the run grows back to dp=2, and every step's loss equals the
+    checkpoint in S3, a new node (127.0.0.43) joins, the run grows back to dp=2, and every step's loss equals the
     uninterrupted run's."""
     run_dir = tmp_path / "run"
     s = train_with_node_loss(cluster, run_dir, [*TRAIN_ARGS, *ELASTIC_ARGS, f"train.steps={STEPS}",

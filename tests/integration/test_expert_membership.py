@@ -90,6 +90,65 @@ def test_join_and_drain_follow_the_registry(ray_session, base) -> None:
         assert kill_registry(app) == 1
 
 
+def test_poll_never_waits_on_unreachable_or_dead_members(ray_session, base) -> None:
+    """A registered member nobody can reach (a replica whose node died keeps its registry entry) is connected to in
+    the background: no poll waits for it, a real shard registering after it joins at once, and it ends in
+    ``failed`` after ``connect_timeout_s``. A shard that dies mid-forward (the backend drops it inside that
+    forward) is never reconnected when later members register."""
+    import socket
+
+    import ray
+
+    from raymoe.actors.serve.expert_shards import ExpertMembership, get_registry, kill_registry
+
+    model, tok, eos = base
+    app = "membership-dead"
+    reg = get_registry(app)
+    secret = ray.get(reg.secret.remote())
+    servers = [ShardServer("127.0.0.1", secret=secret) for _ in range(4)]
+    with socket.socket() as sock:  # a port nothing listens on: a TCPStore client retries it until its timeout
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    try:
+        for i, s in enumerate(servers[:2]):
+            ray.get(reg.register.remote(f"m{i}", s.host, s.port))
+        m = ExpertMembership(app, local_host="127.0.0.1", connect_timeout_s=4.0)
+        shards = m.wait_for(2, 10)
+        backend = ReplicatedExperts(Placement.trivial(KEYS, 8, 8, 2), shard_factory=lambda i: shards[i])
+        eng = LLMEngine(copy.deepcopy(model), tok, EngineConfig(block_size=8), eos, expert_backend=backend)
+        ref = [o.outputs[0].token_ids for o in LLMEngine(copy.deepcopy(model), tok, EngineConfig(block_size=8), eos)
+               .generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0))]
+        ray.get(reg.register.remote("gone", "127.0.0.1", dead_port))
+        ray.get(reg.register.remote("m2", servers[2].host, servers[2].port))
+        t0, slowest = time.monotonic(), 0.0
+        while len(backend.shards) < 3 and time.monotonic() - t0 < 10:
+            t = time.monotonic()
+            m.poll(backend)
+            slowest = max(slowest, time.monotonic() - t)
+            time.sleep(0.05)
+        joined_after = time.monotonic() - t0
+        assert sorted(s.name for s in backend.shards) == ["m0", "m1", "m2"], m.failed
+        assert joined_after < 3.0 and slowest < 1.0, (joined_after, slowest)  # not behind the 4 s connect attempt
+        assert "gone" not in m.failed  # still being tried in the background
+        _poll_until(m, backend, lambda: "gone" in m.failed, timeout_s=15)
+        assert greedy(eng) == ref
+        # m1 dies between requests; the next forward drops it (and re-plans over m0, m2)
+        servers[1].close()
+        assert greedy(eng) == ref
+        assert sorted(s.name for s in backend.shards) == ["m0", "m2"]
+        m.poll(backend)
+        assert "m1" in m.failed  # learnt from its connection, though the backend had already dropped it
+        ray.get(reg.register.remote("m3", servers[3].host, servers[3].port))
+        _poll_until(m, backend, lambda: len(backend.shards) == 3)
+        assert sorted(s.name for s in backend.shards) == ["m0", "m2", "m3"] and m.events[-1]["kind"] == "scale_up"
+        assert greedy(eng) == ref
+        m.close()
+    finally:
+        for s in servers:
+            s.close()
+        assert kill_registry(app) == 1
+
+
 def _ctx(rates, conns=None, n=None, target=None, now=0.0):
     ids = [f"r{i}" for i in range(len(rates))]
     n = len(rates) if n is None else n

@@ -171,6 +171,30 @@ def test_membership_change_and_shard_kill_keep_outputs(base, refs, shard_process
         p.kill()
         p.wait()
     assert greedy(eng) == refs and backend.shards == []
+    snap = backend.snapshot()  # metrics / info still work when the last event is a shard_failed (no pause_s)
+    assert snap["num_shards"] == 0 and snap["last_pause_s"] >= 0
+
+
+def test_a_frozen_shard_is_dropped_after_the_op_timeout(base, refs, shard_processes) -> None:
+    """A shard whose process stops answering without closing its connection (SIGSTOP: what a node lost to a power
+    cut or a partition looks like) is dropped after the connection's ``timeout_s``, not gloo's own default, even
+    though the pair formed under the longer connect timeout; the forward re-plans and the output is unchanged."""
+    procs = shard_processes(2)
+    remote = [RemoteShard(addr, f"s{i}", timeout_s=1.5, connect_timeout_s=30) for i, (_, addr) in enumerate(procs)]
+    backend = ReplicatedExperts(Placement.trivial(LAYER_KEYS, 8, 8, 2), shard_factory=lambda i: remote[i])
+    eng = make_engine(base, backend)
+    assert greedy(eng) == refs
+    os.kill(procs[0][0].pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        assert greedy(eng) == refs
+        took = time.monotonic() - t0
+    finally:
+        os.kill(procs[0][0].pid, signal.SIGCONT)
+    assert remote[0].dead and backend.shards == [remote[1]], backend.events
+    failed = [e for e in backend.events if e["kind"] == "shard_failed"]
+    assert len(failed) == 1 and "Timed out" in failed[0]["error"], failed
+    assert 1.5 <= took < 15, took  # one wait of timeout_s, then the rest at full speed
 
 
 def test_connect_to_nothing_is_a_clear_error() -> None:

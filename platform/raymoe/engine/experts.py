@@ -444,12 +444,16 @@ class ReplicatedExperts:
         """Metrics for the serving dashboard (JSON-friendly)."""
         pl = self.placement
         bal = self.measured_balance()
-        return {"num_shards": pl.num_shards, "num_slots": pl.num_slots, "redundant_slots": pl.redundant_slots,
+        # a "shard_failed" event has no pause of its own: the last event that moved slots says how long that took
+        pauses = [e["pause_s"] for e in self.events if "pause_s" in e]
+        # shards serving now: after every remote shard was lost the layers run on the source experts in process
+        # and the last placement (its num_shards) is kept for a shard that joins later
+        return {"num_shards": len(self.shards), "num_slots": pl.num_slots, "redundant_slots": pl.redundant_slots,
                 "balance": float(bal.mean()), "balance_per_layer": bal.tolist(),
                 "slot_load": self.recorder.slot.tolist(), "shard_rows": self.shard_rows().sum(0).tolist(),
                 "window_load": self.recorder.window_load().tolist(), "phy2log": pl.phy2log.tolist(),
                 "replans": sum(1 for e in self.events if e["kind"] == "replan"),
-                "last_pause_s": self.events[-1]["pause_s"] if self.events else 0.0,
+                "last_pause_s": pauses[-1] if pauses else 0.0,
                 "placement_source": pl.source, "tokens": self.recorder.total_tokens}
 
 

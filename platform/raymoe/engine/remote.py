@@ -133,7 +133,7 @@ class _Pending:
     def __call__(self) -> torch.Tensor:
         try:
             for w in self.works:
-                w.wait()
+                w.wait(self.shard.op_timeout)
         except Exception as e:  # noqa: BLE001
             self.shard.dead = True
             raise ShardUnavailable(f"expert shard {self.shard.name} failed during a forward: {e}") from e
@@ -147,8 +147,10 @@ class RemoteShard:
     Args:
         address: ``(host, port)`` of the shard's store (``host`` an IP address).
         name: a label for logs and errors (e.g. the Serve replica id).
-        timeout_s: gloo timeout of this connection (a dead shard is detected by the broken connection at once;
-            this bounds a hung one).
+        timeout_s: how long one operation (a RUN's reply, a LOAD's ack) may take before the shard counts as lost.
+            A killed shard process is detected at once (its kernel closes the connection); this bounds the stall
+            when the shard's machine disappears without closing anything (power loss, network partition, a frozen
+            node): the engine waits this long, then drops the shard and re-plans.
         connect_timeout_s: how long to wait for the shard to admit the connection and finish the handshake.
         secret: the app's shared secret: proven to the shard, and the shard must prove it back. None: no proof
             (a shard with a secret refuses the connection).
@@ -167,6 +169,7 @@ class RemoteShard:
         self.address = (host, int(port))
         self.name = name or f"{host}:{port}"
         self.dead = False
+        self.op_timeout = timedelta(seconds=timeout_s)
         self.slot_experts: dict[str, list[int]] = {}
         self._layer_ids: dict[str, int] = {}
         self._hello: Optional[tuple[int, int, torch.dtype, int]] = None
@@ -185,8 +188,10 @@ class RemoteShard:
                 self.store.delete_key(f"conn{self.cid}/accept")
                 raise ShardUnavailable(f"cannot connect to expert shard {self.name}: "
                                        f"{status.decode('utf-8', 'replace')[:200]}")
+            # the pair forms within the connect timeout; every later op waits at most ``timeout_s`` (explicitly:
+            # a short op timeout must not cut a slow pair formation on a loaded machine)
             self.pg = P.pair_group(dist.PrefixStore(f"conn{self.cid}", self.store), 0, self.local_host,
-                            timedelta(seconds=timeout_s))
+                                   timedelta(seconds=max(timeout_s, connect_timeout_s)))
             self._handshake(secret, timedelta(seconds=connect_timeout_s))
         except Exception as e:  # noqa: BLE001
             self.dead = True
@@ -223,7 +228,7 @@ class RemoteShard:
             if reply is not None and reply.numel():
                 works.append(self.pg.recv([reply], 1, _TO_ENGINE))
             for w in works:
-                w.wait()
+                w.wait(self.op_timeout)
         except Exception as e:  # noqa: BLE001
             self.dead = True
             raise ShardUnavailable(f"expert shard {self.name}: {e}") from e
