@@ -78,8 +78,13 @@ class SamplingParams:
 
 
 def probs_from_logits(logits_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature → top-k → top-p → softmax. ``logits_V [V]`` (any float) → probabilities ``[V]`` fp32."""
-    x = logits_V.float() / float(params.temperature)
+    """Temperature → top-k → top-p → softmax. ``logits_V [V]`` (any float) → probabilities ``[V]`` fp32.
+
+    The logits are shifted by their maximum before the division (softmax is shift-invariant): a tiny temperature
+    (``1e-40`` is valid input) then sends every other logit to ``-inf`` and the best to 0 — the greedy limit —
+    instead of overflowing to ``inf - inf = NaN``, which made ``multinomial`` raise inside the shared step."""
+    x = logits_V.float()
+    x = (x - x.max()) / float(params.temperature)
     V = x.shape[-1]
     if 0 < params.top_k < V:
         kth = torch.topk(x, params.top_k).values[-1]
