@@ -85,6 +85,20 @@ class EngineConfig:
     fast_prefill_max_mib: int = 256  # prefill steps use it too when cheaper and its gathered keys fit this (MiB)
     seed: int = 0  # seeds requests that bring no seed of their own (in order of arrival)
 
+    def __post_init__(self) -> None:
+        # each would leave the step loop spinning with nothing schedulable, every request hanging
+        for k in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"engine.{k} must be an integer >= 1, got {v!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"engine.max_model_len must be an integer >= 2 or null, got {self.max_model_len!r}")
+        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 0:
+            raise ValueError(f"engine.num_speculative_tokens must be an integer >= 0, got "
+                             f"{self.num_speculative_tokens!r}")
+        if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
+            raise ValueError(f"engine.max_waiting must be an integer >= 0, got {self.max_waiting!r}")
+
     @classmethod
     def from_dict(cls, d: Optional[dict[str, Any]]) -> "EngineConfig":
         d = dict(d or {})

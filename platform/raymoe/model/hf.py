@@ -189,6 +189,12 @@ def _tensor_files(path: pathlib.Path) -> list[pathlib.Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
+        for f in set(weight_map.values()):
+            # an index is data from whoever wrote the checkpoint: it may only name files of this directory
+            if (not isinstance(f, str) or not f or "/" in f or "\\" in f or f in (".", "..")
+                    or not f.endswith(".safetensors")):
+                raise CheckpointError(f"{index}: weight_map names {f!r}; only *.safetensors files of this "
+                                      "directory are allowed (no paths)")
         files = sorted({path / f for f in weight_map.values()})
     else:
         # weights only: other safetensors files beside them (raymoe's expert_load.safetensors) are not the model
