@@ -74,13 +74,18 @@ def configure_process_env(argv: Optional[Sequence[str]] = None) -> str:
 # ------------------------------------------------------------------------------------------------ code shipping
 def _package_dirs() -> dict[str, pathlib.Path]:
     """Where the running ``raymoe`` and its three mapped subpackages live (``""`` = raymoe itself)."""
-    import raymoe
-    import raymoe.actors
-    import raymoe.conf
-    import raymoe.jobs
+    import importlib.util
 
-    return {"": pathlib.Path(raymoe.__file__).parent, "actors": pathlib.Path(raymoe.actors.__file__).parent,
-            "jobs": pathlib.Path(raymoe.jobs.__file__).parent, "conf": pathlib.Path(raymoe.conf.__file__).parent}
+    import raymoe
+
+    def where(name: str) -> pathlib.Path:  # found, not imported: raymoe.actors would import ray
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"{name} not found next to {raymoe.__file__}")
+        return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+    return {"": pathlib.Path(raymoe.__file__).parent, "actors": where("raymoe.actors"), "jobs": where("raymoe.jobs"),
+            "conf": where("raymoe.conf")}
 
 
 def _files(src: pathlib.Path, skip: set[pathlib.Path]) -> list[pathlib.Path]:

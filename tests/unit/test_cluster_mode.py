@@ -52,6 +52,11 @@ def test_staged_package_is_complete_content_addressed_and_importable(tmp_path) -
     from raymoe.jobs.cluster import stage_package
 
     a = stage_package(tmp_path)
+    # staging finds actors/ without importing it (raymoe.actors imports ray)
+    code = f"import sys; from raymoe.jobs.cluster import stage_package; stage_package({str(tmp_path)!r}); " \
+           "print('ray' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", (r.stdout, r.stderr)
     assert a.name == "raymoe" and stage_package(tmp_path) == a  # same code, same folder (Ray's upload cache)
     for rel in ("__init__.py", "actors/__init__.py", "actors/stage.py", "jobs/cluster.py", "conf/train.yaml",
                 "conf/model/tiny.yaml", "train/placement.py", "model/__init__.py"):
