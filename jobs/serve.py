@@ -40,10 +40,20 @@ def app_args(cfg: DictConfig | dict) -> dict[str, Any]:
     path = c.get("model_path")
     if not path or path == "???":
         raise InvalidConfig("model_path is required: python -m raymoe.jobs.serve model_path=<checkpoint dir>")
-    if not (pathlib.Path(path) / "config.json").exists():
-        raise InvalidConfig(f"model_path={path} is not a checkpoint directory (no config.json)")
+    from raymoe.storage import Storage, check_uri, is_local
+
+    if is_local(str(path)):
+        if not (pathlib.Path(path) / "config.json").exists():
+            raise InvalidConfig(f"model_path={path} is not a checkpoint directory (no config.json)")
+        path = str(pathlib.Path(path).resolve())
+    else:  # a storage URI (s3://bucket/run/hf): every engine replica copies it to its node (raymoe.storage)
+        try:
+            if not Storage(check_uri(str(path), "model_path")).exists("config.json"):
+                raise InvalidConfig(f"model_path={path} is not a checkpoint (no config.json there)")
+        except ValueError as e:
+            raise InvalidConfig(str(e)) from e
     return {
-        "model_path": str(pathlib.Path(path).resolve()),
+        "model_path": str(path),
         "tokenizer_path": c.get("tokenizer_path"),
         "served_model_name": c.get("served_model_name"),
         "api_key": s.get("api_key"),
@@ -83,11 +93,9 @@ def start_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000
     ``proxy_location``: Serve's ``HeadOnly`` / ``EveryNode`` / ``Disabled`` (None: Serve's default, EveryNode: a
     proxy on every node with a replica, each bound to ``host`` on its own node). ``HeadOnly`` keeps the one proxy on
     the head, so no HTTP connection runs through a worker node that may be lost (docs/cluster.md)."""
-    import ray
     from ray import serve
 
     from raymoe.actors.serve.app import build_app
-
     from raymoe.jobs.cluster import connect
 
     connect(ray_address, num_cpus=num_cpus or max(2, (os.cpu_count() or 2)), log_to_driver=False,

@@ -78,7 +78,11 @@ class EngineDeployment:
 
         from raymoe.actors.serve.experts import ExpertServing
         from raymoe.engine import EngineConfig, LLMEngine
+        from raymoe.storage import materialize
 
+        # a local directory, or a storage URI (s3://.../hf, what training exports) copied to this node once
+        model_path = str(materialize(model_path))
+        tokenizer_path = str(materialize(tokenizer_path)) if tokenizer_path else None
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         # redundant experts: in-process shards, ExpertShards replicas (``expert_shards``: that deployment's handle,
@@ -248,10 +252,11 @@ class APIIngress:
     def __init__(self, engine, model_name: str, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20,
                  tokenizer_path: Optional[str] = None) -> None:
         from raymoe.engine import load_tokenizer
+        from raymoe.storage import materialize
 
         self.engine = engine
         try:
-            self.tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+            self.tokenizer = load_tokenizer(str(materialize(tokenizer_path))) if tokenizer_path else None
         except FileNotFoundError:
             self.tokenizer = None
         self.model_name = model_name

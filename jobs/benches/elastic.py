@@ -72,7 +72,10 @@ def train_with_node_loss(cluster: LocalCluster, run_dir: pathlib.Path, args: lis
                          cwd: Optional[str] = None) -> dict[str, Any]:
     """``RAY_ADDRESS=<cluster> python -m raymoe.jobs.train <args>`` as a separate driver process. With ``kill_at``,
     the last worker node is SIGKILLed (its whole process tree) once the run reaches that step; with ``add_node``, a
-    new worker node starts as soon as the run reports dp=1. Returns the summary plus ``victim``/``added`` IPs."""
+    new worker node starts as soon as the run reports dp=1, while the run is held at its next step (the cluster's
+    ``RAYMOE_TEST_PAUSE_FILE`` exists) until that node is ALIVE, so the grow-back happens on any machine load.
+    Returns the summary plus ``victim``/``added`` IPs."""
+    pause = pathlib.Path(cluster.env.get("RAYMOE_TEST_PAUSE_FILE", "")) if add_node else None
     run_dir = pathlib.Path(run_dir)
     log_path = run_dir.parent / f"{run_dir.name}-driver.log"
     log = open(log_path, "w")
@@ -89,7 +92,13 @@ def train_with_node_loss(cluster: LocalCluster, run_dir: pathlib.Path, args: lis
                 cluster.kill_node(victim.index)
                 killed_at = time.time()
             if killed_at and add_node and added is None and any(r.get("elastic/dp") == 1 for r in rows):
-                added = cluster.add_worker(num_cpus=victim.num_cpus, wait=False)
+                if pause is not None and pause.name:
+                    pause.touch()  # the ranks hold at their next step until the node is up
+                try:
+                    added = cluster.add_worker(num_cpus=victim.num_cpus, wait=True)
+                finally:
+                    if pause is not None and pause.name:
+                        pause.unlink(missing_ok=True)
             time.sleep(0.2)
         rc = proc.wait(timeout=max(1.0, deadline - time.time()))
     finally:
@@ -158,7 +167,8 @@ def run(args: dict[str, str]) -> dict[str, Any]:
             t.add_row(r["storage"], str(r["saves"]), f"{r['s_per_save']:.3f}", mb, f"{r['vs_local']:.2f}x")
         console.print(t)
 
-        cluster = LocalCluster(work / "cluster", extra_env=s3.env)
+        cluster = LocalCluster(work / "cluster", extra_env={**s3.env,
+                                                           "RAYMOE_TEST_PAUSE_FILE": str(work / "pause")})
         cluster.start(workers=2, cpus_per_worker=2, head_cpus=0)
         try:
             common = [*TRAIN_ARGS, f"train.steps={steps}"]

@@ -36,6 +36,7 @@ pyarrow is imported only when a :class:`Storage` is built (``raymoe.config`` imp
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -45,7 +46,8 @@ import uuid
 from typing import Any, Callable, Iterable, Iterator, Optional
 from urllib.parse import parse_qsl, urlsplit
 
-__all__ = ["Storage", "FileMeta", "check_uri", "is_local", "clean_relpath", "file_meta", "scratch_dir", "stage_and_put"]
+__all__ = ["Storage", "FileMeta", "check_uri", "is_local", "clean_relpath", "file_meta", "scratch_dir", "stage_and_put",
+           "materialize"]
 
 FileMeta = dict  # {"sha256": <64 hex chars>, "bytes": <int>}: what a transfer or a manifest entry records
 CHUNK = 8 << 20
@@ -348,6 +350,42 @@ class Storage:
                 self.fs.delete_dir(self._path(rel))
         except FileNotFoundError:
             pass  # gone in the meantime: what was asked for
+
+
+def materialize(uri: str, cache_root: Optional[str | pathlib.Path] = None) -> pathlib.Path:
+    """A local directory holding the files under ``uri`` (a model export, a tokenizer): the path itself when local,
+    else a node-local copy. Serving takes ``model_path`` from the same URIs training writes (``<storage>/hf``).
+
+    The copy lives in ``<cache_root>/<sha256(uri)[:16]>`` (default: under the node's scratch root, see
+    :func:`scratch_dir`) and is reused while the store's listing (names and sizes) is unchanged; a new or changed
+    listing is downloaded again into a temporary directory and renamed into place, so a reader never sees a
+    half-written copy."""
+    if is_local(uri):
+        return pathlib.Path(uri[len("file://"):] if uri.lower().startswith("file://") else uri)
+    st = Storage(uri)
+    listing = st.list()
+    if not listing:
+        raise FileNotFoundError(f"{uri}: nothing stored there")
+    if cache_root is None:
+        local = os.environ.get("RAYMOE_LOCAL_DIR")
+        cache_root = os.environ.get("RAYMOE_SCRATCH_DIR") or (os.path.join(local, "scratch") if local
+                                                               else tempfile.gettempdir())
+        cache_root = pathlib.Path(cache_root) / "raymoe-models"
+    dest = pathlib.Path(cache_root) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    stamp = dest / ".listing.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == listing:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        st.get_dir("", tmp)
+        (tmp / ".listing.json").write_text(json.dumps(listing, sort_keys=True))
+        if dest.exists():
+            shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def stage_and_put(dest: str, write: Callable[[pathlib.Path], Any]) -> dict[str, FileMeta]:

@@ -44,7 +44,10 @@ def s3():
 @pytest.fixture(scope="module")
 def cluster(s3):
     # head 127.0.0.40, workers .41 and .42 (a node that joins later: .43); other cluster tests use other ranges
-    c = LocalCluster(pathlib.Path("/tmp") / f"rmc{os.getpid()}", extra_env=s3.env, first_ip=40)
+    state = pathlib.Path("/tmp") / f"rmc{os.getpid()}"
+    # RAYMOE_TEST_PAUSE_FILE: the node-loss test holds the run while the replacement node starts (see
+    # train_with_node_loss), so the grow-back does not depend on how fast this machine starts a node
+    c = LocalCluster(state, extra_env={**s3.env, "RAYMOE_TEST_PAUSE_FILE": f"{state}-pause"}, first_ip=40)
     try:
         c.start(workers=2, cpus_per_worker=2, head_cpus=0)
         yield c

@@ -542,3 +542,44 @@ if __name__ == "__main__":
     result = deepspeed_scenario(pathlib.Path(sys.argv[1]), sys.argv[2])
     print("RESULT " + json.dumps(result), flush=True)
     os._exit(0)  # skip interpreter teardown (gloo / DeepSpeed comm threads; see fp8_ds_worker.py)
+
+
+# ---------------------------------------------------------------------- serving reads a model from storage
+def test_a_model_export_in_s3_is_materialized_once_per_node_and_serves_the_same(s3: dict[str, Any], tiny_ckpt,
+                                                                                 tmp_path: pathlib.Path) -> None:
+    from raymoe.engine import LLMEngine, SamplingParams
+    from raymoe.storage import materialize
+
+    uri = f"s3://{s3['bucket']}/models/{uuid.uuid4().hex[:8]}/hf"
+    Storage(uri).put_dir(tiny_ckpt)
+    cache = tmp_path / "cache"
+    local = materialize(uri, cache)
+    names = sorted(p.name for p in pathlib.Path(tiny_ckpt).iterdir() if p.is_file())
+    assert sorted(p.name for p in local.iterdir() if p.name != ".listing.json") == names
+    for n in names:
+        assert (local / n).read_bytes() == (pathlib.Path(tiny_ckpt) / n).read_bytes(), n
+    stamp = (local / ".listing.json").stat().st_mtime_ns
+    assert materialize(uri, cache) == local and (local / ".listing.json").stat().st_mtime_ns == stamp  # reused
+    Storage(uri).write_bytes("extra.txt", b"changed")  # the export changed: copied again
+    again = materialize(uri, cache)
+    assert again == local and (again / "extra.txt").read_bytes() == b"changed"
+    assert materialize(str(tiny_ckpt)) == pathlib.Path(tiny_ckpt)  # a local path is used in place
+    with pytest.raises(FileNotFoundError, match="nothing stored"):
+        materialize(f"s3://{s3['bucket']}/models/absent", cache)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    ref = LLMEngine.from_pretrained(tiny_ckpt).generate(["The river runs"], params)[0].outputs[0].token_ids
+    got = LLMEngine.from_pretrained(local).generate(["The river runs"], params)[0].outputs[0].token_ids
+    assert got == ref
+
+
+def test_serve_takes_a_storage_uri_as_model_path(s3: dict[str, Any], tiny_ckpt) -> None:
+    from raymoe.jobs.configs import InvalidConfig
+    from raymoe.jobs.serve import app_args
+
+    uri = f"s3://{s3['bucket']}/models/{uuid.uuid4().hex[:8]}/hf"
+    with pytest.raises(InvalidConfig, match="no config.json there"):
+        app_args({"model_path": uri})
+    Storage(uri).put_dir(tiny_ckpt)
+    assert app_args({"model_path": uri})["model_path"] == uri  # handed to the replicas as is
+    with pytest.raises(InvalidConfig, match="model_path"):
+        app_args({"model_path": "s3://KEY:SECRET@bucket/hf"})  # credentials never in a logged config

@@ -107,6 +107,14 @@ def _test_delay(var: str) -> None:
         time.sleep(delay)
 
 
+def _test_pause(var: str) -> None:
+    """Fault tests only: hold while the file named by ``$var`` exists (unset in real runs), so a test can let a
+    new node join before the run goes on, whatever the machine's load."""
+    path = os.environ.get(var)
+    while path and os.path.exists(path):
+        time.sleep(0.1)
+
+
 class _AutocastChunk(torch.nn.Module):
     """Runs a chunk's forward under bf16 autocast (fp32 master weights and grads); backward stays outside it."""
 
@@ -305,6 +313,7 @@ class PipelineWorker:
 
     # ------------------------------------------------------------------ step
     def step(self, plan: StepPlan) -> StepResult:
+        _test_pause("RAYMOE_TEST_PAUSE_FILE")
         t_start = time.perf_counter()
         topo, c = self.topo, self.coords
         expected = tuple(str(o) for o in topo.schedule.ops(c.pp_rank))
