@@ -145,7 +145,8 @@ class RayWorkerGroup:
         if died:
             r, e = died[0]
             node = self.plan[r].ip if r < len(self.plan) else "?"
-            lost = [n.ip for n in {x.node_id: x for x in self.plan}.values() if not node_reachable(n.node_id)]
+            gone = unreachable_nodes({n.node_id for n in self.plan})
+            lost = sorted({n.ip for n in self.plan if n.node_id in gone})
             why = f"node {lost[0]} lost" if lost else "actor process gone"
             err = StageDied(f"rank {r} on node {node} died during {what} ({why}: {str(e).splitlines()[0][:200]})")
             err.node, err.lost_nodes = node, lost
@@ -233,22 +234,25 @@ class RayGroupFactory:
         return dp or 0
 
 
-def node_reachable(node_id: str, timeout_s: float = 1.0) -> bool:
-    """Whether a node's raylet accepts a TCP connection. The GCS marks a node dead only after several missed health
-    checks (seconds to tens of seconds); a SIGKILLed raylet refuses connections at once, so recovery does not
-    plan onto a node that is already gone."""
+def _raylet_answers(node: dict[str, Any], timeout_s: float = 1.0) -> bool:
+    """Whether a node (a row of ``ray.nodes()``) is alive for the GCS and its raylet accepts a TCP connection. The
+    GCS marks a node dead only after several missed health checks (seconds to tens of seconds); a SIGKILLed raylet
+    refuses connections at once, so recovery does not plan onto a node that is already gone."""
     import socket
 
-    for n in ray.nodes():
-        if n["NodeID"] == node_id:
-            if not n.get("Alive"):
-                return False
-            try:
-                with socket.create_connection((n["NodeManagerAddress"], int(n["NodeManagerPort"])), timeout=timeout_s):
-                    return True
-            except OSError:
-                return False
-    return False
+    if not node.get("Alive"):
+        return False
+    try:
+        with socket.create_connection((node["NodeManagerAddress"], int(node["NodeManagerPort"])), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def unreachable_nodes(node_ids: set[str]) -> set[str]:
+    """Those of ``node_ids`` that are gone (unknown to the GCS, dead, or their raylet does not answer)."""
+    rows = {n["NodeID"]: n for n in ray.nodes()}
+    return {nid for nid in node_ids if nid not in rows or not _raylet_answers(rows[nid])}
 
 
 def alive_nodes(give_back: Optional[RayWorkerGroup] = None) -> list[NodeCapacity]:
@@ -266,7 +270,7 @@ def alive_nodes(give_back: Optional[RayWorkerGroup] = None) -> list[NodeCapacity
     out = []
     for n in ray.nodes():
         nid = n["NodeID"]
-        if not n.get("Alive") or not node_reachable(nid):
+        if not _raylet_answers(n):
             continue
         f = free.get(nid, {})
         h = held.get(nid, [0.0, 0.0])

@@ -148,6 +148,7 @@ class LocalCluster:
         # modules, a test beside a manual cluster) use disjoint ranges
         self.first_ip = first_ip
         self.nodes: list[NodeProc] = []
+        self._procs: dict[int, subprocess.Popen] = {}  # pid -> `ray start` of the nodes this object started
         self.gcs_port = 0
         self.dashboard_port = 0
 
@@ -199,7 +200,6 @@ class LocalCluster:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         node = NodeProc(index, ip, proc.pid, str(local), num_cpus, ports, dict(resources or {}))
         self.nodes.append(node)
-        self._procs = getattr(self, "_procs", {})
         self._procs[proc.pid] = proc
         return node
 
@@ -256,7 +256,7 @@ class LocalCluster:
 
     def _wait_up(self, node: NodeProc, timeout_s: float) -> bool:
         """True once the GCS reports ``node`` ALIVE; False if its ``ray start`` exited first."""
-        proc = getattr(self, "_procs", {}).get(node.pid)
+        proc = self._procs.get(node.pid)
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if proc is not None and proc.poll() is not None:
@@ -273,7 +273,7 @@ class LocalCluster:
         """SIGKILL every process of a node (``ray start``, raylet, agents, workers) at once: a machine lost."""
         node = next(n for n in self.nodes if n.index == index)
         _kill_session(node.pid)
-        proc = getattr(self, "_procs", {}).get(node.pid)
+        proc = self._procs.get(node.pid)
         if proc is not None:
             proc.wait(timeout=30)
         return node
@@ -307,7 +307,7 @@ class LocalCluster:
                     pass
         deadline = time.time() + 30
         for node in self.nodes:
-            proc = getattr(self, "_procs", {}).get(node.pid)
+            proc = self._procs.get(node.pid)
             while node.alive and time.time() < deadline:
                 if proc is not None and proc.poll() is not None:
                     break
@@ -379,7 +379,9 @@ class LocalS3:
     def env(self) -> dict[str, str]:
         return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "testing",
                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_EC2_METADATA_DISABLED": "true"}
+                # never a user's ~/.aws profile or an instance role: only this server's fake keys
+                "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/nonexistent",
+                "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
 
     def uri(self, prefix: str) -> str:
         return f"s3://{self.bucket}/{prefix.strip('/')}"

@@ -40,12 +40,19 @@ ELASTIC_ARGS = ["elastic.min_dp=1", "elastic.max_dp=2", "elastic.monitor_every_s
                 "elastic.wait_for_resources_s=60"]
 
 
-def driver_env(cluster: LocalCluster, **extra: str) -> dict[str, str]:
-    """The environment of a driver on the cluster (the nodes' own, plus RAY_ADDRESS)."""
+def data_cache() -> str:
+    """The tokenizer/shard cache every process of a local-cluster run shares (``RAYMOE_CACHE_DIR``)."""
+    return os.environ.get("RAYMOE_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "raymoe"))
+
+
+def driver_env(cluster: LocalCluster, with_address: bool = True, **extra: str) -> dict[str, str]:
+    """The environment of a process on the cluster's machine: the nodes' own, CPU DeepSpeed, offline wandb, the
+    shared data cache, and (``with_address``) RAY_ADDRESS for a driver."""
     env = dict(cluster.env)
-    cache = os.environ.get("RAYMOE_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "raymoe"))
-    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", RAYMOE_CACHE_DIR=cache, TOKENIZERS_PARALLELISM="false",
-               RAY_ADDRESS=cluster.address)
+    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", RAYMOE_CACHE_DIR=data_cache(),
+               TOKENIZERS_PARALLELISM="false")
+    if with_address:
+        env["RAY_ADDRESS"] = cluster.address
     env.update(extra)
     return env
 
@@ -75,7 +82,8 @@ def train_with_node_loss(cluster: LocalCluster, run_dir: pathlib.Path, args: lis
     new worker node starts as soon as the run reports dp=1, while the run is held at its next step (the cluster's
     ``RAYMOE_TEST_PAUSE_FILE`` exists) until that node is ALIVE, so the grow-back happens on any machine load.
     Returns the summary plus ``victim``/``added`` IPs."""
-    pause = pathlib.Path(cluster.env.get("RAYMOE_TEST_PAUSE_FILE", "")) if add_node else None
+    pause_file = cluster.env.get("RAYMOE_TEST_PAUSE_FILE") if add_node else None
+    pause = pathlib.Path(pause_file) if pause_file else None
     run_dir = pathlib.Path(run_dir)
     log_path = run_dir.parent / f"{run_dir.name}-driver.log"
     log = open(log_path, "w")
@@ -92,12 +100,12 @@ def train_with_node_loss(cluster: LocalCluster, run_dir: pathlib.Path, args: lis
                 cluster.kill_node(victim.index)
                 killed_at = time.time()
             if killed_at and add_node and added is None and any(r.get("elastic/dp") == 1 for r in rows):
-                if pause is not None and pause.name:
+                if pause is not None:
                     pause.touch()  # the ranks hold at their next step until the node is up
                 try:
                     added = cluster.add_worker(num_cpus=victim.num_cpus, wait=True)
                 finally:
-                    if pause is not None and pause.name:
+                    if pause is not None:
                         pause.unlink(missing_ok=True)
             time.sleep(0.2)
         rc = proc.wait(timeout=max(1.0, deadline - time.time()))

@@ -134,12 +134,18 @@ def file_meta(path: str | pathlib.Path) -> FileMeta:
         return _sha_chunks(_read_chunks(f), lambda c: None)
 
 
-def scratch_dir(prefix: str = "raymoe-") -> pathlib.Path:
-    """A fresh node-local directory for staging uploads and downloads: under ``$RAYMOE_SCRATCH_DIR``, else
-    ``$RAYMOE_LOCAL_DIR/scratch`` (a node's own directory, set in its environment before ``ray start``; the worker
-    group never forwards these two), else the system temp directory. The caller removes it."""
+def _scratch_root() -> Optional[str]:
+    """This node's scratch root: ``$RAYMOE_SCRATCH_DIR``, else ``$RAYMOE_LOCAL_DIR/scratch`` (a node's own directory,
+    set in its environment before ``ray start``; the worker group never forwards these two), else None (the system
+    temp directory)."""
     local = os.environ.get("RAYMOE_LOCAL_DIR")
-    root = os.environ.get("RAYMOE_SCRATCH_DIR") or (os.path.join(local, "scratch") if local else None)
+    return os.environ.get("RAYMOE_SCRATCH_DIR") or (os.path.join(local, "scratch") if local else None)
+
+
+def scratch_dir(prefix: str = "raymoe-") -> pathlib.Path:
+    """A fresh node-local directory for staging uploads and downloads, under :func:`_scratch_root`. The caller
+    removes it."""
+    root = _scratch_root()
     if root:
         pathlib.Path(root).mkdir(parents=True, exist_ok=True)
     return pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=root))
@@ -367,10 +373,7 @@ def materialize(uri: str, cache_root: Optional[str | pathlib.Path] = None) -> pa
     if not listing:
         raise FileNotFoundError(f"{uri}: nothing stored there")
     if cache_root is None:
-        local = os.environ.get("RAYMOE_LOCAL_DIR")
-        cache_root = os.environ.get("RAYMOE_SCRATCH_DIR") or (os.path.join(local, "scratch") if local
-                                                               else tempfile.gettempdir())
-        cache_root = pathlib.Path(cache_root) / "raymoe-models"
+        cache_root = pathlib.Path(_scratch_root() or tempfile.gettempdir()) / "raymoe-models"
     dest = pathlib.Path(cache_root) / hashlib.sha256(uri.encode()).hexdigest()[:16]
     stamp = dest / ".listing.json"
     if stamp.exists() and json.loads(stamp.read_text()) == listing:

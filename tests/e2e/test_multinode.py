@@ -23,12 +23,12 @@ import time
 
 import pytest
 
-from raymoe.jobs.benches.elastic import ELASTIC_ARGS, TRAIN_ARGS, max_rel_diff, step_samples, train_with_node_loss
+from raymoe.jobs.benches.elastic import (ELASTIC_ARGS, TRAIN_ARGS, data_cache, driver_env, max_rel_diff, step_samples,
+                                        train_with_node_loss)
 from raymoe.jobs.local_cluster import LocalCluster, LocalS3
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(sys.executable).parent
-CACHE = os.environ.get("RAYMOE_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "raymoe"))
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -55,12 +55,6 @@ def cluster(s3):
         c.stop()
 
 
-def _env(cluster: LocalCluster) -> dict[str, str]:
-    env = dict(cluster.env)
-    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", RAYMOE_CACHE_DIR=CACHE, TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def _copy_repo(dest: pathlib.Path, version: str) -> pathlib.Path:
     """The repository's code (not its venv, runs or caches), with ``raymoe.__version__`` changed."""
     for d in ("platform", "actors", "jobs", "conf"):
@@ -75,11 +69,11 @@ def _copy_repo(dest: pathlib.Path, version: str) -> pathlib.Path:
 
 def _submit(cluster: LocalCluster, workdir: pathlib.Path, args: list[str], timeout: float = 600) -> str:
     runtime_env = {"env_vars": {"PYTHONPATH": "platform", "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu",
-                                "RAYMOE_CACHE_DIR": CACHE}}
+                                "RAYMOE_CACHE_DIR": data_cache()}}
     cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(workdir),
            "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "raymoe.jobs.train", *args]
     for _ in range(24):  # the head's job agent registers a while after the dashboard answers
-        res = subprocess.run(cmd, env=_env(cluster), capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(cmd, env=driver_env(cluster, with_address=False), capture_output=True, text=True, timeout=timeout)
         out = res.stdout + res.stderr
         if res.returncode == 0 or "No available agent to submit job" not in out:
             break

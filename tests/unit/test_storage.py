@@ -42,29 +42,18 @@ TINY = ModelConfig.preset("tiny")
 # ---------------------------------------------------------------------- fixtures: a real S3 server, two backends
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, Any]]:
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
+    from raymoe.jobs.local_cluster import LocalS3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    werkzeug = logging.getLogger("werkzeug")  # one INFO line per request otherwise
+    werkzeug = logging.getLogger("werkzeug")  # LocalS3 quiets its one INFO line per request
     level = werkzeug.level
-    werkzeug.setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = LocalS3(BUCKET).start()  # the one bucket creation
     mp = pytest.MonkeyPatch()
-    endpoint = f"http://127.0.0.1:{port}"
-    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                 "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
+    for k, v in server.env.items():
         mp.setenv(k, v)
     for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
         mp.delenv(k, raising=False)
     try:
-        fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?allow_bucket_creation=true")  # the only bucket creation
-        fs.create_dir(BUCKET)
-        yield {"endpoint": endpoint, "bucket": BUCKET}
+        yield {"endpoint": server.env["AWS_ENDPOINT_URL"], "bucket": BUCKET}
     finally:
         mp.undo()
         server.stop()
