@@ -232,9 +232,15 @@ def test_bad_requests(base, prompt_ids) -> None:
     eng = make_engine(base, num_blocks=8, block_size=4, max_waiting=2)
     with pytest.raises(EngineError, match="empty"):
         eng.add_request(None, [], GREEDY)
-    with pytest.raises(EngineError) as e:
+    with pytest.raises(EngineError) as e:  # OpenAI / vLLM: 400 context_length_exceeded (not 413)
         eng.add_request(None, list(range(40)), GREEDY)
-    assert e.value.code == 413
+    assert e.value.code == 400 and e.value.error_code == "context_length_exceeded" and e.value.param == "prompt"
+    with pytest.raises(EngineError) as e:  # fits alone, not with max_tokens
+        eng.add_request(None, list(range(30)), GREEDY)
+    assert e.value.error_code == "context_length_exceeded" and e.value.param == "max_tokens"
+    with pytest.raises(EngineError) as e:
+        eng.add_request(None, [1, 2], SamplingParams(max_tokens=4, logit_bias={10**6: 1.0}))
+    assert e.value.param == "logit_bias"
     with pytest.raises(EngineError) as e:
         eng.add_request(None, [1, 2], SamplingParams(max_tokens=0))
     assert e.value.param == "max_tokens"

@@ -32,6 +32,7 @@ that progressed, so a server can stream deltas. ``generate()`` runs requests to 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -47,7 +48,8 @@ from torch import nn
 from raymoe.engine.experts import ExpertBackend, install_expert_backend
 from raymoe.model.layers import enable_fused_weight_cache
 from raymoe.engine.paged import DecodeBatch, PackedBatch, PagedLatentCache
-from raymoe.engine.sampling import SamplingParams, probs_from_logits, sample_token, speculative_accept, top_logprobs
+from raymoe.engine.sampling import (SamplingParams, probs_from_logits, process_logits, sample_token, speculative_accept,
+                                    top_logprobs)
 from raymoe.engine.scheduler import Scheduler, Sequence, SequenceGroup
 from raymoe.model.transformer import DeepSeekV3, RoutingStats
 
@@ -58,11 +60,13 @@ log = logging.getLogger(__name__)
 
 
 class EngineError(ValueError):
-    """A request the engine cannot take (too long, bad parameters): ``code`` is an HTTP status."""
+    """A request the engine cannot take (too long, bad parameters): ``code`` is an HTTP status, ``error_code``
+    OpenAI's machine-readable code (``context_length_exceeded``) or None."""
 
-    def __init__(self, message: str, param: Optional[str] = None, code: int = 400) -> None:
+    def __init__(self, message: str, param: Optional[str] = None, code: int = 400,
+                 error_code: Optional[str] = None) -> None:
         super().__init__(message)
-        self.param, self.code = param, code
+        self.param, self.code, self.error_code = param, code, error_code
 
 
 class EngineFull(RuntimeError):
@@ -229,13 +233,26 @@ class LLMEngine:
             raise EngineError("prompt is empty", param="prompt")
         if any(t < 0 or t >= V for t in ids):
             raise EngineError(f"prompt token ids must be in [0, {V})", param="prompt")
+        if params.logit_bias and any(t >= V for t in params.logit_bias):
+            raise EngineError(f"logit_bias token ids must be in [0, {V})", param="logit_bias")
+        if any(t < 0 or t >= V for t in params.stop_token_ids):
+            raise EngineError(f"stop_token_ids must be in [0, {V})", param="stop_token_ids")
+        limit = min(self.max_model_len, self.cache.num_blocks * self.cache.block_size)
+        if len(ids) >= limit:
+            raise EngineError(f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
+                              f"tokens (at least one must remain for the output)", param="prompt",
+                              error_code="context_length_exceeded")
+        if params.max_tokens is None:  # the rest of the context (chat's default); a copy: the caller's is unchanged
+            params = dataclasses.replace(params, max_tokens=limit - len(ids))
+            if params.min_tokens > params.max_tokens:
+                raise EngineError(f"min_tokens ({params.min_tokens}) exceeds the {params.max_tokens} tokens left in "
+                                  f"the context", param="min_tokens", error_code="context_length_exceeded")
         total = len(ids) + params.max_tokens
-        capacity = self.cache.num_blocks * self.cache.block_size
-        if total > self.max_model_len or total > capacity:
+        if total > limit:
             raise EngineError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the maximum "
-                f"context length {min(self.max_model_len, capacity)}", param="max_tokens", code=413 if
-                len(ids) >= min(self.max_model_len, capacity) else 400)
+                f"this model's maximum context length is {limit} tokens; the prompt ({len(ids)} tokens) + max_tokens "
+                f"({params.max_tokens}) = {total}; lower max_tokens or the prompt", param="max_tokens",
+                error_code="context_length_exceeded")
         n_waiting = len(self.scheduler.waiting)
         if n_waiting + params.n > self.config.max_waiting:
             raise EngineFull(f"{n_waiting} sequences waiting (bound {self.config.max_waiting})")
@@ -346,9 +363,10 @@ class LLMEngine:
                 logit_rows.extend(range(start + s.num_tokens - 1, start + len(new)))
             rows.append((start, lr0, len(logit_rows)))
         hidden, logits = self._forward(ids, segments, logit_rows)
+        slogits = self._processed(sched, rows, logits)  # what sampling sees; `logits` stay raw (logprobs)
         # greedy choices of every logit row at once (one argmax, one conversion to Python ints)
         any_greedy = any(s.seq.group.params.greedy for s in sched)
-        argmax = logits.argmax(dim=-1).tolist() if any_greedy and logits.shape[0] else []
+        argmax = slogits.argmax(dim=-1).tolist() if any_greedy and logits.shape[0] else []
         now = time.monotonic()
         touched: dict[str, SequenceGroup] = {}
         for s, (start, l0, l1) in zip(sched, rows):
@@ -371,7 +389,7 @@ class LLMEngine:
                 elif params.greedy:
                     emitted = [argmax[l1 - 1]]
                 else:
-                    emitted = [sample_token(lg[-1], params, seq.generator)]
+                    emitted = [sample_token(slogits[l1 - 1], params, seq.generator)]
                 lg = lg[-1:]
                 valid = s.num_tokens
             if self.num_spec:
@@ -389,6 +407,19 @@ class LLMEngine:
             self._draft([s.seq for s in sched if not s.seq.finished])
         return [self._snapshot(g) for g in touched.values()]
 
+    def _processed(self, sched, rows: list[tuple[int, int, int]], logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` with the logits processors applied (one :func:`process_logits` call over every row a request
+        with a processor samples from this step); ``logits`` itself when no scheduled request uses one."""
+        pick = [(l1 - 1, s.seq) for s, (_, l0, l1) in zip(sched, rows)
+                if l1 > l0 and not s.drafts and s.seq.group.params.processes_logits]
+        if not pick:
+            return logits
+        idx = [r for r, _ in pick]
+        out = logits.clone()
+        out[idx] = process_logits(logits[idx], [q.group.params for _, q in pick], [q.group.prompt_ids for _, q in pick],
+                                  [q.output_ids for _, q in pick], self.eos_token_id)
+        return out
+
     def _append(self, seq: Sequence, tok: int, logits_V: torch.Tensor, now: float) -> None:
         params = seq.group.params
         seq.tokens.append(tok)
@@ -401,6 +432,10 @@ class LLMEngine:
             lp, top = top_logprobs(logits_V, tok, int(params.logprobs))
             seq.logprobs.append({"token_id": tok, "logprob": lp, "top": top})
         n_out = len(seq.tokens) - seq.prompt_len
+        if n_out < params.min_tokens:  # vLLM: no stop condition but the length before min_tokens
+            if n_out >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
+                seq.finish_reason = "length"
+            return
         if tok in params.stop_token_ids or (not params.ignore_eos and self.eos_token_id is not None
                                              and tok == self.eos_token_id):
             seq.finish_reason, seq.exclude_last_from_text = "stop", True
@@ -469,7 +504,9 @@ class LLMEngine:
             seq.mtp_computed = b
             # decoding (the last token is a generated one, so a fresh request's first token is never drafted,
             # whatever the prefill chunking): propose what follows the last token
-            if b == seq.num_computed == len(seq.tokens) - 1 and len(seq.tokens) > seq.prompt_len:
+            # requests with logits processors are never drafted (module docstring of raymoe.engine.sampling)
+            if (b == seq.num_computed == len(seq.tokens) - 1 and len(seq.tokens) > seq.prompt_len
+                    and not seq.group.params.processes_logits):
                 drafting.append((seq, h1[r]))
         for j in range(self.num_spec):
             if not drafting:
