@@ -91,6 +91,16 @@ def test_dp2_balancing_invariants(tmp_path) -> None:
     tok = tokenizers.Tokenizer.from_file(str(export / "tokenizer.json"))
     eos = json.loads((export / "generation_config.json").read_text())["eos_token_id"]
     assert tok.decode([eos], skip_special_tokens=False) != "" and eos < cfg.vocab_size
+    # transformers' tokenizer loads the export offline, knows the special tokens and renders our chat template
+    import transformers
+
+    from raymoe.engine.chat import ChatTemplate
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(export))
+    assert hf_tok.eos_token_id == eos and hf_tok.pad_token_id == eos
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    assert hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        ChatTemplate.from_dir(export).render(msgs)
     with safe_open(str(export / "expert_load.safetensors"), framework="pt") as f:
         load = f.get_tensor("expert_load")
         assert int(f.metadata()["window_steps"]) == 4

@@ -3,7 +3,8 @@
 ``build_tiny_checkpoint(dir)`` trains a tokenizer on a few KB of built-in text, fits the ``tiny`` preset (vocabulary
 cut to the tokenizer's) on that text for a few dozen AdamW steps (main + MTP loss, so MTP drafts are often accepted
 and generations look like the text), and writes ``config.json`` + safetensors (:func:`raymoe.model.hf.save`) +
-``tokenizer.json``. Deterministic for a given seed; a few seconds on one CPU thread. Used by tests, the serve demo and
+``tokenizer.json``, ``tokenizer_config.json`` (special tokens, chat template) and ``generation_config.json``
+(:func:`raymoe.engine.chat.write_tokenizer_files`). Deterministic for a given seed; a few seconds on one CPU thread. Used by tests, the serve demo and
 the serving bench; nothing is downloaded.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from raymoe.config import ModelConfig
 from raymoe.data.tokenizer import train_tokenizer
+from raymoe.engine.chat import write_tokenizer_files
 from raymoe.model import DeepSeekV3, hf
 
 __all__ = ["TINY_TEXT", "build_tiny_checkpoint", "tiny_corpus"]
@@ -73,4 +75,5 @@ def build_tiny_checkpoint(path: str | pathlib.Path, seed: int = 0, vocab_size: i
     hf_cfg = json.loads(cfg_file.read_text())
     hf_cfg.update(eos_token_id=tok.eod_id, bos_token_id=tok.eod_id, pad_token_id=tok.pad_id)
     cfg_file.write_text(json.dumps(hf_cfg, indent=2))
+    write_tokenizer_files(path, tok.eod_id, tok.pad_id, cfg.max_position_embeddings)
     return path

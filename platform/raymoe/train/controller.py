@@ -587,8 +587,10 @@ class TrainController:
     def export_hf(self, path: str) -> str:
         """Write the model (with the balancer's current biases) as a HF DeepseekV3 checkpoint, from any layout
         (the full model is assembled from the newest checkpoint's shards (native) or taken from rank 0 (DeepSpeed)),
-        plus what serving needs beside the weights: ``tokenizer.json``, ``generation_config.json`` (the end-of-text
-        id, so transformers' ``generate`` and our engine stop on the same token) and ``expert_load.safetensors``.
+        plus what serving needs beside the weights: ``tokenizer.json``, ``tokenizer_config.json`` (special tokens and
+        the chat template, so transformers' ``AutoTokenizer`` and ``apply_chat_template`` work and render what our
+        server renders), ``generation_config.json`` (the end-of-text id, so transformers' ``generate`` and our engine
+        stop on the same token; :func:`raymoe.engine.chat.write_tokenizer_files`) and ``expert_load.safetensors``.
 
         ``path`` is a local directory (the run directory's ``hf/``); when the storage is elsewhere the export is also
         put under ``<storage>/hf/`` (an older export there is deleted first, so files of two exports never mix)."""
@@ -600,10 +602,9 @@ class TrainController:
         tok = self.data_info.get("tokenizer_path")
         if tok and pathlib.Path(tok).is_file():
             shutil.copyfile(tok, d / "tokenizer.json")
-        gen: dict[str, Any] = {"_from_model_config": False}
-        if self.data_info.get("eod_id") is not None:
-            gen.update(eos_token_id=int(self.data_info["eod_id"]), pad_token_id=int(self.data_info["eod_id"]))
-        (d / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        from raymoe.engine.chat import write_tokenizer_files
+
+        write_tokenizer_files(d, self.data_info.get("eod_id"), None, self.run.model.max_position_embeddings)
         self.write_expert_load(d)
         if hf_store is not None:
             hf_store.put_dir(d, skip=hf_store.list())  # the weights may be there already (DeepSpeed's rank 0)
