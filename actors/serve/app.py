@@ -22,7 +22,11 @@ and pushes each request's delta — new text per choice, new logprob entries, to
 request's queue. ``add_request``/``abort`` and ``step`` are serialised by one asyncio lock. A cancelled stream
 (client gone) aborts its request and frees its KV blocks.
 
-Errors: engine validation → 400/413; the waiting queue over ``engine.max_waiting`` → 503; Serve back-pressure
+Requests are validated by the pydantic models of :mod:`raymoe.actors.serve.protocol` (unknown fields logged once
+per name); chat prompts are rendered from the export's ``chat_template``. Routes: ``/v1/completions``,
+``/v1/chat/completions``, ``/v1/models``, vLLM's ``/tokenize`` and ``/detokenize``, ``/health``.
+
+Errors: engine validation → 400 (context overflow: code ``context_length_exceeded``); the waiting queue over ``engine.max_waiting`` → 503; Serve back-pressure
 (``max_queued_requests`` of the engine deployment) → 503; missing/wrong API key → 401. Bodies are OpenAI style
 ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -42,10 +46,12 @@ import uuid
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from raymoe.actors.serve import protocol as P
+from raymoe.engine.chat import ChatTemplate
 
 __all__ = ["EngineDeployment", "APIIngress", "build_app", "DEFAULT_ARGS"]
 
@@ -148,6 +154,7 @@ class EngineDeployment:
 
         return {"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
                 "vocab_size": e.model_config.vocab_size, "max_model_len": e.max_model_len,
+                "context_len": min(e.max_model_len, e.cache.num_blocks * e.cache.block_size),
                 "num_speculative_tokens": e.num_spec, "has_tokenizer": e.tokenizer is not None,
                 "metrics": e.metrics(), "experts": self.experts.info()}
 
@@ -212,8 +219,7 @@ class EngineDeployment:
             try:
                 self.engine.add_request(rid, prompt, SamplingParams(**params))
             except EngineError as e:
-                typ = "invalid_request_error"
-                yield {"error": P.error_body(str(e), typ, e.param, "context_length_exceeded" if e.code == 413 else None),
+                yield {"error": P.error_body(str(e), "invalid_request_error", e.param, e.error_code),
                        "status": e.code}
                 return
             except EngineFull as e:
@@ -238,6 +244,13 @@ class EngineDeployment:
 app = FastAPI(title="raymoe", docs_url=None, redoc_url=None)
 
 
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own body/param validation → OpenAI's 400 shape (not FastAPI's 422)."""
+    e = P.validation_error(exc.errors())
+    return JSONResponse(e.body(), status_code=e.status)
+
+
 def _err(e: P.APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -255,11 +268,16 @@ class APIIngress:
         from raymoe.storage import materialize
 
         self.engine = engine
+        tokenizer_path = str(materialize(tokenizer_path)) if tokenizer_path else None
         try:
-            self.tokenizer = load_tokenizer(str(materialize(tokenizer_path))) if tokenizer_path else None
+            self.tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
         except FileNotFoundError:
             self.tokenizer = None
         self.model_name = model_name
+        # chat prompts: the export's chat_template (tokenizer_config.json beside tokenizer.json), else the built-in
+        self.chat_template = ChatTemplate.from_dir(tokenizer_path)
+        self.unknown_fields = P.UnknownFields()  # logs each unknown request field name once
+        self.context_len: Optional[int] = None  # the engine's, fetched once (/tokenize reports it)
         self.api_key = api_key or None
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
@@ -330,6 +348,54 @@ class APIIngress:
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "raymoe"}]})
 
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> JSONResponse:
+        """vLLM's ``/tokenize``: ``{"prompt"}`` or ``{"messages"}`` (rendered by the chat template) →
+        ``{"count", "max_model_len", "tokens", "token_strs"}``."""
+        try:
+            self._auth(request)
+            body = await self._body(request)
+            r = P.parse_model(P.TokenizeRequest, body)
+            self.unknown_fields(r)
+            self._check_model(body)
+            if (r.prompt is None) == (r.messages is None):
+                raise P.APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
+            tok = self._tokenizer()
+            if r.messages is not None:
+                text = P.render_chat(r.messages, self.chat_template, r.add_generation_prompt)
+                special = bool(r.add_special_tokens)
+            else:
+                text, special = r.prompt, r.add_special_tokens is not False
+            ids = tok.encode(text, add_special_tokens=special).ids
+            if self.context_len is None:
+                self.context_len = int((await self.engine.info.remote())["context_len"])
+        except P.APIError as e:
+            return _err(e)
+        return JSONResponse({"count": len(ids), "max_model_len": self.context_len, "tokens": ids,
+                             "token_strs": [tok.id_to_token(i) for i in ids] if r.return_token_strs else None})
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> JSONResponse:
+        """vLLM's ``/detokenize``: ``{"tokens": [ids]}`` → ``{"prompt": text}``."""
+        try:
+            self._auth(request)
+            body = await self._body(request)
+            r = P.parse_model(P.DetokenizeRequest, body)
+            self.unknown_fields(r)
+            self._check_model(body)
+            tok = self._tokenizer()
+            V = tok.get_vocab_size(with_added_tokens=True)
+            if any(t >= V for t in r.tokens):
+                raise P.APIError(400, f"token ids must be in [0, {V})", param="tokens")
+        except P.APIError as e:
+            return _err(e)
+        return JSONResponse({"prompt": tok.decode(r.tokens, skip_special_tokens=False)})
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise P.APIError(400, "this model has no tokenizer (send and receive token ids)", param="model")
+        return self.tokenizer
+
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         return await self._handle(request, chat=False)
@@ -342,15 +408,18 @@ class APIIngress:
         try:
             self._auth(request)
             body = await self._body(request)
-            prompt, sp, stream = (P.parse_chat if chat else P.parse_completion)(body)
+            req = P.parse_chat(body, self.chat_template) if chat else P.parse_completion(body)
+            self.unknown_fields(req.request)
             self._check_model(body)
+            prompt, sp, stream = req.prompt, req.params, req.stream
             first, gen = await self._open(prompt, sp)
         except P.APIError as e:
             return _err(e)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         decode = await self._decoder()
         if stream:
-            return StreamingResponse(self._stream(rid, chat, sp, first, gen, decode), media_type="text/event-stream")
+            return StreamingResponse(self._stream(rid, chat, sp, first, gen, decode, req.include_usage),
+                                     media_type="text/event-stream")
         texts = [""] * sp.n
         lps: list[list[dict]] = [[] for _ in range(sp.n)]
         ntok, finish = [0] * sp.n, [None] * sp.n
@@ -379,7 +448,8 @@ class APIIngress:
         tok = self.tokenizer
         return (lambda ids: tok.decode(list(ids), skip_special_tokens=False)) if tok else (lambda ids: str(ids[0]))
 
-    async def _stream(self, rid: str, chat: bool, sp, first: dict, gen, decode) -> AsyncIterator[str]:
+    async def _stream(self, rid: str, chat: bool, sp, first: dict, gen, decode,
+                      include_usage: bool = False) -> AsyncIterator[str]:
         model = self.model_name
         ntok = [0] * sp.n
         prompt_tokens = first["prompt_tokens"]
@@ -407,8 +477,9 @@ class APIIngress:
                                 lp = P.completion_logprobs(lp_entries, decode, offsets[i])
                             offsets[i] += len(text)
                             yield _sse(P.completion_chunk(rid, model, i, text, fin, lp))
-            obj = "chat.completion.chunk" if chat else "text_completion"
-            yield _sse(P.usage_chunk(rid, model, obj, P.usage(prompt_tokens, sum(ntok))))
+            if include_usage:  # stream_options.include_usage: one last chunk, choices: [] (OpenAI)
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                yield _sse(P.usage_chunk(rid, model, obj, P.usage(prompt_tokens, sum(ntok))))
         except Exception as e:  # noqa: BLE001 - mid-stream failure: report it in-band
             yield _sse(P.error_body(str(e), "server_error"))
         yield "data: [DONE]\n\n"
