@@ -358,7 +358,8 @@ async def _http_level(base_url: str, model: str, prompts: list[str], conc: int, 
         first = last = None
         ntok = 0
         stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                                 stream=True, extra_body={"ignore_eos": True})
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.choices and chunk.choices[0].text:

@@ -17,7 +17,7 @@ warnings.filterwarnings("ignore")
 KEY = "sk-test-key"
 MODEL = "tiny"
 ENGINE = {"block_size": 8, "num_blocks": 256, "num_speculative_tokens": 1, "max_waiting": 32,
-          "max_num_batched_tokens": 128, "prefill_chunk": 64}
+          "max_num_batched_tokens": 128, "prefill_chunk": 64, "max_model_len": 256}
 PROMPTS = ["The river runs", "In the morning the baker", "A block of memory holds", "She counted the stars:",
            "When the memory is full,", "The draft model guesses"]
 
@@ -86,13 +86,21 @@ def test_chat_and_streaming_equal_non_streamed(client, local) -> None:
     expect = local_greedy(local, render_chat(msgs), stop=[CHAT_STOP])
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == expect
     assert r.usage.completion_tokens > 0
-    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0, stream=True)
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expect
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
         [r.choices[0].finish_reason]
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # include_usage: exactly one usage chunk, the last, with choices: []
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert all(c.choices and c.usage is None for c in chunks[:-1])
+    # not asked: no usage chunk, every chunk has a choice (naive clients index choices[0])
+    plain = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0,
+                                                stream=True))
+    assert all(c.choices and c.usage is None for c in plain)
+    assert "".join(c.choices[0].delta.content or "" for c in plain) == expect
     # completions stream, sampled with a seed: concatenation equals the non-streamed text
     kw = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0.8, seed=11, stop=[" the "])
     full = client.completions.create(**kw).choices[0].text
@@ -136,9 +144,12 @@ def test_errors_and_api_key(server, client) -> None:
         client.completions.create(model=MODEL, prompt="", max_tokens=4)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=4)
-    with pytest.raises(openai.APIStatusError) as e:
+    with pytest.raises(openai.BadRequestError) as e:  # OpenAI and vLLM: 400 context_length_exceeded
         client.completions.create(model=MODEL, prompt=[5] * 3000, max_tokens=4)
-    assert e.value.status_code == 413
+    assert e.value.status_code == 400 and e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[5] * 200, max_tokens=100)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "x"}])
     r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"authorization": f"Bearer {KEY}"})
@@ -147,6 +158,105 @@ def test_errors_and_api_key(server, client) -> None:
     with pytest.raises(openai.AuthenticationError):
         bad.completions.create(model=MODEL, prompt="x", max_tokens=2)
     assert httpx.post(f"{server}/v1/completions", json={"prompt": "x"}).status_code == 401
+
+
+def _post(server: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server}{path}", json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=120)
+
+
+def test_validation_is_strict_and_openai_shaped(server, client) -> None:
+    # a string boolean is refused, never truthy (it used to turn ignore_eos on)
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "ignore_eos": "false"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "3"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    # unknown fields are accepted (and logged once by the server)
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, temperature=0,
+                                    extra_body={"frobnicate": 1, "guided_choice": ["a"]})
+    assert out.usage.completion_tokens > 0
+    # chat: 8 stop strings of the user's, plus the end marker the server adds
+    msgs = [{"role": "user", "content": "Tell me about the river."}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0,
+                                       stop=[f"@{i}@" for i in range(8)])
+    assert r.choices[0].finish_reason in ("length", "stop")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, stop=[f"@{i}@" for i in range(9)])
+    assert e.value.body["param"] == "stop"
+    for kw, param in ((dict(response_format={"type": "json_object"}), "response_format"),
+                      (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, **kw)
+        assert e.value.body["param"] == param and "not supported" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4, stream_options={"include_usage": True})
+    assert e.value.body["param"] == "stream_options"
+
+
+def test_sampling_parameters_over_http(client, local) -> None:
+    p = PROMPTS[3]
+    greedy = local.generate([p], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].token_ids
+    forced = next(t for t in local.encode(" bread mill") if t not in greedy)
+    for temp in (0.0, 1.0):  # a strong logit_bias forces its token, greedy or sampled
+        r = client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=temp, seed=3,
+                                      logit_bias={str(forced): 100})
+        assert r.choices[0].text == local.decode([forced] * 5) and r.usage.completion_tokens == 5
+    # min_tokens lengthens an output that would end at its first token
+    short = client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0,
+                                      extra_body={"stop_token_ids": [greedy[0]]})
+    assert short.usage.completion_tokens == 1 and short.choices[0].finish_reason == "stop"
+    long = client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0,
+                                     extra_body={"stop_token_ids": [greedy[0]], "min_tokens": 5})
+    assert long.usage.completion_tokens >= 5
+    # penalties and min_p: the server's greedy / seeded output equals the in-process engine's with the same params
+    kw = dict(presence_penalty=1.0, frequency_penalty=0.5)
+    extra = {"repetition_penalty": 1.3, "min_p": 0.05}
+    for temp in (0.0, 0.9):
+        r = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=temp, seed=5, **kw,
+                                      extra_body=extra)
+        sp = SamplingParams(max_tokens=12, temperature=temp, seed=5, **kw, **extra)
+        assert r.choices[0].text == local.generate([p], sp)[0].outputs[0].text
+    plain = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0).choices[0].text
+    assert plain != client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0,
+                                              extra_body={"repetition_penalty": 3.0}).choices[0].text
+
+
+def test_chat_max_tokens_defaults_to_the_rest_of_the_context(server, client, local) -> None:
+    from raymoe.actors.serve.protocol import CHAT_STOP, render_chat
+
+    msgs = [{"role": "user", "content": "She counted the stars:"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0)
+    ref = local.generate([render_chat(msgs)], SamplingParams(max_tokens=None, temperature=0,
+                                                             stop=[CHAT_STOP]))[0].outputs[0]
+    assert r.choices[0].message.content == ref.text and r.choices[0].finish_reason == ref.finish_reason
+    assert r.usage.completion_tokens == len(ref.token_ids) > 16  # the old default of 16 would have cut it
+    if ref.finish_reason == "length":  # ran to the end of the context
+        assert r.usage.total_tokens == min(local.max_model_len, local.cache.num_blocks * local.cache.block_size)
+
+
+def test_tokenize_detokenize_and_the_exports_chat_template(server, ckpt, local) -> None:
+    import transformers
+
+    r = _post(server, "/tokenize", {"model": MODEL, "prompt": PROMPTS[1], "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    ids = local.encode(PROMPTS[1])
+    assert j["tokens"] == ids and j["count"] == len(ids) and len(j["token_strs"]) == len(ids)
+    assert j["max_model_len"] == min(local.max_model_len, local.cache.num_blocks * local.cache.block_size)
+    assert _post(server, "/detokenize", {"model": MODEL, "tokens": ids}).json() == {"prompt": PROMPTS[1]}
+    # chat form: the server renders the export's chat_template exactly as transformers does
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(ckpt))
+    for msgs in ([{"role": "user", "content": "Hello"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                  {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]):
+        j = _post(server, "/tokenize", {"model": MODEL, "messages": msgs}).json()
+        want = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert j["tokens"] == local.encode(want)
+    bad = _post(server, "/tokenize", {"model": MODEL, "prompt": "x", "messages": [{"role": "user", "content": "x"}]})
+    assert bad.status_code == 400
+    bad = _post(server, "/detokenize", {"model": MODEL, "tokens": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.post(f"{server}/tokenize", json={"prompt": "x"}).status_code == 401
 
 
 def _running_engine_replicas() -> int:
