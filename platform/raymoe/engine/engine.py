@@ -392,7 +392,7 @@ class LLMEngine:
                     emitted = [sample_token(slogits[l1 - 1], params, seq.generator)]
                 lg = lg[-1:]
                 valid = s.num_tokens
-            if self.num_spec:
+            if self.num_spec and not params.processes_logits:  # never drafted: no MTP state to keep
                 hid = hidden[start : start + valid]
                 seq.pending_hidden = hid if seq.pending_hidden is None else torch.cat([seq.pending_hidden, hid])
             seq.num_computed += valid
@@ -404,7 +404,7 @@ class LLMEngine:
             if seq.finished:
                 self.scheduler.remove(seq)
         if self.num_spec:
-            self._draft([s.seq for s in sched if not s.seq.finished])
+            self._draft([s.seq for s in sched if not s.seq.finished and not s.seq.group.params.processes_logits])
         return [self._snapshot(g) for g in touched.values()]
 
     def _processed(self, sched, rows: list[tuple[int, int, int]], logits: torch.Tensor) -> torch.Tensor:
@@ -503,10 +503,9 @@ class LLMEngine:
             seq.pending_hidden = seq.pending_hidden[b - a :]
             seq.mtp_computed = b
             # decoding (the last token is a generated one, so a fresh request's first token is never drafted,
-            # whatever the prefill chunking): propose what follows the last token
-            # requests with logits processors are never drafted (module docstring of raymoe.engine.sampling)
-            if (b == seq.num_computed == len(seq.tokens) - 1 and len(seq.tokens) > seq.prompt_len
-                    and not seq.group.params.processes_logits):
+            # whatever the prefill chunking): propose what follows the last token. Requests with logits processors
+            # never come here (step() leaves them out: module docstring of raymoe.engine.sampling)
+            if b == seq.num_computed == len(seq.tokens) - 1 and len(seq.tokens) > seq.prompt_len:
                 drafting.append((seq, h1[r]))
         for j in range(self.num_spec):
             if not drafting:
