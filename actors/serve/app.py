@@ -26,8 +26,9 @@ Requests are validated by the pydantic models of :mod:`raymoe.actors.serve.proto
 per name); chat prompts are rendered from the export's ``chat_template``. Routes: ``/v1/completions``,
 ``/v1/chat/completions``, ``/v1/models``, vLLM's ``/tokenize`` and ``/detokenize``, ``/health``.
 
-Errors: engine validation → 400 (context overflow: code ``context_length_exceeded``); the waiting queue over ``engine.max_waiting`` → 503; Serve back-pressure
-(``max_queued_requests`` of the engine deployment) → 503; missing/wrong API key → 401. Bodies are OpenAI style
+Errors: engine validation → 400 (context overflow: code ``context_length_exceeded``); the waiting queue over
+``engine.max_waiting`` → 503; Serve back-pressure (``max_queued_requests`` of the engine deployment) → 503;
+missing/wrong API key → 401. Bodies are OpenAI style
 ``{"error": {"message", "type", "param", "code"}}``.
 
 Metrics (Prometheus via ``ray.serve.metrics``, exported by Ray's metrics agent): ``raymoe_serve_ttft_s``,

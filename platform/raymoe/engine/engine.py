@@ -13,7 +13,9 @@
    with a :class:`~raymoe.engine.paged.DecodeBatch`, so each token attends to its own sequence's latents only
    (``O(Σ len)`` attention instead of the packed ``O(N·Σ len)``); every other op sees the same ``[N, D]`` rows;
 3. per sequence: sample (prefill's last chunk, decode) or verify drafts (speculative), apply stop conditions; the
-   greedy tokens of all sequences come from one ``argmax`` over the step's logits;
+   greedy tokens of all sequences come from one ``argmax`` over the step's logits, after one
+   :func:`~raymoe.engine.sampling.process_logits` call over the rows of requests with logits processors
+   (``logit_bias``, ``min_tokens``, penalties, ``min_p``; those requests are never drafted);
 4. MTP drafting (``num_speculative_tokens = k > 0`` and the model has MTP modules): for every sequence, the MTP
    block (depth 1) runs over the positions whose next token is now known — ``[emb(t_{i+1}) ; h_i]`` at position i,
    attending through its own paged layer — and its head proposes the token after the last one; drafts 2..k chain the
