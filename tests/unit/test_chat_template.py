@@ -83,7 +83,16 @@ def test_export_template_is_used_and_fallback(export, tmp_path) -> None:
     assert ChatTemplate.from_dir(tmp_path / "bare").source == CHAT_TEMPLATE
 
 
+def test_bad_template_files_are_clear_errors(tmp_path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ChatTemplate.from_dir(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}"}))
+    with pytest.raises(ValueError, match="not a valid jinja2 template"):
+        ChatTemplate.from_dir(tmp_path)
+
+
 def test_sandbox_refuses_unsafe_templates() -> None:
     evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="unsafe"):
         evil.render(MESSAGES[0])

@@ -13,8 +13,8 @@ written by :func:`write_tokenizer_files`:
 
 The server renders chat prompts with :class:`ChatTemplate`: the export's ``chat_template`` in a sandboxed jinja2
 environment configured as transformers configures its own (``ImmutableSandboxedEnvironment``, ``trim_blocks``,
-``lstrip_blocks``, the ``loopcontrols`` extension, ``raise_exception`` and a ``tojson`` filter; the special tokens as
-variables), so both render the same string; exports without a template fall back to :data:`CHAT_TEMPLATE`.
+``lstrip_blocks``, the ``loopcontrols`` extension, ``raise_exception``, ``strftime_now`` and a ``tojson`` filter; the
+special tokens as variables), so both render the same string; exports without a template fall back to :data:`CHAT_TEMPLATE`.
 
 The built-in template is ChatML; the markers are ordinary text for our byte-level tokenizer (no special ids)::
 
@@ -26,6 +26,7 @@ The built-in template is ChatML; the markers are ordinary text for our byte-leve
 """
 from __future__ import annotations
 
+import datetime
 import json
 import pathlib
 from typing import Any, Optional
@@ -66,11 +67,18 @@ class ChatTemplate:
                    sort_keys: bool = False) -> str:
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
+        def strftime_now(fmt: str) -> str:
+            return datetime.datetime.now().strftime(fmt)
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
         self.source = source
-        self.template = env.from_string(source)
+        try:
+            self.template = env.from_string(source)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise ValueError(f"chat_template is not a valid jinja2 template: {e} (line {e.lineno})") from None
         self.special_tokens = dict(special_tokens or {})
         self.stop = [CHAT_STOP] if CHAT_STOP in source else []
 
@@ -84,7 +92,12 @@ class ChatTemplate:
         f = (p if p.is_dir() else p.parent) / "tokenizer_config.json"
         if not f.exists():
             return cls()
-        cfg = json.loads(f.read_text())
+        try:
+            cfg = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f} is not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{f} must hold a JSON object, got {type(cfg).__name__}")
         src = cfg.get("chat_template")
         if isinstance(src, list):  # transformers' named templates: [{"name": ..., "template": ...}]
             src = next((t.get("template") for t in src if t.get("name") == "default"), None)
