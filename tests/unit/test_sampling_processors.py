@@ -68,7 +68,8 @@ def test_process_logits_equals_per_row_reference() -> None:
 
 
 def test_params_validation() -> None:
-    for kw, param in ((dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
+    for kw, param in ((dict(presence_penalty=2.5), "presence_penalty"),
+                      (dict(frequency_penalty=-3), "frequency_penalty"),
                       (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(min_p=1.5), "min_p"),
                       (dict(logit_bias={1: 101.0}), "logit_bias"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
                       (dict(min_tokens=20, max_tokens=10), "min_tokens"), (dict(min_tokens=-1), "min_tokens"),

@@ -14,7 +14,8 @@ written by :func:`write_tokenizer_files`:
 The server renders chat prompts with :class:`ChatTemplate`: the export's ``chat_template`` in a sandboxed jinja2
 environment configured as transformers configures its own (``ImmutableSandboxedEnvironment``, ``trim_blocks``,
 ``lstrip_blocks``, the ``loopcontrols`` extension, ``raise_exception``, ``strftime_now`` and a ``tojson`` filter; the
-special tokens as variables), so both render the same string; exports without a template fall back to :data:`CHAT_TEMPLATE`.
+special tokens as variables), so both render the same string; exports without a template fall back to
+:data:`CHAT_TEMPLATE`.
 
 The built-in template is ChatML; the markers are ordinary text for our byte-level tokenizer (no special ids)::
 
@@ -70,7 +71,8 @@ class ChatTemplate:
         def strftime_now(fmt: str) -> str:
             return datetime.datetime.now().strftime(fmt)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = strftime_now
@@ -149,7 +151,8 @@ def write_tokenizer_files(d: str | pathlib.Path, eos_token_id: Optional[int], pa
     eos = text(eos_token_id)
     cfg: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": eos, "eos_token": eos, "pad_token": text(pad_token_id if pad_token_id is not None else eos_token_id),
+        "bos_token": eos, "eos_token": eos,
+        "pad_token": text(pad_token_id if pad_token_id is not None else eos_token_id),
         "unk_token": None,
         "add_bos_token": False, "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
