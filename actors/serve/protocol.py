@@ -1,8 +1,10 @@
 """OpenAI wire format: request models and validation, chat rendering, response and SSE chunk builders (no Ray).
 
 Requests are pydantic models (:class:`CompletionRequest`, :class:`ChatCompletionRequest`, :class:`TokenizeRequest`,
-:class:`DetokenizeRequest`), validated as FastAPI validates a body: types are strict (``"ignore_eos": "false"`` and
-``"max_tokens": "5"`` are refused, never coerced), every failure is a 400 in OpenAI's shape
+:class:`DetokenizeRequest`). The ingress reads the body itself (its size limit applies while reading) and validates
+it with these models (:func:`parse_model`), as FastAPI would; FastAPI's own validation errors map to the same 400.
+Types are strict (``"ignore_eos": "false"`` and ``"max_tokens": "5"`` are refused, never coerced); every failure is a
+400 in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}`` naming the field. Unknown fields are accepted and ignored; the
 server logs each unknown field name once (:class:`UnknownFields`, as vLLM does).
 
