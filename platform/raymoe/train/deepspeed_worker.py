@@ -136,8 +136,8 @@ class StageWorker:
 
         self.train_ds, self.val_ds = open_datasets(run)
 
-        torch.manual_seed(run.train.seed)  # identical initial weights on every replica
-        model = DeepSeekV3(run.model)
+        torch.manual_seed(run.train.seed)
+        model = DeepSeekV3(run.model, seed=run.train.seed)  # the native runtime's initial weights, on every replica
         self.fp8_guard = None
         if run.fp8.enabled:  # the DeepSpeed FP8 hook: swap Linears before deepspeed.initialize (params are shared)
             from raymoe.fp8 import FP8Guard, convert_to_fp8

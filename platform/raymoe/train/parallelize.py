@@ -2,12 +2,19 @@
 
 Order (each step a separate, individually tested function)::
 
-    model  = build_model(model_cfg, seed)                 # the full DeepSeekV3 on CPU (same weights on every rank)
+    model  = build_model(model_cfg, seed, device="meta")  # the full DeepSeekV3's shapes, no storage
     chunks = apply_pp(model, topo, rank)                  # cut into stage chunks, keep this rank's, prune the rest
     apply_ep(model, topo, rank, groups)                   # routed experts → this ep rank's shard + all-to-all
+    materialize(model, seed)                              # storage + initial values for what is left, by name
     apply_fp8(model, fp8_cfg)                             # Linear / expert GEMMs → block-scaled FP8 (optional)
     split  = apply_wgrad_split(model, topo, rank)         # Bi/W schedules: weight-grad GEMMs deferred to W
     dp     = NativeDataParallel(model, topo, rank, groups, ...)   # gradient reduction, clipping, AdamW
+
+Rank-local weights: nothing is allocated before ``materialize``, and it allocates only this rank's parameters
+(its stages, its experts' rows), so a rank's peak during set-up is its own share, never the whole model. Each tensor
+(each expert row) draws from its own generator seeded by ``(seed, full-model name)`` (:mod:`raymoe.model.init`), so
+the values equal, bit for bit, those of ``build_model(cfg, seed)`` on CPU in one process: the reference of every
+equivalence test.
 
 After ``apply_pp`` the model object keeps only the modules this rank's chunks use: every other decoder layer is
 replaced by an empty placeholder, and the embedding / head / MTP modules are dropped where no chunk needs them. So
@@ -42,7 +49,7 @@ from torch import nn
 from raymoe.config import ModelConfig
 from raymoe.model import DeepSeekV3, RoutedExperts, StageChunk
 
-__all__ = ["build_model", "stage_param_names", "apply_pp", "apply_ep", "apply_fp8", "apply_wgrad_split",
+__all__ = ["build_model", "stage_param_names", "apply_pp", "apply_ep", "materialize", "apply_fp8", "apply_wgrad_split",
            "NativeDataParallel",
            "router_rows", "is_expert_param"]
 
@@ -57,9 +64,20 @@ class _Pruned(nn.Module):
 
 
 def build_model(cfg: ModelConfig, seed: int, device: Optional[str] = None) -> DeepSeekV3:
-    """The full model with the run's initial weights (``torch.manual_seed(seed)`` first: identical on every rank)."""
+    """The full model with the run's initial weights for ``seed`` (per-name streams, :mod:`raymoe.model.init`), or
+    with ``device="meta"`` its shapes only, to prune and then :func:`materialize`. Also seeds torch's global
+    generator with ``seed`` (the same stream on every rank for anything drawn later)."""
     torch.manual_seed(seed)
-    return DeepSeekV3(cfg, device=device)
+    return DeepSeekV3(cfg, device=device, seed=seed)
+
+
+def materialize(model: nn.Module, seed: int, device: Optional[str] = None) -> nn.Module:
+    """Storage on ``device`` (default: the default device) and the initial values of ``seed`` for every parameter
+    still on the meta device — after :func:`apply_pp` / :func:`apply_ep`, exactly this rank's. Values equal the
+    corresponding tensors (expert rows) of ``build_model(cfg, seed)``."""
+    from raymoe.model.init import init_weights
+
+    return init_weights(model, seed, device)
 
 
 def stage_param_names(cfg: ModelConfig, num_stages: int) -> list[frozenset[str]]:

@@ -1,8 +1,8 @@
 """``PipelineWorker``: one rank of a (pp, ep, dp) layout — its stage chunk(s), its expert shard, its op list.
 
 What a :class:`raymoe.actors.StageActor` wraps (the actor only adds Ray placement, the rendezvous address and error
-translation), so it runs and is tested without Ray. Set-up follows :mod:`raymoe.train.parallelize` (build → apply_pp →
-apply_ep → apply_fp8 → NativeDataParallel); the process groups come from :mod:`raymoe.train.topology`.
+translation), so it runs and is tested without Ray. Set-up follows :mod:`raymoe.train.parallelize` (build on meta → apply_pp →
+apply_ep → materialize → apply_fp8 → NativeDataParallel); the process groups come from :mod:`raymoe.train.topology`.
 
 One :meth:`step` per optimizer step takes a :class:`~raymoe.train.plans.StepPlan` and returns a
 :class:`~raymoe.train.plans.StepResult`:
@@ -224,10 +224,11 @@ class PipelineWorker:
 
         self.train_ds, self.val_ds = open_datasets(run)
         tc = run.train
-        model = par.build_model(run.model, tc.seed)
+        model = par.build_model(run.model, tc.seed, device="meta")  # shapes only: this rank allocates its share
         self._rows = par.router_rows(model)
         self.chunks = par.apply_pp(model, topo, rank)
         par.apply_ep(model, topo, rank, self.groups.ep if self.groups else None)
+        par.materialize(model, tc.seed)
         self.fp8_guard = par.apply_fp8(model, run.fp8)
         split = par.apply_wgrad_split(model, topo, rank)
         self.model = model.to(self.device)
