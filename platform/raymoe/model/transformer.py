@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from raymoe.config import ModelConfig
 from raymoe.model.cache import LatentKVCache
 from raymoe.model.init import init_weights
+from raymoe.model.recompute import norm_then, recompute_context
 from raymoe.model.layers import RMSNorm, SwiGLU, cross_entropy
 from raymoe.model.mla import MLA
 from raymoe.model.moe import MoE, Router
@@ -73,6 +75,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: nn.Module = MoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.is_moe = moe
+        self.recompute = "none"  # none | selective | full (raymoe.model.recompute.set_recompute)
 
     def forward(
         self,
@@ -82,16 +85,39 @@ class DecoderLayer(nn.Module):
         cache: Optional[LatentKVCache] = None,
         stats: Optional[RoutingStats] = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        h = self.post_attention_layernorm(x)
+        if self.recompute == "none" or cache is not None or not torch.is_grad_enabled():
+            return self._forward(x, cos, sin, cache, stats, False)
+        if self.recompute == "selective":
+            return self._forward(x, cos, sin, None, stats, True)
+        calls = [0]
+
+        def run(x_: torch.Tensor) -> torch.Tensor:  # the forward, then (inside backward) its recompute
+            calls[0] += 1
+            if calls[0] == 1:
+                return self._forward(x_, cos, sin, None, stats, False)
+            with recompute_context():  # routing statistics were collected by the forward
+                return self._forward(x_, cos, sin, None, None, False)
+
+        # no early stop: the recompute must run to the end on every rank (an MoE block's all-to-alls are collectives)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[LatentKVCache],
+                 stats: Optional[RoutingStats], norms_recomputed: bool) -> torch.Tensor:
+        if norms_recomputed:  # the GEMMs after each norm do not keep its output (raymoe.model.recompute)
+            x = x + norm_then(self.input_layernorm, x, lambda h: self.self_attn(h, cos, sin, cache))
+            out = norm_then(self.post_attention_layernorm, x, self.mlp)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+            out = self.mlp(self.post_attention_layernorm(x))
         if self.is_moe:
-            y, r, aux = self.mlp(h)
+            y, r, aux = out
             if stats is not None:
                 stats.counts.append(r.counts)
                 if aux is not None:
                     stats.aux_losses.append(aux)
         else:
-            y = self.mlp(h)
+            y = out
         return x + y
 
 

@@ -6,6 +6,7 @@ Order (each step a separate, individually tested function)::
     chunks = apply_pp(model, topo, rank)                  # cut into stage chunks, keep this rank's, prune the rest
     apply_ep(model, topo, rank, groups)                   # routed experts → this ep rank's shard + all-to-all
     materialize(model, seed)                              # storage + initial values for what is left, by name
+    apply_recompute(model, mode)                          # none | selective | full activation recompute
     apply_fp8(model, fp8_cfg)                             # Linear / expert GEMMs → block-scaled FP8 (optional)
     split  = apply_wgrad_split(model, topo, rank)         # Bi/W schedules: weight-grad GEMMs deferred to W
     dp     = NativeDataParallel(model, topo, rank, groups, ...)   # gradient reduction, clipping, AdamW
@@ -49,7 +50,8 @@ from torch import nn
 from raymoe.config import ModelConfig
 from raymoe.model import DeepSeekV3, RoutedExperts, StageChunk
 
-__all__ = ["build_model", "stage_param_names", "apply_pp", "apply_ep", "materialize", "apply_fp8", "apply_wgrad_split",
+__all__ = ["build_model", "stage_param_names", "apply_pp", "apply_ep", "materialize", "apply_recompute", "apply_fp8",
+           "apply_wgrad_split",
            "NativeDataParallel",
            "router_rows", "is_expert_param"]
 
@@ -116,6 +118,13 @@ def apply_ep(model: DeepSeekV3, topo: Any, rank: int, ep_group: Any) -> None:
     from raymoe.experts import shard_experts
 
     shard_experts(model, topo.coords(rank).ep_rank, topo.ep, ep_group)
+
+
+def apply_recompute(model: nn.Module, mode: str) -> None:
+    """``train.recompute``: what every decoder block recomputes in backward (:mod:`raymoe.model.recompute`)."""
+    from raymoe.model.recompute import set_recompute
+
+    set_recompute(model, mode)
 
 
 def apply_fp8(model: nn.Module, fp8_cfg: Any) -> Any:

@@ -2,7 +2,7 @@
 
 What a :class:`raymoe.actors.StageActor` wraps (the actor only adds Ray placement, the rendezvous address and error
 translation), so it runs and is tested without Ray. Set-up follows :mod:`raymoe.train.parallelize` (build on meta → apply_pp →
-apply_ep → materialize → apply_fp8 → NativeDataParallel); the process groups come from :mod:`raymoe.train.topology`.
+apply_ep → materialize → apply_recompute → apply_fp8 → NativeDataParallel); the process groups come from :mod:`raymoe.train.topology`.
 
 One :meth:`step` per optimizer step takes a :class:`~raymoe.train.plans.StepPlan` and returns a
 :class:`~raymoe.train.plans.StepResult`:
@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from raymoe.config import RunConfig
 from raymoe.malloc import keep_freed_memory
+from raymoe.model.recompute import recomputing
 from raymoe.model.transformer import mtp_greedy_acceptance
 from raymoe.optim import GuardedAdamW, param_groups
 from raymoe.schedule.executor import QueueTransport, StageRunner
@@ -229,6 +230,7 @@ class PipelineWorker:
         self.chunks = par.apply_pp(model, topo, rank)
         par.apply_ep(model, topo, rank, self.groups.ep if self.groups else None)
         par.materialize(model, tc.seed)
+        par.apply_recompute(model, tc.recompute)
         self.fp8_guard = par.apply_fp8(model, run.fp8)
         split = par.apply_wgrad_split(model, topo, rank)
         self.model = model.to(self.device)
@@ -263,7 +265,8 @@ class PipelineWorker:
     # ------------------------------------------------------------------ hooks and helpers
     def _count_hook(self, row: int) -> Any:
         def hook(_mod: Any, _inp: Any, out: Any) -> None:
-            self._counts[row] += out.counts.to("cpu")
+            if not recomputing():  # a full-recompute block re-routes in backward: count the forward only
+                self._counts[row] += out.counts.to("cpu")
 
         return hook
 
