@@ -57,7 +57,7 @@ def test_selective_recompute_with_sdpa_attention(impl) -> None:
     assert all(_rel(got[n], ref[n]) <= 1e-6 for n in ref)
 
 
-def _saved_bytes(mode: str, B: int, T: int) -> int:
+def _saved_bytes(mode: str, B: int, T: int, autocast: bool = False) -> int:
     """Bytes of the distinct storages autograd saves for backward (parameters excluded), via saved-tensor hooks."""
     m = par.build_model(TINY, 3)
     set_recompute(m, mode)
@@ -69,21 +69,27 @@ def _saved_bytes(mode: str, B: int, T: int) -> int:
         return t
 
     x, y = _batch(B, T)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = m(x, labels=y).loss
     sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
     loss.backward()
     return sum(n for ptr, n in sizes.items() if ptr not in params)
 
 
-def test_selective_drops_exactly_the_norm_outputs_and_up_projections() -> None:
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_selective_drops_exactly_the_norm_outputs_and_up_projections(autocast) -> None:
     B, T = 2, 24
     c = TINY
     tokens = B * (T * c.num_hidden_layers + (T - 1) * c.num_nextn_predict_layers)  # the MTP block sees T-1
     per_token = (2 * c.hidden_size + c.q_lora_rank + c.kv_lora_rank  # four RMSNorm outputs feeding GEMMs
                  + c.num_attention_heads * (2 * c.qk_head_dim + c.v_head_dim))  # per-head q, k, v
-    expected = 4 * tokens * per_token  # fp32
-    none, sel = _saved_bytes("none", B, T), _saved_bytes("selective", B, T)
+    if not autocast:
+        expected = 4 * tokens * per_token  # fp32
+    else:  # bf16 copies that autocast made for the GEMMs; an MoE block's post-attention norm output is cast twice
+        moe_tokens = B * (T * (c.num_hidden_layers - c.first_k_dense_replace) + (T - 1) * c.num_nextn_predict_layers)
+        expected = 2 * (tokens * per_token + moe_tokens * c.hidden_size)
+    none, sel = _saved_bytes("none", B, T, autocast), _saved_bytes("selective", B, T, autocast)
     assert none - sel == expected, (none, sel, expected)
 
 

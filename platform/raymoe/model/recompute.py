@@ -17,6 +17,9 @@
     for ``H·(2N+R+V)`` values per token not kept (V3: 128·(2·128+64+128) = 57k values against 1.5k + 0.5k + 64).
 
   The recomputed tensors are the forward's bit for bit (same kernels, same inputs), so gradients are unchanged.
+  Under bf16 autocast an RMSNorm's output is fp32 (fp32 weight × bf16) and each GEMM after it saves autocast's own
+  bf16 copy: the recipe follows that cast (a dispatch mode notes ``_to_copy`` of its targets inside the region) and
+  rebuilds the copy by the same cast of the recomputed output.
 * ``full``: a block keeps only its input; backward re-runs its whole forward (``torch.utils.checkpoint``,
   non-reentrant). MoE blocks under expert parallelism repeat their all-to-alls in the recompute, in the same order
   on every rank of the ep group (backward visits blocks in the same order everywhere). The recompute must not count
@@ -33,6 +36,7 @@ import threading
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["RECOMPUTE_MODES", "SavedAsRecipe", "norm_then", "recomputing", "recompute_context", "set_recompute"]
 
@@ -64,11 +68,29 @@ def _outer_hooks() -> Optional[tuple[Callable, Callable]]:
     return top if top is not None and top[0] is not None else None
 
 
+class _CastWatch(TorchDispatchMode):
+    """Under autocast: notes the dtype casts (``aten._to_copy``) made of a recipe's targets inside its region, so
+    that a GEMM's saved bf16 copy of a norm output is rebuilt (recompute, then the same cast) instead of kept. The
+    copies are held until the region ends, so no other tensor can take their address meanwhile."""
+
+    def __init__(self, owner: "SavedAsRecipe") -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor):
+            self.owner._note_cast(args[0], out)
+        return out
+
+
 class SavedAsRecipe(torch.autograd.graph.saved_tensors_hooks):
     """Inside this context, a saved tensor that is one of ``targets`` or a view of one (same storage and dtype) is
     stored as a token (its shape, strides and offset); the first unpack calls ``rebuild()`` (no grad, under the
     autocast state of the forward), which must return tensors laid out like ``targets``, in order, and the saved
-    view is taken of those. Everything else goes to the enclosing hooks, if any.
+    view is taken of those. Under autocast, a dtype cast of a target made inside the context (autocast's copy for a
+    GEMM) is treated the same way: rebuilt by the same cast of the rebuilt target. Everything else goes to the
+    enclosing hooks, if any.
 
     Args:
         targets: the tensors not to keep (typically the outputs of a cheap op that a GEMM saves as input).
@@ -84,13 +106,46 @@ class SavedAsRecipe(torch.autograd.graph.saved_tensors_hooks):
         self._autocast = (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
         outer = _outer_hooks()
         self._outer_pack, self._outer_unpack = outer if outer is not None else (None, None)
+        self._casts: dict[tuple, tuple[int, tuple, torch.dtype]] = {}  # cast copy -> (target, source view, dtype)
+        self._held: list[torch.Tensor] = []
+        self._cast_cache: dict[tuple, torch.Tensor] = {}
+        self._watch = _CastWatch(self) if self._autocast is not None else None
         super().__init__(self._pack, self._unpack)
+
+    def __enter__(self) -> "SavedAsRecipe":
+        super().__enter__()
+        if self._watch is not None:
+            self._watch.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._watch is not None:
+            self._watch.__exit__(*exc)
+        self._held = []
+        super().__exit__(*exc)
+
+    def _note_cast(self, src: torch.Tensor, out: torch.Tensor) -> None:
+        i = self._keys.get(_key(src))
+        if i is not None and out.dtype != src.dtype:
+            view = (tuple(src.shape), src.stride(), src.storage_offset() - self._layouts[i][2])
+            self._casts[_key(out)] = (i, view, out.dtype)
+            self._held.append(out)
 
     def _pack(self, t: torch.Tensor) -> Any:
         i = self._keys.get(_key(t))
         if i is not None:
             return _Token(self, i, tuple(t.shape), t.stride(), t.storage_offset() - self._layouts[i][2])
+        cast = self._casts.get(_key(t))
+        if cast is not None:
+            return _Token(self, cast, tuple(t.shape), t.stride(), t.storage_offset())
         return t if self._outer_pack is None else (_Outer, self._outer_pack(t))
+
+    def _cast(self, cast: tuple[int, tuple, torch.dtype]) -> torch.Tensor:
+        if cast not in self._cast_cache:
+            i, (shape, stride, offset), dtype = cast
+            base = self._tensor(i)
+            self._cast_cache[cast] = base.as_strided(shape, stride, base.storage_offset() + offset).to(dtype)
+        return self._cast_cache[cast]
 
     def _unpack(self, obj: Any) -> torch.Tensor:
         if isinstance(obj, _Token):
@@ -120,11 +175,12 @@ class _Outer:
 class _Token:
     __slots__ = ("owner", "index", "shape", "stride", "offset")
 
-    def __init__(self, owner: SavedAsRecipe, index: int, shape: tuple, stride: tuple, offset: int) -> None:
+    def __init__(self, owner: SavedAsRecipe, index: Any, shape: tuple, stride: tuple, offset: int) -> None:
         self.owner, self.index, self.shape, self.stride, self.offset = owner, index, shape, stride, offset
 
     def get(self) -> torch.Tensor:
-        base = self.owner._tensor(self.index)
+        idx = self.index
+        base = self.owner._tensor(idx) if isinstance(idx, int) else self.owner._cast(idx)
         return base.as_strided(self.shape, self.stride, base.storage_offset() + self.offset)
 
 
