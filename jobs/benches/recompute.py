@@ -14,7 +14,11 @@ runs under ``none``, ``selective`` and ``full``. Reported per mode:
   fp32; under bf16 autocast all of them in bf16 (the GEMMs save autocast's bf16 copies of the fp32 norm outputs,
   and the recipe rebuilds those), where an MoE block's post-attention norm output has two copies (the router's
   and the shared experts' GEMM each cast it);
-* **step time relative to ``none``** (median of interleaved rounds): the price of recomputing;
+* **step time relative to ``none``** (median of interleaved rounds, each step after an untimed one): the price
+  of recomputing;
+
+Under bf16 autocast the graph also holds the bf16 copies of the weights that autocast made for the GEMMs (one per
+forward, not per token): ``none`` and ``selective`` keep them, ``full`` casts them again in the recompute.
 * the largest relative gradient difference to ``none`` (same kernels: ~0; the bench fails above 1e-6).
 """
 from __future__ import annotations
@@ -126,10 +130,12 @@ def run(args: dict[str, str]) -> dict:
             times: dict[str, list[float]] = {mode: [] for mode in models}
             for _ in range(iters):
                 for mode, m in models.items():
-                    t0 = time.perf_counter()
-                    _step(m, x, y, dtype).backward()
-                    times[mode].append(time.perf_counter() - t0)
-                    m.zero_grad(set_to_none=True)
+                    for timed in (False, True):  # settle first: switching models pays fresh page faults
+                        t0 = time.perf_counter()
+                        _step(m, x, y, dtype).backward()
+                        if timed:
+                            times[mode].append(time.perf_counter() - t0)
+                        m.zero_grad(set_to_none=True)
             med = {mode: statistics.median(v) for mode, v in times.items()}
             formula = _selective_formula(cfg, batch, seq, dtype)
             for mode in models:

@@ -14,7 +14,7 @@
     per-head layout): attention's saved per-head ``q [BH, T, N+R]``, ``k [BH, T, N+R]``, ``v [BH, T, V]`` are
     replaced by the latents ``c_q [B, T, q_lora]``, ``c_kv [B, T, C]``, ``k_pe [B, T, R]`` (which the
     up-projection GEMMs saved anyway), and backward recomputes them: one extra up-projection GEMM pair per layer
-    for ``H·(2N+R+V)`` values per token not kept (V3: 128·(2·128+64+128) = 57k values against 1.5k + 0.5k + 64).
+    for ``H·(2·(N+R)+V)`` values per token not kept (V3: 128·(2·192+128) = 65,536 against 1,536 + 512 + 64).
 
   The recomputed tensors are the forward's bit for bit (same kernels, same inputs), so gradients are unchanged.
   Under bf16 autocast an RMSNorm's output is fp32 (fp32 weight × bf16) and each GEMM after it saves autocast's own
