@@ -228,3 +228,21 @@ def test_slice_reader_matches_safetensors_and_refuses_malformed_headers(tmp_path
     (tmp_path / "short.safetensors").write_bytes(b"\1\2")
     with pytest.raises(SafetensorsError, match="too short"):
         SliceReader.open(tmp_path / "short.safetensors")
+
+
+def test_router_rows_are_names_that_survive_pruning() -> None:
+    """Routing rows are keyed by full-model module name: after pruning, a dropped router's object id may belong to a
+    new module (an expert shard, a materialized tensor's owner), a name cannot."""
+    m = par.build_model(TINY, SEED, device="meta")
+    rows = par.router_rows(m)
+    assert rows == {"layers.1.mlp.router": 0, "layers.2.mlp.router": 1, "mtp.0.block.mlp.router": 2}
+    topo = Topology(2, 2, 1, "1f1b", 2, TINY)
+    for r in range(topo.world_size):
+        m = par.build_model(TINY, SEED, device="meta")
+        rows = par.router_rows(m)
+        par.apply_pp(m, topo, r)
+        par.apply_ep(m, topo, r, None)
+        par.materialize(m, SEED)
+        held = {n: rows[n] for n, mod in m.named_modules() if n in rows}
+        assert all(type(mod).__name__ == "Router" for n, mod in m.named_modules() if n in rows)
+        assert sorted(held.values()) == ([0] if topo.coords(r).pp_rank == 0 else [1, 2])

@@ -159,7 +159,8 @@ class MLA(nn.Module):
         q, k, v = self._heads(impl, q_nope, q_pe, self.kv_b_proj(c_kv), k_pe)
         return self._attend(impl, q, k, v)
 
-    def _naive_recomputed(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _naive_recomputed(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> torch.Tensor:
         """The naive path with the up-projections recomputed in backward (``train.recompute=selective``): the
         attention's per-head q/k/v and the normalized latents are rebuilt from ``q`` / ``kv`` (the down-projection
         outputs, which the latent norms keep anyway) by the very ops of :meth:`_queries`, :meth:`_latent` and

@@ -28,10 +28,10 @@ from torch import nn
 from raymoe.config import ModelConfig
 from raymoe.model.cache import LatentKVCache
 from raymoe.model.init import init_weights
-from raymoe.model.recompute import norm_then, recompute_context
 from raymoe.model.layers import RMSNorm, SwiGLU, cross_entropy
 from raymoe.model.mla import MLA
 from raymoe.model.moe import MoE, Router
+from raymoe.model.recompute import norm_then, recompute_context
 from raymoe.model.rope import RotaryEmbedding
 
 __all__ = ["DecoderLayer", "MTPModule", "DeepSeekV3", "StageChunk", "ModelOutput", "RoutingStats", "split_layers",

@@ -89,9 +89,11 @@ def stage_param_names(cfg: ModelConfig, num_stages: int) -> list[frozenset[str]]
     return [frozenset(names[id(p)] for p in chunk.parameters()) for chunk in model.stages(num_stages)]
 
 
-def router_rows(model: DeepSeekV3) -> dict[int, int]:
-    """``{id(router): row}``: each router's row in ``expert_counts`` / the bias matrix (call before pruning)."""
-    return {id(r): i for i, r in enumerate(model.routers())}
+def router_rows(model: DeepSeekV3) -> dict[str, int]:
+    """``{router module name: row}``: each router's row in ``expert_counts`` / the bias matrix, by full-model name
+    (call before pruning; names survive pruning, object ids do not: a pruned module's id may be reused)."""
+    rows = {id(r): i for i, r in enumerate(model.routers())}
+    return {n: rows[id(m)] for n, m in model.named_modules() if id(m) in rows}
 
 
 def apply_pp(model: DeepSeekV3, topo: Any, rank: int) -> dict[tuple[int, int], StageChunk]:

@@ -22,9 +22,9 @@ whichever files hold them. A checkpoint saved at pp=2 × ep=2 therefore resumes 
 bit-identical weights and optimizer state. From an object store (``train.storage_path``, :mod:`raymoe.storage`) a
 rank first reads just the headers (:func:`read_header`) and downloads only the files :func:`needed_shards` names, then
 loads from that local subset. Reading a local shard file reads only the tensors and expert rows the rank holds
-(:mod:`raymoe.safetensors_slices`: ranged reads, no memory map), never the whole file set. Loading never unpickles: safetensors and JSON only. A missing tensor, a
-shape that does not match the model, or expert rows that do not tile ``0..E`` raise :class:`IncompatibleCheckpoint`
-naming the tensor and the file.
+(:mod:`raymoe.safetensors_slices`: ranged reads, no memory map), never the whole file set. Loading never unpickles:
+safetensors and JSON only. A missing tensor, a shape that does not match the model, or expert rows that do not tile
+``0..E`` raise :class:`IncompatibleCheckpoint` naming the tensor and the file.
 """
 from __future__ import annotations
 

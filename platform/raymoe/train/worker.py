@@ -1,8 +1,9 @@
 """``PipelineWorker``: one rank of a (pp, ep, dp) layout — its stage chunk(s), its expert shard, its op list.
 
 What a :class:`raymoe.actors.StageActor` wraps (the actor only adds Ray placement, the rendezvous address and error
-translation), so it runs and is tested without Ray. Set-up follows :mod:`raymoe.train.parallelize` (build on meta → apply_pp →
-apply_ep → materialize → apply_recompute → apply_fp8 → NativeDataParallel); the process groups come from :mod:`raymoe.train.topology`.
+translation), so it runs and is tested without Ray. Set-up follows :mod:`raymoe.train.parallelize` (build on meta →
+apply_pp → apply_ep → materialize → apply_recompute → apply_fp8 → NativeDataParallel); the process groups come from
+:mod:`raymoe.train.topology`.
 
 One :meth:`step` per optimizer step takes a :class:`~raymoe.train.plans.StepPlan` and returns a
 :class:`~raymoe.train.plans.StepResult`:
@@ -234,7 +235,7 @@ class PipelineWorker:
         self.fp8_guard = par.apply_fp8(model, run.fp8)
         split = par.apply_wgrad_split(model, topo, rank)
         self.model = model.to(self.device)
-        self.routers = [(m, self._rows[id(m)]) for m in model.modules() if id(m) in self._rows]
+        self.routers = [(m, self._rows[n]) for n, m in model.named_modules() if n in self._rows]
         self._counts = torch.zeros(run.model.num_router_layers, run.model.n_routed_experts, dtype=torch.long)
         for r, row in self.routers:
             r.register_forward_hook(self._count_hook(row))
