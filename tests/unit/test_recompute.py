@@ -128,3 +128,24 @@ def test_unknown_mode_is_refused() -> None:
         set_recompute(par.build_model(TINY, 0, device="meta"), "some")
     with pytest.raises(ConfigError, match="train.recompute='some'; allowed: none, selective, full"):
         TrainConfig(recompute="some")
+
+
+def test_recompute_under_fp8_gives_the_same_gradients() -> None:
+    """Block-scaled FP8 GEMMs (bf16 autocast): the recomputed inputs quantize to the same FP8 values."""
+    from raymoe.fp8 import convert_to_fp8
+    from raymoe.fp8.config import FP8Config
+
+    x, y = _batch(2, 16)
+    got = {}
+    for mode in ("none", "selective", "full"):
+        m = par.build_model(TINY, 3)
+        set_recompute(m, mode)
+        convert_to_fp8(m, config=FP8Config(enabled=True))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x, labels=y)
+        out.loss.backward()
+        got[mode] = (out.loss.detach(), {n: p.grad for n, p in m.named_parameters()})
+    for mode in ("selective", "full"):
+        assert torch.equal(got[mode][0], got["none"][0])
+        for n, g in got["none"][1].items():
+            assert _rel(got[mode][1][n], g) <= 1e-6, (mode, n)
