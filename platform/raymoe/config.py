@@ -377,6 +377,9 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     mtp_lambda: float = 0.3
+    # activations recomputed in backward (raymoe.model.recompute): none | selective (RMSNorm outputs and MLA
+    # up-projections, as DeepSeek-V3) | full (each decoder block keeps only its input)
+    recompute: str = "none"
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto (newest valid checkpoint in the storage, if any) | never | <checkpoint dir or URI>
@@ -403,6 +406,8 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
         _require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _require(self.mtp_lambda >= 0, "train.mtp_lambda must be >= 0")
+        _require(self.recompute in ("none", "selective", "full"),
+                 f"train.recompute={self.recompute!r}; allowed: none, selective, full")
         _require(self.eval_batches >= 0, "train.eval_batches must be >= 0")
         _require(self.stop_after_steps is None or self.stop_after_steps >= 1, "train.stop_after_steps must be >= 1")
         _require(isinstance(self.max_failures, int) and self.max_failures >= 0,

@@ -151,3 +151,13 @@ def test_pp2_ep2_equals_pp1_dp2_and_reshards_both_ways(tmp_path, reference8) -> 
     assert back["resumed_from"].endswith("step_00000002")
     _close(back["losses"], ref)
     _same_weights(_weights(back), reference8["weights"])
+
+
+@pytest.mark.parametrize("recompute,layout", [
+    ("full", dict(pp=2, ep=2, schedule="zb1p", C=4)),  # blocks re-run (all-to-alls included) under deferred W
+    ("selective", dict(pp=2, ep=1, schedule="dualpipe", C=8)),  # norms / up-projections rebuilt inside F&B pairs
+])
+def test_recompute_in_a_pipeline_equals_pp1(tmp_path, reference8, recompute, layout) -> None:
+    s, _ = _drive(_run(tmp_path, recompute, steps=4, recompute=recompute, **layout), inspect=False)
+    _close(s["losses"], reference8["summary"]["losses"])
+    _same_weights(_weights(s), reference8["weights"])

@@ -193,6 +193,28 @@ def _case_model(rank: int, world: int, group, members: list[int]) -> None:
         _close(model(ids, labels).loss, out.loss.detach(), 1e-5, f"rank {rank} loss (loop)")
 
 
+def _case_recompute(rank: int, world: int, group, members: list[int]) -> None:
+    """train.recompute under EP: a full-recompute block repeats its all-to-alls inside backward (on every rank, in
+    the same order); selective recomputes norms and MLA up-projections. Loss, routing and gradients equal no
+    recompute (same kernels: 1e-6 relative)."""
+    from raymoe.model.recompute import set_recompute
+
+    cfg = _tiny_cfg()
+    got = {}
+    for mode in ("none", "full", "selective"):
+        torch.manual_seed(0)
+        model = shard_experts(DeepSeekV3(cfg), rank, world, group)
+        set_recompute(model, mode)
+        out = model(*_batch(members[rank], cfg))
+        out.loss.backward()
+        got[mode] = (out.loss.detach(), out.expert_counts, {n: p.grad for n, p in model.named_parameters()})
+    loss, counts, grads = got["none"]
+    for mode in ("full", "selective"):
+        assert torch.equal(got[mode][0], loss) and torch.equal(got[mode][1], counts), (mode, rank)
+        for n, g in grads.items():
+            _close(got[mode][2][n], g, 1e-6, f"rank {rank} recompute={mode} {n}")
+
+
 def _worker(rank: int, world: int, port: int, plan: list[tuple[int, list[str]]]) -> None:
     """Runs each ``(ep, cases)`` of ``plan``: the world is cut into ``world/ep`` ep groups of consecutive ranks (EP
     carved out of DP: the groups run side by side, each on its own tokens)."""
@@ -208,6 +230,8 @@ def _worker(rank: int, world: int, port: int, plan: list[tuple[int, list[str]]])
             for case in cases:
                 if case == "model":
                     _case_model(rank % ep, ep, group, members)
+                elif case == "recompute":
+                    _case_recompute(rank % ep, ep, group, members)
                 else:
                     _case_experts(rank % ep, ep, group, members, case)
                 dist.barrier()
@@ -241,9 +265,9 @@ def test_expert_parallel_matches_single_process() -> None:
     """One spawn of 4 gloo ranks (spawning is the slow part): ep = 4 over the whole world, then ep = 2 in two
     side-by-side ep groups {0, 1} and {2, 3} (non-default process groups). Cases: random routing, skewed (all to ep
     rank 0's experts: the others receive nothing), zero rows from some sources, T = 0 on a rank; with ep = 2 also
-    bf16 (CPU row bucketing) and a whole model."""
+    bf16 (CPU row bucketing), a whole model, and a whole model under each train.recompute mode."""
     edge = ["random", "all_to_rank0", "own", "empty"]
-    _spawn(4, [(4, edge), (2, edge + ["bf16", "model"])])
+    _spawn(4, [(4, edge), (2, edge + ["bf16", "model", "recompute"])])
 
 
 def test_source_to_expert_major_permutation() -> None:

@@ -329,7 +329,10 @@ def test_bf16_forward_runs_and_is_close() -> None:
     with torch.no_grad():
         a = m(x).logits
         b = m.to(torch.bfloat16)(x).logits.float()
-    assert (a - b).abs().max() / a.abs().max() < 0.1
+    # per position: a bf16 rounding can flip a token's routing to another expert, which moves that position's logits
+    # far (a legitimate difference); the typical position must be close and flips rare
+    rel = (a - b).abs().amax(-1) / a.abs().amax(-1)  # [B, T]
+    assert rel.median() < 0.02 and (rel < 0.1).float().mean() >= 0.9, rel
 
 
 @pytest.mark.parametrize("pp", [1, 2, 3, 4])

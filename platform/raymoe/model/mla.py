@@ -114,6 +114,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
         self.attn_impl: Optional[str] = None  # one of ATTN_IMPLS (naive path only); None: chunked on CPU, sdpa else
+        self.recompute_up_proj = False  # train.recompute=selective (raymoe.model.recompute)
 
     # ------------------------------------------------------------------ parts
     def _queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +144,8 @@ class MLA(nn.Module):
         """``x_BTD → [B, T, hidden]``. ``cos``/``sin`` ``[T, R/2]`` are for the absolute positions of the T tokens."""
         q_in = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         q, kv = fused_linear(x_BTD, q_in, self.kv_a_proj_with_mqa)  # both read x: one GEMM
+        if cache is None and self.recompute_up_proj and torch.is_grad_enabled():
+            return self.o_proj(self._naive_recomputed(q, kv, cos, sin).flatten(2))
         q_nope, q_pe = self._queries(q, cos, sin)
         c_kv, k_pe = self._latent(kv, cos, sin)
         if cache is None:
@@ -152,23 +155,63 @@ class MLA(nn.Module):
         return self.o_proj(out.flatten(2))
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        impl = self._impl(q_nope)
+        q, k, v = self._heads(impl, q_nope, q_pe, self.kv_b_proj(c_kv), k_pe)
+        return self._attend(impl, q, k, v)
+
+    def _naive_recomputed(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> torch.Tensor:
+        """The naive path with the up-projections recomputed in backward (``train.recompute=selective``): the
+        attention's per-head q/k/v and the normalized latents are rebuilt from ``q`` / ``kv`` (the down-projection
+        outputs, which the latent norms keep anyway) by the very ops of :meth:`_queries`, :meth:`_latent` and
+        :meth:`_naive`, so values and gradients are unchanged."""
+        from raymoe.model.recompute import SavedAsRecipe, norm_then
+
+        impl = self._impl(q)
+
+        def heads() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            B, T, _ = q.shape
+            qh = q if self.q_lora_rank is None else norm_then(self.q_a_layernorm, q, self.q_b_proj)
+            q_nope, q_pe = qh.view(B, T, self.n_heads, self.qk_head_dim).split([self.nope_dim, self.rope_dim], dim=-1)
+            c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+            kv_up = norm_then(self.kv_a_layernorm, c_kv, self.kv_b_proj)
+            return self._heads(impl, q_nope, apply_rope(q_pe, cos, sin), kv_up, k_pe)
+
+        qkv = heads()
+        with SavedAsRecipe(qkv, heads):
+            return self._attend(impl, *qkv)
+
+    def _impl(self, x: torch.Tensor) -> str:
+        return self.attn_impl or ("chunked" if x.device.type == "cpu" else "sdpa")
+
+    def _heads(self, impl: str, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_up: torch.Tensor,
+               k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head attention inputs from queries ``[B,T,H,N]``/``[B,T,H,R]``, the up-projected latent
+        ``kv_up [B,T,H·(N+V)]`` and the shared RoPE key ``[B,T,R]``, in ``impl``'s layout: ``[BH,T,·]`` (chunked)
+        or ``[B,H,T,·]`` (SDPA, V padded to N+R for ``sdpa_pad_v``)."""
         B, T, H, _ = q_nope.shape
-        kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope_dim + self.v_head_dim)
+        kv = kv_up.view(B, T, H, self.nope_dim + self.v_head_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_head_dim], dim=-1)
         k_pe = k_pe[:, :, None, :].expand(B, T, H, self.rope_dim)
-        impl = self.attn_impl or ("chunked" if q_nope.device.type == "cpu" else "sdpa")
         if impl == "chunked":
             q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1).reshape(B * H, T, self.qk_head_dim)
             k = torch.cat([k_nope.transpose(1, 2), k_pe.transpose(1, 2)], dim=-1).reshape(B * H, T, self.qk_head_dim)
-            v = v.transpose(1, 2).reshape(B * H, T, self.v_head_dim)
-            o = causal_attention(q, k, v, self.softmax_scale)
-            return o.view(B, H, T, self.v_head_dim).transpose(1, 2)  # [B,T,H,V]
+            return q, k, v.transpose(1, 2).reshape(B * H, T, self.v_head_dim)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B,H,T,N+R]
         k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)  # [B,H,T,V]
         pad = self.qk_head_dim - self.v_head_dim
         if impl == "sdpa_pad_v" and pad > 0:  # equal head dims let SDPA pick its flash CPU kernel
             v = F.pad(v, (0, pad))
+        return q, k, v
+
+    def _attend(self, impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of :meth:`_heads`' tensors → ``[B,T,H,V]``."""
+        if impl == "chunked":
+            BH, T, _ = q.shape
+            o = causal_attention(q, k, v, self.softmax_scale)
+            return o.view(BH // self.n_heads, self.n_heads, T, self.v_head_dim).transpose(1, 2)  # [B,T,H,V]
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         return o[..., : self.v_head_dim].transpose(1, 2)  # [B,T,H,V]
 

@@ -60,8 +60,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         inv_freq, self.attention_factor = yarn_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        """Recompute ``inv_freq`` on ``device`` (after a build on the meta device)."""
+        self.inv_freq = yarn_inv_freq(self.cfg)[0].to(device)
 
     def forward(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions_T.to(torch.float32)[:, None] * self.inv_freq.to(positions_T.device)[None, :]

@@ -22,13 +22,16 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from raymoe.config import ModelConfig
 from raymoe.model.cache import LatentKVCache
+from raymoe.model.init import init_weights
 from raymoe.model.layers import RMSNorm, SwiGLU, cross_entropy
 from raymoe.model.mla import MLA
-from raymoe.model.moe import MoE, RoutedExperts, Router
+from raymoe.model.moe import MoE, Router
+from raymoe.model.recompute import norm_then, recompute_context
 from raymoe.model.rope import RotaryEmbedding
 
 __all__ = ["DecoderLayer", "MTPModule", "DeepSeekV3", "StageChunk", "ModelOutput", "RoutingStats", "split_layers",
@@ -72,6 +75,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: nn.Module = MoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.is_moe = moe
+        self.recompute = "none"  # none | selective | full (raymoe.model.recompute.set_recompute)
 
     def forward(
         self,
@@ -81,16 +85,39 @@ class DecoderLayer(nn.Module):
         cache: Optional[LatentKVCache] = None,
         stats: Optional[RoutingStats] = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        h = self.post_attention_layernorm(x)
+        if self.recompute == "none" or cache is not None or not torch.is_grad_enabled():
+            return self._forward(x, cos, sin, cache, stats, False)
+        if self.recompute == "selective":
+            return self._forward(x, cos, sin, None, stats, True)
+        calls = [0]
+
+        def run(x_: torch.Tensor) -> torch.Tensor:  # the forward, then (inside backward) its recompute
+            calls[0] += 1
+            if calls[0] == 1:
+                return self._forward(x_, cos, sin, None, stats, False)
+            with recompute_context():  # routing statistics were collected by the forward
+                return self._forward(x_, cos, sin, None, None, False)
+
+        # no early stop: the recompute must run to the end on every rank (an MoE block's all-to-alls are collectives)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[LatentKVCache],
+                 stats: Optional[RoutingStats], norms_recomputed: bool) -> torch.Tensor:
+        if norms_recomputed:  # the GEMMs after each norm do not keep its output (raymoe.model.recompute)
+            x = x + norm_then(self.input_layernorm, x, lambda h: self.self_attn(h, cos, sin, cache))
+            out = norm_then(self.post_attention_layernorm, x, self.mlp)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+            out = self.mlp(self.post_attention_layernorm(x))
         if self.is_moe:
-            y, r, aux = self.mlp(h)
+            y, r, aux = out
             if stats is not None:
                 stats.counts.append(r.counts)
                 if aux is not None:
                     stats.aux_losses.append(aux)
         else:
-            y = self.mlp(h)
+            y = out
         return x + y
 
 
@@ -147,10 +174,13 @@ def split_layers(cfg: ModelConfig, pp: int, layers_per_stage: Optional[Sequence[
 class DeepSeekV3(nn.Module):
     """DeepSeek-V3 causal LM: embedding → N decoder layers → norm → head (+ MTP depths)."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None, seed: Optional[int] = None) -> None:
+        """Built on the meta device, then (unless ``device`` is meta) given storage on ``device`` (default: the default
+        device) and the initial weights of ``seed`` (:mod:`raymoe.model.init`; None: a seed drawn from torch's global
+        generator, so ``torch.manual_seed(s)`` before the call still fixes the weights)."""
         super().__init__()
         self.config = cfg
-        with torch.device(device) if device is not None else _nullctx():
+        with torch.device("meta"):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
             self.layers = nn.ModuleList(
                 [DecoderLayer(cfg, i, moe=i >= cfg.first_k_dense_replace) for i in range(cfg.num_hidden_layers)]
@@ -162,24 +192,17 @@ class DeepSeekV3(nn.Module):
             )
             self.rotary = RotaryEmbedding(cfg)
         if device is None or torch.device(device).type != "meta":
-            self.reset_parameters()
+            self.reset_parameters(seed, device)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) for every matrix (V3: 0.006), ones for norms, zero router bias."""
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, Router):
-                nn.init.normal_(m.weight, 0.0, std)
-                m.expert_bias.zero_()
-            elif isinstance(m, RoutedExperts):
-                for p in (m.gate_proj, m.up_proj, m.down_proj):
-                    nn.init.normal_(p, 0.0, std)
+    def reset_parameters(self, seed: Optional[int] = None, device: torch.device | str | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix (V3: 0.006), ones for norms, zero router bias, each tensor
+        from its own stream of ``seed`` (:func:`raymoe.model.init.init_weights`; meta tensors get storage on
+        ``device``). ``seed=None`` draws one from torch's global generator."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        init_weights(self, seed, device)
 
     # ------------------------------------------------------------------ helpers
     def routers(self) -> list[Router]:
@@ -338,11 +361,3 @@ def mtp_greedy_acceptance(out: ModelOutput) -> tuple[int, int]:
     draft = out.mtp_logits[0].argmax(-1)  # [B, T-1]
     target = out.logits[:, 1:1 + draft.shape[1]].argmax(-1)
     return int((draft == target).sum()), int(draft.numel())
-
-
-class _nullctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None

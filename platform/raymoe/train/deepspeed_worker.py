@@ -37,6 +37,7 @@ from raymoe.checkpoint import CheckpointCorrupt
 from raymoe.config import RunConfig
 from raymoe.malloc import keep_freed_memory
 from raymoe.model import DeepSeekV3
+from raymoe.model.recompute import set_recompute
 from raymoe.model.transformer import mtp_greedy_acceptance
 from raymoe.optim import GuardedAdamW, deepspeed_config, param_groups
 from raymoe.train.plans import EvalPlan, EvalResult, LossSums, StepPlan, StepResult
@@ -136,8 +137,9 @@ class StageWorker:
 
         self.train_ds, self.val_ds = open_datasets(run)
 
-        torch.manual_seed(run.train.seed)  # identical initial weights on every replica
-        model = DeepSeekV3(run.model)
+        torch.manual_seed(run.train.seed)
+        model = DeepSeekV3(run.model, seed=run.train.seed)  # the native runtime's initial weights, on every replica
+        set_recompute(model, run.train.recompute)
         self.fp8_guard = None
         if run.fp8.enabled:  # the DeepSpeed FP8 hook: swap Linears before deepspeed.initialize (params are shared)
             from raymoe.fp8 import FP8Guard, convert_to_fp8

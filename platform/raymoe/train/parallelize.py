@@ -2,12 +2,20 @@
 
 Order (each step a separate, individually tested function)::
 
-    model  = build_model(model_cfg, seed)                 # the full DeepSeekV3 on CPU (same weights on every rank)
+    model  = build_model(model_cfg, seed, device="meta")  # the full DeepSeekV3's shapes, no storage
     chunks = apply_pp(model, topo, rank)                  # cut into stage chunks, keep this rank's, prune the rest
     apply_ep(model, topo, rank, groups)                   # routed experts → this ep rank's shard + all-to-all
+    materialize(model, seed)                              # storage + initial values for what is left, by name
+    apply_recompute(model, mode)                          # none | selective | full activation recompute
     apply_fp8(model, fp8_cfg)                             # Linear / expert GEMMs → block-scaled FP8 (optional)
     split  = apply_wgrad_split(model, topo, rank)         # Bi/W schedules: weight-grad GEMMs deferred to W
     dp     = NativeDataParallel(model, topo, rank, groups, ...)   # gradient reduction, clipping, AdamW
+
+Rank-local weights: nothing is allocated before ``materialize``, and it allocates only this rank's parameters
+(its stages, its experts' rows), so a rank's peak during set-up is its own share, never the whole model. Each tensor
+(each expert row) draws from its own generator seeded by ``(seed, full-model name)`` (:mod:`raymoe.model.init`), so
+the values equal, bit for bit, those of ``build_model(cfg, seed)`` on CPU in one process: the reference of every
+equivalence test.
 
 After ``apply_pp`` the model object keeps only the modules this rank's chunks use: every other decoder layer is
 replaced by an empty placeholder, and the embedding / head / MTP modules are dropped where no chunk needs them. So
@@ -42,7 +50,8 @@ from torch import nn
 from raymoe.config import ModelConfig
 from raymoe.model import DeepSeekV3, RoutedExperts, StageChunk
 
-__all__ = ["build_model", "stage_param_names", "apply_pp", "apply_ep", "apply_fp8", "apply_wgrad_split",
+__all__ = ["build_model", "stage_param_names", "apply_pp", "apply_ep", "materialize", "apply_recompute", "apply_fp8",
+           "apply_wgrad_split",
            "NativeDataParallel",
            "router_rows", "is_expert_param"]
 
@@ -57,9 +66,20 @@ class _Pruned(nn.Module):
 
 
 def build_model(cfg: ModelConfig, seed: int, device: Optional[str] = None) -> DeepSeekV3:
-    """The full model with the run's initial weights (``torch.manual_seed(seed)`` first: identical on every rank)."""
+    """The full model with the run's initial weights for ``seed`` (per-name streams, :mod:`raymoe.model.init`), or
+    with ``device="meta"`` its shapes only, to prune and then :func:`materialize`. Also seeds torch's global
+    generator with ``seed`` (the same stream on every rank for anything drawn later)."""
     torch.manual_seed(seed)
-    return DeepSeekV3(cfg, device=device)
+    return DeepSeekV3(cfg, device=device, seed=seed)
+
+
+def materialize(model: nn.Module, seed: int, device: Optional[str] = None) -> nn.Module:
+    """Storage on ``device`` (default: the default device) and the initial values of ``seed`` for every parameter
+    still on the meta device — after :func:`apply_pp` / :func:`apply_ep`, exactly this rank's. Values equal the
+    corresponding tensors (expert rows) of ``build_model(cfg, seed)``."""
+    from raymoe.model.init import init_weights
+
+    return init_weights(model, seed, device)
 
 
 def stage_param_names(cfg: ModelConfig, num_stages: int) -> list[frozenset[str]]:
@@ -69,9 +89,11 @@ def stage_param_names(cfg: ModelConfig, num_stages: int) -> list[frozenset[str]]
     return [frozenset(names[id(p)] for p in chunk.parameters()) for chunk in model.stages(num_stages)]
 
 
-def router_rows(model: DeepSeekV3) -> dict[int, int]:
-    """``{id(router): row}``: each router's row in ``expert_counts`` / the bias matrix (call before pruning)."""
-    return {id(r): i for i, r in enumerate(model.routers())}
+def router_rows(model: DeepSeekV3) -> dict[str, int]:
+    """``{router module name: row}``: each router's row in ``expert_counts`` / the bias matrix, by full-model name
+    (call before pruning; names survive pruning, object ids do not: a pruned module's id may be reused)."""
+    rows = {id(r): i for i, r in enumerate(model.routers())}
+    return {n: rows[id(m)] for n, m in model.named_modules() if id(m) in rows}
 
 
 def apply_pp(model: DeepSeekV3, topo: Any, rank: int) -> dict[tuple[int, int], StageChunk]:
@@ -98,6 +120,13 @@ def apply_ep(model: DeepSeekV3, topo: Any, rank: int, ep_group: Any) -> None:
     from raymoe.experts import shard_experts
 
     shard_experts(model, topo.coords(rank).ep_rank, topo.ep, ep_group)
+
+
+def apply_recompute(model: nn.Module, mode: str) -> None:
+    """``train.recompute``: what every decoder block recomputes in backward (:mod:`raymoe.model.recompute`)."""
+    from raymoe.model.recompute import set_recompute
+
+    set_recompute(model, mode)
 
 
 def apply_fp8(model: nn.Module, fp8_cfg: Any) -> Any:

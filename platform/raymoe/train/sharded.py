@@ -21,27 +21,27 @@ yet), then reads, for each of its own parameters, the full tensor or the expert 
 whichever files hold them. A checkpoint saved at pp=2 × ep=2 therefore resumes at pp=1 × ep=1 (and back) with
 bit-identical weights and optimizer state. From an object store (``train.storage_path``, :mod:`raymoe.storage`) a
 rank first reads just the headers (:func:`read_header`) and downloads only the files :func:`needed_shards` names, then
-loads from that local subset. Loading never unpickles: safetensors and JSON only. A missing tensor, a
-shape that does not match the model, or expert rows that do not tile ``0..E`` raise :class:`IncompatibleCheckpoint`
-naming the tensor and the file.
+loads from that local subset. Reading a local shard file reads only the tensors and expert rows the rank holds
+(:mod:`raymoe.safetensors_slices`: ranged reads, no memory map), never the whole file set. Loading never unpickles:
+safetensors and JSON only. A missing tensor, a shape that does not match the model, or expert rows that do not tile
+``0..E`` raise :class:`IncompatibleCheckpoint` naming the tensor and the file.
 """
 from __future__ import annotations
 
 import json
 import pathlib
-import struct
 from typing import Any, Callable, Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from raymoe import safetensors_slices as sts
 
 __all__ = ["IncompatibleCheckpoint", "expert_rows", "save_rank", "load_rank", "ShardIndex", "assemble_full",
            "SHARD_PREFIX", "read_header", "needed_shards"]
 
 SHARD_PREFIX = "shards/"
-_MAX_HEADER = 100 << 20  # safetensors' own bound on the JSON header
 
 _KINDS = ("param", "exp_avg", "exp_avg_sq", "step")
 
@@ -102,19 +102,10 @@ def read_header(read: Callable[[int, int], bytes], where: str) -> dict[str, Any]
     """The JSON header of a safetensors file through ``read(offset, length)`` (two ranged reads, no tensor data):
     ``{key: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}``. Raises :class:`IncompatibleCheckpoint`
     naming ``where`` when the bytes are not a safetensors header."""
-    head = read(0, 8)
-    if len(head) != 8:
-        raise IncompatibleCheckpoint(f"{where}: too short for a safetensors file")
-    n = struct.unpack("<Q", head)[0]
-    if not 2 <= n <= _MAX_HEADER:
-        raise IncompatibleCheckpoint(f"{where}: safetensors header length {n} out of range")
     try:
-        header = json.loads(read(8, n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IncompatibleCheckpoint(f"{where}: unreadable safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise IncompatibleCheckpoint(f"{where}: safetensors header is not an object")
-    return header
+        return sts.read_header(read, where)
+    except sts.SafetensorsError as e:
+        raise IncompatibleCheckpoint(str(e)) from None
 
 
 def needed_shards(model: nn.Module, headers: dict[str, dict[str, Any]]) -> list[str]:
@@ -141,7 +132,11 @@ def needed_shards(model: nn.Module, headers: dict[str, dict[str, Any]]) -> list[
 
 
 class ShardIndex:
-    """Where every tensor of a sharded checkpoint lives: ``{key: [(file, start, stop, E or None, shape)]}``."""
+    """Where every tensor of a sharded checkpoint lives: ``{key: [(file, start, stop, E or None)]}``.
+
+    Indexing reads each file's header only; :meth:`read` then reads, through :class:`raymoe.safetensors_slices.
+    SliceReader`, exactly the bytes of the tensor or expert rows asked for (one ranged read per file that holds some
+    of them). :attr:`bytes_read` counts every byte read, headers included."""
 
     def __init__(self, ckpt_dir: pathlib.Path) -> None:
         files = sorted((pathlib.Path(ckpt_dir) / "shards").glob("*.safetensors"))
@@ -149,54 +144,63 @@ class ShardIndex:
             raise IncompatibleCheckpoint(f"{ckpt_dir}: no shards/*.safetensors (not a sharded raymoe checkpoint)")
         self.entries: dict[str, list[tuple[pathlib.Path, Optional[int], Optional[int], Optional[int]]]] = {}
         self.layout: Optional[dict] = None
-        for f in files:
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    meta = h.metadata() or {}
+        self._readers: dict[pathlib.Path, sts.SliceReader] = {}
+        try:
+            for f in files:
+                try:
+                    h = self._readers[f] = sts.SliceReader.open(f)
+                    meta = h.metadata
                     rows = json.loads(meta.get("rows", "{}"))
                     self.layout = json.loads(meta["layout"]) if "layout" in meta else self.layout
                     for key in h.keys():
                         kind, name = key.split("/", 1)
                         r = rows.get(name) if kind != "step" else None  # step counts are scalars
                         self.entries.setdefault(key, []).append((f, *(r if r else (None, None, None))))
-            except (OSError, ValueError, json.JSONDecodeError, KeyError) as e:
-                raise IncompatibleCheckpoint(f"{f}: unreadable shard ({e})") from e
-        self._handles: dict[pathlib.Path, Any] = {}
+                except (OSError, ValueError, json.JSONDecodeError, KeyError) as e:
+                    raise IncompatibleCheckpoint(f"{f}: unreadable shard ({e})") from e
+        except BaseException:
+            self.close()
+            raise
 
-    def _get(self, f: pathlib.Path, key: str) -> torch.Tensor:
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
-        return self._handles[f].get_tensor(key)
+    @property
+    def bytes_read(self) -> int:
+        return sum(r.bytes_read for r in self._readers.values())
 
     def has(self, key: str) -> bool:
         return key in self.entries
 
     def read(self, key: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """The tensor ``key``; for expert tensors only experts ``rows[0]..rows[1]-1`` (all when None)."""
+        """The tensor ``key``; for expert tensors only experts ``rows[0]..rows[1]-1`` (all when None), reading
+        only those rows from each file."""
         if key not in self.entries:
             raise IncompatibleCheckpoint(f"checkpoint has no tensor {key!r}")
         ents = self.entries[key]
-        if ents[0][1] is None:  # a full tensor
-            return self._get(ents[0][0], key)
-        E = ents[0][3]
-        lo, hi = rows if rows is not None else (0, E)
-        parts, cover = [], lo
-        for f, s, e, _ in sorted(ents, key=lambda t: t[1]):
-            if e <= cover or s >= hi:
-                continue
-            if s > cover:
-                break
-            t = self._get(f, key)
-            parts.append(t[cover - s:min(e, hi) - s])
-            cover = min(e, hi)
-            if cover == hi:
-                break
+        try:
+            if ents[0][1] is None:  # a full tensor
+                return self._readers[ents[0][0]].get(key)
+            E = ents[0][3]
+            lo, hi = rows if rows is not None else (0, E)
+            parts, cover = [], lo
+            for f, s, e, _ in sorted(ents, key=lambda t: t[1]):
+                if e <= cover or s >= hi:
+                    continue
+                if s > cover:
+                    break
+                stop = min(e, hi)
+                parts.append(self._readers[f].get(key, (cover - s, stop - s)))
+                cover = stop
+                if cover == hi:
+                    break
+        except (ValueError, KeyError) as e:
+            raise IncompatibleCheckpoint(f"cannot read {key!r}: {e}") from e
         if cover != hi:
             raise IncompatibleCheckpoint(f"checkpoint holds experts of {key!r} only up to {cover}, need {lo}..{hi - 1}")
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def close(self) -> None:
-        self._handles.clear()
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
 
 
 def load_rank(model: nn.Module, optimizer: torch.optim.Optimizer, topo: Any, rank: int,

@@ -1,8 +1,9 @@
 """``PipelineWorker``: one rank of a (pp, ep, dp) layout — its stage chunk(s), its expert shard, its op list.
 
 What a :class:`raymoe.actors.StageActor` wraps (the actor only adds Ray placement, the rendezvous address and error
-translation), so it runs and is tested without Ray. Set-up follows :mod:`raymoe.train.parallelize` (build → apply_pp →
-apply_ep → apply_fp8 → NativeDataParallel); the process groups come from :mod:`raymoe.train.topology`.
+translation), so it runs and is tested without Ray. Set-up follows :mod:`raymoe.train.parallelize` (build on meta →
+apply_pp → apply_ep → materialize → apply_recompute → apply_fp8 → NativeDataParallel); the process groups come from
+:mod:`raymoe.train.topology`.
 
 One :meth:`step` per optimizer step takes a :class:`~raymoe.train.plans.StepPlan` and returns a
 :class:`~raymoe.train.plans.StepResult`:
@@ -35,6 +36,7 @@ import torch.distributed as dist
 
 from raymoe.config import RunConfig
 from raymoe.malloc import keep_freed_memory
+from raymoe.model.recompute import recomputing
 from raymoe.model.transformer import mtp_greedy_acceptance
 from raymoe.optim import GuardedAdamW, param_groups
 from raymoe.schedule.executor import QueueTransport, StageRunner
@@ -224,14 +226,16 @@ class PipelineWorker:
 
         self.train_ds, self.val_ds = open_datasets(run)
         tc = run.train
-        model = par.build_model(run.model, tc.seed)
+        model = par.build_model(run.model, tc.seed, device="meta")  # shapes only: this rank allocates its share
         self._rows = par.router_rows(model)
         self.chunks = par.apply_pp(model, topo, rank)
         par.apply_ep(model, topo, rank, self.groups.ep if self.groups else None)
+        par.materialize(model, tc.seed)
+        par.apply_recompute(model, tc.recompute)
         self.fp8_guard = par.apply_fp8(model, run.fp8)
         split = par.apply_wgrad_split(model, topo, rank)
         self.model = model.to(self.device)
-        self.routers = [(m, self._rows[id(m)]) for m in model.modules() if id(m) in self._rows]
+        self.routers = [(m, self._rows[n]) for n, m in model.named_modules() if n in self._rows]
         self._counts = torch.zeros(run.model.num_router_layers, run.model.n_routed_experts, dtype=torch.long)
         for r, row in self.routers:
             r.register_forward_hook(self._count_hook(row))
@@ -262,7 +266,8 @@ class PipelineWorker:
     # ------------------------------------------------------------------ hooks and helpers
     def _count_hook(self, row: int) -> Any:
         def hook(_mod: Any, _inp: Any, out: Any) -> None:
-            self._counts[row] += out.counts.to("cpu")
+            if not recomputing():  # a full-recompute block re-routes in backward: count the forward only
+                self._counts[row] += out.counts.to("cpu")
 
         return hook
 
