@@ -46,6 +46,9 @@ def run_trace(eng: LLMEngine, trace: list[tuple[int, list[int]]], max_tokens: in
         for o in eng.step():
             if o.finished:
                 finals[o.request_id] = (o.outputs[0].token_ids, o.num_cached_tokens)
+        for seq in eng.scheduler.running:  # only blocks whose latents are final (MTP layer too) are findable
+            final = seq.mtp_computed if eng.num_spec else seq.num_computed
+            assert seq.num_registered * eng.cache.block_size <= final
         step += 1
         assert step < 2000
     return finals
