@@ -30,7 +30,9 @@ Metrics (Prometheus via ``ray.serve.metrics``, exported by Ray's metrics agent):
 ``raymoe_serve_tpot_s`` (histograms), ``raymoe_serve_{prompt,generation}_tokens`` (counters),
 ``raymoe_serve_tokens_per_s``, ``raymoe_serve_queue_depth``, ``raymoe_serve_running_seqs``,
 ``raymoe_serve_kv_blocks_used``, ``raymoe_serve_kv_blocks_total``, ``raymoe_serve_spec_acceptance_rate``,
-``raymoe_serve_spec_tokens_per_forward`` (gauges).
+``raymoe_serve_spec_tokens_per_forward``, ``raymoe_serve_prefix_cache_hit_rate``,
+``raymoe_serve_prefix_cached_blocks`` (gauges). Each response's ``usage.prompt_tokens_details.cached_tokens`` is the
+prompt tokens its engine reused from the prefix cache.
 """
 # no `from __future__ import annotations`: FastAPI must see real annotations (Request) on the ingress methods
 import asyncio
@@ -67,6 +69,9 @@ DEFAULT_ARGS: dict[str, Any] = {
     "engine_max_queued_requests": 256,
     "ingress_max_ongoing_requests": 512,
     "max_body_bytes": 1 << 20,
+    # cache-aware routing to engine replicas (raymoe.actors.serve.router): PrefixAffinity options, or false for
+    # Serve's default (power of two choices)
+    "prefix_routing": {},
 }
 
 
@@ -115,6 +120,9 @@ class EngineDeployment:
         self.m_kv_total = M.Gauge("raymoe_serve_kv_blocks_total", "paged KV cache blocks")
         self.m_acc = M.Gauge("raymoe_serve_spec_acceptance_rate", "MTP draft acceptance rate")
         self.m_tpf = M.Gauge("raymoe_serve_spec_tokens_per_forward", "tokens emitted per verify forward")
+        self.m_hit = M.Gauge("raymoe_serve_prefix_cache_hit_rate", "prompt tokens reused from the prefix cache / "
+                             "prompt tokens (since start)")
+        self.m_cached = M.Gauge("raymoe_serve_prefix_cached_blocks", "KV blocks findable in the prefix cache")
         self._last = {"prompt_tokens": 0, "generation_tokens": 0}
 
     def _update_metrics(self) -> None:
@@ -136,6 +144,8 @@ class EngineDeployment:
         self.m_kv_total.set(m["kv_blocks_total"])
         self.m_acc.set(m["spec_acceptance_rate"])
         self.m_tpf.set(m["spec_tokens_per_forward"])
+        self.m_hit.set(m["prefix_cache_hit_rate"])
+        self.m_cached.set(m["prefix_cached_blocks"])
 
     def __del__(self) -> None:
         experts = getattr(self, "experts", None)
@@ -189,7 +199,8 @@ class EngineDeployment:
             choices.append({"index": i, "text": text, "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
                             "logprobs": lps})
         m = o.metrics
-        out = {"prompt_tokens": len(o.prompt_token_ids), "choices": choices, "finished": o.finished}
+        out = {"prompt_tokens": len(o.prompt_token_ids), "cached_tokens": o.num_cached_tokens, "choices": choices,
+               "finished": o.finished}
         if o.finished:
             ft = m.get("first_token_time")
             if ft is not None:
@@ -355,7 +366,9 @@ class APIIngress:
         lps: list[list[dict]] = [[] for _ in range(sp.n)]
         ntok, finish = [0] * sp.n, [None] * sp.n
         prompt_tokens = first["prompt_tokens"]
+        cached = 0
         async for item in self._items(first, gen):
+            cached = item.get("cached_tokens", cached)  # known once choice 0 was admitted
             for c in item["choices"]:
                 i = c["index"]
                 texts[i] += c["text"]
@@ -363,7 +376,7 @@ class APIIngress:
                 finish[i] = c["finish_reason"]
                 if c["logprobs"]:
                     lps[i].extend(c["logprobs"])
-        use = P.usage(prompt_tokens, sum(ntok))
+        use = P.usage(prompt_tokens, sum(ntok), cached)
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                         "logprobs": P.chat_logprobs(lps[i], decode) if sp.logprobs is not None else None,
@@ -385,8 +398,10 @@ class APIIngress:
         prompt_tokens = first["prompt_tokens"]
         started = [False] * sp.n
         offsets = [0] * sp.n
+        cached = 0
         try:
             async for item in self._items(first, gen):
+                cached = item.get("cached_tokens", cached)
                 for c in item["choices"]:
                     i = c["index"]
                     ntok[i] = c["num_tokens"]
@@ -408,7 +423,7 @@ class APIIngress:
                             offsets[i] += len(text)
                             yield _sse(P.completion_chunk(rid, model, i, text, fin, lp))
             obj = "chat.completion.chunk" if chat else "text_completion"
-            yield _sse(P.usage_chunk(rid, model, obj, P.usage(prompt_tokens, sum(ntok))))
+            yield _sse(P.usage_chunk(rid, model, obj, P.usage(prompt_tokens, sum(ntok), cached)))
         except Exception as e:  # noqa: BLE001 - mid-stream failure: report it in-band
             yield _sse(P.error_body(str(e), "server_error"))
         yield "data: [DONE]\n\n"
@@ -474,7 +489,19 @@ def build_app(args: dict[str, Any]):
         res = check_resources(a[key], key)
         if res:
             opts["resources"] = res
+    routing: dict[str, Any] = {}
+    if a["prefix_routing"] is not False:
+        from ray.serve.config import RequestRouterConfig
+
+        from raymoe.actors.serve.router import ROUTER_PATH
+        from raymoe.engine.routing import PrefixAffinity
+
+        kw = dict(a["prefix_routing"] or {})
+        PrefixAffinity(**kw)  # validate here, not in every handle
+        routing["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER_PATH,
+                                                                request_router_kwargs=kw)
     engine = EngineDeployment.options(
+        **routing,
         autoscaling_config=dict(a["autoscaling"]),
         ray_actor_options=engine_opts,
         max_ongoing_requests=a["engine_max_ongoing_requests"],
