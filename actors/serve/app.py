@@ -161,6 +161,14 @@ class EngineDeployment:
                 "num_speculative_tokens": e.num_spec, "has_tokenizer": e.tokenizer is not None,
                 "metrics": e.metrics(), "experts": self.experts.info()}
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's routing-stats hook (polled by the controller, visible to request routers as
+        ``RunningReplica.routing_stats``): this replica's prefix-cache counters and load."""
+        m = self.engine.metrics()
+        keys = ("prefix_cache_hits", "prefix_cache_queries", "prefix_cache_hit_rate", "prefix_cached_blocks",
+                "running", "waiting")
+        return {k: m[k] for k in keys}
+
     async def _loop(self) -> None:
         while True:
             await self.wake.wait()
