@@ -378,7 +378,8 @@ def prefix_bench(name: str, path: pathlib.Path, n: int, conc: int, prefix_len: i
         if not equal:
             raise AssertionError(f"prefix bench {name}/{kind}: greedy outputs differ with prefix caching on and off")
         t_on, t_off = statistics.median(times["on"]), statistics.median(times["off"])
-        rows.append({"model": name, "trace": kind, "requests": n, "concurrency": conc, "prompt_len": prefix_len + suffix,
+        rows.append({"model": name, "trace": kind, "requests": n, "concurrency": conc,
+                     "prompt_len": prefix_len + suffix,
                      "shared_len": prefix_len if kind == "shared" else 0, "groups": groups if kind == "shared" else n,
                      "new_tokens": new_tokens, "hit_rate": hits / queries if queries else 0.0,
                      "on_s": t_on, "off_s": t_off, "on_req_s": n / t_on, "off_req_s": n / t_off,
@@ -598,7 +599,8 @@ def run(args: dict[str, str]) -> dict:
                       "off req/s", "on/off speed", "equal"):
                 t.add_column(c, justify="right")
             for r in rows:
-                t.add_row(r["model"], r["trace"], f"{r['requests']}/{r['concurrency']}", f"{r['prompt_len']} ({r['shared_len']})",
+                t.add_row(r["model"], r["trace"], f"{r['requests']}/{r['concurrency']}",
+                          f"{r['prompt_len']} ({r['shared_len']})",
                           f"{r['hit_rate']:.1%}", f"{r['on_s']:.2f}", f"{r['off_s']:.2f}", f"{r['on_req_s']:.2f}",
                           f"{r['off_req_s']:.2f}", f"{r['speedup']:.3f}x", str(r["outputs_equal"]))
             console.print(t)
