@@ -171,3 +171,15 @@ def test_lru_eviction_keeps_the_most_recent_prefixes(tiny_base, ids) -> None:
 def test_prefix_caching_config_is_checked() -> None:
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         EngineConfig(enable_prefix_caching="false")
+
+
+def test_prefix_bench_counts_hits_by_the_formula(tiny_ckpt) -> None:
+    """``bench serve parts=prefix`` at minimal size: 0% hits on distinct prompts; one request at a time on 2 groups
+    sharing 32 of 40 tokens (blocks of 16), every request after its group's first reuses ``16 · ⌊32 / 16⌋``."""
+    from raymoe.jobs.benches.serve import prefix_bench
+
+    rows = prefix_bench("tiny", tiny_ckpt, n=6, conc=1, prefix_len=32, suffix=8, groups=2, new_tokens=2, reps=1)
+    assert [r["trace"] for r in rows] == ["distinct", "shared"]
+    assert rows[0]["hit_rate"] == 0.0 and all(r["outputs_equal"] for r in rows)
+    assert rows[1]["hit_rate"] == pytest.approx(4 * 32 / (6 * 40))
+    assert all(r["on_s"] > 0 and r["off_s"] > 0 for r in rows)
