@@ -498,14 +498,21 @@ def build_app(args: dict[str, Any]):
         if res:
             opts["resources"] = res
     routing: dict[str, Any] = {}
-    if a["prefix_routing"] is not False:
+    pr = {} if a["prefix_routing"] is True else a["prefix_routing"]
+    if pr is not False:
         from ray.serve.config import RequestRouterConfig
 
         from raymoe.actors.serve.router import ROUTER_PATH
         from raymoe.engine.routing import PrefixAffinity
 
-        kw = dict(a["prefix_routing"] or {})
-        PrefixAffinity(**kw)  # validate here, not in every handle
+        if not isinstance(pr, dict):
+            raise ValueError(f"prefix_routing must be a mapping of PrefixAffinity options or false, got {pr!r}")
+        kw = dict(pr)
+        try:
+            PrefixAffinity(**kw)  # validate here, not in every handle
+        except TypeError as e:
+            raise ValueError(f"prefix_routing: {e} (options: chunk_tokens, chunk_chars, max_chunks, imbalance, "
+                             f"capacity)") from None
         routing["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER_PATH,
                                                                 request_router_kwargs=kw)
     engine = EngineDeployment.options(

@@ -109,3 +109,14 @@ def test_two_replicas_keep_one_replicas_hit_rate(client, ckpt) -> None:
         policy.record(p, r)
         expect[r] += len(local.encode(p))
     assert served == expect and sum(served.values()) == queries
+
+
+def test_app_refuses_bad_routing_options(tmp_path) -> None:
+    from raymoe.actors.serve.app import build_app
+
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        build_app({"model_path": str(tmp_path), "prefix_routing": {"chunk_tokens": 0}})
+    with pytest.raises(ValueError, match="options: chunk_tokens"):
+        build_app({"model_path": str(tmp_path), "prefix_routing": {"chunk_size": 4}})
+    with pytest.raises(ValueError, match="mapping"):
+        build_app({"model_path": str(tmp_path), "prefix_routing": "yes"})

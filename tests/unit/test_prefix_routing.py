@@ -98,3 +98,4 @@ def test_two_engines_keep_one_engines_hit_rate(tiny_base) -> None:
     assert two >= 0.9 * one, (two, one)
     assert min(served) >= len(trace) // 4, served  # both engines did work
     assert rand < 0.9 * one, (rand, one)  # what the policy buys on this trace
+
