@@ -68,6 +68,7 @@ def app_args(cfg: DictConfig | dict) -> dict[str, Any]:
         "engine_max_queued_requests": s.get("engine_max_queued_requests"),
         "ingress_max_ongoing_requests": s.get("ingress_max_ongoing_requests"),
         "max_body_bytes": s.get("max_body_bytes"),
+        "prefix_routing": s.get("prefix_routing"),
     }
 
 

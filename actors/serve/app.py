@@ -35,7 +35,9 @@ Metrics (Prometheus via ``ray.serve.metrics``, exported by Ray's metrics agent):
 ``raymoe_serve_tpot_s`` (histograms), ``raymoe_serve_{prompt,generation}_tokens`` (counters),
 ``raymoe_serve_tokens_per_s``, ``raymoe_serve_queue_depth``, ``raymoe_serve_running_seqs``,
 ``raymoe_serve_kv_blocks_used``, ``raymoe_serve_kv_blocks_total``, ``raymoe_serve_spec_acceptance_rate``,
-``raymoe_serve_spec_tokens_per_forward`` (gauges).
+``raymoe_serve_spec_tokens_per_forward``, ``raymoe_serve_prefix_cache_hit_rate``,
+``raymoe_serve_prefix_cached_blocks`` (gauges). Each response's ``usage.prompt_tokens_details.cached_tokens`` is the
+prompt tokens its engine reused from the prefix cache.
 """
 # no `from __future__ import annotations`: FastAPI must see real annotations (Request) on the ingress methods
 import asyncio
@@ -74,6 +76,9 @@ DEFAULT_ARGS: dict[str, Any] = {
     "engine_max_queued_requests": 256,
     "ingress_max_ongoing_requests": 512,
     "max_body_bytes": 1 << 20,
+    # cache-aware routing to engine replicas (raymoe.actors.serve.router): PrefixAffinity options, or false for
+    # Serve's default (power of two choices)
+    "prefix_routing": {},
 }
 
 
@@ -122,6 +127,9 @@ class EngineDeployment:
         self.m_kv_total = M.Gauge("raymoe_serve_kv_blocks_total", "paged KV cache blocks")
         self.m_acc = M.Gauge("raymoe_serve_spec_acceptance_rate", "MTP draft acceptance rate")
         self.m_tpf = M.Gauge("raymoe_serve_spec_tokens_per_forward", "tokens emitted per verify forward")
+        self.m_hit = M.Gauge("raymoe_serve_prefix_cache_hit_rate", "prompt tokens reused from the prefix cache / "
+                             "prompt tokens (since start)")
+        self.m_cached = M.Gauge("raymoe_serve_prefix_cached_blocks", "KV blocks findable in the prefix cache")
         self._last = {"prompt_tokens": 0, "generation_tokens": 0}
 
     def _update_metrics(self) -> None:
@@ -143,6 +151,8 @@ class EngineDeployment:
         self.m_kv_total.set(m["kv_blocks_total"])
         self.m_acc.set(m["spec_acceptance_rate"])
         self.m_tpf.set(m["spec_tokens_per_forward"])
+        self.m_hit.set(m["prefix_cache_hit_rate"])
+        self.m_cached.set(m["prefix_cached_blocks"])
 
     def __del__(self) -> None:
         experts = getattr(self, "experts", None)
@@ -158,6 +168,14 @@ class EngineDeployment:
                 "context_len": min(e.max_model_len, e.cache.num_blocks * e.cache.block_size),
                 "num_speculative_tokens": e.num_spec, "has_tokenizer": e.tokenizer is not None,
                 "metrics": e.metrics(), "experts": self.experts.info()}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's routing-stats hook (polled by the controller, visible to request routers as
+        ``RunningReplica.routing_stats``): this replica's prefix-cache counters and load."""
+        m = self.engine.metrics()
+        keys = ("prefix_cache_hits", "prefix_cache_queries", "prefix_cache_hit_rate", "prefix_cached_blocks",
+                "running", "waiting")
+        return {k: m[k] for k in keys}
 
     async def _loop(self) -> None:
         while True:
@@ -197,7 +215,8 @@ class EngineDeployment:
             choices.append({"index": i, "text": text, "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
                             "logprobs": lps})
         m = o.metrics
-        out = {"prompt_tokens": len(o.prompt_token_ids), "choices": choices, "finished": o.finished}
+        out = {"prompt_tokens": len(o.prompt_token_ids), "cached_tokens": o.num_cached_tokens, "choices": choices,
+               "finished": o.finished}
         if o.finished:
             ft = m.get("first_token_time")
             if ft is not None:
@@ -425,7 +444,9 @@ class APIIngress:
         lps: list[list[dict]] = [[] for _ in range(sp.n)]
         ntok, finish = [0] * sp.n, [None] * sp.n
         prompt_tokens = first["prompt_tokens"]
+        cached = 0
         async for item in self._items(first, gen):
+            cached = item.get("cached_tokens", cached)  # known once choice 0 was admitted
             for c in item["choices"]:
                 i = c["index"]
                 texts[i] += c["text"]
@@ -433,7 +454,7 @@ class APIIngress:
                 finish[i] = c["finish_reason"]
                 if c["logprobs"]:
                     lps[i].extend(c["logprobs"])
-        use = P.usage(prompt_tokens, sum(ntok))
+        use = P.usage(prompt_tokens, sum(ntok), cached)
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                         "logprobs": P.chat_logprobs(lps[i], decode) if sp.logprobs is not None else None,
@@ -456,8 +477,10 @@ class APIIngress:
         prompt_tokens = first["prompt_tokens"]
         started = [False] * sp.n
         offsets = [0] * sp.n
+        cached = 0
         try:
             async for item in self._items(first, gen):
+                cached = item.get("cached_tokens", cached)
                 for c in item["choices"]:
                     i = c["index"]
                     ntok[i] = c["num_tokens"]
@@ -480,7 +503,7 @@ class APIIngress:
                             yield _sse(P.completion_chunk(rid, model, i, text, fin, lp))
             if include_usage:  # stream_options.include_usage: one last chunk, choices: [] (OpenAI)
                 obj = "chat.completion.chunk" if chat else "text_completion"
-                yield _sse(P.usage_chunk(rid, model, obj, P.usage(prompt_tokens, sum(ntok))))
+                yield _sse(P.usage_chunk(rid, model, obj, P.usage(prompt_tokens, sum(ntok), cached)))
         except Exception as e:  # noqa: BLE001 - mid-stream failure: report it in-band
             yield _sse(P.error_body(str(e), "server_error"))
         yield "data: [DONE]\n\n"
@@ -546,7 +569,26 @@ def build_app(args: dict[str, Any]):
         res = check_resources(a[key], key)
         if res:
             opts["resources"] = res
+    routing: dict[str, Any] = {}
+    pr = {} if a["prefix_routing"] is True else a["prefix_routing"]
+    if pr is not False:
+        from ray.serve.config import RequestRouterConfig
+
+        from raymoe.actors.serve.router import ROUTER_PATH
+        from raymoe.engine.routing import PrefixAffinity
+
+        if not isinstance(pr, dict):
+            raise ValueError(f"prefix_routing must be a mapping of PrefixAffinity options or false, got {pr!r}")
+        kw = dict(pr)
+        try:
+            PrefixAffinity(**kw)  # validate here, not in every handle
+        except TypeError as e:
+            raise ValueError(f"prefix_routing: {e} (options: chunk_tokens, chunk_chars, max_chunks, imbalance, "
+                             f"capacity)") from None
+        routing["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER_PATH,
+                                                                request_router_kwargs=kw)
     engine = EngineDeployment.options(
+        **routing,
         autoscaling_config=dict(a["autoscaling"]),
         ray_actor_options=engine_opts,
         max_ongoing_requests=a["engine_max_ongoing_requests"],

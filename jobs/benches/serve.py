@@ -29,7 +29,16 @@ Three parts, each a table (rich) and a section of the returned JSON; one PNG (``
    cost of the Serve hop (HTTP + proxy + ingress + handle streaming). An existing Ray (``ray.is_initialized()``) is
    reused and left running; otherwise a local one is started and shut down.
 
-Choose parts with ``parts=decode,mtp,load``; ``threads=1`` (default): intra-op threads for both implementations.
+4. **prefix** — prefix caching in the engine, on vs off, same engine config, same prompts, interleaved rounds
+   (``reps``): ``prefix_requests`` greedy requests in a closed loop of ``prefix_conc`` in flight (a new one joins
+   the running batch as soon as one finishes), ``prefix_new_tokens`` tokens each, on two traces of random token ids: **distinct** (every prompt ``prefix_len + prefix_suffix`` fresh
+   tokens: 0% hit rate, so on/off is the cost of hashing and registering blocks) and **shared** (``prefix_groups``
+   groups whose requests share a ``prefix_len``-token prefix and differ in ``prefix_suffix`` tokens, interleaved
+   across groups). Fresh prompts every round, so nothing is reused across rounds. Reports wall time, requests/s,
+   the hit rate and on/off; the generated ids with the cache on must equal those with it off (the bench fails
+   otherwise). Models as for ``decode`` (``model=tiny,small`` or ``hf=``).
+
+Choose parts with ``parts=decode,mtp,load,prefix`` (default: the first three); ``threads=1`` (default): intra-op threads for both implementations.
 Numbers are for the machine they ran on; ratios are measured side by side.
 """
 from __future__ import annotations
@@ -57,7 +66,7 @@ from raymoe.jobs.benches import median_seconds  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=160)  # logs/pipes: no 80-column squeeze
 
-__all__ = ["run", "decode_bench", "mtp_bench", "load_bench", "heldout_text", "plot_latency"]
+__all__ = ["run", "decode_bench", "mtp_bench", "load_bench", "prefix_bench", "heldout_text", "plot_latency"]
 
 
 def _ints(s: str) -> list[int]:
@@ -310,6 +319,74 @@ def mtp_bench(name: str, path: pathlib.Path, ks: list[int], n_prompts: int, prom
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- 4. prefix
+def _prefix_trace(rng: "torch.Generator", V: int, kind: str, n: int, prefix_len: int, suffix: int,
+                  groups: int) -> list[list[int]]:
+    def toks(k: int) -> list[int]:
+        return torch.randint(0, V, (k,), generator=rng).tolist()
+
+    if kind == "distinct":
+        return [toks(prefix_len + suffix) for _ in range(n)]
+    heads = [toks(prefix_len) for _ in range(groups)]
+    return [heads[i % groups] + toks(suffix) for i in range(n)]  # interleaved: g0, g1, ..., g0, g1, ...
+
+
+def prefix_bench(name: str, path: pathlib.Path, n: int, conc: int, prefix_len: int, suffix: int, groups: int,
+                 new_tokens: int, reps: int, spec: int = 0) -> list[dict[str, Any]]:
+    """Prefix caching on vs off on the ``distinct`` and ``shared`` traces (see the module docstring)."""
+    from raymoe.engine import SamplingParams
+
+    per_seq = (prefix_len + suffix + new_tokens + spec) // 16 + 2
+    cfg = dict(block_size=16, num_blocks=n * per_seq + 16, max_num_seqs=conc, max_num_batched_tokens=512,
+               prefill_chunk=256, num_speculative_tokens=spec)
+    engines = {"on": _engine(path, **cfg), "off": _engine(path, **cfg, enable_prefix_caching=False)}
+    V = engines["on"].model_config.vocab_size
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    rng = torch.Generator().manual_seed(0)
+    for eng in engines.values():  # warm-up
+        eng.generate(_prefix_trace(rng, V, "distinct", 2, prefix_len, suffix, groups), sp)
+    def closed_loop(eng, prompts: list[list[int]]) -> list[list[int]]:
+        todo, done, inflight = list(enumerate(prompts)), {}, 0
+        while todo or inflight:
+            while todo and inflight < conc:
+                i, p = todo.pop(0)
+                eng.add_request(f"p{i}", p, sp)
+                inflight += 1
+            for o in eng.step():
+                if o.finished:
+                    done[int(o.request_id[1:])] = o.outputs[0].token_ids
+                    inflight -= 1
+        return [done[i] for i in range(len(prompts))]
+
+    rows = []
+    for kind in ("distinct", "shared"):
+        times: dict[str, list[float]] = {"on": [], "off": []}
+        hits = queries = 0
+        equal = True
+        for _ in range(reps):
+            prompts = _prefix_trace(rng, V, kind, n, prefix_len, suffix, groups)
+            outs = {}
+            for key, eng in engines.items():
+                h0, q0 = eng.scheduler.prefix_hits, eng.scheduler.prefix_queries
+                t0 = time.perf_counter()
+                outs[key] = closed_loop(eng, prompts)
+                times[key].append(time.perf_counter() - t0)
+                if key == "on":
+                    hits += eng.scheduler.prefix_hits - h0
+                    queries += eng.scheduler.prefix_queries - q0
+            equal = equal and outs["on"] == outs["off"]
+        if not equal:
+            raise AssertionError(f"prefix bench {name}/{kind}: greedy outputs differ with prefix caching on and off")
+        t_on, t_off = statistics.median(times["on"]), statistics.median(times["off"])
+        rows.append({"model": name, "trace": kind, "requests": n, "concurrency": conc,
+                     "prompt_len": prefix_len + suffix,
+                     "shared_len": prefix_len if kind == "shared" else 0, "groups": groups if kind == "shared" else n,
+                     "new_tokens": new_tokens, "hit_rate": hits / queries if queries else 0.0,
+                     "on_s": t_on, "off_s": t_off, "on_req_s": n / t_on, "off_req_s": n / t_off,
+                     "speedup": t_off / t_on, "outputs_equal": equal})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- 3. load
 def _summ(rec: list[dict[str, float]], wall: float, failed: int) -> dict[str, Any]:
     ttft = [r["ttft"] for r in rec]
@@ -509,6 +586,24 @@ def run(args: dict[str, str]) -> dict:
                           f"{r['ratio_mtp']:.2f}x" if "ratio_mtp" in r else "-",
                           f"{r['ours_step_ms']:.1f}/{r['hf_step_ms']:.1f}/{r['floor_step_ms']:.1f}",
                           f"{r['bandwidth_bound_ratio']:.1f}x", str(r["outputs_equal"]))
+            console.print(t)
+        if "prefix" in parts:
+            rows = []
+            for name, path in _checkpoints(args, root).items():
+                rows += prefix_bench(name, path, int(args.get("prefix_requests", 32)), int(args.get("prefix_conc", 8)),
+                                     int(args.get("prefix_len", 192)), int(args.get("prefix_suffix", 32)),
+                                     int(args.get("prefix_groups", 4)), int(args.get("prefix_new_tokens", 16)), reps,
+                                     int(args.get("prefix_spec", 0)))
+            res["prefix"] = rows
+            t = Table(title="prefix caching on vs off (same engine, same prompts; closed loop, greedy)")
+            for c in ("model", "trace", "requests/conc", "prompt (shared)", "hit rate", "on s", "off s", "on req/s",
+                      "off req/s", "on/off speed", "equal"):
+                t.add_column(c, justify="right")
+            for r in rows:
+                t.add_row(r["model"], r["trace"], f"{r['requests']}/{r['concurrency']}",
+                          f"{r['prompt_len']} ({r['shared_len']})",
+                          f"{r['hit_rate']:.1%}", f"{r['on_s']:.2f}", f"{r['off_s']:.2f}", f"{r['on_req_s']:.2f}",
+                          f"{r['off_req_s']:.2f}", f"{r['speedup']:.3f}x", str(r["outputs_equal"]))
             console.print(t)
         mtp_path: Optional[pathlib.Path] = None
         if "mtp" in parts or "load" in parts:

@@ -86,7 +86,7 @@ def replica_pid() -> int:
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 SERVING_METRICS = ["ttft_s", "tpot_s", "prompt_tokens", "generation_tokens", "tokens_per_s", "queue_depth",
                    "running_seqs", "kv_blocks_used", "kv_blocks_total", "spec_acceptance_rate",
-                   "spec_tokens_per_forward"]
+                   "spec_tokens_per_forward", "prefix_cache_hit_rate", "prefix_cached_blocks"]
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -112,7 +112,7 @@ def _get(samples: dict[str, float], name: str):
 
 def test_prometheus_serving_metrics(server, client) -> None:
     n_tok = 0
-    for p in PROMPTS[:4]:
+    for p in PROMPTS[:4] + [" ".join(PROMPTS)] * 2:  # the long one twice: its second run reuses cached blocks
         r = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0,
                                       extra_body={"ignore_eos": True})
         n_tok += r.usage.completion_tokens
@@ -133,6 +133,7 @@ def test_prometheus_serving_metrics(server, client) -> None:
     assert _get(samples, "queue_depth") >= 0 and 0 <= _get(samples, "running_seqs") <= ENGINE["max_num_seqs"]
     assert _get(samples, "tokens_per_s") >= 0
     assert 0 < _get(samples, "spec_acceptance_rate") <= 1  # the trained tiny MTP head gets some drafts right
+    assert 0 < _get(samples, "prefix_cache_hit_rate") < 1 and _get(samples, "prefix_cached_blocks") > 0
     assert 1 <= _get(samples, "spec_tokens_per_forward") <= 1 + ENGINE["num_speculative_tokens"]
 
 

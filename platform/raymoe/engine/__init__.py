@@ -1,6 +1,8 @@
 """Inference engine for DeepSeek-V3-style MoE models on the training model's own modules (torch only, no Ray).
 
-* :mod:`raymoe.engine.paged`     – paged latent KV cache (blocks, block tables, packed-batch views);
+* :mod:`raymoe.engine.paged`     – paged latent KV cache (blocks, block tables, packed-batch views, the
+  reference-counted, content-addressed block pool behind prefix caching);
+* :mod:`raymoe.engine.routing`   – prefix-affinity routing of requests across engine replicas (pure policy);
 * :mod:`raymoe.engine.scheduler` – sequences and the continuous-batching scheduler (chunked prefill, preemption);
 * :mod:`raymoe.engine.sampling`  – sampling parameters, seeded draws, the speculative acceptance rule;
 * :mod:`raymoe.engine.experts`   – MoE dispatch behind a local/sharded/replicated expert backend interface;

@@ -23,6 +23,14 @@
    (``[t_last, d_1..d_k]`` at positions ``c..c+k``); the cache then keeps positions up to the last accepted one
    (rejected positions are simply overwritten later).
 
+Prefix caching (``EngineConfig.enable_prefix_caching``, on by default as in vLLM): full cache blocks are shared
+between requests with a common token prefix and kept after a request ends, so a request prefills only what no
+cached block holds (:mod:`raymoe.engine.paged` for the digests and the LRU pool, :mod:`raymoe.engine.scheduler` for
+reuse and registration). Reused blocks hold exactly what this engine would compute for them, so outputs do not
+change (greedy outputs are tested equal with the cache on and off). ``RequestOutput.num_cached_tokens`` is the
+prompt tokens a request reused (OpenAI's ``usage.prompt_tokens_details.cached_tokens``); ``metrics()`` reports the hit
+rate (reused / prompt tokens over admitted sequences) and the cached blocks.
+
 Seeded sampling draws from one ``torch.Generator`` per sequence; the draws a sequence makes depend only on its own
 tokens (drafting starts after its first generated token, whatever the prefill chunking), so a seeded request gives
 the same output alone or in any batch. Exceptions: a sequence preempted (recomputed) while speculating, or one whose
@@ -90,6 +98,7 @@ class EngineConfig:
     fast_decode: bool = True  # decode / draft-verify steps use the per-token DecodeBatch attention (see module doc)
     fast_prefill_max_mib: int = 256  # prefill steps use it too when cheaper and its gathered keys fit this (MiB)
     seed: int = 0  # seeds requests that bring no seed of their own (in order of arrival)
+    enable_prefix_caching: bool = True  # share / keep full blocks of common prompt prefixes (module docstring)
 
     def __post_init__(self) -> None:
         # each would leave the step loop spinning with nothing schedulable, every request hanging
@@ -102,6 +111,8 @@ class EngineConfig:
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 0:
             raise ValueError(f"engine.num_speculative_tokens must be an integer >= 0, got "
                              f"{self.num_speculative_tokens!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"engine.enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ValueError(f"engine.max_waiting must be an integer >= 0, got {self.max_waiting!r}")
 
@@ -131,6 +142,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache (choice 0's first admission)
 
 
 def load_tokenizer(path: str | pathlib.Path):
@@ -186,7 +198,9 @@ class LLMEngine:
         n_layers = mc.num_hidden_layers + (1 if self.num_spec else 0)
         self.cache = PagedLatentCache(n_layers, cfg.num_blocks, cfg.block_size, mc.kv_lora_rank + mc.qk_rope_head_dim,
                                       dtype=next(model.parameters()).dtype, device=self.device)
-        self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.prefill_chunk)
+        # with MTP drafting the MTP layer's latent at a block's last slot depends on the next block's first token
+        self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.prefill_chunk,
+                                   prefix_caching=cfg.enable_prefix_caching, lookahead=1 if self.num_spec else 0)
         self.groups: dict[str, SequenceGroup] = {}
         self._seed_rng = random.Random(cfg.seed)
         self._req_counter = itertools.count()
@@ -403,10 +417,15 @@ class LLMEngine:
                 self._append(seq, tok, lg[j], now)
                 if seq.finished:
                     break
+            # blocks whose latents are final become reusable (with MTP: once the MTP layer covered them too)
+            self.scheduler.commit(seq, seq.mtp_computed if self.num_spec else seq.num_computed)
             if seq.finished:
                 self.scheduler.remove(seq)
         if self.num_spec:
-            self._draft([s.seq for s in sched if not s.seq.finished and not s.seq.group.params.processes_logits])
+            live = [s.seq for s in sched if not s.seq.finished and not s.seq.group.params.processes_logits]
+            self._draft(live)
+            for seq in live:
+                self.scheduler.commit(seq, seq.mtp_computed)
         return [self._snapshot(g) for g in touched.values()]
 
     def _processed(self, sched, rows: list[tuple[int, int, int]], logits: torch.Tensor) -> torch.Tensor:
@@ -480,7 +499,8 @@ class LLMEngine:
         if finished:
             self.groups.pop(group.request_id, None)
             metrics["finish_time"] = time.monotonic()
-        return RequestOutput(group.request_id, group.prompt_ids, outs, finished, metrics)
+        return RequestOutput(group.request_id, group.prompt_ids, outs, finished, metrics,
+                             num_cached_tokens=group.seqs[0].num_cached_tokens or 0)
 
     # ------------------------------------------------------------------ MTP drafting
     @torch.no_grad()
@@ -552,6 +572,12 @@ class LLMEngine:
     def metrics(self) -> dict[str, float]:
         st = self.stats
         out = dict(st)
+        sc, alloc = self.scheduler, self.cache.allocator
+        out.update(
+            prefix_cache_queries=sc.prefix_queries, prefix_cache_hits=sc.prefix_hits,
+            prefix_cache_hit_rate=sc.prefix_hits / sc.prefix_queries if sc.prefix_queries else 0.0,
+            prefix_cached_blocks=alloc.num_cached, prefix_cache_evictions=alloc.num_evictions,
+        )
         out.update(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.cache.allocator.num_used, kv_blocks_total=self.cache.num_blocks,

@@ -8,8 +8,20 @@ Block layout. One buffer per engine::
 ``layer_idx`` of their MLA), ``C = kv_lora_rank`` (the normalised latent c_kv) and ``R = qk_rope_head_dim`` (the
 post-RoPE shared key k_pe), exactly the per-token layout of :class:`raymoe.model.cache.LatentKVCache`. Token
 position ``p`` of a sequence with block table ``bt`` lives in slot ``bt[p // block_size] * block_size +
-p % block_size`` of every layer. Blocks are handed out by :class:`BlockAllocator` (a free list; a sequence owns
-``ceil(tokens / block_size)`` blocks, all freed when it finishes or is preempted).
+p % block_size`` of every layer. Blocks are handed out by :class:`BlockAllocator` (a sequence holds
+``ceil(tokens / block_size)`` blocks, all released when it finishes or is preempted).
+
+Prefix caching (vLLM's automatic prefix caching; SGLang's RadixAttention keeps the same information in a radix tree).
+A *full* block whose latents are final is content-addressed by a chained digest,
+``d_k = sha256(d_{k-1} || token ids of block k [|| the first token of block k+1])`` (:func:`block_digest`): equal
+digests mean equal token prefixes, hence equal latents at equal positions (a latent depends only on the tokens up to
+its position). The bracketed look-ahead token is part of the key when the engine runs MTP drafts: the MTP layer's
+latent at position ``i`` is computed from ``[emb(t_{i+1}); h_i]``, so the last slot of a block depends on the next
+block's first token. The allocator keeps ``digest → block`` for registered blocks and a **reference count** per
+block: sequences with a common prefix share its blocks (read only: a sequence writes only positions past the blocks
+it registered or reused). A block whose count drops to 0 keeps its digest and latents and waits, in LRU order, until
+a new allocation needs it (never-registered free blocks are handed out first). sha256, not Python's ``hash``: a
+collision would hand one request another's latents, and a 64-bit non-cryptographic hash can be collided on purpose.
 
 Packed batches. One engine step runs every scheduled token of every sequence as ONE row ``[1, N]`` (no padding, so
 the MoE layers see only real tokens). :class:`PackedBatch` is the cache object the model sees for that forward: it
@@ -40,42 +52,134 @@ Cost ``O(N·S_max)`` instead of ``O(N·Σ_j len_j)``. Outputs equal the packed p
 """
 from __future__ import annotations
 
+import array
+import collections
+import hashlib
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["BlockAllocator", "NoFreeBlocks", "PagedLatentCache", "PackedBatch", "DecodeBatch"]
+__all__ = ["BlockAllocator", "NoFreeBlocks", "PagedLatentCache", "PackedBatch", "DecodeBatch", "block_digest"]
 
 
 class NoFreeBlocks(RuntimeError):
     pass
 
 
+def block_digest(parent: Optional[bytes], token_ids: Sequence[int]) -> bytes:
+    """Chained content digest of one full block: ``sha256(parent || int64 token ids)`` (32 bytes). ``parent`` is
+    the previous block's digest (None for the first block)."""
+    h = hashlib.sha256(parent or b"")
+    h.update(array.array("q", token_ids).tobytes())
+    return h.digest()
+
+
 class BlockAllocator:
-    """Free list of block ids; the lowest free ids are handed out first (deterministic layouts)."""
+    """Reference-counted block pool with a content-addressed cache of full blocks (prefix caching).
+
+    Every block is *in use* (``ref > 0``), *cached* (``ref == 0`` and a registered digest: reusable by
+    :meth:`lookup` + :meth:`acquire` until evicted) or *free*. :meth:`allocate` hands out free blocks first, lowest
+    ids first (deterministic layouts), then evicts cached blocks least recently released first. ``num_free`` counts
+    both free and cached blocks: everything an allocation may take.
+
+    Example::
+
+        >>> a = BlockAllocator(3)
+        >>> b = a.allocate(2)                       # [0, 1]
+        >>> a.register(b[0], block_digest(None, [5, 6]))
+        True
+        >>> a.free(b); a.num_free, a.num_cached     # block 0 is cached, block 1 free
+        (3, 1)
+        >>> a.lookup([block_digest(None, [5, 6])])  # a later sequence with the same first block
+        [0]
+    """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._ref = [0] * num_blocks
+        self._digest: list[Optional[bytes]] = [None] * num_blocks
+        self._cached: dict[bytes, int] = {}  # digest -> block (in use or evictable)
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # ref 0, LRU first
+        self.num_evictions = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding a registered digest (in use or evictable)."""
+        return len(self._cached)
+
+    def ref(self, block: int) -> int:
+        return self._ref[block]
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise NoFreeBlocks(f"need {n} blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        if n > self.num_free:
+            raise NoFreeBlocks(f"need {n} blocks, {self.num_free} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:  # evict the least recently released cached block
+                b, _ = self._evictable.popitem(last=False)
+                del self._cached[self._digest[b]]
+                self._digest[b] = None
+                self.num_evictions += 1
+            self._ref[b] = 1
+            out.append(b)
+        return out
 
     def free(self, blocks: Sequence[int]) -> None:
-        self._free.extend(reversed(list(blocks)))
+        """Release one reference on each block. Released in reverse so that, among one sequence's cached blocks,
+        the tail (useful only after its head) is evicted first."""
+        for b in reversed(list(blocks)):
+            if self._ref[b] <= 0:
+                raise ValueError(f"block {b} released more often than acquired")
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                if self._digest[b] is not None:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
+
+    def lookup(self, digests: Sequence[bytes]) -> list[int]:
+        """Blocks of the longest prefix of ``digests`` that is cached (no references taken)."""
+        out = []
+        for d in digests:
+            b = self._cached.get(d)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def acquire(self, blocks: Sequence[int]) -> None:
+        """Take a reference on cached blocks (from :meth:`lookup`); an evictable one is no longer evictable."""
+        for b in blocks:
+            if self._digest[b] is None:
+                raise ValueError(f"block {b} is not a cached block")
+            if self._ref[b] == 0:
+                del self._evictable[b]
+            self._ref[b] += 1
+
+    def register(self, block: int, digest: bytes) -> bool:
+        """Make an in-use block's final contents findable under ``digest``. False (nothing changes) if the digest is
+        already cached by another block (two sequences computed the same prefix at once) or the block has one."""
+        if self._ref[block] <= 0:
+            raise ValueError(f"block {block} is not in use")
+        if digest in self._cached or self._digest[block] is not None:
+            return False
+        self._digest[block] = digest
+        self._cached[digest] = block
+        return True
 
 
 class PagedLatentCache:

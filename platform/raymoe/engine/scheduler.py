@@ -18,6 +18,16 @@ Policy of one step (``Scheduler.schedule``), under a budget of ``max_num_batched
 3. **Admission (FCFS)**, only if nothing was preempted this step: the head of the waiting queue is admitted while
    the budget lasts, fewer than ``max_num_seqs`` run, and the free blocks hold its whole (re)prompt plus one token;
    it is allocated blocks for its first chunk only.
+
+**Prefix caching** (``prefix_caching=True``; mechanism in :mod:`raymoe.engine.paged`). At admission a sequence
+with nothing computed looks up the chained digests of its full blocks and starts with the longest cached run of them
+(references taken, ``num_computed`` = their tokens): it prefills only the rest. At most ``(len(tokens) - 1) //
+block_size`` blocks are reused, so the last prompt token is always computed and yields the first logits. After each
+step :meth:`Scheduler.commit` registers the blocks whose latents became final (every layer, the MTP layer included:
+see ``lookahead``), so later requests, and this one after a preemption, find them. A preempted sequence releases its
+blocks like a finished one; its registered blocks stay cached until evicted, and on re-admission it reuses whatever
+is left of them. ``num_cached_tokens`` (the first admission's hit, what the API reports) and the hit-rate counters
+ignore re-admissions.
 """
 from __future__ import annotations
 
@@ -29,7 +39,7 @@ from typing import Any, Optional
 
 import torch
 
-from raymoe.engine.paged import PagedLatentCache
+from raymoe.engine.paged import PagedLatentCache, block_digest
 from raymoe.engine.sampling import SamplingParams
 
 __all__ = ["Sequence", "SequenceGroup", "Scheduler", "ScheduledSeq"]
@@ -59,6 +69,11 @@ class Sequence:
     exclude_last_from_text: bool = False  # the last token is a stop token
     num_preemptions: int = 0
     first_token_time: Optional[float] = None
+    # prefix caching: chained digests of the full blocks known so far (tokens only grow: they stay valid), how many
+    # leading blocks of block_table are registered or were reused, and the first admission's reused tokens
+    block_digests: list[bytes] = field(default_factory=list)
+    num_registered: int = 0
+    num_cached_tokens: Optional[int] = None
 
     @property
     def output_ids(self) -> list[int]:
@@ -75,6 +90,7 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         self.num_computed = 0
         self.mtp_computed = 0
+        self.num_registered = 0
         self.pending_hidden = None
         self.drafts, self.draft_probs = [], None
 
@@ -102,14 +118,20 @@ class ScheduledSeq:
 
 class Scheduler:
     def __init__(self, cache: PagedLatentCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_chunk: int) -> None:
+                 prefill_chunk: int, prefix_caching: bool = False, lookahead: int = 0) -> None:
+        """``lookahead``: tokens past a block that its latents depend on (1 with MTP drafting, whose layer reads the
+        next token; else 0); they join the block's digest."""
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk
+        self.prefix_caching = prefix_caching
+        self.lookahead = lookahead
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_queries = 0  # prompt tokens of first admissions
+        self.prefix_hits = 0  # ...of which reused from the cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -124,6 +146,33 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.cache.free(seq.block_table)
+
+    def _digests(self, seq: Sequence, n_blocks: int) -> list[bytes]:
+        """The chained digests of ``seq``'s first ``n_blocks`` blocks (computed once, kept on the sequence)."""
+        bs, d = self.cache.block_size, seq.block_digests
+        while len(d) < n_blocks:
+            k = len(d)
+            d.append(block_digest(d[-1] if d else None, seq.tokens[k * bs : (k + 1) * bs + self.lookahead]))
+        return d[:n_blocks]
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks of the longest cached prefix a fresh (nothing computed) sequence can reuse; no references taken."""
+        if not self.prefix_caching or seq.num_computed or seq.block_table:
+            return []
+        n = (len(seq.tokens) - 1) // self.cache.block_size  # keep the last token: its logits start decoding
+        return self.cache.allocator.lookup(self._digests(seq, n)) if n > 0 else []
+
+    def commit(self, seq: Sequence, num_final: int) -> None:
+        """Register ``seq``'s full blocks among its first ``num_final`` positions (latents final in every layer)."""
+        if not self.prefix_caching:
+            return
+        n = min(num_final // self.cache.block_size, len(seq.block_table))
+        if n <= seq.num_registered:
+            return
+        digests = self._digests(seq, n)
+        for k in range(seq.num_registered, n):
+            self.cache.allocator.register(seq.block_table[k], digests[k])
+        seq.num_registered = n
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -164,12 +213,26 @@ class Scheduler:
             i += 1
         if preempted:
             return out
+        alloc = self.cache.allocator
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.cache.blocks_for(len(seq.tokens) + 1) > self.cache.allocator.num_free:
+            hit = self._cached_prefix(seq)
+            idle_hits = sum(1 for b in hit if alloc.ref(b) == 0)  # cached blocks num_free counts as allocatable
+            if self.cache.blocks_for(len(seq.tokens) + 1) - len(hit) > alloc.num_free - idle_hits:
                 break
+            alloc.acquire(hit)
+            seq.block_table.extend(hit)
+            seq.num_computed = seq.mtp_computed = len(hit) * self.cache.block_size
+            seq.num_registered = len(hit)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = seq.num_computed
+                if self.prefix_caching:
+                    self.prefix_queries += len(seq.tokens)
+                    self.prefix_hits += seq.num_computed
             n_new = min(seq.remaining, budget, self.prefill_chunk)
-            if not self.cache.ensure(seq.block_table, seq.num_computed + n_new):
+            if not self.cache.ensure(seq.block_table, seq.num_computed + n_new):  # cannot fail after the check
+                self.cache.free(seq.block_table)
+                seq.reset_for_recompute()
                 break
             self.waiting.popleft()
             self.running.append(seq)
