@@ -32,7 +32,7 @@ What is measured, per layout (medians over the timed steps unless said otherwise
   Its ``B`` is the full-backward mean (or ``Bi + W`` when the schedule has no full backward), ``W`` the weight-grad
   mean (0 when there is none), ``F&B`` the pair mean (or ``F + B``), p2p latency 0;
 * ``StepResult.peak_activation_bytes`` per rank (max over the timed steps);
-* ``StepResult.param_bytes`` per rank next to :func:`raymoe.model.plan.stage_memory`'s parameters per rank × 4 bytes
+* ``StepResult.param_bytes`` per rank next to :func:`raymoe.plan.stage_memory`'s parameters per rank × 4 bytes
   (the runtime keeps fp32 master weights under both dtypes; DualPipe: ``stage_memory(..., dualpipe=True)``, rank
   ``r`` holds stages ``r`` and ``pp-1-r``; DualPipeV: ``stage_memory(cfg, 2 pp, dualpipe=True)``, rank ``r`` holds
   stages ``r`` and ``2pp-1-r``; the last stage's MTP blocks hold a copy of the embedding, counted once per rank);
@@ -205,7 +205,7 @@ def sim_costs(mean: dict[str, float]) -> dict[str, float]:
 
 def predicted_params(cfg: ModelConfig, topo: Any) -> dict[str, Any]:
     """``stage_memory``'s parameter bytes per pipeline rank (fp32)."""
-    from raymoe.model.plan import stage_memory
+    from raymoe.plan import stage_memory
 
     pp = topo.pp
     if topo.schedule_name == "dualpipev" and pp > 1:

@@ -9,7 +9,7 @@ import torch
 from raymoe.config import ConfigError, ModelConfig, RopeScaling
 from raymoe.model import DeepSeekV3, LatentKVCache, route, seq_aux_loss
 from raymoe.model.moe import EXPERT_IMPLS, RoutedExperts, set_expert_impl
-from raymoe.model.plan import param_report, stage_memory
+from raymoe.plan import param_report, stage_memory
 from raymoe.model.rope import yarn_inv_freq
 
 
