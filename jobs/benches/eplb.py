@@ -338,6 +338,10 @@ def run_serving(args: dict[str, str], console: Console) -> dict:
             p.kill()
             p.wait()
     same = before["tokens"] == ref and after["tokens"] == ref and (local is None or local["tokens"] == ref)
+    if not same:
+        bad = [n for n, r in (("before", before), ("after scale-up", after), ("in-process", local))
+               if r is not None and r["tokens"] != ref]
+        raise AssertionError(f"eplb serving bench: greedy tokens differ from local experts in phase(s) {bad}")
     where = "remote shard processes over gloo" if remote else "in-process shards"
     t = Table(title=f"Redundant experts while serving (tiny, {where}, {requests} skewed requests x {max_tokens} "
                     f"tokens; greedy tokens identical to local experts: {same})")

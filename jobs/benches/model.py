@@ -35,7 +35,7 @@ from raymoe.jobs.benches import median_seconds
 from raymoe.model import DeepSeekV3
 from raymoe.model import hf as hf_io
 from raymoe.model.moe import DEFAULT_EXPERT_IMPL, EXPERT_IMPLS, set_expert_impl
-from raymoe.model.plan import train_flops_per_token
+from raymoe.plan import train_flops_per_token
 
 console = Console()
 

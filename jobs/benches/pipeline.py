@@ -32,7 +32,7 @@ What is measured, per layout (medians over the timed steps unless said otherwise
   Its ``B`` is the full-backward mean (or ``Bi + W`` when the schedule has no full backward), ``W`` the weight-grad
   mean (0 when there is none), ``F&B`` the pair mean (or ``F + B``), p2p latency 0;
 * ``StepResult.peak_activation_bytes`` per rank (max over the timed steps);
-* ``StepResult.param_bytes`` per rank next to :func:`raymoe.model.plan.stage_memory`'s parameters per rank × 4 bytes
+* ``StepResult.param_bytes`` per rank next to :func:`raymoe.plan.stage_memory`'s parameters per rank × 4 bytes
   (the runtime keeps fp32 master weights under both dtypes; DualPipe: ``stage_memory(..., dualpipe=True)``, rank
   ``r`` holds stages ``r`` and ``pp-1-r``; DualPipeV: ``stage_memory(cfg, 2 pp, dualpipe=True)``, rank ``r`` holds
   stages ``r`` and ``2pp-1-r``; the last stage's MTP blocks hold a copy of the embedding, counted once per rank);
@@ -54,10 +54,12 @@ only add communication and Python overhead); and DualPipe's F&B pairs, which on 
 communication behind another's compute, run as a forward then a backward. On GPUs (one rank per device) each op has
 a fixed cost, the step time follows the simulator's makespan plus the p2p latency, the bubble is real idle device
 time (the ordering 1F1B > ZB1P > DualPipe(V) of the simulated bubble is what a GPU run shows), and throughput
-scales with PP until the bubble dominates. The step time also depends on what the split backward costs, on any
-device: the runtime's stage chunks take the "autograd" weight-grad split (:mod:`raymoe.schedule.executor`), whose
-``W`` walks the chunk's backward graph again, so ``Bi + W`` costs well over one ``B`` (the ``op ms`` line shows it)
-and ZB1P / DualPipe(V) give part of their smaller bubble back. Read the CPU numbers for the runtime's correctness and overheads
+scales with PP until the bubble dominates. The step time also depends on what the split backward costs: on a rank
+whose op list has ``W`` ops the runtime takes the "store" weight-grad split (``apply_wgrad_split``:
+:mod:`raymoe.wgrad`, :mod:`raymoe.schedule.executor`): ``Bi`` computes the input gradients and parks every
+weight-gradient GEMM (Linears, the routed experts' grouped GEMM, the FP8 layers), ``W`` runs only those GEMMs, so
+``Bi + W`` is one ``B``'s work plus the store's bookkeeping (norm and embedding gradients stay in ``Bi``): 1.1× a
+``B`` in the README's run (pp=2: Bi 183 + W 159 ms vs B 305 ms); the ``op ms`` lines show each run's costs. Read the CPU numbers for the runtime's correctness and overheads
 (control plane, activation and parameter memory, the simulator against measured op costs), not for schedule
 speed-ups.
 """
@@ -100,8 +102,9 @@ CPU_NOTE = (
     "whatever the schedule) while per-rank idle is inflated (a rank waits for a peer starved of CPU); op costs grow "
     "when several ranks compute at once; tokens/s cannot grow with PP; F&B pairs run as F then B. On GPUs (one rank "
     "per device) op costs are fixed, the step follows the simulated makespan (+ p2p latency), the bubble is real "
-    "idle device time and the simulated bubble ordering 1F1B > ZB1P > DualPipe(V) is what you would see (the step "
-    "time also pays for Bi + W costing more than one B: see the op ms lines). Read these numbers for overheads, "
+    "idle device time and the simulated bubble ordering 1F1B > ZB1P > DualPipe(V) is what you would see (Bi/W split "
+    "through the deferred weight-grad store: W runs only the parked weight GEMMs; the op ms lines show Bi, W and B). "
+    "Read these numbers for overheads, "
     "memory and the simulator against measured costs, not for schedule speed-ups."
 )
 
@@ -205,7 +208,7 @@ def sim_costs(mean: dict[str, float]) -> dict[str, float]:
 
 def predicted_params(cfg: ModelConfig, topo: Any) -> dict[str, Any]:
     """``stage_memory``'s parameter bytes per pipeline rank (fp32)."""
-    from raymoe.model.plan import stage_memory
+    from raymoe.plan import stage_memory
 
     pp = topo.pp
     if topo.schedule_name == "dualpipev" and pp > 1:

@@ -20,8 +20,8 @@ Three parts, each a table (rich) and a section of the returned JSON; one PNG (``
 2. **mtp** — speculative decoding with the checkpoint's MTP module (``hf=`` or the tiny checkpoint): greedy
    generations from prompts cut out of **held-out text** (the validation plays of the Shakespeare corpus, the split
    :func:`raymoe.data.corpus.split_documents` makes for training), ``k = 1, 2`` drafts per step (``spec=1,2``):
-   draft acceptance rate, tokens emitted per target (verify) forward, decode speed vs no speculation, and a check
-   that the outputs equal the non-speculative ones.
+   draft acceptance rate, tokens emitted per target (verify) forward, decode speed vs no speculation; the outputs
+   must equal the non-speculative ones (the bench fails otherwise).
 3. **load** — the Ray Serve app (:func:`raymoe.jobs.serve.start_server`, 127.0.0.1) driven by an async load generator
    with the real ``openai`` client (``AsyncOpenAI``, streaming completions): closed loop at each concurrency of
    ``conc=1,4,16`` (``load_requests`` requests per level, ``load_timeout`` seconds at most), TTFT and TPOT p50/p99
@@ -310,6 +310,10 @@ def mtp_bench(name: str, path: pathlib.Path, ks: list[int], n_prompts: int, prom
         got = [o.outputs[0].token_ids for o in eng.generate(prompts, sp)]
         t = time.perf_counter() - t0
         d = {key: eng.stats[key] - s0[key] for key in eng.stats}
+        if got != ref:
+            first = next(i for i, (x, y) in enumerate(zip(got, ref)) if x != y)
+            raise AssertionError(f"{name} k={k}: greedy outputs with MTP speculation differ from k=0 (prompt {first}: "
+                                 f"{got[first]} vs {ref[first]})")
         rows.append({
             "model": name, "k": k, "prompts": len(prompts), "prompt_len": prompt_len, "new_tokens": new_tokens,
             "acceptance_rate": d["spec_accepted"] / d["spec_drafted"] if d["spec_drafted"] else 0.0,

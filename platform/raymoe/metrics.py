@@ -1,6 +1,8 @@
 """Metrics sink of the coordinator: a local JSONL file (always) and wandb (offline by default, or none).
 
-The metric namespace is fixed and read by ``dashboards/``: ``train/loss``, ``train/mtp_loss``, ``train/lr``,
+The metric namespace is fixed and read by ``dashboards/``: ``train/loss`` (the objective: main + λ·MTP + aux),
+``train/main_loss`` and ``train/mtp_loss`` (main-model and unweighted MTP cross-entropy, mean over MTP depths: the
+quantities ``val/loss`` and ``val/mtp_loss`` measure on held-out data), ``train/lr``,
 ``perf/tokens_per_s``, ``perf/mfu``, ``balance/maxvio_batch``, ``balance/bias_std``, per-layer
 ``balance/maxvio_batch/layer_i``, ``val/loss``, ``balance/maxvio_global``; list-valued entries ``balance/counts``
 (``[L, E]`` tokens per expert) and ``balance/bias`` go to the JSONL file as-is and to wandb as per-layer histograms

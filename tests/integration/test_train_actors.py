@@ -57,6 +57,12 @@ def test_dp2_balancing_invariants(tmp_path) -> None:
     rows = [json.loads(l) for l in open(pathlib.Path(run.run_dir) / "metrics.jsonl")]
     counted = [r for r in rows if "balance/counts" in r]
     assert counted, "expert counts were never logged"
+    # train/mtp_loss is the unweighted MTP cross-entropy (what val/mtp_loss measures): the objective is main + λ·it
+    lam = run.train.mtp_lambda
+    for r in (r for r in rows if "train/loss" in r):
+        want = r["train/main_loss"] + lam * r["train/mtp_loss"] + r["train/aux_loss"]
+        assert abs(r["train/loss"] - want) <= 1e-5 * r["train/loss"], r
+        assert r["train/mtp_loss"] > r["train/main_loss"] * 0.5  # an unweighted CE, not λ times one
     cfg = run.model
     tokens = run.parallel.dp * run.train.num_microbatches * run.train.micro_batch_size * run.data.seq_len
     mtp_tokens = run.parallel.dp * run.train.num_microbatches * run.train.micro_batch_size * (run.data.seq_len - 1)

@@ -94,6 +94,27 @@ def test_render_full_run(tmp_path: pathlib.Path) -> None:
     assert "<td>val/loss</td>" in page  # last-values table includes the eval metric
 
 
+# what each validation metric measures -> the training metric that measures the same on training batches
+COMPARABLE = {"val/loss": "train/main_loss", "val/mtp_loss": "train/mtp_loss"}
+
+
+def test_panels_pair_train_and_val_metrics_that_measure_the_same_thing() -> None:
+    """A panel that draws a validation loss draws beside it only its training counterpart (not the λ-weighted
+    objective), and every validation loss has a panel with its counterpart."""
+    spec = load_panels()
+    paired = set()
+    for section in spec.sections:
+        for panel in section.panels:
+            vals = [m for m in panel.y if m.startswith("val/")]
+            if not vals:
+                continue
+            assert all(v in COMPARABLE for v in vals), (panel.title, vals)
+            trains = {m for m in panel.y if m.startswith("train/")}
+            assert trains == {COMPARABLE[v] for v in vals}, (panel.title, panel.y)
+            paired |= set(vals)
+    assert paired == set(COMPARABLE)
+
+
 def test_render_without_eval_counts_or_summary(tmp_path: pathlib.Path) -> None:
     run = write_synthetic_run(tmp_path / "run", eval_steps=False, histograms=False, summary=False)
     paths = render(run)  # default out dir: <run>/report

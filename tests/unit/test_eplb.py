@@ -98,6 +98,27 @@ def test_global_fallback_equals_one_node_one_group():
     assert all(torch.equal(x, y) for x, y in zip(fallback, single))
 
 
+@pytest.mark.parametrize("groups, nodes, gpus", [(7, 2, 32), (8, 3, 32), (5, 2, 16), (3, 4, 6)])
+def test_global_policy_needs_no_group_or_node_divisibility(groups, nodes, gpus):
+    """Groups that do not spread over the nodes mean the global policy, as in DeepSeek's EPLB, even when the
+    experts do not split into ``groups`` (256 % 7) or the GPUs into ``nodes`` (6 % 4): those only bind the
+    hierarchical policy. The plan equals the one-node one-group plan and satisfies the contract."""
+    w = _loads(11, 3, 256)
+    replicas = 288 if 288 % gpus == 0 else 258
+    plan = rebalance_experts(w, replicas, groups, nodes, gpus)
+    single = rebalance_experts(w, replicas, 1, 1, gpus)
+    assert all(torch.equal(x, y) for x, y in zip(plan, single))
+    phy2log, log2phy, logcnt = plan
+    assert phy2log.shape == (3, replicas) and (logcnt.sum(-1) == replicas).all()
+    assert balancedness(w, phy2log, logcnt, gpus).max() < balancedness(w, *trivial_placement(w, replicas, gpus)[::2],
+                                                                         gpus).min()
+
+
+def test_hierarchical_policy_still_checks_its_divisibility():
+    with pytest.raises(ValueError, match=r"experts \(256\) must be divisible by num_groups \(6\)"):
+        rebalance_experts(torch.ones(1, 256), 288, 6, 2, 32)     # 6 % 2 == 0: hierarchical, 256 % 6 != 0
+
+
 # ------------------------------------------------------------------------------------------------ hand-checked
 def test_hand_checked_global_case_refinement_reaches_the_optimum():
     w = torch.tensor([[8.0, 4.0, 2.0, 2.0]])
@@ -177,7 +198,7 @@ def test_module_docstring_example():
         (torch.tensor([[1.0, -1.0]]), (2, 1, 1, 1), ValueError, "non-negative"),
         (torch.ones(1, 8), (6, 1, 1, 2), ValueError, r"num_replicas \(6\) must be >= the number of experts \(8\)"),
         (torch.ones(1, 8), (10, 1, 1, 4), ValueError, r"num_replicas \(10\) must be divisible by num_gpus \(4\)"),
-        (torch.ones(1, 8), (12, 2, 4, 6), ValueError, r"num_gpus \(6\) must be divisible by num_nodes \(4\)"),
+        (torch.ones(1, 8), (12, 4, 2, 3), ValueError, r"num_gpus \(3\) must be divisible by num_nodes \(2\)"),
         (torch.ones(1, 8), (8, 3, 1, 2), ValueError, r"experts \(8\) must be divisible by num_groups \(3\)"),
         (torch.ones(1, 8), (8, 0, 1, 2), ValueError, "num_groups must be a positive int"),
         (torch.ones(1, 8), (8, 1, 1, 2.0), ValueError, "num_gpus must be a positive int"),

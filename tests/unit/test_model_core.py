@@ -9,7 +9,7 @@ import torch
 from raymoe.config import ConfigError, ModelConfig, RopeScaling
 from raymoe.model import DeepSeekV3, LatentKVCache, route, seq_aux_loss
 from raymoe.model.moe import EXPERT_IMPLS, RoutedExperts, set_expert_impl
-from raymoe.model.plan import param_report, stage_memory
+from raymoe.plan import param_report, stage_memory
 from raymoe.model.rope import yarn_inv_freq
 
 
@@ -277,6 +277,24 @@ def test_forward_output_fields_and_counts(tiny_model) -> None:
     assert out.expert_counts.sum(-1).tolist() == [3 * 20 * k] * cfg.num_moe_layers + [3 * 19 * k]  # MTP: T-1
     lam = cfg.mtp_loss_weight
     assert torch.allclose(out.loss, out.main_loss + lam * out.mtp_losses[0])
+
+
+def test_mtp_mean_loss_is_the_unweighted_cross_entropy_over_depths() -> None:
+    """What training logs as train/mtp_loss (the quantity val/mtp_loss measures): (1/D)·Σ_k CE of depth k's logits
+    against the labels shifted by k, independent of λ; the objective's term is λ times it."""
+    torch.manual_seed(0)
+    cfg = _tiny().replace(num_nextn_predict_layers=2)
+    m = DeepSeekV3(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    y = torch.roll(x, -1, 1)
+    outs = [m(x, labels=y, mtp_weight=w) for w in (0.3, 0.1)]
+    want = torch.stack([torch.nn.functional.cross_entropy(lg.flatten(0, 1), y[:, k:].flatten())
+                        for k, lg in enumerate(outs[0].mtp_logits, start=1)]).mean()
+    for w, out in zip((0.3, 0.1), outs):
+        assert torch.allclose(out.mtp_mean_loss, want, rtol=1e-6)
+        assert torch.allclose(out.mtp_loss, w * want, rtol=1e-6)
+        assert torch.allclose(out.loss, out.main_loss + w * out.mtp_mean_loss, rtol=1e-6)
+    assert m(x).mtp_mean_loss is None  # no labels, no loss
 
 
 def test_expert_counts_for_mtp_layer_count_its_positions() -> None:

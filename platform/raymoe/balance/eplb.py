@@ -26,15 +26,18 @@ Recipe
      accept it only if that is strictly below the old maximum; stop when no swap helps. Swaps keep ``S`` slots per
      GPU and every group on its node, so the maximum never rises and greedy is never beaten by its own refinement.
 
-* **global** (otherwise): the same with one node and one group: replicate over all ``num_replicas`` slots, pack onto
-  all ``num_gpus`` GPUs, refine over all GPUs.
+* **global** (otherwise, as DeepSeek's EPLB decides: whenever ``num_groups % num_nodes != 0``): the same with one
+  node and one group: replicate over all ``num_replicas`` slots, pack onto all ``num_gpus`` GPUs, refine over all
+  GPUs. The group and node counts then do not constrain anything: ``rebalance_experts(w, 288, 7, 2, 32)`` (256
+  experts, 7 groups) plans globally.
 
 Ties are broken by the lower index everywhere, so a plan is a deterministic function of its inputs.
 
 Contract (the same as DeepSeek's public EPLB)
 ---------------------------------------------
 Inputs: ``weight [L, E]`` real, finite, ``>= 0`` (integer counts are fine); ``num_replicas >= E`` with
-``num_replicas % num_gpus == 0``; ``num_gpus % num_nodes == 0``; ``E % num_groups == 0``. Outputs (``int64``, on
+``num_replicas % num_gpus == 0``; and, for the hierarchical policy only, ``num_gpus % num_nodes == 0`` and
+``E % num_groups == 0``. Outputs (``int64``, on
 ``weight``'s device; the planning itself runs on the CPU in float64):
 
 * ``phy2log [L, num_replicas]`` — the logical expert held by each physical slot. Slots are GPU-major: GPU ``g``
@@ -267,10 +270,15 @@ def rebalance_experts(
     """
     w = _check_weight(weight)
     n_layers, n_exp = w.shape
+    for name, v in (("num_groups", num_groups), ("num_nodes", num_nodes)):
+        _check_int(name, v)
+    # The reference's policy choice: hierarchical only when the groups spread evenly over the nodes, else global
+    # (one node, one group) — whatever E % num_groups or num_gpus % num_nodes are, which only the hierarchical
+    # policy needs.
+    if num_groups % num_nodes:
+        num_groups, num_nodes = 1, 1
     _check_topology(n_exp, num_replicas, num_groups, num_nodes, num_gpus)
     _check_int("max_iters", max_iters)
-    if num_groups % num_nodes:  # global policy: one node, one group
-        num_groups, num_nodes = 1, 1
     group_size = n_exp // num_groups
     groups_per_node = num_groups // num_nodes
     exp_per_node = n_exp // num_nodes

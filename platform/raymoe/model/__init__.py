@@ -1,7 +1,7 @@
 """DeepSeek-V3 model math: single-device PyTorch, no Ray, no torch.distributed.
 
 ``DeepSeekV3(ModelConfig.preset("tiny"))(input_ids)`` → :class:`ModelOutput` with ``.logits [B, T, vocab]``.
-HF checkpoint import/export lives in :mod:`raymoe.model.hf`; sizing of the real model in :mod:`raymoe.model.plan`.
+HF checkpoint import/export lives in :mod:`raymoe.model.hf`; sizing of the real model in :mod:`raymoe.plan`.
 """
 from raymoe.model.cache import LatentKVCache
 from raymoe.model.moe import MoE, RoutedExperts, RouteResult, Router, route, seq_aux_loss

@@ -63,6 +63,12 @@ class ModelOutput:
     aux_loss: Optional[torch.Tensor] = None  # Σ over routing layers of the sequence-wise balance loss
     hidden: Optional[torch.Tensor] = None  # main model's pre-final-norm hidden [B, T, D]
 
+    @property
+    def mtp_mean_loss(self) -> Optional[torch.Tensor]:
+        """(1/D)·Σ_k L_MTP^k, unweighted: the MTP cross-entropy comparable across runs, λ schedules and to
+        validation (``mtp_loss`` is the λ-weighted term of the objective)."""
+        return torch.stack(self.mtp_losses).mean() if self.mtp_losses else None
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(·)) where FFN is dense SwiGLU or DeepSeekMoE."""

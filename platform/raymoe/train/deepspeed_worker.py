@@ -215,7 +215,7 @@ class StageWorker:
                 bad.fill_(1)
             self.engine.backward(loss)
             counts += out.expert_counts
-            parts = [loss, out.main_loss, out.mtp_loss, out.aux_loss]
+            parts = [loss, out.main_loss, out.mtp_mean_loss, out.aux_loss]  # MTP unweighted, comparable to val
             sums += torch.tensor([float(t.detach()) if t is not None else 0.0 for t in parts] + [1.0],
                                  dtype=torch.float64)
             if i < len(mbs) - 1:
@@ -273,7 +273,7 @@ class StageWorker:
             x, y = self.val_ds.batch(ids)
             out = self.model(x, labels=y)
             main += out.main_loss.item()
-            mtp += out.mtp_losses[0].item() if out.mtp_losses else 0.0
+            mtp += out.mtp_mean_loss.item() if out.mtp_losses else 0.0
             counts += out.expert_counts
             a, t = mtp_greedy_acceptance(out)
             acc, drafted = acc + a, drafted + t

@@ -50,9 +50,9 @@ class OpTiming:
 class LossSums:
     """Loss statistics summed over the micro-batches of the whole step (all ranks), and their count."""
 
-    loss: float = 0.0
-    main: float = 0.0
-    mtp: float = 0.0
+    loss: float = 0.0  # the objective: main + (λ/D)·Σ_k L_MTP^k + aux
+    main: float = 0.0  # main-model cross-entropy (what val/loss measures)
+    mtp: float = 0.0  # unweighted (1/D)·Σ_k L_MTP^k (what val/mtp_loss measures)
     aux: float = 0.0
     n: int = 0
 

@@ -283,7 +283,7 @@ class PipelineWorker:
             loss = loss * float("nan")
         self._mb_out.append((
             float(loss.detach()), float(out.main_loss.detach()),
-            float(out.mtp_loss.detach()) if out.mtp_loss is not None else 0.0,
+            float(out.mtp_mean_loss.detach()) if out.mtp_losses else 0.0,  # unweighted, comparable to val
             float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0))
         return loss / self.topo.num_microbatches
 
@@ -409,7 +409,7 @@ class PipelineWorker:
                         self.transport.send((c.pp_rank, dst, "F", st + 1, chain[st + 1][1]), b, h)
                 else:
                     main += float(h.main_loss)
-                    mtp += float(h.mtp_losses[0]) if h.mtp_losses else 0.0
+                    mtp += float(h.mtp_mean_loss) if h.mtp_losses else 0.0
                     n += 1
                     a, t = mtp_greedy_acceptance(h)
                     acc, drafted = acc + a, drafted + t
