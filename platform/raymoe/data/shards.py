@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-__all__ = ["MANIFEST", "write_split", "read_manifest", "verify_manifest", "sha256_file", "PackedDataset"]
+__all__ = ["MANIFEST", "ShardWriter", "write_split", "read_manifest", "verify_manifest", "sha256_file", "PackedDataset"]
 
 MANIFEST = "manifest.json"
 _SCHEMA = pa.schema([pa.field("tokens", pa.int32(), nullable=False)])
@@ -47,6 +47,49 @@ def sha256_file(path: pathlib.Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class ShardWriter:
+    """Streams one split's documents (ids already framed, e.g. ``doc + [EOD]``) into ``<split>-NNNNN.arrow``
+    shards of exactly ``shard_tokens`` tokens (the last one shorter); :meth:`finish` returns the manifest entry."""
+
+    def __init__(self, out_dir: pathlib.Path, split: str, shard_tokens: int) -> None:
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+        self.out_dir, self.split, self.shard_tokens = pathlib.Path(out_dir), split, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._pending: list[np.ndarray] = []
+        self._pending_n = 0
+        self.documents = self.tokens = 0
+
+    def _flush(self, arr: np.ndarray) -> None:
+        path = self.out_dir / f"{self.split}-{len(self.shards):05d}.arrow"
+        batch = pa.record_batch([pa.array(arr, type=pa.int32())], schema=_SCHEMA)
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, _SCHEMA) as writer:
+            writer.write_batch(batch)
+        self.shards.append({"file": path.name, "tokens": int(arr.size), "bytes": path.stat().st_size,
+                            "sha256": sha256_file(path)})
+
+    def add(self, doc: Sequence[int] | np.ndarray) -> None:
+        """Append one framed document to the stream."""
+        arr = np.asarray(doc, dtype=np.int32)
+        self.documents += 1
+        self.tokens += arr.size
+        self._pending.append(arr)
+        self._pending_n += arr.size
+        while self._pending_n >= self.shard_tokens:
+            stream = np.concatenate(self._pending)
+            self._flush(stream[: self.shard_tokens])
+            rest = stream[self.shard_tokens :]
+            self._pending, self._pending_n = ([rest] if rest.size else []), rest.size
+
+    def finish(self) -> dict[str, Any]:
+        """Write the last partial shard; ``{"tokens": N, "documents": D, "shards": [{"file", "tokens", "bytes",
+        "sha256"}, ...]}``."""
+        if self._pending_n:
+            self._flush(np.concatenate(self._pending))
+            self._pending, self._pending_n = [], 0
+        return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
 
 
 def write_split(
@@ -63,37 +106,13 @@ def write_split(
     Returns:
         ``{"tokens": N, "documents": D, "shards": [{"file", "tokens", "bytes", "sha256"}, ...]}``.
     """
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    shards: list[dict[str, Any]] = []
-    pending: list[np.ndarray] = []
-    pending_n = 0
-    n_docs = n_tokens = 0
-
-    def flush(arr: np.ndarray) -> None:
-        path = out_dir / f"{split}-{len(shards):05d}.arrow"
-        batch = pa.record_batch([pa.array(arr, type=pa.int32())], schema=_SCHEMA)
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, _SCHEMA) as writer:
-            writer.write_batch(batch)
-        shards.append({"file": path.name, "tokens": int(arr.size), "bytes": path.stat().st_size,
-                       "sha256": sha256_file(path)})
-
+    writer = ShardWriter(out_dir, split, shard_tokens)
     for ids in token_docs:
         doc = np.empty(len(ids) + 1, dtype=np.int32)
         doc[:-1] = ids
         doc[-1] = eod_id
-        n_docs += 1
-        n_tokens += doc.size
-        pending.append(doc)
-        pending_n += doc.size
-        while pending_n >= shard_tokens:
-            stream = np.concatenate(pending)
-            flush(stream[:shard_tokens])
-            rest = stream[shard_tokens:]
-            pending, pending_n = ([rest] if rest.size else []), rest.size
-    if pending_n:
-        flush(np.concatenate(pending))
-    return {"tokens": n_tokens, "documents": n_docs, "shards": shards}
+        writer.add(doc)
+    return writer.finish()
 
 
 def read_manifest(ds_dir: pathlib.Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ tokenizer_file=...)`` loads it too (HF export and serving reuse it).
 """
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Iterable, Sequence
 
@@ -47,20 +48,75 @@ class Tokenizer:
         tok.eod_id, tok.vocab_size                 # 0, 4096
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, path: pathlib.Path | None = None) -> None:
+    def __init__(self, backend: tokenizers.Tokenizer, path: pathlib.Path | None = None, *,
+                 eod_token: str = EOD_TOKEN, pad_token: str | None = PAD_TOKEN, bos_token: str | None = None) -> None:
         self.backend = backend
         self.path = path
-        eod = backend.token_to_id(EOD_TOKEN)
-        pad = backend.token_to_id(PAD_TOKEN)
+        self.eod_token, self.pad_token, self.bos_token = eod_token, pad_token, bos_token
+        eod = backend.token_to_id(eod_token)
+        pad = backend.token_to_id(pad_token) if pad_token is not None else eod
         if eod is None or pad is None:
-            raise ValueError(f"tokenizer lacks the special tokens {SPECIAL_TOKENS} (not built by raymoe.data?)")
+            raise ValueError(f"tokenizer lacks the special tokens {[eod_token, pad_token]} (not built by raymoe.data?)")
         self.eod_id: int = eod
         self.pad_id: int = pad
+        self.bos_id: int | None = None
+        if bos_token is not None:
+            bos = backend.token_to_id(bos_token)
+            if bos is None:
+                raise ValueError(f"tokenizer config names bos_token {bos_token!r} but {path} has no such token")
+            self.bos_id = bos
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path) -> "Tokenizer":
+        """A ``tokenizer.json`` trained by :func:`train_tokenizer` (specials ``<|endoftext|>``, ``<|pad|>``)."""
         path = pathlib.Path(path)
         return cls(tokenizers.Tokenizer.from_file(str(path)), path)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | pathlib.Path) -> "Tokenizer":
+        """An HF tokenizer directory: ``tokenizer.json`` plus ``tokenizer_config.json`` naming the special tokens.
+
+        ``eos_token`` (required) is the end-of-document token that joins documents; ``bos_token`` (optional) is put
+        before every document when it differs from ``eos_token``; ``pad_token`` defaults to ``eos_token``.
+        """
+        d = pathlib.Path(directory)
+        tok_file, cfg_file = d / "tokenizer.json", d / "tokenizer_config.json"
+        missing = [f.name for f in (tok_file, cfg_file) if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"HF tokenizer directory {d} lacks {missing}: data.tokenizer needs tokenizer.json "
+                                    f"and tokenizer_config.json (what save_pretrained writes)")
+        cfg = json.loads(cfg_file.read_text())
+
+        def special(key: str) -> str | None:
+            v = cfg.get(key)
+            return v.get("content") if isinstance(v, dict) else v
+
+        eos = special("eos_token")
+        if not eos:
+            raise ValueError(f"{cfg_file} names no eos_token: raymoe joins documents with it, so it is required")
+        bos = special("bos_token")
+        return cls(tokenizers.Tokenizer.from_file(str(tok_file)), tok_file, eod_token=eos,
+                   pad_token=special("pad_token") or eos, bos_token=bos if bos and bos != eos else None)
+
+    def document(self, text: str) -> list[int]:
+        """One document's ids as they enter the stream: ``[bos] + encode(text) + [eod]`` (bos only if set)."""
+        head = [self.bos_id] if self.bos_id is not None else []
+        return head + self.encode(text) + [self.eod_id]
+
+    def special_ids(self) -> dict[str, int | None]:
+        """``{"bos_token_id", "eos_token_id", "pad_token_id"}`` as HF configs name them."""
+        return {"bos_token_id": self.bos_id if self.bos_id is not None else self.eod_id,
+                "eos_token_id": self.eod_id, "pad_token_id": self.pad_id}
+
+    def spec(self) -> dict[str, str | None]:
+        """Everything needed to rebuild this tokenizer in another process (plain strings: cheap to ship to Ray)."""
+        return {"json": self.backend.to_str(), "eod_token": self.eod_token, "pad_token": self.pad_token,
+                "bos_token": self.bos_token}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, str | None]) -> "Tokenizer":
+        return cls(tokenizers.Tokenizer.from_str(spec["json"]), eod_token=spec["eod_token"],
+                   pad_token=spec["pad_token"], bos_token=spec["bos_token"])
 
     @property
     def vocab_size(self) -> int:
