@@ -198,7 +198,7 @@ def read_file_docs(source: FileSource, f: SourceFile, fs=None) -> Iterator[Any]:
             for batch in pf.iter_batches(columns=[source.column], batch_size=4096):
                 yield from batch.column(0).to_pylist()
     elif source.format == "jsonl":
-        with fs.open_input_stream(f.path, compression=f.compression) as fh:
+        with _open_stream(fs, f) as fh:
             table = pajson.read_json(fh)
         yield from _table_column(table, source, f.rel)
     elif source.format == "arrow":
@@ -210,10 +210,15 @@ def read_file_docs(source: FileSource, f: SourceFile, fs=None) -> Iterator[Any]:
                 table = pa.ipc.open_stream(fh).read_all()
         yield from _table_column(table, source, f.rel)
     elif source.format == "text":
-        with fs.open_input_stream(f.path, compression=f.compression) as fh:
+        with _open_stream(fs, f) as fh:
             yield decode_text(fh.read(), f.rel)
     else:
         raise ValueError(f"cannot read documents of format {source.format!r}")
+
+
+def _open_stream(fs, f: SourceFile):
+    """An input stream decompressing by the file's suffix (``.gz``/``.zst``)."""
+    return fs.open_input_stream(f.path, compression=f.compression)
 
 
 def decode_text(data: bytes, rel: str) -> str:
