@@ -279,3 +279,42 @@ def test_run_entry_points_use_the_mixture(tmp_path, hf_tok) -> None:
     assert info["eos_token_id"] == 2 and pathlib.Path(info["tokenizer_dir"], "tokenizer_config.json").is_file()
     x, y = train.batch([0, 1])
     assert x.shape == (2, 16) and (x[:, 1:] == y[:, :-1]).all()
+
+
+def test_training_on_a_source_writes_the_tokenizer_into_checkpoint_and_export(tmp_path, hf_tok) -> None:
+    """A short run (one local rank) on a JSONL source with an HF tokenizer: the checkpoint carries data.json and the
+    tokenizer files, the export the tokenizer's bos/eos/pad; the first batch is the mixture's own samples."""
+    import torch
+
+    from raymoe.config import BalanceConfig, LoggerConfig, ParallelConfig, TrainConfig
+    from raymoe.data import prepare_data
+    from raymoe.train.controller import LocalWorkerGroup, TrainController
+
+    src = _write("jsonl.gz", tmp_path / "s", _texts(80, 11))
+    run = RunConfig(model=ModelConfig.preset("tiny"), parallel=ParallelConfig(dp=1),
+                    train=TrainConfig(steps=2, micro_batch_size=2, num_microbatches=1, checkpoint_every=2,
+                                      eval_every=100, eval_batches=1, warmup_tokens=64, seed=0),
+                    data=DataConfig(source=[str(src)], tokenizer=str(hf_tok), seq_len=16, val_fraction=0.2,
+                                    cache_dir=str(tmp_path / "c")),
+                    logger=LoggerConfig(kind="none"), balance=BalanceConfig(histogram_every=100),
+                    run_dir=str(tmp_path / "run"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    info = prepare_data(run, progress=False)
+    group = LocalWorkerGroup(run, 0)
+    ctrl = TrainController(run, group, info["train_samples"], info["val_samples"], data_info=info)
+    try:
+        summary = ctrl.run_loop()
+    finally:
+        ctrl.close()
+        group.shutdown()
+        torch.set_num_threads(threads)
+    assert summary["finished"] and all(np.isfinite(summary["losses"]))
+    ck = pathlib.Path(summary["checkpoint"])
+    data = json.loads((ck / "data.json").read_text())
+    assert (data["bos_token_id"], data["eos_token_id"], data["pad_token_id"]) == (1, 2, 3)
+    assert (ck / "tokenizer" / "tokenizer_config.json").read_bytes() == (hf_tok / "tokenizer_config.json").read_bytes()
+    hf = pathlib.Path(summary["hf_export"])
+    gen = json.loads((hf / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 3)
+    assert (hf / "tokenizer_config.json").is_file()
