@@ -31,7 +31,8 @@ from raymoe.data.userdata import ENCODE_BATCH_DOCS
 
 __all__ = ["ray_encoder"]
 
-_OUT_SCHEMA = pa.schema([pa.field("ids", pa.list_(pa.int32())), pa.field("val", pa.bool_())])
+_OUT_SCHEMA = pa.schema([pa.field("ids", pa.list_(pa.int32())), pa.field("val", pa.bool_()),
+                         pa.field("mask", pa.list_(pa.int8()))])  # mask: null unless chat data
 
 
 class _Encode:
@@ -53,10 +54,19 @@ class _Encode:
         return batch.column(s.column).to_pylist()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        docs, flags = encode_docs(self._docs(batch), self.tok, self.val_fraction, self.source.pretokenized,
-                                  self.vocab_limit)
-        return pa.table([pa.array(docs, type=pa.list_(pa.int32())), pa.array(flags, type=pa.bool_())],
+        docs, flags, masks = encode_docs(self._docs(batch), self.tok, self.val_fraction, self.source.pretokenized,
+                                         self.vocab_limit)
+        return pa.table([pa.array(docs, type=pa.list_(pa.int32())), pa.array(flags, type=pa.bool_()),
+                         pa.array(masks if masks is not None else [None] * len(docs), type=pa.list_(pa.int8()))],
                         schema=_OUT_SCHEMA)
+
+
+def _lists(col: pa.ChunkedArray) -> list[np.ndarray]:
+    """A list column → one numpy view per row (offsets index the unsliced values buffer)."""
+    arr = col.combine_chunks()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    offsets = arr.offsets.to_numpy()
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
 
 
 def _read(source: FileSource):
@@ -76,7 +86,8 @@ def _read(source: FileSource):
 
 
 def ray_encoder(source: FileSource, tok_spec: dict, val_fraction: float, vocab_limit: int, progress: bool,
-                max_actors: Optional[int] = None) -> Iterator[tuple[list[np.ndarray], list[bool]]]:
+                max_actors: Optional[int] = None
+                ) -> Iterator[tuple[list[np.ndarray], list[bool], Optional[list[np.ndarray]]]]:
     """:data:`raymoe.data.userdata.Encoder` on Ray Data (needs ``ray.init`` done). ``max_actors``: size of the
     tokenizer actor pool (default: the cluster's CPU count)."""
     import ray
@@ -94,11 +105,10 @@ def ray_encoder(source: FileSource, tok_spec: dict, val_fraction: float, vocab_l
             batch_size=ENCODE_BATCH_DOCS, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n),
             num_cpus=1)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            ids = batch.column("ids").combine_chunks()
-            values = ids.values.to_numpy(zero_copy_only=False)
-            offsets = ids.offsets.to_numpy()
-            yield ([values[offsets[i]:offsets[i + 1]] for i in range(len(ids))],
-                   batch.column("val").to_pylist())
+            docs = _lists(batch.column("ids"))
+            mask_col = batch.column("mask")
+            masks = _lists(mask_col) if mask_col.null_count < len(mask_col) else None
+            yield docs, batch.column("val").to_pylist(), masks
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 

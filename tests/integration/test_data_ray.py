@@ -1,5 +1,5 @@
 """Tokenizing on Ray Data gives the very shards the single-process build writes (same ids, same order, same files),
-for every format, over an object store, and through the prepare_data job that training's cache then reuses."""
+for every format (chat data with its loss mask included), over an object store, and through the prepare_data job that training's cache then reuses."""
 from __future__ import annotations
 
 import gzip
@@ -33,7 +33,7 @@ def corpus(tmp_path_factory) -> dict[str, pathlib.Path]:
 
     root = tmp_path_factory.mktemp("corpus")
     texts = _texts(900, 0)
-    out = {k: root / k for k in ("parquet", "jsonl", "text", "arrow", "ids")}
+    out = {k: root / k for k in ("parquet", "jsonl", "text", "arrow", "ids", "chat")}
     for d in out.values():
         d.mkdir()
     for i in range(3):
@@ -47,21 +47,30 @@ def corpus(tmp_path_factory) -> dict[str, pathlib.Path]:
                                                for j in range(i * 300, (i + 1) * 300)]}), out["ids"] / f"{i}.parquet")
     with pa.CompressedOutputStream(str(out["jsonl"] / "3.jsonl.zst"), "zstd") as f:
         f.write("".join(json.dumps({"text": t}) + "\n" for t in _texts(50, 1)).encode())
+    with open(out["chat"] / "chat.jsonl", "w") as f:  # conversations: rendered with the chat template, masked
+        for i in range(0, 600, 3):
+            f.write(json.dumps({"messages": [{"role": "user", "content": texts[i]},
+                                             {"role": "assistant", "content": texts[i + 1]},
+                                             {"role": "user", "content": texts[i + 2]},
+                                             {"role": "assistant", "content": texts[i][:20]}]}) + "\n")
     for i, t in enumerate(texts[:40]):
         (out["text"] / f"{i:03d}.txt").write_text(t)
     tok = train_tokenizer(texts, 320)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token="<|pad|>",
                                                 eos_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}### assistant:\n{% endif %}")
     out["tok"] = root / "tok"
     fast.save_pretrained(out["tok"])
     return out
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "text", "arrow", "ids"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "text", "arrow", "ids", "chat"])
 def test_ray_data_shards_equal_single_process_shards(fmt, corpus, ray_session, tmp_path) -> None:
     from raymoe.actors.data import ray_encoder
 
-    src = resolve_source(str(corpus[fmt]), token_column="input_ids" if fmt == "ids" else None)
+    src = resolve_source(str(corpus[fmt]), text_column="messages" if fmt == "chat" else "text",
+                         token_column="input_ids" if fmt == "ids" else None)
     tok = load_tokenizer(str(corpus["tok"]))
     kw = dict(vocab_size=0, val_fraction=0.1, progress=False, shard_tokens=4096)
     local = build_source(src, tok, cache_dir=str(tmp_path / "local"), **kw)
@@ -70,6 +79,7 @@ def test_ray_data_shards_equal_single_process_shards(fmt, corpus, ray_session, t
     assert mr["builder"] == "ray_encoder" and ml["builder"] == "local_encoder"
     assert mr["splits"]["train"]["documents"] > 0 and mr["splits"]["val"]["documents"] > 0
     assert mr["splits"] == ml["splits"]  # token and document counts, and every shard's sha256
+    assert mr["splits"]["train"].get("loss_mask", False) == (fmt == "chat")
     for s in ml["splits"]["train"]["shards"]:
         assert (local / s["file"]).read_bytes() == (ray_dir / s["file"]).read_bytes()
 

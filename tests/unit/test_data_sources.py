@@ -318,3 +318,113 @@ def test_training_on_a_source_writes_the_tokenizer_into_checkpoint_and_export(tm
     gen = json.loads((hf / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 3)
     assert (hf / "tokenizer_config.json").is_file()
+
+
+CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory) -> pathlib.Path:
+    """An HF tokenizer with a ChatML chat template, saved by transformers."""
+    import tokenizers
+    import transformers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<s>", "</s>", "<pad>", "<|im_start|>",
+                                                                  "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(_texts(200, 98), trainer=trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>")
+    fast.chat_template = CHATML
+    d = tmp_path_factory.mktemp("chat_tok")
+    fast.save_pretrained(d)
+    return d
+
+
+def _conversations(n: int) -> list[list[dict]]:
+    rng = np.random.default_rng(12)
+    out = []
+    for i in range(n):
+        conv = [{"role": "system", "content": f"You are helper {i}."}]
+        for _ in range(1 + i % 3):
+            conv.append({"role": "user", "content": " ".join(rng.choice(WORDS, size=int(rng.integers(3, 9))))})
+            conv.append({"role": "assistant", "content": " ".join(rng.choice(WORDS, size=int(rng.integers(2, 7))))})
+        out.append(conv)
+    return out
+
+
+def test_chat_data_masks_all_but_assistant_tokens_and_the_loss_follows(tmp_path, chat_tok) -> None:
+    """Chat JSONL through the chat template: the text is transformers' rendering, the trained tokens are exactly the
+    assistant turns (their content and closing marker), and the model's main and MTP losses equal a hand-computed
+    mean over those target positions only."""
+    import torch
+    import transformers
+
+    from raymoe.model import DeepSeekV3
+
+    convs = _conversations(60)
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    spec = DataSpec(sources=(str(src),), text_column="messages", tokenizer=str(chat_tok), model_vocab_size=4096,
+                    seq_len=32, val_fraction=0.1, cache_dir=str(tmp_path / "c"))
+    train, val, tok = open_all(spec, build_all(spec, progress=False))
+    part = train.parts[0]
+    assert part.has_mask and val.parts[0].has_mask
+
+    fast = transformers.AutoTokenizer.from_pretrained(str(chat_tok))
+    stream = part.tokens(0, part.num_tokens).tolist()
+    mask = part.loss_mask(0, part.num_tokens).tolist()
+    pos = 0
+    train_convs = [c for c in convs if not held_out(c, 0.1)]
+    assert 0 < len(train_convs) < len(convs)
+    for c in train_convs:  # document by document: the text, then which tokens are trained on
+        n = stream.index(fast.eos_token_id, pos) - pos  # the template emits no eos: the document's end
+        ids, m = stream[pos:pos + n], mask[pos:pos + n]
+        text = fast.apply_chat_template(c, tokenize=False)
+        assert ids == fast(text, add_special_tokens=False)["input_ids"]
+        assert stream[pos + n] == fast.eos_token_id and mask[pos + n] == 0
+        want = "".join(f"{x['content']}<|im_end|>\n" for x in c if x["role"] == "assistant")
+        assert fast.decode([t for t, k in zip(ids, m) if k]) == want
+        pos += n + 1
+    assert pos == len(stream)
+
+    torch.manual_seed(0)
+    model = DeepSeekV3(ModelConfig.preset("tiny")).eval()
+    assert model.config.num_nextn_predict_layers == 1
+    sample_ids = [0, 3, 7, 11]
+    x, y = train.batch(sample_ids)
+    assert (y == -100).any() and (y != -100).any()
+    with torch.no_grad():
+        out = model(x, labels=y)
+    w = np.stack([part.window(i) for i in sample_ids])
+    wm = np.stack([part.window_mask(i) for i in sample_ids]).astype(bool)
+
+    def hand_loss(logits: torch.Tensor, shift: int) -> float:  # targets w[:, t + shift], trained where wm[:, t+shift]
+        T = logits.shape[1]
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        total, count = 0.0, 0
+        for b in range(len(sample_ids)):
+            for t in range(T):
+                if wm[b, t + shift]:
+                    total -= float(logp[b, t, int(w[b, t + shift])])
+                    count += 1
+        return total / count
+
+    assert float(out.main_loss) == pytest.approx(hand_loss(out.logits, 1), abs=1e-5)
+    assert float(out.mtp_losses[0]) == pytest.approx(hand_loss(out.mtp_logits[0], 2), abs=1e-5)
+
+
+def test_a_fully_masked_batch_has_zero_loss_and_gradient() -> None:
+    import torch
+
+    from raymoe.model.layers import cross_entropy
+
+    logits = torch.randn(6, 11, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((6,), -100))
+    loss.backward()
+    assert float(loss) == 0.0 and float(logits.grad.abs().sum()) == 0.0

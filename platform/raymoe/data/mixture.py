@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from raymoe.data.shards import PackedDataset
+from raymoe.data.shards import PackedDataset, stack_samples
 
 __all__ = ["MixedDataset", "mixture_counts"]
 
@@ -91,18 +91,18 @@ class MixedDataset:
         i, s = self.locate(int(j))
         return self.parts[i].window(s)
 
+    def window_mask(self, j: int) -> Optional[np.ndarray]:
+        i, s = self.locate(int(j))
+        fn = getattr(self.parts[i], "window_mask", None)
+        return fn(s) if fn is not None else None
+
     def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w = torch.from_numpy(self.window(int(j)).astype(np.int64))
-        return w[:-1], w[1:]
+        x, y = self.batch([int(j)])
+        return x[0], y[0]
 
     def batch(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(ids) == 0:
-            raise ValueError("batch() needs at least one sample id")
-        buf = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
-        for row, j in enumerate(ids):
-            buf[row] = self.window(int(j))
-        w_BT1 = torch.from_numpy(buf)
-        return w_BT1[:, :-1].contiguous(), w_BT1[:, 1:].contiguous()
+        """``(input_ids [B, T], labels [B, T])`` int64; labels ``-100`` where a part's loss mask is 0."""
+        return stack_samples(self, ids)
 
     def __repr__(self) -> str:
         return f"MixedDataset(parts={self.names}, sizes={self.sizes}, counts={self.counts}, seq_len={self.seq_len})"

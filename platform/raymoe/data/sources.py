@@ -228,10 +228,20 @@ def decode_text(data: bytes, rel: str) -> str:
         raise ValueError(f"{rel} is not UTF-8 text ({e}); plain-text sources must be UTF-8") from e
 
 
+def is_chat(doc: Any) -> bool:
+    """A conversation: a list of ``{"role", "content"}`` messages (a ``messages`` column)."""
+    return isinstance(doc, (list, tuple)) and len(doc) > 0 and isinstance(doc[0], dict)
+
+
 def payload_bytes(doc: Any) -> bytes:
-    """The bytes the validation hash reads: UTF-8 text, or the int64 little-endian ids of a pre-tokenized row."""
+    """The bytes the validation hash reads: UTF-8 text, the canonical JSON of a conversation, or the int64
+    little-endian ids of a pre-tokenized row."""
     if isinstance(doc, str):
         return doc.encode("utf-8")
+    if is_chat(doc):
+        import json
+
+        return json.dumps(doc, sort_keys=True, ensure_ascii=False).encode("utf-8")
     import numpy as np
 
     return np.asarray(doc, dtype="<i8").tobytes()
@@ -252,12 +262,28 @@ def is_empty(doc: Any) -> bool:
 
 
 def encode_docs(docs: Sequence[Any], tok, val_fraction: float, pretokenized: bool, vocab_limit: int
-                ) -> tuple[list[list[int]], list[bool]]:
-    """Raw documents → ``(stream ids per document, held-out flags)``; empty documents are dropped. The one encoding
-    function both the single-process build and the Ray Data pipeline call, so their shards cannot differ."""
+                ) -> tuple[list[list[int]], list[bool], Optional[list[list[int]]]]:
+    """Raw documents → ``(stream ids per document, held-out flags, loss masks or None)``; empty documents are
+    dropped. The one encoding function both the single-process build and the Ray Data pipeline call, so their shards
+    cannot differ.
+
+    Framing: text → ``[bos] + ids + [eos]`` (bos only when the tokenizer has one distinct from eos); pre-tokenized
+    rows the same around their ids; a conversation → its chat-template rendering (which places its own special
+    tokens) ``+ [eos]``, with a loss mask that is 1 on assistant tokens only (the closing eos is not trained on).
+    """
     kept = [d for d in docs if not is_empty(d)]
     flags = [held_out(d, val_fraction) for d in kept]
     head = [tok.bos_id] if tok.bos_id is not None else []
+    chats = [is_chat(d) for d in kept]
+    if any(chats):
+        if not all(chats):
+            raise ValueError("a source mixes conversations (lists of messages) with other documents")
+        out, masks = [], []
+        for d in kept:
+            ids, mask = tok.render_chat(d)
+            out.append(ids + [tok.eod_id])
+            masks.append(mask + [0])
+        return out, flags, masks
     if pretokenized:
         out = []
         for d in kept:
@@ -267,6 +293,10 @@ def encode_docs(docs: Sequence[Any], tok, val_fraction: float, pretokenized: boo
                 raise ValueError(f"pre-tokenized document holds id {bad[0]} outside the tokenizer's vocabulary "
                                  f"[0, {vocab_limit}): wrong data.tokenizer for this data?")
             out.append(head + ids + [tok.eod_id])
-        return out, flags
-    texts = list(kept)
-    return [head + ids + [tok.eod_id] for ids in tok.encode_batch(texts)], flags
+        return out, flags, None
+    bad = next((d for d in kept if not isinstance(d, str)), None)
+    if bad is not None:
+        raise ValueError(f"the text column holds {type(bad).__name__} values, not text: name the text column with "
+                         f"data.text_column, a column of token-id lists with data.token_column, or give conversations "
+                         f"as lists of {{'role', 'content'}} messages")
+    return [head + ids + [tok.eod_id] for ids in tok.encode_batch(kept)], flags, None

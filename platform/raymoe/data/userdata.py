@@ -49,11 +49,12 @@ __all__ = ["DataSpec", "Encoder", "local_encoder", "load_tokenizer", "build_sour
 log = logging.getLogger(__name__)
 
 FILES_VERSION = "files-1"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 ENCODE_BATCH_DOCS = 256  # documents per encode call (the Ray pipeline uses the same batch size)
 
-# (source, tokenizer spec, val_fraction, vocab_limit, progress) -> (framed ids per doc, held-out flags) in order
-Encoder = Callable[[FileSource, dict, float, int, bool], Iterator[tuple[list[list[int]], list[bool]]]]
+# (source, tokenizer spec, val_fraction, vocab_limit, progress) -> (framed ids per doc, held-out flags, loss masks
+# per doc or None) in document order
+Encoder = Callable[[FileSource, dict, float, int, bool], Iterator[tuple[list[Any], list[bool], Optional[list[Any]]]]]
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def check_vocab(tok: Tokenizer, model_vocab_size: int, what: str) -> None:
 
 
 def local_encoder(source: FileSource, tok_spec: dict, val_fraction: float, vocab_limit: int,
-                  progress: bool) -> Iterator[tuple[list[list[int]], list[bool]]]:
+                  progress: bool) -> Iterator[tuple[list[Any], list[bool], Optional[list[Any]]]]:
     """The single-process encoder: read each file in order, encode :data:`ENCODE_BATCH_DOCS` documents at a time."""
     tok = Tokenizer.from_spec(tok_spec)
     fs = source.filesystem()
@@ -147,6 +148,9 @@ def _train_docs(source: FileSource, val_fraction: float) -> Iterator[str]:
     for f in source.files:
         for doc in read_file_docs(source, f, fs):
             if not is_empty(doc) and not held_out(doc, val_fraction):
+                if not isinstance(doc, str):
+                    raise ValueError(f"data.tokenizer=train learns a BPE from text; {source.uri} holds "
+                                     f"{type(doc).__name__} documents: give an HF tokenizer directory")
                 yield doc
 
 
@@ -197,9 +201,9 @@ def build_source(source: FileSource, tok: Optional[Tokenizer], *, vocab_size: in
         t0 = time.perf_counter()
         writers = {"train": ShardWriter(tmp, "train", shard_tokens or DEFAULT_SHARD_TOKENS),
                    "val": ShardWriter(tmp, "val", shard_tokens or DEFAULT_SHARD_TOKENS)}
-        for docs, flags in encoder(source, use.spec(), val_fraction, use.vocab_size, progress):
-            for ids, val in zip(docs, flags):
-                writers["val" if val else "train"].add(ids)
+        for docs, flags, masks in encoder(source, use.spec(), val_fraction, use.vocab_size, progress):
+            for k, (ids, val) in enumerate(zip(docs, flags)):
+                writers["val" if val else "train"].add(ids, None if masks is None else masks[k])
         splits = {k: w.finish() for k, w in writers.items()}
         times["encode_write_s"] = time.perf_counter() - t0
         manifest = {

@@ -331,7 +331,7 @@ class TrainController:
                                                 indent=2))
         tok_dir = self.data_info.get("tokenizer_dir")
         if tok_dir:
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
                 src = pathlib.Path(tok_dir) / name
                 if src.is_file():
                     (d / "tokenizer").mkdir(exist_ok=True)
@@ -616,9 +616,9 @@ class TrainController:
         tok = self.data_info.get("tokenizer_path")
         if tok and pathlib.Path(tok).is_file():
             shutil.copyfile(tok, d / "tokenizer.json")
-            tok_cfg = pathlib.Path(tok).with_name("tokenizer_config.json")  # an HF tokenizer's special tokens
-            if tok_cfg.is_file():
-                shutil.copyfile(tok_cfg, d / "tokenizer_config.json")
+            for name in ("tokenizer_config.json", "chat_template.jinja"):  # an HF tokenizer's specials and template
+                if pathlib.Path(tok).with_name(name).is_file():
+                    shutil.copyfile(pathlib.Path(tok).with_name(name), d / name)
         gen: dict[str, Any] = {"_from_model_config": False}
         if self.data_info.get("eod_id") is not None:
             gen.update(eos_token_id=int(self.data_info["eod_id"]), pad_token_id=int(self.data_info["eod_id"]))
