@@ -1,5 +1,6 @@
 """Tokenizing on Ray Data gives the very shards the single-process build writes (same ids, same order, same files),
-for every format (chat data with its loss mask included), over an object store, and through the prepare_data job that training's cache then reuses."""
+for every format (chat data with its loss mask included), over an object store, and through the prepare_data job
+that training's cache then reuses."""
 from __future__ import annotations
 
 import gzip
