@@ -39,7 +39,10 @@ def prepare(run: RunConfig, progress: bool = True) -> dict[str, Any]:
 
     if not run.data.source:
         return prepare_data(run, progress=progress)
+    from raymoe.data.userdata import DataSpec, check_spec
     from raymoe.jobs.cluster import connect
+
+    check_spec(DataSpec.from_run(run))  # a wrong path, column-less source or tokenizer fails before Ray starts
 
     env = {k: os.environ[k] for k in ("TOKENIZERS_PARALLELISM", "RAYMOE_CACHE_DIR") if k in os.environ}
     connect(run.ray.address, num_cpus=run.ray.num_cpus, object_store_mb=run.ray.object_store_mb,
@@ -53,7 +56,10 @@ def prepare(run: RunConfig, progress: bool = True) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     run = to_run_config(cfg)
     t0 = time.time()
-    info = prepare(run)
+    try:
+        info = prepare(run)
+    except (ValueError, FileNotFoundError) as e:  # bad data settings: one line naming what is wrong
+        raise SystemExit(f"prepare_data: {e}") from None
     info["seconds"] = round(time.time() - t0, 2)
     print(json.dumps(info, indent=1))
 

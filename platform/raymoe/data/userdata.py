@@ -44,7 +44,7 @@ from raymoe.data.sources import FileSource, encode_docs, is_empty, read_file_doc
 from raymoe.data.tokenizer import Tokenizer, _check_vocab_size, train_tokenizer
 
 __all__ = ["DataSpec", "Encoder", "local_encoder", "load_tokenizer", "build_source", "build_all", "open_all",
-           "prepare_user_data", "open_tokenizer", "TOKENIZER_FILES"]
+           "prepare_user_data", "open_tokenizer", "check_spec", "TOKENIZER_FILES"]
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,9 @@ def _shard_dir(source: FileSource) -> pathlib.Path:
     return materialize(source.uri)
 
 
-def build_all(spec: DataSpec, encoder: Optional[Encoder] = None, progress: bool = True) -> Built:
-    """Build (or find) every source of ``spec``; checks tokenizer agreement and the vocabulary against the model."""
+def check_spec(spec: DataSpec) -> tuple[Optional[Tokenizer], list[FileSource], Optional[FileSource]]:
+    """Resolve the tokenizer and every source and check they fit together (cheap: listings and small files only),
+    so a mistake fails before any cluster work starts. Returns ``(tokenizer or None, sources, val source)``."""
     if not spec.sources:
         raise ValueError("data.source is empty")
     if spec.weights and len(spec.weights) != len(spec.sources):
@@ -267,6 +268,12 @@ def build_all(spec: DataSpec, encoder: Optional[Encoder] = None, progress: bool 
     if tok is None and len(file_sources) > 1:
         raise ValueError("data.tokenizer=train learns a BPE from one text source; with several sources (or a "
                          "data.val_source) give data.tokenizer=<HF tokenizer directory> so all share one vocabulary")
+    return tok, resolved, val_resolved
+
+
+def build_all(spec: DataSpec, encoder: Optional[Encoder] = None, progress: bool = True) -> Built:
+    """Build (or find) every source of ``spec``; checks tokenizer agreement and the vocabulary against the model."""
+    tok, resolved, val_resolved = check_spec(spec)
     train_frac = 0.0 if val_resolved is not None else spec.val_fraction
 
     def one(s: FileSource, frac: float) -> pathlib.Path:
