@@ -102,8 +102,8 @@ def ray_encoder(source: FileSource, tok_spec: dict, val_fraction: float, vocab_l
         ds = _read(source).map_batches(
             _Encode, fn_constructor_kwargs={"source": source, "tok_spec": tok_spec, "val_fraction": val_fraction,
                                             "vocab_limit": vocab_limit},
-            batch_size=ENCODE_BATCH_DOCS, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n),
-            num_cpus=1)
+            batch_size=ENCODE_BATCH_DOCS, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n), num_cpus=1)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             docs = _lists(batch.column("ids"))
             mask_col = batch.column("mask")

@@ -35,7 +35,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-__all__ = ["MANIFEST", "ShardWriter", "stack_samples", "write_split", "read_manifest", "verify_manifest", "sha256_file", "PackedDataset"]
+__all__ = ["MANIFEST", "ShardWriter", "stack_samples", "write_split", "read_manifest", "verify_manifest", "sha256_file",
+           "PackedDataset"]
 
 MANIFEST = "manifest.json"
 _SCHEMA = pa.schema([pa.field("tokens", pa.int32(), nullable=False)])
