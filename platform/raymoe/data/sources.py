@@ -33,6 +33,7 @@ train/val leak through duplicates). The bundled corpus keeps its own whole-play 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pathlib
@@ -90,6 +91,11 @@ class FileSource:
         return open_filesystem(self.uri)[0]
 
     def fingerprint(self) -> str:
+        """sha256 of the listing plus the local files' bytes (see the module docstring); memoized per process for
+        an unchanged listing (paths, sizes, mtimes)."""
+        return _fingerprint(self)
+
+    def _compute_fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.format}|{self.column}|{self.pretokenized}".encode())
         fs = self.filesystem()
         for f in self.files:
@@ -101,6 +107,11 @@ class FileSource:
             else:
                 h.update(str(f.mtime_ns).encode())
         return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(source: FileSource) -> str:
+    return source._compute_fingerprint()
 
 
 def open_filesystem(uri: str):
