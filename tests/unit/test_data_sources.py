@@ -428,3 +428,19 @@ def test_a_fully_masked_batch_has_zero_loss_and_gradient() -> None:
     loss = cross_entropy(logits, torch.full((6,), -100))
     loss.backward()
     assert float(loss.detach()) == 0.0 and float(logits.grad.abs().sum()) == 0.0
+
+
+def test_a_shard_directory_is_a_source_as_it_is(tmp_path, hf_tok, chat_tok) -> None:
+    texts = _texts(40, 13)
+    first = DataSpec(sources=(str(_write("parquet", tmp_path / "p", texts)),), tokenizer=str(hf_tok),
+                     model_vocab_size=512, seq_len=16, val_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    built = pathlib.Path(prepare_user_data(first, progress=False)["dataset_dir"])
+    again = DataSpec(sources=(str(built),), tokenizer=str(hf_tok), model_vocab_size=512, seq_len=16,
+                     cache_dir=str(tmp_path / "c2"))
+    info = prepare_user_data(again, progress=False)
+    assert info["dataset_dir"] == str(built) and not (tmp_path / "c2").exists()  # opened, not rebuilt
+    train, _, _ = open_all(again, build_all(again, progress=False))
+    assert train.parts[0].tokens(0, 50).tolist() == _expected(texts, hf_tok, 0.2)["train"][:50]
+    other = DataSpec(sources=(str(built),), tokenizer=str(chat_tok), model_vocab_size=512, seq_len=16)
+    with pytest.raises(ValueError, match="was tokenized with another tokenizer"):
+        build_all(other, progress=False)
