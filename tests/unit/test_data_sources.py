@@ -240,6 +240,10 @@ def test_errors_name_the_problem(tmp_path, hf_tok) -> None:
     with pytest.raises(ValueError, match=r"no column 'body' \(data.text_column\); its columns are \['text', 'n'\]"):
         build_source(resolve_source(str(src), text_column="body"), load_tokenizer(str(hf_tok)), vocab_size=0,
                      val_fraction=0.1, cache_dir=str(tmp_path / "c"), progress=False)
+    from raymoe.data.userdata import check_spec
+
+    with pytest.raises(ValueError, match=r"no column 'body'"):  # before any build (prepare_data: before Ray)
+        check_spec(DataSpec(sources=(str(src),), text_column="body", tokenizer=str(hf_tok), model_vocab_size=512))
     (src / "x.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(ValueError, match=r"mixes formats \['jsonl', 'parquet'\]"):
         resolve_source(str(src))

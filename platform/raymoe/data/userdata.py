@@ -264,11 +264,25 @@ def check_spec(spec: DataSpec) -> tuple[Optional[Tokenizer], list[FileSource], O
         check_vocab(tok, spec.model_vocab_size, f"data.tokenizer={spec.tokenizer!r}")
     resolved = [spec.resolve(u) for u in spec.sources]
     val_resolved = spec.resolve(spec.val_source) if spec.val_source else None
+    for s in [*resolved, val_resolved]:
+        if s is not None and s.format == "parquet":  # the schema is in the footer: a cheap, early column check
+            _check_parquet_column(s)
     file_sources = [s for s in [*resolved, val_resolved] if s is not None and s.format != "shards"]
     if tok is None and len(file_sources) > 1:
         raise ValueError("data.tokenizer=train learns a BPE from one text source; with several sources (or a "
                          "data.val_source) give data.tokenizer=<HF tokenizer directory> so all share one vocabulary")
     return tok, resolved, val_resolved
+
+
+def _check_parquet_column(source: FileSource) -> None:
+    import pyarrow.parquet as pq
+
+    f = source.files[0]
+    with source.filesystem().open_input_file(f.path) as fh:
+        names = pq.read_schema(fh).names
+    if source.column not in names:
+        what = "data.token_column" if source.pretokenized else "data.text_column"
+        raise ValueError(f"{source.uri}: {f.rel} has no column {source.column!r} ({what}); its columns are {names}")
 
 
 def build_all(spec: DataSpec, encoder: Optional[Encoder] = None, progress: bool = True) -> Built:
