@@ -3,7 +3,7 @@
 Pipeline (one per source)::
 
     read_parquet / read_json / read_binary_files (text: one file = one document) / file list (Arrow IPC)
-      → map_batches(_Encode, actor pool of up to one actor per CPU, 256 documents per batch)
+      → map_batches(_encode, one-CPU tasks fused with the read, 256 documents per batch)
       → iter_batches on the caller, in order → ShardWriter (train / val) → manifest → atomic rename into the cache
 
 Why this shape. Reading and tokenizing (the expensive part: ~1 µs per byte with a large BPE) run in parallel over
@@ -20,6 +20,8 @@ disk is shared or the cluster is one machine: use an object store URI on a real 
 """
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -35,30 +37,30 @@ _OUT_SCHEMA = pa.schema([pa.field("ids", pa.list_(pa.int32())), pa.field("val", 
                          pa.field("mask", pa.list_(pa.int8()))])  # mask: null unless chat data
 
 
-class _Encode:
-    """Ray Data actor: one tokenizer per actor, built once from its spec."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(spec_json: str) -> Tokenizer:
+    """One tokenizer per worker process and spec (Ray reuses worker processes across tasks)."""
+    return Tokenizer.from_spec(json.loads(spec_json))
 
-    def __init__(self, source: FileSource, tok_spec: dict, val_fraction: float, vocab_limit: int) -> None:
-        self.source, self.val_fraction, self.vocab_limit = source, val_fraction, vocab_limit
-        self.tok = Tokenizer.from_spec(tok_spec)
 
-    def _docs(self, batch: pa.Table) -> list[Any]:
-        s = self.source
-        if s.format == "text":
-            return [decode_text(b, f"a file of {s.uri}") for b in batch.column("bytes").to_pylist()]
-        if s.format == "arrow":
-            fs = s.filesystem()
-            return [doc for i in batch.column("file").to_pylist() for doc in read_file_docs(s, s.files[i], fs)]
-        if s.column not in batch.column_names:
-            raise ValueError(f"{s.uri}: no column {s.column!r}; columns are {batch.column_names}")
-        return batch.column(s.column).to_pylist()
+def _docs(batch: pa.Table, s: FileSource) -> list[Any]:
+    if s.format == "text":
+        return [decode_text(b, f"a file of {s.uri}") for b in batch.column("bytes").to_pylist()]
+    if s.format == "arrow":
+        fs = s.filesystem()
+        return [doc for i in batch.column("file").to_pylist() for doc in read_file_docs(s, s.files[i], fs)]
+    if s.column not in batch.column_names:
+        raise ValueError(f"{s.uri}: no column {s.column!r}; columns are {batch.column_names}")
+    return batch.column(s.column).to_pylist()
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        docs, flags, masks = encode_docs(self._docs(batch), self.tok, self.val_fraction, self.source.pretokenized,
-                                         self.vocab_limit)
-        return pa.table([pa.array(docs, type=pa.list_(pa.int32())), pa.array(flags, type=pa.bool_()),
-                         pa.array(masks if masks is not None else [None] * len(docs), type=pa.list_(pa.int8()))],
-                        schema=_OUT_SCHEMA)
+
+def _encode(batch: pa.Table, source: FileSource, spec_json: str, val_fraction: float, vocab_limit: int) -> pa.Table:
+    """The ``map_batches`` function: raw documents → framed ids, held-out flags, loss masks (null unless chat)."""
+    docs, flags, masks = encode_docs(_docs(batch, source), _tokenizer(spec_json), val_fraction, source.pretokenized,
+                                     vocab_limit)
+    return pa.table([pa.array(docs, type=pa.list_(pa.int32())), pa.array(flags, type=pa.bool_()),
+                     pa.array(masks if masks is not None else [None] * len(docs), type=pa.list_(pa.int8()))],
+                    schema=_OUT_SCHEMA)
 
 
 def _lists(col: pa.ChunkedArray) -> list[np.ndarray]:
@@ -85,25 +87,24 @@ def _read(source: FileSource):
     raise ValueError(f"no Ray Data reader for format {source.format!r}")
 
 
-def ray_encoder(source: FileSource, tok_spec: dict, val_fraction: float, vocab_limit: int, progress: bool,
-                max_actors: Optional[int] = None
+def ray_encoder(source: FileSource, tok_spec: dict, val_fraction: float, vocab_limit: int, progress: bool
                 ) -> Iterator[tuple[list[np.ndarray], list[bool], Optional[list[np.ndarray]]]]:
-    """:data:`raymoe.data.userdata.Encoder` on Ray Data (needs ``ray.init`` done). ``max_actors``: size of the
-    tokenizer actor pool (default: the cluster's CPU count)."""
-    import ray
+    """:data:`raymoe.data.userdata.Encoder` on Ray Data (needs ``ray.init`` done).
+
+    Tokenizing runs as plain tasks of one CPU each, fused with the read (one task reads a block and tokenizes it), so
+    every free CPU of the cluster works and none is held idle: an actor pool would pin CPUs the read tasks then lack
+    (with one CPU, a deadlock)."""
     from ray.data import DataContext
 
-    n = max_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     ctx = DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = progress
     try:
         ds = _read(source).map_batches(
-            _Encode, fn_constructor_kwargs={"source": source, "tok_spec": tok_spec, "val_fraction": val_fraction,
-                                            "vocab_limit": vocab_limit},
-            batch_size=ENCODE_BATCH_DOCS, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n), num_cpus=1)
+            _encode, fn_kwargs={"source": source, "spec_json": json.dumps(tok_spec), "val_fraction": val_fraction,
+                                "vocab_limit": vocab_limit},
+            batch_size=ENCODE_BATCH_DOCS, batch_format="pyarrow", num_cpus=1)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             docs = _lists(batch.column("ids"))
             mask_col = batch.column("mask")
@@ -111,4 +112,3 @@ def ray_encoder(source: FileSource, tok_spec: dict, val_fraction: float, vocab_l
             yield docs, batch.column("val").to_pylist(), masks
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
-
