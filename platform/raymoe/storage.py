@@ -224,7 +224,9 @@ class Storage:
             finally:
                 tmp.unlink(missing_ok=True)
             return meta
-        with self.fs.open_output_stream(path) as out:  # the object appears when the stream closes
+        # compression=None: pyarrow's default ('detect') would gzip a *.gz file again on the way in (and strip one layer
+        # on the way out): the store must hold the bytes as they are, for every other reader
+        with self.fs.open_output_stream(path, compression=None) as out:  # the object appears when the stream closes
             return _sha_chunks(chunks, out.write)
 
     def write_bytes(self, rel: str, data: bytes) -> FileMeta:
@@ -262,7 +264,7 @@ class Storage:
 
     def read_bytes(self, rel: str) -> bytes:
         try:
-            with self.fs.open_input_stream(self._path(rel)) as f:
+            with self.fs.open_input_stream(self._path(rel), compression=None) as f:
                 return bytes(f.read())
         except FileNotFoundError:
             raise self._missing(rel) from None
@@ -281,7 +283,7 @@ class Storage:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
         try:
-            with self.fs.open_input_stream(self._path(rel)) as f, open(tmp, "wb") as out:
+            with self.fs.open_input_stream(self._path(rel), compression=None) as f, open(tmp, "wb") as out:
                 meta = _sha_chunks(_read_chunks(f), out.write)
             os.replace(tmp, target)
         except FileNotFoundError:

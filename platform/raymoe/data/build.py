@@ -31,7 +31,7 @@ import re
 import shutil
 import time
 import uuid
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -132,7 +132,14 @@ def build_tokenized(
     src = corpus_source(corpus)
     name = _build_name(src.name, src.fingerprint(), vocab_size, val_fraction)
     root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    root = root / "datasets"
+    final = cached_build(root / "datasets", name, verify,
+                         lambda tmp: _build_into(tmp, src, vocab_size, val_fraction, shard_tokens, progress))
+    return final
+
+
+def cached_build(root: pathlib.Path, name: str, verify: bool, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """``root/name`` if it holds an intact build, else ``build(tmp)`` into a private temp directory renamed onto
+    ``root/name`` (under a file lock; see the module docstring). Returns ``root/name``."""
     final = root / name
     if _intact(final, verify):
         return final
@@ -145,7 +152,7 @@ def build_tokenized(
         tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            _build_into(tmp, src, vocab_size, val_fraction, shard_tokens, progress)
+            build(tmp)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -261,17 +268,24 @@ def _run_args(run: Any) -> dict[str, Any]:
         "seq_len": data.seq_len,
         "cache_dir": data.cache_dir,
         "corpus": data.corpus,
-        "val_fraction": getattr(data, "val_fraction", DEFAULT_VAL_FRACTION),  # not a config knob (yet)
+        "val_fraction": data.val_fraction,
     }
 
 
-def prepare_data(run: Any, progress: bool = True) -> dict[str, Any]:
+def prepare_data(run: Any, progress: bool = True, encoder: Optional[Any] = None) -> dict[str, Any]:
     """Build the data for a ``RunConfig`` once (the coordinator calls this before the replicas open it).
 
-    Returns a plain dict (safe to send over Ray): ``train_samples``, ``val_samples``, ``train_tokens``,
-    ``val_tokens``, ``vocab_size`` (the tokenizer's), ``eod_id``, ``dataset_dir``, ``tokenizer_path``,
+    ``encoder`` tokenizes ``data.source`` files (default: in this process; the coordinator passes the Ray Data
+    pipeline of :mod:`raymoe.actors.data`). Returns a plain dict (safe to send over Ray): ``train_samples``,
+    ``val_samples``, ``train_tokens``, ``val_tokens``, ``vocab_size`` (the tokenizer's), ``eod_id``,
+    ``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ``dataset_dir``, ``tokenizer_path``, ``tokenizer_dir``
+    (all tokenizer files: ``tokenizer.json`` and, for an HF tokenizer, ``tokenizer_config.json``),
     ``tokenizer_sha256``.
     """
+    if run.data.source:
+        from raymoe.data.userdata import DataSpec, prepare_user_data
+
+        return prepare_user_data(DataSpec.from_run(run), encoder, progress)
     train, val, tok = build_dataset(progress=progress, **_run_args(run))
     return {
         "train_samples": len(train),
@@ -280,13 +294,24 @@ def prepare_data(run: Any, progress: bool = True) -> dict[str, Any]:
         "val_tokens": val.num_tokens,
         "vocab_size": tok.vocab_size,
         "eod_id": tok.eod_id,
+        **tok.special_ids(),
         "dataset_dir": str(train.dir),
         "tokenizer_path": str(tok.path),
+        "tokenizer_dir": str(tok.path.parent),
         "tokenizer_sha256": train.manifest["tokenizer_sha256"],
     }
 
 
-def open_datasets(run: Any) -> tuple[PackedDataset, PackedDataset]:
-    """``(train_ds, val_ds)`` for a ``RunConfig`` (builds if missing; normally :func:`prepare_data` already did)."""
+def open_datasets(run: Any) -> tuple[Any, Any]:
+    """``(train_ds, val_ds)`` for a ``RunConfig`` (builds if missing; normally :func:`prepare_data` already did).
+
+    The bundled corpus gives :class:`PackedDataset` s, ``data.source`` a :class:`~raymoe.data.mixture.MixedDataset`
+    (same ``len``/``batch`` contract)."""
+    if run.data.source:
+        from raymoe.data.userdata import DataSpec, build_all, open_all
+
+        spec = DataSpec.from_run(run)
+        train, val, _ = open_all(spec, build_all(spec, progress=False))
+        return train, val
     train, val, _ = build_dataset(progress=False, **_run_args(run))
     return train, val

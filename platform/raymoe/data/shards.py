@@ -35,10 +35,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-__all__ = ["MANIFEST", "write_split", "read_manifest", "verify_manifest", "sha256_file", "PackedDataset"]
+__all__ = ["MANIFEST", "ShardWriter", "stack_samples", "write_split", "read_manifest", "verify_manifest", "sha256_file",
+           "PackedDataset"]
 
 MANIFEST = "manifest.json"
 _SCHEMA = pa.schema([pa.field("tokens", pa.int32(), nullable=False)])
+# chat data: a second column, loss_mask[t] = 1 when token t is a target the loss trains on (assistant turns)
+_SCHEMA_MASK = pa.schema([pa.field("tokens", pa.int32(), nullable=False),
+                          pa.field("loss_mask", pa.int8(), nullable=False)])
 
 
 def sha256_file(path: pathlib.Path, chunk: int = 1 << 22) -> str:
@@ -47,6 +51,68 @@ def sha256_file(path: pathlib.Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class ShardWriter:
+    """Streams one split's documents (ids already framed, e.g. ``doc + [EOD]``) into ``<split>-NNNNN.arrow``
+    shards of exactly ``shard_tokens`` tokens (the last one shorter); :meth:`finish` returns the manifest entry."""
+
+    def __init__(self, out_dir: pathlib.Path, split: str, shard_tokens: int) -> None:
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+        self.out_dir, self.split, self.shard_tokens = pathlib.Path(out_dir), split, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._pending: list[np.ndarray] = []
+        self._pending_mask: list[np.ndarray] = []
+        self._pending_n = 0
+        self.documents = self.tokens = 0
+        self.has_mask: bool | None = None  # decided by the first document
+
+    def _flush(self, arr: np.ndarray, mask: np.ndarray | None) -> None:
+        path = self.out_dir / f"{self.split}-{len(self.shards):05d}.arrow"
+        schema = _SCHEMA if mask is None else _SCHEMA_MASK
+        cols = [pa.array(arr, type=pa.int32())] + ([] if mask is None else [pa.array(mask, type=pa.int8())])
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_batch(pa.record_batch(cols, schema=schema))
+        self.shards.append({"file": path.name, "tokens": int(arr.size), "bytes": path.stat().st_size,
+                            "sha256": sha256_file(path)})
+
+    def add(self, doc: Sequence[int] | np.ndarray, mask: Sequence[int] | np.ndarray | None = None) -> None:
+        """Append one framed document (and, for chat data, its loss mask of the same length) to the stream."""
+        arr = np.asarray(doc, dtype=np.int32)
+        if self.has_mask is None:
+            self.has_mask = mask is not None
+        if self.has_mask != (mask is not None):
+            raise ValueError(f"{self.split}: documents with and without a loss mask in one stream (chat and plain "
+                             f"text mixed in one source); give them as separate sources")
+        self.documents += 1
+        self.tokens += arr.size
+        self._pending.append(arr)
+        if mask is not None:
+            m = np.asarray(mask, dtype=np.int8)
+            if m.shape != arr.shape:
+                raise ValueError(f"loss mask of {m.size} entries for a document of {arr.size} tokens")
+            self._pending_mask.append(m)
+        self._pending_n += arr.size
+        while self._pending_n >= self.shard_tokens:
+            stream = np.concatenate(self._pending)
+            mstream = np.concatenate(self._pending_mask) if self.has_mask else None
+            self._flush(stream[: self.shard_tokens], None if mstream is None else mstream[: self.shard_tokens])
+            rest = stream[self.shard_tokens :]
+            self._pending, self._pending_n = ([rest] if rest.size else []), rest.size
+            self._pending_mask = [] if mstream is None or not rest.size else [mstream[self.shard_tokens :]]
+
+    def finish(self) -> dict[str, Any]:
+        """Write the last partial shard; ``{"tokens": N, "documents": D, "loss_mask": bool, "shards": [{"file",
+        "tokens", "bytes", "sha256"}, ...]}``."""
+        if self._pending_n:
+            self._flush(np.concatenate(self._pending),
+                        np.concatenate(self._pending_mask) if self.has_mask else None)
+            self._pending, self._pending_mask, self._pending_n = [], [], 0
+        entry = {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
+        if self.has_mask:
+            entry["loss_mask"] = True
+        return entry
 
 
 def write_split(
@@ -63,37 +129,13 @@ def write_split(
     Returns:
         ``{"tokens": N, "documents": D, "shards": [{"file", "tokens", "bytes", "sha256"}, ...]}``.
     """
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    shards: list[dict[str, Any]] = []
-    pending: list[np.ndarray] = []
-    pending_n = 0
-    n_docs = n_tokens = 0
-
-    def flush(arr: np.ndarray) -> None:
-        path = out_dir / f"{split}-{len(shards):05d}.arrow"
-        batch = pa.record_batch([pa.array(arr, type=pa.int32())], schema=_SCHEMA)
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, _SCHEMA) as writer:
-            writer.write_batch(batch)
-        shards.append({"file": path.name, "tokens": int(arr.size), "bytes": path.stat().st_size,
-                       "sha256": sha256_file(path)})
-
+    writer = ShardWriter(out_dir, split, shard_tokens)
     for ids in token_docs:
         doc = np.empty(len(ids) + 1, dtype=np.int32)
         doc[:-1] = ids
         doc[-1] = eod_id
-        n_docs += 1
-        n_tokens += doc.size
-        pending.append(doc)
-        pending_n += doc.size
-        while pending_n >= shard_tokens:
-            stream = np.concatenate(pending)
-            flush(stream[:shard_tokens])
-            rest = stream[shard_tokens:]
-            pending, pending_n = ([rest] if rest.size else []), rest.size
-    if pending_n:
-        flush(np.concatenate(pending))
-    return {"tokens": n_tokens, "documents": n_docs, "shards": shards}
+        writer.add(doc)
+    return writer.finish()
 
 
 def read_manifest(ds_dir: pathlib.Path) -> dict[str, Any]:
@@ -128,12 +170,48 @@ def verify_manifest(ds_dir: pathlib.Path, manifest: dict[str, Any], checksums: b
     return problems
 
 
-def _open_shard(path: pathlib.Path) -> np.ndarray:
-    """Zero-copy int32 view of a one-batch Arrow IPC shard (the memory map stays alive through the view)."""
+def _open_shard(path: pathlib.Path, column: int = 0) -> np.ndarray:
+    """Zero-copy view of one column of a one-batch Arrow IPC shard (the memory map stays alive through the view):
+    0 = int32 tokens, 1 = int8 loss mask (chat data)."""
     reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
     if reader.num_record_batches != 1:
         raise ValueError(f"{path}: expected one record batch, found {reader.num_record_batches}")
-    return reader.get_batch(0).column(0).to_numpy(zero_copy_only=True)
+    return reader.get_batch(0).column(column).to_numpy(zero_copy_only=True)
+
+
+def _slice(arrays: list[np.ndarray], starts: list[int], start: int, stop: int) -> np.ndarray:
+    """``concat(arrays)[start:stop]`` (a zero-copy view unless the range crosses an array boundary)."""
+    k = bisect.bisect_right(starts, start) - 1
+    lo = start - starts[k]
+    arr = arrays[k]
+    if lo + (stop - start) <= arr.size:
+        return arr[lo : lo + stop - start]
+    parts, need = [arr[lo:]], stop - start - (arr.size - lo)
+    while need > 0:
+        k += 1
+        parts.append(arrays[k][:need])
+        need -= parts[-1].size
+    return np.concatenate(parts)
+
+
+def stack_samples(ds: Any, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids [B, T], labels [B, T])`` from ``ds.window(i)`` / ``ds.window_mask(i)`` of each id."""
+    if len(ids) == 0:
+        raise ValueError("batch() needs at least one sample id")
+    buf = np.empty((len(ids), ds.seq_len + 1), dtype=np.int64)
+    masked = None
+    for row, i in enumerate(ids):
+        buf[row] = ds.window(int(i))
+        m = ds.window_mask(int(i))
+        if m is not None:
+            if masked is None:
+                masked = np.zeros((len(ids), ds.seq_len), dtype=bool)
+            masked[row] = m[1:] == 0
+    w_BT1 = torch.from_numpy(buf)
+    labels = w_BT1[:, 1:].contiguous()
+    if masked is not None:
+        labels[torch.from_numpy(masked)] = -100
+    return w_BT1[:, :-1].contiguous(), labels
 
 
 class PackedDataset:
@@ -171,6 +249,8 @@ class PackedDataset:
         if sum(sizes) != self.num_tokens:
             raise ValueError(f"{self.dir}: {split} shards hold {sum(sizes)} tokens, manifest says {self.num_tokens}")
         self._starts = np.cumsum([0] + sizes[:-1]).tolist()
+        self.has_mask = bool(entry.get("loss_mask", False))
+        self._masks = [_open_shard(self.dir / s["file"], 1) for s in entry["shards"]] if self.has_mask else []
 
     def __len__(self) -> int:
         return (self.num_tokens - 1) // self.seq_len
@@ -179,17 +259,7 @@ class PackedDataset:
         """``stream[start:stop]`` as int32 (a zero-copy view unless the range crosses a shard boundary)."""
         if not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(f"token range [{start}, {stop}) outside [0, {self.num_tokens})")
-        k = bisect.bisect_right(self._starts, start) - 1
-        lo = start - self._starts[k]
-        arr = self._arrays[k]
-        if lo + (stop - start) <= arr.size:
-            return arr[lo : lo + stop - start]
-        parts, need = [arr[lo:]], stop - start - (arr.size - lo)
-        while need > 0:
-            k += 1
-            parts.append(self._arrays[k][:need])
-            need -= parts[-1].size
-        return np.concatenate(parts)
+        return _slice(self._arrays, self._starts, start, stop)
 
     def window(self, i: int) -> np.ndarray:
         """Sample ``i``'s ``seq_len + 1`` tokens (int32)."""
@@ -199,19 +269,29 @@ class PackedDataset:
         i %= n
         return self.tokens(i * self.seq_len, i * self.seq_len + self.seq_len + 1)
 
+    def loss_mask(self, start: int, stop: int) -> np.ndarray:
+        """``mask[start:stop]`` (int8; 1 = a token the loss trains on); all ones for data without a mask."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise IndexError(f"token range [{start}, {stop}) outside [0, {self.num_tokens})")
+        if not self.has_mask:
+            return np.ones(stop - start, dtype=np.int8)
+        return _slice(self._masks, self._starts, start, stop)
+
+    def window_mask(self, i: int) -> np.ndarray | None:
+        """Sample ``i``'s loss mask (int8 ``[seq_len + 1]``), or ``None`` for data without one."""
+        if not self.has_mask:
+            return None
+        i %= len(self)
+        return _slice(self._masks, self._starts, i * self.seq_len, i * self.seq_len + self.seq_len + 1)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w = torch.from_numpy(self.window(int(i)).astype(np.int64))
-        return w[:-1], w[1:]
+        x, y = self.batch([int(i)])
+        return x[0], y[0]
 
     def batch(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack samples ``ids`` → ``(input_ids [B, T], labels [B, T])`` int64 (contiguous, freshly allocated)."""
-        if len(ids) == 0:
-            raise ValueError("batch() needs at least one sample id")
-        buf = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
-        for row, i in enumerate(ids):
-            buf[row] = self.window(int(i))
-        w_BT1 = torch.from_numpy(buf)
-        return w_BT1[:, :-1].contiguous(), w_BT1[:, 1:].contiguous()
+        """Stack samples ``ids`` → ``(input_ids [B, T], labels [B, T])`` int64 (contiguous, freshly allocated);
+        with a loss mask, ``labels[b, t] = -100`` where the target token ``t + 1`` is not trained on."""
+        return stack_samples(self, ids)
 
     def __repr__(self) -> str:
         return (f"PackedDataset(split={self.split!r}, samples={len(self)}, seq_len={self.seq_len}, "

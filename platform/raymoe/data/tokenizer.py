@@ -22,6 +22,8 @@ tokenizer_file=...)`` loads it too (HF export and serving reuse it).
 """
 from __future__ import annotations
 
+import functools
+import json
 import pathlib
 from typing import Iterable, Sequence
 
@@ -47,20 +49,124 @@ class Tokenizer:
         tok.eod_id, tok.vocab_size                 # 0, 4096
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, path: pathlib.Path | None = None) -> None:
+    def __init__(self, backend: tokenizers.Tokenizer, path: pathlib.Path | None = None, *,
+                 eod_token: str = EOD_TOKEN, pad_token: str | None = PAD_TOKEN, bos_token: str | None = None,
+                 chat_template: str | None = None) -> None:
         self.backend = backend
         self.path = path
-        eod = backend.token_to_id(EOD_TOKEN)
-        pad = backend.token_to_id(PAD_TOKEN)
+        self.chat_template = chat_template
+        self.eod_token, self.pad_token, self.bos_token = eod_token, pad_token, bos_token
+        eod = backend.token_to_id(eod_token)
+        pad = backend.token_to_id(pad_token) if pad_token is not None else eod
         if eod is None or pad is None:
-            raise ValueError(f"tokenizer lacks the special tokens {SPECIAL_TOKENS} (not built by raymoe.data?)")
+            raise ValueError(f"tokenizer lacks the special tokens {[eod_token, pad_token]} (not built by raymoe.data?)")
         self.eod_id: int = eod
         self.pad_id: int = pad
+        self.bos_id: int | None = None
+        if bos_token is not None:
+            bos = backend.token_to_id(bos_token)
+            if bos is None:
+                raise ValueError(f"tokenizer config names bos_token {bos_token!r} but {path} has no such token")
+            self.bos_id = bos
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path) -> "Tokenizer":
+        """A ``tokenizer.json`` trained by :func:`train_tokenizer` (specials ``<|endoftext|>``, ``<|pad|>``)."""
         path = pathlib.Path(path)
         return cls(tokenizers.Tokenizer.from_file(str(path)), path)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | pathlib.Path) -> "Tokenizer":
+        """An HF tokenizer directory: ``tokenizer.json`` plus ``tokenizer_config.json`` naming the special tokens.
+
+        ``eos_token`` (required) is the end-of-document token that joins documents; ``bos_token`` (optional) is put
+        before every document when it differs from ``eos_token``; ``pad_token`` defaults to ``eos_token``.
+        """
+        d = pathlib.Path(directory)
+        tok_file, cfg_file = d / "tokenizer.json", d / "tokenizer_config.json"
+        missing = [f.name for f in (tok_file, cfg_file) if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"HF tokenizer directory {d} lacks {missing}: data.tokenizer needs tokenizer.json "
+                                    f"and tokenizer_config.json (what save_pretrained writes)")
+        cfg = json.loads(cfg_file.read_text())
+
+        def special(key: str) -> str | None:
+            v = cfg.get(key)
+            return v.get("content") if isinstance(v, dict) else v
+
+        eos = special("eos_token")
+        if not eos:
+            raise ValueError(f"{cfg_file} names no eos_token: raymoe joins documents with it, so it is required")
+        bos = special("bos_token")
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (d / "chat_template.jinja").is_file():  # where newer transformers save it
+            template = (d / "chat_template.jinja").read_text()
+        return cls(tokenizers.Tokenizer.from_file(str(tok_file)), tok_file, eod_token=eos,
+                   pad_token=special("pad_token") or eos, bos_token=bos if bos and bos != eos else None,
+                   chat_template=template)
+
+    def document(self, text: str) -> list[int]:
+        """One document's ids as they enter the stream: ``[bos] + encode(text) + [eod]`` (bos only if set)."""
+        head = [self.bos_id] if self.bos_id is not None else []
+        return head + self.encode(text) + [self.eod_id]
+
+    def special_ids(self) -> dict[str, int | None]:
+        """``{"bos_token_id", "eos_token_id", "pad_token_id"}`` as HF configs name them."""
+        return {"bos_token_id": self.bos_id if self.bos_id is not None else self.eod_id,
+                "eos_token_id": self.eod_id, "pad_token_id": self.pad_id}
+
+    def spec(self) -> dict[str, str | None]:
+        """Everything needed to rebuild this tokenizer in another process (plain strings: cheap to ship to Ray)."""
+        return {"json": self.backend.to_str(), "eod_token": self.eod_token, "pad_token": self.pad_token,
+                "bos_token": self.bos_token, "chat_template": self.chat_template}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, str | None]) -> "Tokenizer":
+        return cls(tokenizers.Tokenizer.from_str(spec["json"]), eod_token=spec["eod_token"],
+                   pad_token=spec["pad_token"], bos_token=spec["bos_token"], chat_template=spec.get("chat_template"))
+
+    def render_chat(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+        """A conversation → ``(ids, mask)`` through the tokenizer's chat template; ``mask[t] = 1`` on the tokens of
+        assistant turns (what the loss trains on), 0 elsewhere.
+
+        The template is rendered for growing prefixes of the conversation: before each assistant turn with
+        ``add_generation_prompt=True`` (the prompt a server would send), after it without. Each render must extend
+        the previous one; the text is cut at those points and each piece tokenized on its own, so the prompt tokens
+        are exactly those a server tokenizes at inference and the assistant tokens follow them.
+        """
+        if not self.chat_template:
+            raise ValueError(f"tokenizer {self.path} has no chat_template (tokenizer_config.json 'chat_template' or "
+                             f"chat_template.jinja): chat data (a 'messages' column) needs one")
+        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise ValueError("a chat document must be a non-empty list of {'role', 'content'} messages")
+        render = _template(self.chat_template)
+        specials = {"bos_token": self.bos_token or "", "eos_token": self.eod_token}
+        pieces: list[tuple[str, int]] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            head = render(messages=list(messages[:i]), add_generation_prompt=True, **specials)
+            full = render(messages=list(messages[: i + 1]), add_generation_prompt=False, **specials)
+            if not head.startswith(done) or not full.startswith(head):
+                raise ValueError("the chat template does not render a conversation as a growing prefix; raymoe cuts "
+                                 "the text at each assistant turn to mask the loss and needs that property")
+            pieces += [(head[len(done):], 0), (full[len(head):], 1)]
+            done = full
+        end = render(messages=list(messages), add_generation_prompt=False, **specials)
+        if not end.startswith(done):
+            raise ValueError("the chat template does not render a conversation as a growing prefix")
+        pieces.append((end[len(done):], 0))
+        ids: list[int] = []
+        mask: list[int] = []
+        for text, train in pieces:
+            if text:
+                t = self.encode(text)
+                ids += t
+                mask += [train] * len(t)
+        return ids, mask
 
     @property
     def vocab_size(self) -> int:
@@ -79,6 +185,25 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eod_id={self.eod_id}, path={self.path})"
+
+
+@functools.lru_cache(maxsize=8)
+def _template(source: str):
+    """A compiled chat template (HF's Jinja conventions: sandboxed, trim_blocks, lstrip_blocks, ``raise_exception``,
+    ``tojson``)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    try:
+        return env.from_string(source).render
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the tokenizer's chat_template does not compile: {e}") from e
 
 
 def _check_vocab_size(vocab_size: int) -> None:

@@ -76,7 +76,7 @@ class _CrossEntropyFn(torch.autograd.Function):
         for r0 in range(0, N, block):
             lp = torch.log_softmax(logits[r0 : r0 + block], dim=-1, dtype=torch.float32)
             torch.gather(lp, 1, safe[r0 : r0 + block, None], out=logp_t[r0 : r0 + block])
-        n = valid.sum()
+        n = valid.sum().clamp_min(1)  # a micro-batch with every label ignored (chat data: a long prompt) -> 0
         loss = -(logp_t.squeeze(1) * valid).sum() / n
         ctx.save_for_backward(logits, safe, valid, n)
         ctx.block = block

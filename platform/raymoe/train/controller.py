@@ -320,6 +320,22 @@ class TrainController:
         self.write_expert_load(d)
         (d / "config.json").write_text(json.dumps(plain(dataclasses.asdict(self.run)), indent=2))
         (d / "layout.json").write_text(json.dumps(self.layout(), indent=2))
+        self._write_data_files(d)
+
+    def _write_data_files(self, d: pathlib.Path) -> None:
+        """``data.json`` (the tokenizer's special ids, vocabulary size and sha256, the dataset directories) and the
+        tokenizer files under ``tokenizer/``: what an export of this checkpoint needs besides the weights."""
+        keys = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "tokenizer_sha256", "dataset_dir",
+                "dataset_dirs", "train_samples", "val_samples", "train_tokens", "val_tokens")
+        (d / "data.json").write_text(json.dumps({k: self.data_info[k] for k in keys if k in self.data_info},
+                                                indent=2))
+        tok_dir = self.data_info.get("tokenizer_dir")
+        if tok_dir:
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+                src = pathlib.Path(tok_dir) / name
+                if src.is_file():
+                    (d / "tokenizer").mkdir(exist_ok=True)
+                    shutil.copyfile(src, d / "tokenizer" / name)
 
     # ------------------------------------------------------------------ eval
     def evaluate(self) -> dict[str, Any]:
@@ -600,11 +616,22 @@ class TrainController:
         path = self._export_weights(path, hf_store)
         d = pathlib.Path(path)
         tok = self.data_info.get("tokenizer_path")
+        hf_tok = tok is not None and pathlib.Path(tok).with_name("tokenizer_config.json").is_file()
         if tok and pathlib.Path(tok).is_file():
             shutil.copyfile(tok, d / "tokenizer.json")
-        from raymoe.engine.chat import write_tokenizer_files
+            if hf_tok:  # a user's HF tokenizer (data.tokenizer=<dir>): its own specials and chat template
+                for name in ("tokenizer_config.json", "chat_template.jinja"):
+                    if pathlib.Path(tok).with_name(name).is_file():
+                        shutil.copyfile(pathlib.Path(tok).with_name(name), d / name)
+                gen: dict[str, Any] = {"_from_model_config": False}
+                for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # raymoe.data.prepare_data
+                    if self.data_info.get(key) is not None:
+                        gen[key] = int(self.data_info[key])
+                (d / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if not hf_tok:  # our own BPE: specials and the ChatML template written
+            from raymoe.engine.chat import write_tokenizer_files
 
-        write_tokenizer_files(d, self.data_info.get("eod_id"), None, self.run.model.max_position_embeddings)
+            write_tokenizer_files(d, self.data_info.get("eod_id"), None, self.run.model.max_position_embeddings)
         self.write_expert_load(d)
         if hf_store is not None:
             hf_store.put_dir(d, skip=hf_store.list())  # the weights may be there already (DeepSpeed's rank 0)
