@@ -95,7 +95,8 @@ def test_composed_config_keys_are_deliberate() -> None:
     expected_train = sorted(f.name for f in dataclasses.fields(TrainConfig))
     assert sorted(k.split(".", 1)[1] for k in keys if k.startswith("train.")) == expected_train
     assert "train.storage_path" in keys  # added with raymoe.storage (docs/storage.md)
-    assert len(keys) == 100, (len(keys), keys)
+    assert "train.init_from" in keys  # pretrained weights in (docs/models.md)
+    assert len(keys) == 101, (len(keys), keys)
 
 
 # ------------------------------------------------------------------ LR schedule (V3 numbers, in tokens)

@@ -209,6 +209,13 @@ class TrainController:
         self.val_size = val_size
         self.balancer = BiasBalancer(mc.num_router_layers, mc.n_routed_experts, gamma=run.balance.gamma,
                                      rule=run.balance.rule)
+        # the biases a run starts from: the pretrained checkpoint's (train.init_from) or zeros
+        self.initial_bias = torch.zeros_like(self.balancer.bias)
+        if tc.init_from:
+            from raymoe.train.pretrained import initial_biases
+
+            self.initial_bias = initial_biases(tc.init_from, mc)
+        self.balancer.bias.copy_(self.initial_bias)
         self.step = 0
         self.tokens = 0
         self.total_tokens = tc.steps * run.tokens_per_step
@@ -443,7 +450,7 @@ class TrainController:
         if target is None:
             self.step = self.tokens = 0
             self.sampler = ResumableSampler(self.train_size, seed=self.run.train.seed)
-            self.balancer.bias.zero_()
+            self.balancer.bias.copy_(self.initial_bias)
             self.balancer.steps = 0
             self.history = []
             self.load_window.clear()

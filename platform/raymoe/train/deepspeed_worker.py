@@ -138,6 +138,10 @@ class StageWorker:
 
         torch.manual_seed(run.train.seed)  # identical initial weights on every replica
         model = DeepSeekV3(run.model)
+        if run.train.init_from:
+            from raymoe.train.pretrained import load_pretrained
+
+            load_pretrained(model, run.train.init_from)
         self.fp8_guard = None
         if run.fp8.enabled:  # the DeepSpeed FP8 hook: swap Linears before deepspeed.initialize (params are shared)
             from raymoe.fp8 import FP8Guard, convert_to_fp8
