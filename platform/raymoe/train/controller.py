@@ -34,7 +34,6 @@ import itertools
 import json
 import logging
 import pathlib
-import shutil
 import threading
 import time
 from typing import Any, Iterator, Optional, Protocol
@@ -48,6 +47,7 @@ from raymoe.metrics import MetricsLogger
 from raymoe.model.plan import train_flops_per_token
 from raymoe.optim import lr_at
 from raymoe.storage import Storage, stage_and_put
+from raymoe.train.export import EXTRA_DIR, export_checkpoint, write_extra
 from raymoe.train.plans import EvalPlan, EvalResult, StepPlan, StepResult
 from raymoe.train.run_state import check_compatible, load_coordinator_state, plain, save_coordinator_state
 from raymoe.train.topology import Topology
@@ -325,6 +325,7 @@ class TrainController:
     def _write_own_files(self, d: pathlib.Path, state: dict[str, Any]) -> None:
         save_coordinator_state(d, state)
         self.write_expert_load(d)
+        write_extra(d / EXTRA_DIR, self.data_info)  # tokenizer + generation config: any checkpoint exports alone
         (d / "config.json").write_text(json.dumps(plain(dataclasses.asdict(self.run)), indent=2))
         (d / "layout.json").write_text(json.dumps(self.layout(), indent=2))
 
@@ -592,49 +593,19 @@ class TrainController:
         return out
 
     def export_hf(self, path: str) -> str:
-        """Write the model (with the balancer's current biases) as a HF DeepseekV3 checkpoint, from any layout
-        (the full model is assembled from the newest checkpoint's shards (native) or taken from rank 0 (DeepSpeed)),
-        plus what serving needs beside the weights: ``tokenizer.json``, ``generation_config.json`` (the end-of-text
-        id, so transformers' ``generate`` and our engine stop on the same token) and ``expert_load.safetensors``.
+        """Write the model (with the balancer's current biases) as a HF DeepseekV3 checkpoint from this step's
+        checkpoint (saved first when needed), any layout, either checkpoint format — the same code as
+        ``python -m raymoe.jobs.export`` (:mod:`raymoe.train.export`): weights, config, tokenizer files,
+        ``generation_config.json`` and ``expert_load.safetensors``.
 
         ``path`` is a local directory (the run directory's ``hf/``); when the storage is elsewhere the export is also
         put under ``<storage>/hf/`` (an older export there is deleted first, so files of two exports never mix)."""
-        hf_store = self.storage.child("hf") if self._storage_elsewhere() else None
-        if hf_store is not None:
-            self.storage.delete("hf")
-        path = self._export_weights(path, hf_store)
-        d = pathlib.Path(path)
-        tok = self.data_info.get("tokenizer_path")
-        if tok and pathlib.Path(tok).is_file():
-            shutil.copyfile(tok, d / "tokenizer.json")
-        gen: dict[str, Any] = {"_from_model_config": False}
-        if self.data_info.get("eod_id") is not None:
-            gen.update(eos_token_id=int(self.data_info["eod_id"]), pad_token_id=int(self.data_info["eod_id"]))
-        (d / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        self.write_expert_load(d)
-        if hf_store is not None:
-            hf_store.put_dir(d, skip=hf_store.list())  # the weights may be there already (DeepSpeed's rank 0)
-        return path
-
-    def _export_weights(self, path: str, hf_store: Optional[Storage]) -> str:
-        if self.impl == "deepspeed":
-            biases = self.balancer.bias.clone()
-            if hf_store is None:
-                return self.group.export_hf(path, biases)  # type: ignore[attr-defined]
-            # rank 0 may run on another node: it uploads, the coordinator's run directory gets a copy
-            self.group.export_hf(hf_store.uri, biases)  # type: ignore[attr-defined]
-            hf_store.get_dir("", path)
-            return path
-        from raymoe.model import DeepSeekV3, hf
-        from raymoe.train.sharded import SHARD_PREFIX, assemble_full
-
         if self.last_ckpt is None or self.last_ckpt.step != self.step:
             self.save_checkpoint()
-        ref = self.last_ckpt
-        with ckpt.local_copy(ref, [f for f in ref.files if f.startswith(SHARD_PREFIX)]) as d:
-            model = assemble_full(d, DeepSeekV3(self.run.model))
-        model.set_expert_biases(self.balancer.bias.clone())
-        hf.save(model, path)
+        export_checkpoint(self.last_ckpt, path)
+        if self._storage_elsewhere():
+            self.storage.delete("hf")
+            self.storage.child("hf").put_dir(path)
         return path
 
     def _storage_elsewhere(self) -> bool:
