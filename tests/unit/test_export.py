@@ -143,3 +143,58 @@ def test_deepspeed_checkpoint_exports(tmp_path) -> None:
     want = hf.to_hf_state_dict(our_model(params, bias))
     got = load_file(str(out / "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    import logging
+
+    from raymoe.jobs.local_cluster import LocalS3
+
+    werkzeug = logging.getLogger("werkzeug")
+    level = werkzeug.level
+    server = LocalS3("weights").start()
+    mp = pytest.MonkeyPatch()
+    for k, v in server.env.items():
+        mp.setenv(k, v)
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
+        mp.delenv(k, raising=False)
+    try:
+        yield "s3://weights"
+    finally:
+        mp.undo()
+        server.stop()
+        werkzeug.setLevel(level)
+
+
+def test_export_from_object_storage_and_init_from_a_uri(native_run, s3, tmp_path) -> None:
+    """A run whose checkpoints live in S3 exports from its URI; the export, put in S3, is a valid
+    ``train.init_from`` URI (materialized once per node) and serves from the engine."""
+    from raymoe.engine import LLMEngine
+    from raymoe.storage import Storage
+    from raymoe.train.export import export_checkpoint, find_checkpoint
+    from raymoe.train.pretrained import load_pretrained, model_config
+
+    run, params, bias = native_run
+    uri = f"{s3}/run-a"
+    Storage(uri).child("checkpoints").put_dir(pathlib.Path(run.run_dir) / "checkpoints")
+    ref = find_checkpoint(uri)
+    assert ref.step == 3 and ref.location.startswith("s3://")
+    out = export_checkpoint(ref, tmp_path / "hf")
+    want = hf.to_hf_state_dict(our_model(params, bias))
+    got = load_file(str(out / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    Storage(f"{s3}/export-a").put_dir(out)
+    cfg = model_config(f"{s3}/export-a")
+    assert cfg.replace(name="tiny", mtp_loss_weight=run.model.mtp_loss_weight) == run.model  # MTP present: kept
+    fresh = DeepSeekV3(cfg)
+    load_pretrained(fresh, f"{s3}/export-a")
+    ours = our_model(params, bias)
+    assert all(torch.equal(t, ours.state_dict()[k]) for k, t in fresh.state_dict().items())
+
+    eng = LLMEngine.from_pretrained(out)  # what `make serve MODEL=<out>` loads
+    assert eng.tokenizer is not None and eng.eos_token_id == 0
+    x = torch.randint(0, cfg.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(eng.model(x).logits, ours(x).logits, rtol=0, atol=1e-5)
