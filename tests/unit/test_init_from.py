@@ -147,3 +147,20 @@ def test_load_into_a_pruned_expert_shard_reads_only_its_rows(tmp_path) -> None:
         assert torch.equal(t, want[name]), name
     assert cfg.num_nextn_predict_layers == 1 and torch.equal(part.mtp[0].eh_proj.weight, full.mtp[0].eh_proj.weight)
     assert torch.equal(hf.expert_biases(tmp_path / "export", cfg), full.expert_biases())
+
+
+def test_cli_refuses_contradicting_overrides_before_ray(hf_ckpt) -> None:
+    """Through the Hydra app (its own override list): exit status 2, one line naming the key and both values."""
+    import os
+    import subprocess
+    import sys
+
+    path, _ = hf_ckpt
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[2] / "platform")}
+    for override, key, theirs in (("model.hidden_size=128", "model.hidden_size=128", "hidden_size=64"),
+                                  ("model=small", "model.", "=")):
+        p = subprocess.run([sys.executable, "-m", "raymoe.jobs.train", f"train.init_from={path}", override,
+                            "hydra.run.dir=/tmp/raymoe-never"], env=env, capture_output=True, text=True, timeout=300)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1, p.stderr
+        assert "contradicts train.init_from" in lines[0] and key in lines[0] and theirs in lines[0], lines[0]
