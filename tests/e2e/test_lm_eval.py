@@ -141,3 +141,15 @@ def test_lm_eval_against_the_server(server, setup, model) -> None:
         ref = model.generate([tok.encode(prompt, add_special_tokens=False)],
                              SamplingParams(max_tokens=24, temperature=0, stop=[".", "<|endoftext|>"]))
         assert s["resps"][0][0] == ref[0].outputs[0].text, prompt
+
+
+def test_echo_options() -> None:
+    from raymoe.actors.serve import protocol as P
+
+    body, echo, score_only = P.echo_options({"prompt": "x", "echo": True, "max_tokens": 0, "logprobs": 1})
+    assert echo and score_only and body == {"prompt": "x", "max_tokens": 1, "logprobs": 1}
+    assert P.echo_options({"prompt": "x"}) == ({"prompt": "x"}, False, False)
+    for bad, what in (({"echo": 1}, "boolean"), ({"echo": True, "stream": True}, "stream"),
+                      ({"echo": True, "n": 2}, "n=1")):
+        with pytest.raises(P.APIError, match=what):
+            P.echo_options({"prompt": "x", **bad})
