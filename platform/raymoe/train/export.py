@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
