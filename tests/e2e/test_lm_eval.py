@@ -136,6 +136,7 @@ def test_lm_eval_against_the_server(server, setup, model) -> None:
     got = out["results"]["raymoe_ppl"]["word_perplexity,none"]
     assert got == pytest.approx(math.exp(-ll / words), rel=1e-5)
     # generation with stop sequences: the engine's greedy text up to the first "."
+    assert len(out["samples"]["raymoe_gen"]) == len(GEN)
     for s in out["samples"]["raymoe_gen"]:
         prompt = s["doc"]["prompt"]
         ref = model.generate([tok.encode(prompt, add_special_tokens=False)],
