@@ -35,7 +35,7 @@ serve: setup
 	  model=$$(ls -1d "$$runs"/*/hf/config.json 2>/dev/null | sort | tail -n 1); model="$${model%/config.json}"; \
 	fi; \
 	if [ -z "$$model" ] || [ ! -f "$$model/config.json" ]; then \
-	  echo "make serve: no HF export found ($${model:-$$runs/<run>/hf}/config.json missing). Run 'make train' to the end (it writes <run>/hf), or pass MODEL=<checkpoint dir>." >&2; \
+	  echo "make serve: no HF export found ($${model:-$$runs/<run>/hf}/config.json missing). Run 'make train' to the end (it writes <run>/hf), export any checkpoint with 'python -m raymoe.jobs.export checkpoint=<run dir> out=<dir>', or pass MODEL=<HF export dir>." >&2; \
 	  exit 1; \
 	fi; \
 	echo "make serve: serving $$model"; \

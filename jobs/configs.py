@@ -41,7 +41,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ConfigTypeError, OmegaConfBaseException, ValidationError
 
-from raymoe.config import ConfigError, RunConfig
+from raymoe.config import ConfigError, RunConfig, TrainConfig
 
 __all__ = [
     "register", "to_object", "to_run_config", "flat_keys", "InvalidConfig", "hydra_app", "explain_config_error",
@@ -93,7 +93,45 @@ def to_object(cfg: DictConfig, cls: type[T]) -> T:
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The typed run config; with ``train.init_from`` the model section is first replaced by the checkpoint's own
+    (:func:`raymoe.train.pretrained.model_config`: explicit ``model.*`` overrides must agree with it)."""
+    _apply_init_from(cfg)
     return to_object(cfg, RunConfig)
+
+
+def _explicit_model_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """``{field: composed value}`` of the ``model.*`` settings the user gave: from Hydra's task overrides when a Hydra
+    app runs (``model=<preset>`` makes every field of the preset explicit), else (compose API) the fields that differ
+    from the preset named by ``model.name``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from raymoe.config import ModelConfig
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if HydraConfig.initialized():
+        keys = [_override_key(o) for o in HydraConfig.get().overrides.task]
+        if "model" in keys:
+            return model
+        return {k[len("model."):].split(".")[0]: model.get(k[len("model."):].split(".")[0])
+                for k in keys if k.startswith("model.")}
+    if model.get("name") not in ModelConfig.preset_names():
+        return {}
+    preset = dataclasses.asdict(ModelConfig.preset(model["name"]))
+    return {k: v for k, v in model.items() if k in preset and preset[k] != v}
+
+
+def _apply_init_from(cfg: DictConfig) -> None:
+    src = OmegaConf.select(cfg, "train.init_from")
+    if not src:
+        return
+    from raymoe.train.pretrained import model_config
+
+    try:
+        TrainConfig(init_from=src)  # the URI's syntax first: no I/O on a malformed one
+        model = model_config(src, _explicit_model_overrides(cfg))
+    except ConfigError as e:
+        raise InvalidConfig(str(e)) from e
+    cfg.model = OmegaConf.structured(model)
 
 
 def flat_keys(cfg: Any, prefix: str = "") -> list[str]:

@@ -227,6 +227,18 @@ class EngineDeployment:
             self.sent.pop(o.request_id, None)
         return out
 
+    async def prompt_logprobs(self, prompt: Any, k: int) -> dict[str, Any]:
+        """``{"ids", "entries"}`` of :meth:`LLMEngine.prompt_logprobs` (between engine steps: same lock), or
+        ``{"error", "status"}``."""
+        from raymoe.engine import EngineError
+
+        async with self.lock:
+            try:
+                ids, entries = await asyncio.to_thread(self.engine.prompt_logprobs, prompt, k)
+            except EngineError as e:
+                return {"error": P.error_body(str(e), "invalid_request_error", e.param), "status": e.code}
+        return {"ids": ids, "entries": entries}
+
     async def generate(self, prompt: Any, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream of deltas for one request; the first item is ``{"error": ..., "status": code}`` on rejection."""
         from raymoe.engine import EngineError, EngineFull, SamplingParams
@@ -428,10 +440,13 @@ class APIIngress:
         try:
             self._auth(request)
             body = await self._body(request)
+            body, echo, score_only = (body, False, False) if chat else P.echo_options(body)
             req = P.parse_chat(body, self.chat_template) if chat else P.parse_completion(body)
             self.unknown_fields(req.request)
             self._check_model(body)
             prompt, sp, stream = req.prompt, req.params, req.stream
+            if echo:
+                return await self._echo(prompt, sp, score_only)
             first, gen = await self._open(prompt, sp)
         except P.APIError as e:
             return _err(e)
@@ -464,6 +479,30 @@ class APIIngress:
                     "logprobs": P.completion_logprobs(lps[i], decode) if sp.logprobs is not None else None,
                     "finish_reason": finish[i]} for i in range(sp.n)]
         return JSONResponse(P.completion_response(rid, self.model_name, choices, use))
+
+    async def _echo(self, prompt: Any, sp, score_only: bool) -> JSONResponse:
+        """A completion with ``echo`` (:func:`protocol.echo_options`): the prompt scored by the engine replica
+        (``LLMEngine.prompt_logprobs``), then — unless ``max_tokens`` was 0 — the usual generation appended."""
+        res = await self.engine.prompt_logprobs.remote(prompt, int(sp.logprobs or 0))
+        if "error" in res:
+            err = res["error"]["error"]
+            raise P.APIError(res["status"], err["message"], err["type"], err.get("param"), err.get("code"))
+        decode = await self._decoder()
+        ids, entries = res["ids"], res["entries"]
+        entries[0] = {"token_id": ids[0], "logprob": None, "top": None}
+        text = prompt if isinstance(prompt, str) else decode(ids)
+        ntok, finish = 0, "length"
+        if not score_only:
+            first, gen = await self._open(prompt, sp)
+            async for item in self._items(first, gen):
+                c = item["choices"][0]
+                text += c["text"]
+                ntok, finish = c["num_tokens"], c["finish_reason"]
+                entries.extend(c["logprobs"] or [])
+        lp = P.completion_logprobs(entries, decode) if sp.logprobs is not None else None
+        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+        return JSONResponse(P.completion_response(P.new_id("cmpl"), self.model_name, [choice],
+                                                  P.usage(len(ids), ntok)))
 
     async def _decoder(self):
         """Token id → string (logprob entries); ids as text when the model has no tokenizer."""

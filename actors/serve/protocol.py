@@ -36,7 +36,7 @@ from raymoe.engine.chat import CHAT_STOP, ChatTemplate
 from raymoe.engine.sampling import MAX_LOGPROBS, SamplingParams
 
 __all__ = ["APIError", "CompletionRequest", "ChatCompletionRequest", "TokenizeRequest", "DetokenizeRequest",
-           "Parsed", "UnknownFields", "parse_completion", "parse_chat", "parse_model", "render_chat", "CHAT_STOP",
+           "Parsed", "UnknownFields", "parse_completion", "echo_options", "parse_chat", "parse_model", "render_chat", "CHAT_STOP",
            "MAX_STOP_STRINGS", "error_body", "validation_error", "usage", "completion_response", "chat_response",
            "completion_chunk", "chat_chunk", "usage_chunk"]
 
@@ -265,6 +265,26 @@ def parse_completion(body: Any) -> Parsed:
     return Parsed(prompt, sp, r.stream, bool(r.stream_options and r.stream_options.include_usage), r)
 
 
+def echo_options(body: Any) -> tuple[Any, bool, bool]:
+    """``/v1/completions`` ``echo``: ``(body without it, echo, score_only)``. With ``echo`` the response text starts
+    with the prompt and, with ``logprobs``, the logprob lists cover the prompt's tokens too (the first one ``None``);
+    ``max_tokens: 0`` (``score_only``) scores the prompt and generates nothing — lm-evaluation-harness'
+    loglikelihood requests. One prompt, one choice, no streaming."""
+    if not isinstance(body, dict) or not body.get("echo"):
+        return body, False, False
+    if not isinstance(body["echo"], bool):
+        raise _bad("'echo' must be a boolean", "echo")
+    if body.get("stream"):
+        raise _bad("'echo' is not supported with 'stream'", "echo")
+    if body.get("n", 1) != 1:
+        raise _bad("'echo' needs n=1", "n")
+    body = {k: v for k, v in body.items() if k != "echo"}
+    score_only = body.get("max_tokens") == 0
+    if score_only:
+        body["max_tokens"] = 1  # parsed as a one-token request; nothing is generated
+    return body, True, score_only
+
+
 _ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -340,7 +360,8 @@ def completion_logprobs(entries: list[dict], decode, offset0: int = 0) -> dict[s
         offsets.append(off)
         off += len(t)
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{decode([i]): lp for i, lp in e["top"]} for e in entries], "text_offset": offsets}
+            "top_logprobs": [None if e["top"] is None else {decode([i]): lp for i, lp in e["top"]} for e in entries],
+            "text_offset": offsets}
 
 
 def chat_logprobs(entries: list[dict], decode) -> dict[str, Any]:

@@ -393,6 +393,9 @@ class TrainConfig:
     # where checkpoints, hf/ and summary.json go so that they survive a node (raymoe.storage): None = run_dir; an
     # absolute path, file:///..., s3://bucket/prefix, gs://..., hdfs://...; credentials only from the environment
     storage_path: Optional[str] = None
+    # start from pretrained weights: a HF DeepseekV3 checkpoint directory or storage URI (config.json + safetensors);
+    # the model config is taken from it (raymoe.train.pretrained); a resumed run loads its own checkpoint instead
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         for k in ("steps", "micro_batch_size", "num_microbatches", "checkpoint_every", "eval_every", "log_every",
@@ -418,6 +421,13 @@ class TrainConfig:
 
             try:
                 check_uri(self.storage_path, what="train.storage_path")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if self.init_from is not None:
+            from raymoe.storage import check_uri
+
+            try:
+                check_uri(self.init_from, what="train.init_from")
             except ValueError as e:
                 raise ConfigError(str(e)) from None
 

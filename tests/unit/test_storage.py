@@ -419,7 +419,8 @@ def _training_scenario(tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture)
     assert json.loads(Storage(storage).read_bytes("summary.json")) == json.loads((tmp_path / "a" / "summary.json").read_text())
     files3 = store.latest_valid().files
     assert {"shards/pp0_ep0.safetensors", "coordinator.json", "coordinator.safetensors", "config.json",
-            "layout.json", "expert_load.safetensors", "data.json", "tokenizer/tokenizer.json"} == set(files3)
+            "layout.json", "expert_load.safetensors", "data.json", "hf_extra/tokenizer.json",
+            "hf_extra/tokenizer_config.json", "hf_extra/generation_config.json"} == set(files3)
 
     # B1: another run dir, resume=auto from S3; finishes, exports hf/ to S3 too, prunes to 2 checkpoints
     b1 = _train(_run_config(tmp_path / "b1", storage, "auto", keep=2, export_hf=True))

@@ -289,6 +289,29 @@ class LLMEngine:
         self.stats["prompt_tokens"] += len(ids) * params.n
         return request_id
 
+    @torch.no_grad()
+    def prompt_logprobs(self, prompt: str | Seq[int], k: int = 0) -> tuple[list[int], list[Optional[dict[str, Any]]]]:
+        """Score a prompt (OpenAI ``echo`` with ``logprobs``; lm-evaluation-harness loglikelihoods): one full forward,
+        no KV cache, outside the batch. Returns ``(ids, entries)``: ``entries[t]`` is ``{"token_id", "logprob",
+        "top"}`` of token ``t`` given tokens ``< t`` under the raw distribution (``log_softmax`` of the logits, fp32;
+        ``top``: the ``k`` most likely ids), ``None`` for the first token (nothing precedes it)."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        V = self.model_config.vocab_size
+        if not ids:
+            raise EngineError("prompt is empty", param="prompt")
+        if any(t < 0 or t >= V for t in ids):
+            raise EngineError(f"prompt token ids must be in [0, {V})", param="prompt")
+        if len(ids) > self.max_model_len:
+            raise EngineError(f"prompt ({len(ids)} tokens) exceeds the maximum context length {self.max_model_len}",
+                              param="prompt", code=413)
+        device = next(self.model.parameters()).device
+        logits_TV = self.model(torch.tensor([ids], device=device)).logits[0]
+        entries: list[Optional[dict[str, Any]]] = [None]
+        for t in range(1, len(ids)):
+            lp, top = top_logprobs(logits_TV[t - 1], ids[t], k)
+            entries.append({"token_id": ids[t], "logprob": lp, "top": top})
+        return ids, entries
+
     def abort(self, request_id: str) -> None:
         group = self.groups.pop(request_id, None)
         if group is None:

@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 from raymoe.config import ConfigError, ModelConfig, RopeScaling
 from raymoe.model.transformer import DeepSeekV3
 
-__all__ = ["load", "save", "config_from_hf", "config_to_hf", "CheckpointError"]
+__all__ = ["load", "load_into", "read_config", "mtp_depth_present", "expert_biases", "save", "config_from_hf",
+           "config_to_hf", "CheckpointError"]
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +346,175 @@ def load(path: str | pathlib.Path, mtp: str = "auto", dtype: torch.dtype = torch
     model.load_state_dict(filled, strict=True, assign=True)
     model.rotary = type(model.rotary)(cfg)  # rebuild non-persistent buffers off the meta device
     return model.eval()
+
+
+# ---------------------------------------------------------------------- reading into a built (partial) model
+def read_config(path: str | pathlib.Path) -> tuple[dict[str, Any], ModelConfig]:
+    """``(config.json as a dict, its ModelConfig)`` of a HF checkpoint directory (MTP depth as the config says)."""
+    cfg_file = pathlib.Path(path) / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        hf_cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    if not isinstance(hf_cfg, dict):
+        raise CheckpointError(f"{cfg_file} is not a JSON object")
+    return hf_cfg, config_from_hf(hf_cfg)
+
+
+def _tensor_names(path: pathlib.Path) -> list[str]:
+    names: list[str] = []
+    for f in _tensor_files(path):
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as h:
+                names += list(h.keys())
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"cannot read {f.name}: {e}") from e
+    return names
+
+
+def mtp_depth_present(path: str | pathlib.Path, num_hidden_layers: int) -> int:
+    """How many MTP depths the checkpoint's tensors hold (layers ``N, N+1, ...`` that have tensors; transformers'
+    own ``save_pretrained`` writes none even when its config says ``num_nextn_predict_layers: 1``)."""
+    present = {int(m.group(1)) - num_hidden_layers for k in _tensor_names(pathlib.Path(path))
+               if (m := _LAYER_RE.match(k)) and int(m.group(1)) >= num_hidden_layers}
+    depth = 0
+    while depth in present:
+        depth += 1
+    return depth
+
+
+def _our_name(key: str, N: int) -> tuple[Optional[str], str, int]:
+    """``(our name, kind, expert)`` of a HF tensor name: kind ``copy`` | ``expert`` (one expert's Linear, out×in) |
+    ``gate_up`` / ``down`` (transformers 5 fused ``[E, ...]``) | ``shared`` (an MTP layer's copy of a shared tensor)
+    | ``scale`` (FP8 block scales, read with their weight). Raises :class:`CheckpointError` for an unknown name."""
+    if key.endswith("weight_scale_inv"):
+        return None, "scale", -1
+    if key in _TOP:
+        return _TOP[key], "copy", -1
+    m = _LAYER_RE.match(key)
+    if not m:
+        raise CheckpointError(f"unknown tensor {key!r} in checkpoint")
+    idx, rest = int(m.group(1)), m.group(2)
+    prefix = f"layers.{idx}."
+    if idx >= N:
+        prefix = f"mtp.{idx - N}."
+        if rest in _MTP_OWN:
+            return prefix + _MTP_OWN[rest], "copy", -1
+        if rest in _MTP_SHARED:
+            return _MTP_SHARED[rest], "shared", -1
+        prefix += "block."
+    if rest in _PARAM_MAP:
+        return prefix + _PARAM_MAP[rest], "copy", -1
+    if em := _EXPERT_RE.match(rest):
+        return f"{prefix}mlp.experts.{em.group(2)}", "expert", int(em.group(1))
+    if fm := _FUSED_RE.match(rest):
+        return (prefix + "mlp.experts.gate_proj", "gate_up", -1) if fm.group(1) == "gate_up_proj" else \
+            (prefix + "mlp.experts.down_proj", "down", -1)
+    raise CheckpointError(f"unknown tensor {key!r} in checkpoint")
+
+
+@torch.no_grad()
+def load_into(model: torch.nn.Module, path: str | pathlib.Path, fresh_mtp: bool = False) -> list[str]:
+    """Copy a HF DeepseekV3 checkpoint's tensors into an already built model that may hold only part of them.
+
+    ``model`` is a :class:`DeepSeekV3` (its ``config``), possibly pruned to one pipeline rank's layers and with its
+    routed experts sharded (a module with ``expert_ids`` holds rows ``expert_ids`` of ``[E, ...]``): every tensor
+    the model holds, under its full-model name, is read — lazily, so a tensor of another rank's layers or experts is
+    never read — and copied in place (cast to the model's dtype; FP8 weights dequantised). Router biases
+    (``e_score_correction_bias``) land in ``expert_bias``. Tensors of layers the model does not hold are skipped.
+
+    Args:
+        model: the (partial) model; its config must be the checkpoint's (:func:`read_config`).
+        path: checkpoint directory (``config.json`` + ``*.safetensors``).
+        fresh_mtp: MTP depths the checkpoint has no tensors for keep the model's own (fresh) initialisation
+            instead of being an error.
+    Returns:
+        the names of the model's tensors that kept their initialisation (MTP only, with ``fresh_mtp``).
+    """
+    path = pathlib.Path(path)
+    hf_cfg, _ = read_config(path)
+    cfg = model.config
+    N = cfg.num_hidden_layers
+    block = tuple((hf_cfg.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    loaders = dict(_iter_tensors(_tensor_files(path)))
+    targets = dict(model.state_dict(keep_vars=True))
+    rows = {f"{mname}.{p}": list(m.expert_ids) for mname, m in model.named_modules()
+            if getattr(m, "expert_ids", None) is not None for p, _ in m.named_parameters(recurse=False)}
+    filled: set[str] = set()
+    pending: dict[str, dict[int, torch.Tensor]] = {}
+
+    def get(key: str) -> torch.Tensor:
+        t = loaders[key]()
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_key = key[: -len("weight")] + "weight_scale_inv"
+            if scale_key not in loaders:
+                raise CheckpointError(f"{key!r} is FP8 but {scale_key!r} (its block scales) is missing")
+            t = _dequant_fp8(t, loaders[scale_key](), key, block)
+        return t
+
+    def put(our: str, t: torch.Tensor, src: str) -> None:
+        ref = targets[our]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"shape mismatch for {src!r}: checkpoint {tuple(t.shape)}, model {our!r} expects "
+                                  f"{tuple(ref.shape)}")
+        ref.data.copy_(t)
+        filled.add(our)
+
+    for key in sorted(loaders):
+        our, kind, e = _our_name(key, N)
+        if kind in ("scale", "shared") or our is None:
+            continue
+        if our not in targets:
+            continue  # another rank's layer or module (pruned here), or an MTP depth this model does not train
+        if kind == "copy":
+            put(our, get(key), key)
+        elif kind == "expert":
+            ids = rows.get(our, list(range(cfg.n_routed_experts)))
+            if e in ids:
+                pending.setdefault(our, {})[ids.index(e)] = get(key).t()
+        else:  # fused [E, 2I, D] / [E, D, I]: this rank's rows only
+            ids = rows.get(our, list(range(cfg.n_routed_experts)))
+            t = get(key)[ids]
+            if kind == "gate_up":
+                g, u = t.chunk(2, dim=1)
+                put(our, g.transpose(1, 2), key)
+                put(our.replace("gate_proj", "up_proj"), u.transpose(1, 2), key)
+            else:
+                put(our, t.transpose(1, 2), key)
+    for our, per_expert in pending.items():
+        n = targets[our].shape[0]
+        absent = [rows.get(our, list(range(n)))[i] for i in range(n) if i not in per_expert]
+        if absent:
+            raise CheckpointError(f"checkpoint lacks tensors for {our} experts {absent[:8]}")
+        put(our, torch.stack([per_expert[i] for i in range(n)]), f"{our} (experts {rows.get(our, [0])[0]}..)")
+    missing = [k for k in targets if k not in filled]
+    kept = [k for k in missing if fresh_mtp and k.startswith("mtp.")]
+    missing = [k for k in missing if k not in kept]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} tensors the model needs, e.g. "
+                              f"{missing[:5]} (HF names: see raymoe.model.hf._PARAM_MAP)")
+    return kept
+
+
+def expert_biases(path: str | pathlib.Path, cfg: ModelConfig) -> torch.Tensor:
+    """``[num_router_layers, E]`` fp32 router biases (``e_score_correction_bias``) of a HF checkpoint, rows in
+    :meth:`DeepSeekV3.routers` order (main MoE layers, then the MTP blocks); zeros where the checkpoint has none."""
+    path = pathlib.Path(path)
+    loaders = dict(_iter_tensors(_tensor_files(path)))
+    N = cfg.num_hidden_layers
+    layers = [i for i in range(N) if i >= cfg.first_k_dense_replace] + [N + k for k in
+                                                                        range(cfg.num_nextn_predict_layers)]
+    out = torch.zeros(len(layers), cfg.n_routed_experts, dtype=torch.float32)
+    for row, i in enumerate(layers):
+        key = f"model.layers.{i}.mlp.gate.e_score_correction_bias"
+        if key in loaders:
+            t = loaders[key]()
+            if tuple(t.shape) != (cfg.n_routed_experts,):
+                raise CheckpointError(f"{key} has shape {tuple(t.shape)}, expected ({cfg.n_routed_experts},)")
+            out[row] = t.float()
+    return out
 
 
 # ---------------------------------------------------------------------- writing

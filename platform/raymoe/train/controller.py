@@ -34,7 +34,6 @@ import itertools
 import json
 import logging
 import pathlib
-import shutil
 import threading
 import time
 from typing import Any, Iterator, Optional, Protocol
@@ -48,6 +47,7 @@ from raymoe.metrics import MetricsLogger
 from raymoe.model.plan import train_flops_per_token
 from raymoe.optim import lr_at
 from raymoe.storage import Storage, stage_and_put
+from raymoe.train.export import EXTRA_DIR, export_checkpoint, write_extra
 from raymoe.train.plans import EvalPlan, EvalResult, StepPlan, StepResult
 from raymoe.train.run_state import check_compatible, load_coordinator_state, plain, save_coordinator_state
 from raymoe.train.topology import Topology
@@ -209,6 +209,13 @@ class TrainController:
         self.val_size = val_size
         self.balancer = BiasBalancer(mc.num_router_layers, mc.n_routed_experts, gamma=run.balance.gamma,
                                      rule=run.balance.rule)
+        # the biases a run starts from: the pretrained checkpoint's (train.init_from) or zeros
+        self.initial_bias = torch.zeros_like(self.balancer.bias)
+        if tc.init_from:
+            from raymoe.train.pretrained import initial_biases
+
+            self.initial_bias = initial_biases(tc.init_from, mc)
+        self.balancer.bias.copy_(self.initial_bias)
         self.step = 0
         self.tokens = 0
         self.total_tokens = tc.steps * run.tokens_per_step
@@ -318,24 +325,18 @@ class TrainController:
     def _write_own_files(self, d: pathlib.Path, state: dict[str, Any]) -> None:
         save_coordinator_state(d, state)
         self.write_expert_load(d)
+        write_extra(d / EXTRA_DIR, self.data_info, self.run.model.max_position_embeddings)  # tokenizer + generation config: any checkpoint exports alone
         (d / "config.json").write_text(json.dumps(plain(dataclasses.asdict(self.run)), indent=2))
         (d / "layout.json").write_text(json.dumps(self.layout(), indent=2))
         self._write_data_files(d)
 
     def _write_data_files(self, d: pathlib.Path) -> None:
-        """``data.json`` (the tokenizer's special ids, vocabulary size and sha256, the dataset directories) and the
-        tokenizer files under ``tokenizer/``: what an export of this checkpoint needs besides the weights."""
+        """``data.json``: the tokenizer's special ids, vocabulary size and sha256, the dataset directories (the
+        tokenizer files themselves are under ``hf_extra/``, :func:`raymoe.train.export.write_extra`)."""
         keys = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "tokenizer_sha256", "dataset_dir",
                 "dataset_dirs", "train_samples", "val_samples", "train_tokens", "val_tokens")
         (d / "data.json").write_text(json.dumps({k: self.data_info[k] for k in keys if k in self.data_info},
                                                 indent=2))
-        tok_dir = self.data_info.get("tokenizer_dir")
-        if tok_dir:
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-                src = pathlib.Path(tok_dir) / name
-                if src.is_file():
-                    (d / "tokenizer").mkdir(exist_ok=True)
-                    shutil.copyfile(src, d / "tokenizer" / name)
 
     # ------------------------------------------------------------------ eval
     def evaluate(self) -> dict[str, Any]:
@@ -459,7 +460,7 @@ class TrainController:
         if target is None:
             self.step = self.tokens = 0
             self.sampler = ResumableSampler(self.train_size, seed=self.run.train.seed)
-            self.balancer.bias.zero_()
+            self.balancer.bias.copy_(self.initial_bias)
             self.balancer.steps = 0
             self.history = []
             self.load_window.clear()
@@ -601,61 +602,19 @@ class TrainController:
         return out
 
     def export_hf(self, path: str) -> str:
-        """Write the model (with the balancer's current biases) as a HF DeepseekV3 checkpoint, from any layout
-        (the full model is assembled from the newest checkpoint's shards (native) or taken from rank 0 (DeepSpeed)),
-        plus what serving needs beside the weights: ``tokenizer.json``, ``tokenizer_config.json`` (special tokens and
-        the chat template, so transformers' ``AutoTokenizer`` and ``apply_chat_template`` work and render what our
-        server renders), ``generation_config.json`` (the end-of-text id, so transformers' ``generate`` and our engine
-        stop on the same token; :func:`raymoe.engine.chat.write_tokenizer_files`) and ``expert_load.safetensors``.
+        """Write the model (with the balancer's current biases) as a HF DeepseekV3 checkpoint from this step's
+        checkpoint (saved first when needed), any layout, either checkpoint format — the same code as
+        ``python -m raymoe.jobs.export`` (:mod:`raymoe.train.export`): weights, config, tokenizer files,
+        ``generation_config.json`` and ``expert_load.safetensors``.
 
         ``path`` is a local directory (the run directory's ``hf/``); when the storage is elsewhere the export is also
         put under ``<storage>/hf/`` (an older export there is deleted first, so files of two exports never mix)."""
-        hf_store = self.storage.child("hf") if self._storage_elsewhere() else None
-        if hf_store is not None:
-            self.storage.delete("hf")
-        path = self._export_weights(path, hf_store)
-        d = pathlib.Path(path)
-        tok = self.data_info.get("tokenizer_path")
-        hf_tok = tok is not None and pathlib.Path(tok).with_name("tokenizer_config.json").is_file()
-        if tok and pathlib.Path(tok).is_file():
-            shutil.copyfile(tok, d / "tokenizer.json")
-            if hf_tok:  # a user's HF tokenizer (data.tokenizer=<dir>): its own specials and chat template
-                for name in ("tokenizer_config.json", "chat_template.jinja"):
-                    if pathlib.Path(tok).with_name(name).is_file():
-                        shutil.copyfile(pathlib.Path(tok).with_name(name), d / name)
-                gen: dict[str, Any] = {"_from_model_config": False}
-                for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # raymoe.data.prepare_data
-                    if self.data_info.get(key) is not None:
-                        gen[key] = int(self.data_info[key])
-                (d / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        if not hf_tok:  # our own BPE: specials and the ChatML template written
-            from raymoe.engine.chat import write_tokenizer_files
-
-            write_tokenizer_files(d, self.data_info.get("eod_id"), None, self.run.model.max_position_embeddings)
-        self.write_expert_load(d)
-        if hf_store is not None:
-            hf_store.put_dir(d, skip=hf_store.list())  # the weights may be there already (DeepSpeed's rank 0)
-        return path
-
-    def _export_weights(self, path: str, hf_store: Optional[Storage]) -> str:
-        if self.impl == "deepspeed":
-            biases = self.balancer.bias.clone()
-            if hf_store is None:
-                return self.group.export_hf(path, biases)  # type: ignore[attr-defined]
-            # rank 0 may run on another node: it uploads, the coordinator's run directory gets a copy
-            self.group.export_hf(hf_store.uri, biases)  # type: ignore[attr-defined]
-            hf_store.get_dir("", path)
-            return path
-        from raymoe.model import DeepSeekV3, hf
-        from raymoe.train.sharded import SHARD_PREFIX, assemble_full
-
         if self.last_ckpt is None or self.last_ckpt.step != self.step:
             self.save_checkpoint()
-        ref = self.last_ckpt
-        with ckpt.local_copy(ref, [f for f in ref.files if f.startswith(SHARD_PREFIX)]) as d:
-            model = assemble_full(d, DeepSeekV3(self.run.model))
-        model.set_expert_biases(self.balancer.bias.clone())
-        hf.save(model, path)
+        export_checkpoint(self.last_ckpt, path)
+        if self._storage_elsewhere():
+            self.storage.delete("hf")
+            self.storage.child("hf").put_dir(path)
         return path
 
     def _storage_elsewhere(self) -> bool:

@@ -139,6 +139,10 @@ class StageWorker:
 
         torch.manual_seed(run.train.seed)
         model = DeepSeekV3(run.model, seed=run.train.seed)  # the native runtime's initial weights, on every replica
+        if run.train.init_from:
+            from raymoe.train.pretrained import load_pretrained
+
+            load_pretrained(model, run.train.init_from)
         set_recompute(model, run.train.recompute)
         self.fp8_guard = None
         if run.fp8.enabled:  # the DeepSpeed FP8 hook: swap Linears before deepspeed.initialize (params are shared)

@@ -231,6 +231,10 @@ class PipelineWorker:
         self.chunks = par.apply_pp(model, topo, rank)
         par.apply_ep(model, topo, rank, self.groups.ep if self.groups else None)
         par.materialize(model, tc.seed)
+        if tc.init_from:  # pretrained weights: this rank's layers and expert rows only
+            from raymoe.train.pretrained import load_pretrained
+
+            load_pretrained(model, tc.init_from)
         par.apply_recompute(model, tc.recompute)
         self.fp8_guard = par.apply_fp8(model, run.fp8)
         split = par.apply_wgrad_split(model, topo, rank)
