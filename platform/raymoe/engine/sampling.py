@@ -23,9 +23,15 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["SamplingParams", "probs_from_logits", "sample_token", "speculative_accept", "top_logprobs"]
+__all__ = ["SamplingParams", "SamplingError", "probs_from_logits", "sample_token", "speculative_accept",
+           "top_logprobs"]
 
 MAX_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 64  # checked per generated token against a set; a bound keeps requests small
+
+
+class SamplingError(ArithmeticError):
+    """One sequence's distribution cannot be sampled (non-finite or zero mass): the engine ends that request only."""
 
 
 @dataclass
@@ -47,6 +53,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        self.stop_token_set = frozenset(self.stop_token_ids)  # what the engine tests each token against
         if self.top_k == -1:
             self.top_k = 0
 
@@ -69,6 +76,9 @@ class SamplingParams:
             bad("n", f"n must be an integer in [1, 64], got {self.n!r}")
         if len(self.stop) > 8 or any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "stop must be at most 8 non-empty strings")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"stop_token_ids holds at most {MAX_STOP_TOKEN_IDS} ids, got "
+                f"{len(self.stop_token_ids)}")
         if self.logprobs is not None and not (0 <= int(self.logprobs) <= MAX_LOGPROBS):
             bad("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
@@ -97,7 +107,12 @@ def probs_from_logits(logits_V: torch.Tensor, params: SamplingParams) -> torch.T
         drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter_(0, idx, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
-    return x.softmax(-1)
+    probs = x.softmax(-1)
+    # nothing non-finite ever reaches multinomial (it raises inside the shared step): NaN/inf logits, or a mask that
+    # left no mass, end this sequence's request only (the engine catches SamplingError per sequence)
+    if not bool(torch.isfinite(probs).all()):
+        raise SamplingError("the model produced non-finite probabilities for this request")
+    return probs
 
 
 def sample_token(logits_V: torch.Tensor, params: SamplingParams, gen: Optional[torch.Generator]) -> int:

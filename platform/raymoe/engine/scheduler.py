@@ -57,6 +57,7 @@ class Sequence:
     finish_reason: Optional[str] = None
     stop_text_end: Optional[int] = None  # text truncated here (stop string)
     exclude_last_from_text: bool = False  # the last token is a stop token
+    detok: Any = None  # raymoe.engine.detokenize.IncrementalDetokenizer of the output (None: no tokenizer)
     num_preemptions: int = 0
     first_token_time: Optional[float] = None
 
