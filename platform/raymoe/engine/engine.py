@@ -256,7 +256,7 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._req_counter)}"
         if request_id in self.groups:
             raise EngineError(f"duplicate request id {request_id!r}", param="request_id")
-        group = SequenceGroup(request_id, ids, params)
+        group = SequenceGroup(request_id, ids, params, stop_ids=frozenset(params.stop_token_ids))
         base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(62)
         for i in range(params.n):
             gen = None
@@ -459,7 +459,7 @@ class LLMEngine:
             lp, top = top_logprobs(logits_V, tok, int(params.logprobs))
             seq.logprobs.append({"token_id": tok, "logprob": lp, "top": top})
         n_out = len(seq.tokens) - seq.prompt_len
-        if tok in params.stop_token_set or (not params.ignore_eos and self.eos_token_id is not None
+        if tok in seq.group.stop_ids or (not params.ignore_eos and self.eos_token_id is not None
                                             and tok == self.eos_token_id):
             seq.finish_reason, seq.exclude_last_from_text = "stop", True
             return

@@ -53,7 +53,6 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
-        self.stop_token_set = frozenset(self.stop_token_ids)  # what the engine tests each token against
         if self.top_k == -1:
             self.top_k = 0
 

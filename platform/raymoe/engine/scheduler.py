@@ -88,6 +88,7 @@ class SequenceGroup:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     first_token_time: Optional[float] = None
+    stop_ids: frozenset = frozenset()  # params.stop_token_ids as a set (tested against every generated token)
 
     @property
     def finished(self) -> bool:
