@@ -180,8 +180,10 @@ def stop_server(app_name: Optional[str] = "raymoe", shutdown: bool = True) -> No
     import ray
     from ray import serve
 
+    if not ray.is_initialized():  # nothing started (a config refused before connecting); serve.* would start Ray
+        return
     try:
-        if ray.is_initialized() and app_name is not None:
+        if app_name is not None:
             try:
                 serve.delete(app_name)
             finally:  # the registry is a detached actor: deleting the app leaves it

@@ -218,15 +218,15 @@ class EngineDeployment:
     async def test_hook(self, name: str, arg: Any = None) -> None:
         """Fault injection for tests, refused unless ``RAYMOE_TEST_HOOKS=1`` is set in the replica's environment.
         ``fail_prompt_prefix`` (arg: token ids or None): per-sequence code raises for requests whose prompt starts
-        with these ids; ``kill_loop``: the step loop dies at its next iteration."""
+        with these ids, once they generated two tokens; ``kill_loop``: the step loop dies at its next iteration."""
         if os.environ.get(TEST_HOOKS_ENV) != "1":
             raise PermissionError(f"test hooks are off (set {TEST_HOOKS_ENV}=1 in the replica's environment)")
         if name == "fail_prompt_prefix":
             prefix = [int(t) for t in arg] if arg else None
 
             def hook(seq) -> None:
-                if prefix is not None and seq.tokens[: len(prefix)] == prefix:
-                    raise RuntimeError("injected per-sequence fault")
+                if prefix is not None and seq.tokens[: len(prefix)] == prefix and len(seq.tokens) > seq.prompt_len + 1:
+                    raise RuntimeError("injected per-sequence fault")  # mid-generation: after two tokens
 
             self.engine.fault_hook = hook if prefix else None
         elif name == "kill_loop":
@@ -413,6 +413,7 @@ class APIIngress:
         self.max_pending = int(max_pending_requests)
         self.pending = 0
         self.engine_ready = False
+        self._probe: Optional[asyncio.Task] = None  # the background wait for the first engine answer (/health)
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ helpers
@@ -514,15 +515,28 @@ class APIIngress:
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        """Answers at once: 200 once an engine replica answered (within 5 s), 503 while the model loads or no
-        engine replica answers. Never behind the API key."""
+        """Answers at once, never behind the API key: 503 ``loading`` until an engine replica has answered once
+        (one background probe at a time waits for it; the route never does), then 200 while an engine replica
+        answers within 5 s, else 503 ``unavailable``."""
+        if not self.engine_ready:
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.get_running_loop().create_task(self._probe_engine())
+            try:
+                await asyncio.wait_for(asyncio.shield(self._probe), 0.2)
+            except Exception:  # noqa: BLE001 - still loading (timeout) or the probe failed: 503 below
+                pass
+            if not self.engine_ready:
+                return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "ok"})
         try:
-            await asyncio.wait_for(self.engine.info.remote(), 1.0 if not self.engine_ready else 5.0)
-        except Exception as e:  # noqa: BLE001 - timeout (loading, no replica yet) or a replica failure
-            state = "loading" if not self.engine_ready else "unavailable"
-            return JSONResponse({"status": state, "detail": type(e).__name__}, status_code=503)
-        self.engine_ready = True
+            await asyncio.wait_for(self.engine.info.remote(), 5.0)
+        except Exception as e:  # noqa: BLE001 - timeout or a replica failure
+            return JSONResponse({"status": "unavailable", "detail": type(e).__name__}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    async def _probe_engine(self) -> None:
+        await self.engine.info.remote()
+        self.engine_ready = True
 
     @app.get("/openapi.json")
     async def openapi(self, request: Request) -> JSONResponse:
