@@ -121,8 +121,11 @@ def _app_state(app_name: str) -> str:
 
 def _wait_healthy(url: str, timeout_s: float, app_name: str) -> None:
     """Poll ``GET /health`` until 200 (it answers 503 while the model loads); on timeout say what Serve reports."""
+    from ray import serve
+
     deadline = time.time() + timeout_s
     last: Optional[Exception] = None
+    next_status = time.time() + 2
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
@@ -130,6 +133,11 @@ def _wait_healthy(url: str, timeout_s: float, app_name: str) -> None:
                     return
         except Exception as e:  # noqa: BLE001 - proxy not up yet, or 503 while loading
             last = e
+        if time.time() > next_status:  # a replica whose constructor keeps failing: say so now, not at the timeout
+            next_status = time.time() + 2
+            app = serve.status().applications.get(app_name)
+            if app is not None and str(app.status).endswith("DEPLOY_FAILED"):
+                raise RuntimeError(f"the app failed to deploy: {_app_state(app_name)}")
         time.sleep(0.25)
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f} s ({last}); "
                        f"{_app_state(app_name)}")

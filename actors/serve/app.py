@@ -24,8 +24,8 @@ request's queue. ``add_request``/``abort`` and ``step`` are serialised by one as
 
 Errors: engine validation → 400/413; the waiting queue over ``engine.max_waiting`` → 503; Serve back-pressure
 (``max_queued_requests`` of the engine deployment) → 503; more than ``ingress_max_pending_requests`` requests in the
-ingress → 429 with ``Retry-After``; a body over ``max_body_bytes`` → 413 (counted while it is read: a chunked body is
-refused at the first byte over the limit); missing/wrong API key → 401; a request that fails inside the engine
+ingress → 429 with ``Retry-After``; a body over ``max_body_bytes`` → 413 (counted while it is read: a chunked body
+is refused at the first byte over the limit); missing/wrong API key → 401; a request that fails inside the engine
 (its own sampling / detokenization / stop handling, see :class:`raymoe.engine.LLMEngine`) → 500 for that request
 only, in-band as an SSE error event once a stream has started; an engine replica that cannot be reached → 503;
 anything else → 500. Every body is OpenAI style ``{"error": {"message", "type", "param", "code"}}``.
@@ -225,7 +225,8 @@ class EngineDeployment:
             prefix = [int(t) for t in arg] if arg else None
 
             def hook(seq) -> None:
-                if prefix is not None and seq.tokens[: len(prefix)] == prefix and len(seq.tokens) > seq.prompt_len + 1:
+                started = len(seq.tokens) > seq.prompt_len + 1
+                if prefix is not None and seq.tokens[: len(prefix)] == prefix and started:
                     raise RuntimeError("injected per-sequence fault")  # mid-generation: after two tokens
 
             self.engine.fault_hook = hook if prefix else None

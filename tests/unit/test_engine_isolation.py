@@ -143,8 +143,8 @@ class CountingTokenizer:
 
 def test_incremental_detokenizer_equals_full_decode_on_unicode(tiny_base) -> None:
     _, tok, _ = tiny_base
-    text = ("Ça coûte 3 € — naïve façade, Grüße aus Köln; 日本語のテキスト, 한국어, emoji 🙂🚀👍🏽 and "
-            "Ελληνικά / русский текст. ") * 6
+    text = ("Ça coûte 3 € — naïve façade, Grüße aus Köln; 日本語のテキスト, 한국어, "
+            "emoji 🙂🚀👍🏽 and Ελληνικά / русский текст. ") * 6
     ids = tok.encode(text).ids
     assert tok.decode(ids) == text and len(ids) > 200
     counting = CountingTokenizer(tok)

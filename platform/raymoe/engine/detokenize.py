@@ -3,10 +3,10 @@
 Decoding the whole output every step costs ``O(len)`` per step, ``O(len²)`` per sequence, on the one thread every
 request of a replica shares. Instead (the scheme vLLM uses) a sequence keeps its committed text and two offsets into
 its token ids: ``prefix`` (where the last decoded window started) and ``read`` (the end of the committed tokens).
-When tokens arrive, ``decode(ids[prefix:])`` minus ``decode(ids[prefix:read])`` is the new text; it is committed
-(``prefix ← read``, ``read ← len``) unless it ends in U+FFFD — a multi-byte character whose remaining bytes come with
-the next tokens. Decoding from ``prefix`` rather than ``read`` gives the decoder one token of context, so decoders
-whose output depends on the preceding token see it.
+When tokens arrive, ``decode(ids[prefix:])`` minus ``decode(ids[prefix:read])`` is the new text; it is
+committed (``prefix ← read``, ``read ← len``) unless it ends in U+FFFD — a multi-byte character whose remaining
+bytes come with the next tokens. Decoding from ``prefix`` rather than ``read`` gives the decoder the previous
+window as context, so decoders whose output depends on the preceding token see it.
 
 With a byte-level BPE (what raymoe trains), ``committed + tail`` equals ``decode(all ids)``: the window always starts
 on a character boundary. A run of bytes that never completes a character (``MAX_PENDING`` tokens, more than a 4-byte
