@@ -26,10 +26,22 @@ Requests are validated by the pydantic models of :mod:`raymoe.actors.serve.proto
 per name); chat prompts are rendered from the export's ``chat_template``. Routes: ``/v1/completions``,
 ``/v1/chat/completions``, ``/v1/models``, vLLM's ``/tokenize`` and ``/detokenize``, ``/health``.
 
-Errors: engine validation → 400 (context overflow: code ``context_length_exceeded``); the waiting queue over
-``engine.max_waiting`` → 503; Serve back-pressure (``max_queued_requests`` of the engine deployment) → 503;
-missing/wrong API key → 401. Bodies are OpenAI style
-``{"error": {"message", "type", "param", "code"}}``.
+Errors: engine validation → 400 (context overflow: code ``context_length_exceeded``); the waiting queue over ``engine.max_waiting`` → 503; Serve back-pressure
+(``max_queued_requests`` of the engine deployment) → 503; more than ``ingress_max_pending_requests`` requests in the
+ingress → 429 with ``Retry-After``; a body over ``max_body_bytes`` → 413 (counted while it is read: a chunked body
+is refused at the first byte over the limit); missing/wrong API key → 401; a request that fails inside the engine
+(its own sampling / detokenization / stop handling, see :class:`raymoe.engine.LLMEngine`) → 500 for that request
+only, in-band as an SSE error event once a stream has started; an engine replica that cannot be reached → 503;
+anything else → 500. Every body is OpenAI style ``{"error": {"message", "type", "param", "code"}}``.
+
+Failure domains: one request's failure ends that request (the step loop goes on). A step loop that died or is wedged
+(one ``engine.step`` running longer than ``engine_step_timeout_s``) makes the replica's ``check_health`` raise, so
+Serve replaces the replica; meanwhile it refuses new requests with 503.
+
+API key (``api_key`` / ``api_key_file`` args, ``RAYMOE_API_KEY``): :func:`build_app` turns it into a salted PBKDF2
+hash, the only thing any deployment receives (the key itself never appears in Serve's config, status or the
+replicas' constructor arguments); the ingress compares with ``hmac.compare_digest``. Every route except ``/health``
+(``/openapi.json`` and ``/docs`` included) needs ``Authorization: Bearer <key>`` when a key is set.
 
 Metrics (Prometheus via ``ray.serve.metrics``, exported by Ray's metrics agent): ``raymoe_serve_ttft_s``,
 ``raymoe_serve_tpot_s`` (histograms), ``raymoe_serve_{prompt,generation}_tokens`` (counters),
@@ -41,22 +53,26 @@ prompt tokens its engine reused from the prefix cache.
 """
 # no `from __future__ import annotations`: FastAPI must see real annotations (Request) on the ingress methods
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from raymoe.actors.serve import protocol as P
 from raymoe.engine.chat import ChatTemplate
 
-__all__ = ["EngineDeployment", "APIIngress", "build_app", "DEFAULT_ARGS"]
+__all__ = ["EngineDeployment", "APIIngress", "build_app", "DEFAULT_ARGS", "hash_api_key", "read_api_key"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +80,8 @@ DEFAULT_ARGS: dict[str, Any] = {
     "model_path": None,
     "tokenizer_path": None,
     "served_model_name": None,
-    "api_key": None,
+    "api_key": None,  # hashed in build_app (only the salted hash reaches a deployment); prefer the two below
+    "api_key_file": None,  # a file holding the key (first line); else the RAYMOE_API_KEY environment variable
     "engine": {},
     "experts": {},
     "torch_threads": 1,
@@ -75,17 +92,46 @@ DEFAULT_ARGS: dict[str, Any] = {
     "engine_max_ongoing_requests": 128,
     "engine_max_queued_requests": 256,
     "ingress_max_ongoing_requests": 512,
+    "ingress_max_pending_requests": 256,  # requests inside the ingress (waiting or generating); beyond: 429
     "max_body_bytes": 1 << 20,
     # cache-aware routing to engine replicas (raymoe.actors.serve.router): PrefixAffinity options, or false for
     # Serve's default (power of two choices)
     "prefix_routing": {},
+    "engine_step_timeout_s": 300.0,  # one engine step running longer: the replica is wedged (check_health fails)
+    "engine_health_check_period_s": 10.0,  # Serve's health_check_period_s of the engine replicas
 }
+
+API_KEY_ENV = "RAYMOE_API_KEY"
+TEST_HOOKS_ENV = "RAYMOE_TEST_HOOKS"  # "1" in a replica's environment enables EngineDeployment.test_hook
+HOLD_FILE_ENV = "RAYMOE_TEST_ENGINE_HOLD_FILE"  # tests: an engine replica waits while this file exists
+_KDF_ITERATIONS = 100_000
+
+
+def read_api_key(api_key_file: Optional[str] = None) -> Optional[str]:
+    """The API key: the first line of ``api_key_file`` if given, else ``$RAYMOE_API_KEY``, else None (no auth)."""
+    if api_key_file:
+        try:
+            key = open(api_key_file, encoding="utf-8").readline().strip()
+        except OSError as e:
+            raise ValueError(f"api_key_file {api_key_file!r} cannot be read: {e.strerror}") from None
+        if not key:
+            raise ValueError(f"api_key_file {api_key_file!r} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def hash_api_key(key: str, salt: Optional[bytes] = None) -> dict[str, Any]:
+    """``{"salt", "hash", "iterations"}`` (hex): PBKDF2-HMAC-SHA256 of the key, what the ingress checks against."""
+    salt = salt or secrets.token_bytes(16)
+    h = hashlib.pbkdf2_hmac("sha256", key.encode("utf-8"), salt, _KDF_ITERATIONS)
+    return {"salt": salt.hex(), "hash": h.hex(), "iterations": _KDF_ITERATIONS}
 
 
 @serve.deployment(name="EngineDeployment")
 class EngineDeployment:
     def __init__(self, model_path: str, engine: dict, tokenizer_path: Optional[str] = None,
-                 torch_threads: int = 1, experts: Optional[dict] = None, expert_shards: Any = None) -> None:
+                 torch_threads: int = 1, experts: Optional[dict] = None, expert_shards: Any = None,
+                 step_timeout_s: float = 300.0) -> None:
         import torch
 
         from raymoe.actors.serve.experts import ExpertServing
@@ -100,6 +146,9 @@ class EngineDeployment:
         # redundant experts: in-process shards, ExpertShards replicas (``expert_shards``: that deployment's handle,
         # bound so Serve deploys it; the data plane goes through the app's expert registry), or none
         self.expert_shards = expert_shards
+        hold = os.environ.get(HOLD_FILE_ENV)
+        while hold and os.path.exists(hold):  # tests: a model that is still loading
+            time.sleep(0.1)
         self.experts = ExpertServing(model_path, experts, serve.get_replica_context().app_name)
         self.engine = LLMEngine.from_pretrained(model_path, EngineConfig.from_dict(engine), tokenizer_path,
                                                 expert_backend=self.experts.backend)
@@ -108,6 +157,10 @@ class EngineDeployment:
         self.queues: dict[str, asyncio.Queue] = {}
         self.sent: dict[str, dict[str, list[int]]] = {}
         self.loop_task: Optional[asyncio.Task] = None
+        self.loop_error: Optional[str] = None  # the step loop died: why (check_health raises from then on)
+        self.step_started: Optional[float] = None  # monotonic start of the step in flight
+        self.step_timeout_s = float(step_timeout_s)
+        self._kill_loop = False  # test hook
         self._tok_window: list[tuple[float, int]] = []
         self._init_metrics()
 
@@ -177,14 +230,63 @@ class EngineDeployment:
                 "running", "waiting")
         return {k: m[k] for k in keys}
 
+    async def check_health(self) -> None:
+        """Serve's health check: raise when the step loop died or one step has run past ``step_timeout_s``
+        (Serve then replaces this replica)."""
+        if self.loop_error is not None:
+            raise RuntimeError(f"engine step loop died: {self.loop_error}")
+        t = self.step_started
+        if t is not None and time.monotonic() - t > self.step_timeout_s:
+            raise RuntimeError(f"engine step running for {time.monotonic() - t:.0f} s (> {self.step_timeout_s} s)")
+
+    async def test_hook(self, name: str, arg: Any = None) -> None:
+        """Fault injection for tests, refused unless ``RAYMOE_TEST_HOOKS=1`` is set in the replica's environment.
+        ``fail_prompt_prefix`` (arg: token ids or None): per-sequence code raises for requests whose prompt starts
+        with these ids, once they generated two tokens; ``kill_loop``: the step loop dies at its next iteration."""
+        if os.environ.get(TEST_HOOKS_ENV) != "1":
+            raise PermissionError(f"test hooks are off (set {TEST_HOOKS_ENV}=1 in the replica's environment)")
+        if name == "fail_prompt_prefix":
+            prefix = [int(t) for t in arg] if arg else None
+
+            def hook(seq) -> None:
+                started = len(seq.tokens) > seq.prompt_len + 1
+                if prefix is not None and seq.tokens[: len(prefix)] == prefix and started:
+                    raise RuntimeError("injected per-sequence fault")  # mid-generation: after two tokens
+
+            self.engine.fault_hook = hook if prefix else None
+        elif name == "kill_loop":
+            self._kill_loop = True
+            self.wake.set()
+        else:
+            raise ValueError(f"unknown test hook {name!r}")
+
     async def _loop(self) -> None:
+        """The step loop; if anything escapes it (a bug outside the guarded step), record why and fail every
+        pending request: ``check_health`` then raises and Serve replaces the replica."""
+        try:
+            await self._steps()
+        except BaseException as exc:  # noqa: BLE001 - CancelledError included: the loop is gone either way
+            self.loop_error = f"{type(exc).__name__}: {exc}"
+            log.exception("engine step loop died")
+            for q in list(self.queues.values()):
+                q.put_nowait({"error": P.error_body(f"engine step loop died: {self.loop_error}", "server_error"),
+                              "status": 500})
+            raise
+
+    async def _steps(self) -> None:
         while True:
             await self.wake.wait()
+            if self._kill_loop:
+                raise RuntimeError("killed by test hook")
             try:
                 async with self.lock:
-                    outs = await asyncio.to_thread(self.engine.step)
+                    self.step_started = time.monotonic()
+                    try:
+                        outs = await asyncio.to_thread(self.engine.step)
+                    finally:
+                        self.step_started = None
                     self.experts.after_step(outs, int(self.engine.stats["generation_tokens"]))
-            except Exception as exc:  # never leave clients hanging: fail every pending request
+            except Exception as exc:  # the batch's forward failed: never leave clients hanging, fail them all
                 log.exception("engine step failed")
                 async with self.lock:
                     for rid, q in list(self.queues.items()):
@@ -194,9 +296,23 @@ class EngineDeployment:
                 continue
             for o in outs:
                 q = self.queues.get(o.request_id)
-                if q is not None:
+                if q is None:
+                    continue
+                if o.error is not None:  # this request's own failure (the engine already dropped it)
+                    self.sent.pop(o.request_id, None)
+                    q.put_nowait({"error": P.error_body(f"request failed during generation: {o.error}",
+                                                        "server_error"), "status": 500})
+                    continue
+                try:
                     q.put_nowait(self._delta(o))
-            self._update_metrics()
+                except Exception as exc:  # noqa: BLE001 - building this request's delta: its failure only
+                    log.exception("delta of request %s failed", o.request_id)
+                    self.engine.abort(o.request_id)
+                    q.put_nowait({"error": P.error_body(f"request failed: {exc}", "server_error"), "status": 500})
+            try:
+                self._update_metrics()
+            except Exception:  # noqa: BLE001 - metrics never stop serving
+                log.exception("serving metrics update failed")
             if not self.engine.has_unfinished():
                 self.wake.clear()
             await asyncio.sleep(0)
@@ -243,7 +359,11 @@ class EngineDeployment:
         """Stream of deltas for one request; the first item is ``{"error": ..., "status": code}`` on rejection."""
         from raymoe.engine import EngineError, EngineFull, SamplingParams
 
-        if self.loop_task is None or self.loop_task.done():
+        if self.loop_error is not None:  # waiting for Serve to replace this replica
+            yield {"error": P.error_body(f"engine replica unhealthy: {self.loop_error}", "server_overloaded"),
+                   "status": 503}
+            return
+        if self.loop_task is None:
             self.loop_task = asyncio.get_running_loop().create_task(self._loop())
         rid = uuid.uuid4().hex
         q: asyncio.Queue = asyncio.Queue()
@@ -273,29 +393,49 @@ class EngineDeployment:
                     self.engine.abort(rid)
 
 
-app = FastAPI(title="raymoe", docs_url=None, redoc_url=None)
+# FastAPI's own /openapi.json and /docs are off: the ingress serves them itself, behind the API key
+app = FastAPI(title="raymoe", openapi_url=None, docs_url=None, redoc_url=None)
+
+
+def _err(e: P.APIError, headers: Optional[dict[str, str]] = None) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+# every error leaves in OpenAI's shape: unknown routes / methods, FastAPI's validation, anything unexpected
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return _err(P.APIError(exc.status_code, str(exc.detail), code=code))
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's own body/param validation → OpenAI's 400 shape (not FastAPI's 422)."""
-    e = P.validation_error(exc.errors())
-    return JSONResponse(e.body(), status_code=e.status)
+    """FastAPI's own body/param validation → OpenAI's 400 shape naming the field (not FastAPI's 422)."""
+    return _err(P.validation_error(exc.errors()))
 
 
-def _err(e: P.APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    return _err(P.APIError(500, f"internal server error: {type(exc).__name__}", "server_error"))
 
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def _engine_unreachable(e: Exception) -> P.APIError:
+    """A Ray/Serve failure reaching the engine (replica died, being replaced) → 503, OpenAI-shaped."""
+    return P.APIError(503, f"engine unavailable, retry: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                      "server_overloaded")
+
+
 @serve.deployment(name="APIIngress")
 @serve.ingress(app)
 class APIIngress:
-    def __init__(self, engine, model_name: str, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20,
-                 tokenizer_path: Optional[str] = None) -> None:
+    def __init__(self, engine, model_name: str, api_key_hash: Optional[dict[str, Any]] = None,
+                 max_body_bytes: int = 1 << 20, tokenizer_path: Optional[str] = None,
+                 max_pending_requests: int = 256) -> None:
         from raymoe.engine import load_tokenizer
         from raymoe.storage import materialize
 
@@ -310,24 +450,52 @@ class APIIngress:
         self.chat_template = ChatTemplate.from_dir(tokenizer_path)
         self.unknown_fields = P.UnknownFields()  # logs each unknown request field name once
         self.context_len: Optional[int] = None  # the engine's, fetched once (/tokenize reports it)
-        self.api_key = api_key or None
+        self.key_hash = api_key_hash or None
+        self._fast_digest: Optional[bytes] = None  # sha256(salt + key) once a request proved the key (see _auth)
         self.max_body_bytes = max_body_bytes
+        self.max_pending = int(max_pending_requests)
+        self.pending = 0
+        self.engine_ready = False
+        self._probe: Optional[asyncio.Task] = None  # the background wait for the first engine answer (/health)
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> None:
-        if self.api_key is None:
+        """Constant-time check of ``Authorization: Bearer <key>`` against the salted hash. The PBKDF2 hash is slow
+        on purpose (a leaked hash resists guessing); after the first success the ingress keeps sha256(salt + key)
+        and compares further requests against that (also with ``compare_digest``), so a correct key costs one
+        sha256 and a wrong one the full PBKDF2."""
+        kh = self.key_hash
+        if kh is None:
             return
         h = request.headers.get("authorization", "")
-        if h != f"Bearer {self.api_key}":
-            raise P.APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                             "authentication_error", code="invalid_api_key")
+        presented = h[7:].encode("utf-8", "surrogateescape") if h[:7].lower() == "bearer " else b""
+        salt = bytes.fromhex(kh["salt"])
+        fast = hashlib.sha256(salt + presented).digest()
+        if self._fast_digest is not None and hmac.compare_digest(fast, self._fast_digest):
+            return
+        slow = hashlib.pbkdf2_hmac("sha256", presented, salt, int(kh["iterations"]))
+        if presented and hmac.compare_digest(slow, bytes.fromhex(kh["hash"])):
+            self._fast_digest = fast
+            return
+        raise P.APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                         "authentication_error", code="invalid_api_key")
 
     async def _body(self, request: Request) -> Any:
-        raw = await request.body()
-        if len(raw) > self.max_body_bytes:
-            raise P.APIError(413, f"request body of {len(raw)} bytes exceeds {self.max_body_bytes}",
-                             code="request_too_large")
+        """The JSON body, refused with 413 as soon as more than ``max_body_bytes`` arrived (a declared
+        ``Content-Length`` over the limit before reading anything; a chunked body at the first chunk past it)."""
+        limit = self.max_body_bytes
+        too_large = P.APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit:
+                raise too_large
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -340,14 +508,20 @@ class APIIngress:
 
     async def _open(self, prompt: Any, sp) -> tuple[dict, Any]:
         """Start the engine stream; return its first item (raises APIError for a rejection) and the stream."""
+        import dataclasses
+
         from ray.serve.exceptions import BackPressureError
 
-        params = dict(sp.__dict__)
+        params = {f.name: getattr(sp, f.name) for f in dataclasses.fields(sp)}
         try:
             gen = self.engine.options(stream=True).generate.remote(prompt, params)
             first = await gen.__anext__()
         except BackPressureError as e:
             raise P.APIError(503, f"server overloaded: {e}", "server_overloaded") from None
+        except StopAsyncIteration:
+            raise P.APIError(500, "the engine ended the request without an answer", "server_error") from None
+        except Exception as e:  # noqa: BLE001 - RayActorError, a replica gone mid-call, ...
+            raise _engine_unreachable(e) from None
         if "error" in first:
             err = first["error"]["error"]
             raise P.APIError(first["status"], err["message"], err["type"], err.get("param"), err.get("code"))
@@ -355,21 +529,77 @@ class APIIngress:
 
     @staticmethod
     async def _items(first: dict, gen) -> AsyncIterator[dict]:
+        """The request's deltas; an engine error after the first raises :class:`P.APIError` (its status)."""
         yield first
         if first.get("finished"):
             return
-        async for item in gen:
-            if "error" in item:
-                raise RuntimeError(item["error"]["error"]["message"])
-            yield item
-            if item.get("finished"):
-                return
+        try:
+            async for item in gen:
+                if "error" in item:
+                    err = item["error"]["error"]
+                    raise P.APIError(item.get("status", 500), err["message"], err["type"], err.get("param"),
+                                     err.get("code"))
+                yield item
+                if item.get("finished"):
+                    return
+        except P.APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the replica died mid-request
+            raise P.APIError(500, f"the engine failed during generation: {type(e).__name__}", "server_error") \
+                from None
+
+    def _admit(self) -> None:
+        """Bound the requests inside this ingress replica (waiting for the engine or streaming)."""
+        if self.pending >= self.max_pending:
+            raise P.APIError(429, f"too many requests in flight ({self.pending}, bound {self.max_pending}); retry",
+                             "rate_limit_error", code="rate_limit_exceeded")
+        self.pending += 1
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        await self.engine.info.remote()
+        """Answers at once, never behind the API key: 503 ``loading`` until an engine replica has answered once
+        (one background probe at a time waits for it; the route never does), then 200 while an engine replica
+        answers within 5 s, else 503 ``unavailable``."""
+        if not self.engine_ready:
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.get_running_loop().create_task(self._probe_engine())
+            try:
+                await asyncio.wait_for(asyncio.shield(self._probe), 0.2)
+            except Exception:  # noqa: BLE001 - still loading (timeout) or the probe failed: 503 below
+                pass
+            if not self.engine_ready:
+                return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "ok"})
+        try:
+            await asyncio.wait_for(self.engine.info.remote(), 5.0)
+        except Exception as e:  # noqa: BLE001 - timeout or a replica failure
+            return JSONResponse({"status": "unavailable", "detail": type(e).__name__}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    async def _probe_engine(self) -> None:
+        await self.engine.info.remote()
+        self.engine_ready = True
+
+    @app.get("/openapi.json")
+    async def openapi(self, request: Request) -> JSONResponse:
+        try:
+            self._auth(request)
+        except P.APIError as e:
+            return _err(e)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs")
+    async def docs(self, request: Request):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        try:
+            self._auth(request)
+        except P.APIError as e:
+            return _err(e)
+        page: HTMLResponse = get_swagger_ui_html(openapi_url=f"{request.scope.get('root_path', '')}/openapi.json",
+                                                 title="raymoe")
+        return page
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
@@ -439,6 +669,11 @@ class APIIngress:
     async def _handle(self, request: Request, chat: bool):
         try:
             self._auth(request)
+            self._admit()
+        except P.APIError as e:
+            return _err(e, {"Retry-After": "1"} if e.status == 429 else None)
+        streaming = False
+        try:
             body = await self._body(request)
             body, echo, score_only = (body, False, False) if chat else P.echo_options(body)
             req = P.parse_chat(body, self.chat_template) if chat else P.parse_completion(body)
@@ -448,13 +683,21 @@ class APIIngress:
             if echo:
                 return await self._echo(prompt, sp, score_only)
             first, gen = await self._open(prompt, sp)
+            rid = P.new_id("chatcmpl" if chat else "cmpl")
+            decode = await self._decoder()
+            if stream:
+                streaming = True  # the stream releases the slot when it ends
+                return StreamingResponse(self._stream(rid, chat, sp, first, gen, decode, req.include_usage),
+                                         media_type="text/event-stream")
+            return await self._collect(rid, chat, sp, first, gen, decode)
         except P.APIError as e:
             return _err(e)
-        rid = P.new_id("chatcmpl" if chat else "cmpl")
-        decode = await self._decoder()
-        if stream:
-            return StreamingResponse(self._stream(rid, chat, sp, first, gen, decode, req.include_usage),
-                                     media_type="text/event-stream")
+        finally:
+            if not streaming:
+                self.pending -= 1
+
+    async def _collect(self, rid: str, chat: bool, sp, first: dict, gen, decode) -> JSONResponse:
+        """A non-streaming response: the whole generation, or the OpenAI error it failed with (APIError)."""
         texts = [""] * sp.n
         lps: list[list[dict]] = [[] for _ in range(sp.n)]
         ntok, finish = [0] * sp.n, [None] * sp.n
@@ -543,8 +786,12 @@ class APIIngress:
             if include_usage:  # stream_options.include_usage: one last chunk, choices: [] (OpenAI)
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 yield _sse(P.usage_chunk(rid, model, obj, P.usage(prompt_tokens, sum(ntok), cached)))
-        except Exception as e:  # noqa: BLE001 - mid-stream failure: report it in-band
-            yield _sse(P.error_body(str(e), "server_error"))
+        except P.APIError as e:  # mid-stream failure: report it in-band (the status line is already sent)
+            yield _sse(e.body())
+        except Exception as e:  # noqa: BLE001
+            yield _sse(P.error_body(f"internal server error: {type(e).__name__}", "server_error"))
+        finally:
+            self.pending -= 1
         yield "data: [DONE]\n\n"
 
 
@@ -575,7 +822,7 @@ def expert_shards_deployment(experts: dict[str, Any]):
     return ExpertShardDeployment.options(
         autoscaling_config=autoscaling, ray_actor_options=opts,
         graceful_shutdown_timeout_s=rc.drain_timeout_s + 5,
-    ).bind(rc.host, rc.torch_threads, rc.drain_timeout_s)
+    ).bind(rc.host, rc.torch_threads, rc.drain_timeout_s, rc.heartbeat_s, rc.member_ttl_s)
 
 
 def build_app(args: dict[str, Any]):
@@ -626,15 +873,25 @@ def build_app(args: dict[str, Any]):
                              f"capacity)") from None
         routing["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER_PATH,
                                                                 request_router_kwargs=kw)
+    for key in ("ingress_max_pending_requests", "max_body_bytes"):
+        if isinstance(a[key], bool) or not isinstance(a[key], int) or a[key] < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {a[key]!r}")
+    for key in ("engine_step_timeout_s", "engine_health_check_period_s"):
+        if isinstance(a[key], bool) or not isinstance(a[key], (int, float)) or not a[key] > 0:
+            raise ValueError(f"{key} must be a number > 0, got {a[key]!r}")
+    # the key itself never becomes a deployment argument (those are in Serve's config and status): only its hash
+    key = a["api_key"] or read_api_key(a["api_key_file"])
+    key_hash = hash_api_key(key) if key else None
     engine = EngineDeployment.options(
         **routing,
         autoscaling_config=dict(a["autoscaling"]),
         ray_actor_options=engine_opts,
         max_ongoing_requests=a["engine_max_ongoing_requests"],
         max_queued_requests=a["engine_max_queued_requests"],
+        health_check_period_s=float(a["engine_health_check_period_s"]),
     ).bind(str(a["model_path"]), dict(a["engine"] or {}), a["tokenizer_path"], a["torch_threads"], experts,
-           expert_shards_deployment(experts))
+           expert_shards_deployment(experts), float(a["engine_step_timeout_s"]))
     tok_path = a["tokenizer_path"] or str(a["model_path"])
     return APIIngress.options(max_ongoing_requests=a["ingress_max_ongoing_requests"],
-                              ray_actor_options=ingress_opts).bind(engine, name, a["api_key"], a["max_body_bytes"],
-                                                                   tok_path)
+                              ray_actor_options=ingress_opts).bind(engine, name, key_hash, a["max_body_bytes"],
+                                                                   tok_path, a["ingress_max_pending_requests"])

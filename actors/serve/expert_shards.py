@@ -25,14 +25,21 @@ Pieces (``experts.backend: remote``)::
 * **Failure.** A killed replica breaks its gloo pairs; the engine drops it at once and re-plans over the rest
   (:class:`raymoe.engine.experts.ReplicatedExperts`), with no failed request; Serve replaces the replica and the new
   one joins as in a scale up. A replica whose node vanished without closing its connections is dropped the same way
-  once an operation waited ``experts.remote.op_timeout_s``. The dead replica's registry entry stays; engines try it
-  once, in the background (:class:`ExpertMembership`).
+  once an operation waited ``experts.remote.op_timeout_s``. Every replica heartbeats its entry every
+  ``experts.remote.heartbeat_s``; the registry expires an entry not renewed for ``experts.remote.member_ttl_s``, so
+  a dead replica's entry goes away (engines try a listed member once, in the background: :class:`ExpertMembership`).
+  With no shard reachable at all (at start, or after losing every one), the engine runs the experts in process
+  (local fallback): placement never sees zero shards.
 * **Several engines.** Each engine replica connects to every shard; slot contents are per connection, so engines
   may run different placements (memory grows with disagreeing placements; they converge on the same load).
 
-The registry is a detached named actor (``raymoe-experts-<app name>`` in namespace ``raymoe``), pinned to the head
-node (:func:`get_registry`), so it outlives any single replica and any worker node; ``python -m raymoe.jobs.serve`` kills it at shutdown (:func:`kill_registry`). It holds the members'
-addresses and the app's data-plane secret.
+**The registry's lifecycle.** One named actor per app (``raymoe-experts-<app name>`` in namespace ``raymoe``, found by
+the app's name), pinned to the head node (:func:`get_registry`); detached, so it outlives any single replica and
+any worker node, and restartable (``max_restarts=-1``): a registry process that dies comes back with the same
+secret (its constructor argument) and an empty member list that the shards' heartbeats refill within
+``heartbeat_s``. Meanwhile engines keep serving on the shards they hold (the data plane does not go through it;
+a failed poll is logged and retried). ``stop_server(app)`` kills that app's registry only (:func:`kill_registry`).
+It holds the members' addresses and the app's data-plane secret.
 
 **Where the data plane listens.** A shard listens on its node's IP as Ray reports it
 (``ray.util.get_node_ip_address()``, i.e. the address Ray itself uses between nodes) and binds its gloo pairs there;
@@ -92,6 +99,8 @@ class RemoteShardsConfig:
     the shard as lost and re-plans. A killed shard process is noticed at once (its kernel closes the connection);
     this bounds the stall of every running request when a shard's node vanishes silently (power loss, partition).
     Too short drops a healthy but slow shard for good (the engine never reconnects a failed member);
+    ``heartbeat_s`` / ``member_ttl_s``: a replica renews its registry entry every ``heartbeat_s``; the registry drops
+    an entry not renewed for ``member_ttl_s`` (a replica that died without leaving);
     ``resources``: Ray custom resources each replica requires (``ray_actor_options["resources"]``), e.g.
     ``{"shard": 1}`` to put shards only on nodes started with ``--resources '{"shard": N}'`` (at most N per node),
     away from the engine replicas (``engine_resources`` of the app). Empty (default): Serve places them anywhere."""
@@ -104,10 +113,15 @@ class RemoteShardsConfig:
     drain_timeout_s: float = 30.0
     op_timeout_s: float = 60.0
     resources: Optional[dict[str, float]] = None
+    heartbeat_s: float = 2.0
+    member_ttl_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.op_timeout_s > 0:
             raise ValueError(f"experts.remote.op_timeout_s must be > 0, got {self.op_timeout_s}")
+        if not 0 < self.heartbeat_s < self.member_ttl_s:
+            raise ValueError(f"experts.remote needs 0 < heartbeat_s < member_ttl_s, got {self.heartbeat_s} and "
+                             f"{self.member_ttl_s}")
         self.resources = check_resources(self.resources, "experts.remote.resources")
 
     @classmethod
@@ -155,22 +169,46 @@ def registry_name(app_name: str) -> str:
 
 @ray.remote(num_cpus=0)
 class ExpertRegistry:
-    """Member list of one app's expert shards: ``{id: {host, port, draining, since}}`` and a version that changes
-    with every update (engines re-sync only when it moved); and the app's data-plane secret (module docstring),
-    generated here once and returned only by :meth:`secret`."""
+    """Member list of one app's expert shards: ``{id: {host, port, draining, since, seen}}`` and a version that
+    changes with every update (engines re-sync only when it moved); and the app's data-plane secret (module
+    docstring), returned only by :meth:`secret`. Members renew their entry with :meth:`heartbeat`; an entry not
+    renewed for ``ttl_s`` is dropped at the next :meth:`snapshot`."""
 
-    def __init__(self) -> None:
+    def __init__(self, secret: bytes, ttl_s: float = 10.0) -> None:
         self.members: dict[str, dict[str, Any]] = {}
         self.version = 0
-        self._secret = secrets.token_bytes(32)
+        self._secret = secret
+        self.ttl_s = float(ttl_s)
+        self.expired: list[str] = []  # member ids dropped for a missed heartbeat (newest last, bounded)
 
     def secret(self) -> bytes:
         return self._secret
 
     def register(self, member_id: str, host: str, port: int) -> int:
-        self.members[member_id] = {"host": host, "port": int(port), "draining": False, "since": time.time()}
+        now = time.time()
+        self.members[member_id] = {"host": host, "port": int(port), "draining": False, "since": now, "seen": now}
         self.version += 1
         return self.version
+
+    def heartbeat(self, member_id: str, host: str, port: int, draining: bool = False) -> int:
+        """Renew an entry; re-create it if missing (a restarted registry, or an entry expired while its replica was
+        only slow)."""
+        m = self.members.get(member_id)
+        if m is None or (m["host"], m["port"]) != (host, int(port)) or m["draining"] != draining:
+            self.register(member_id, host, port)
+            self.members[member_id]["draining"] = bool(draining)
+        else:
+            m["seen"] = time.time()
+        return self.version
+
+    def _expire(self) -> None:
+        now = time.time()
+        gone = [k for k, v in self.members.items() if now - v["seen"] > self.ttl_s]
+        for k in gone:
+            del self.members[k]
+            self.expired = (self.expired + [k])[-64:]
+        if gone:
+            self.version += 1
 
     def drain(self, member_id: str) -> int:
         if member_id in self.members:
@@ -184,21 +222,29 @@ class ExpertRegistry:
         return self.version
 
     def snapshot(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        self._expire()
         return self.version, {k: dict(v) for k, v in self.members.items()}
+
+    def expired_members(self) -> list[str]:
+        return list(self.expired)
 
 
 # Ray gives the head node this resource (amount 1); Ray Train pins its own state actor the same way
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
-def get_registry(app_name: str):
+def get_registry(app_name: str, ttl_s: float = 10.0):
     """The app's registry actor, created by the first caller. It is pinned to the **head node** (a sliver of the
     head's ``node:__internal_head__`` resource; it needs no CPU): whichever replica calls first would otherwise host
     it on *its* node — often an ``ExpertShards`` replica's — and losing that node would take the member list and
     the secret with it (every engine's membership poll failing, no replacement shard able to register). The head
-    also holds the GCS and Serve's controller, so the registry dies only with the cluster."""
+    also holds the GCS and Serve's controller, so the registry dies only with the cluster.
+
+    Restartable (``max_restarts=-1``): Ray re-runs the constructor with the same arguments, so the secret (generated
+    here by the creating caller; ignored when the actor exists) survives a restart. ``ttl_s`` applies on creation."""
     return ExpertRegistry.options(name=registry_name(app_name), namespace=REGISTRY_NAMESPACE, get_if_exists=True,
-                                  lifetime="detached", resources={HEAD_NODE_RESOURCE: 0.001}).remote()
+                                  lifetime="detached", max_restarts=-1, max_task_retries=3,
+                                  resources={HEAD_NODE_RESOURCE: 0.001}).remote(secrets.token_bytes(32), ttl_s)
 
 
 def kill_registry(app_name: Optional[str] = None) -> int:
@@ -223,7 +269,10 @@ class ExpertShardDeployment:
     node's IP as Ray reports it), ``torch_threads`` intra-op threads, ``drain_timeout_s`` how long a stopping replica
     waits for engines to move its slots away."""
 
-    def __init__(self, host: Optional[str] = None, torch_threads: int = 1, drain_timeout_s: float = 30.0) -> None:
+    def __init__(self, host: Optional[str] = None, torch_threads: int = 1, drain_timeout_s: float = 30.0,
+                 heartbeat_s: float = 2.0, member_ttl_s: float = 10.0) -> None:
+        import threading
+
         import torch
 
         from raymoe.engine.remote import ShardServer
@@ -235,10 +284,46 @@ class ExpertShardDeployment:
         self.member_id = ctx.replica_id.unique_id
         self.drain_timeout_s = drain_timeout_s
         host = host or ray.util.get_node_ip_address()
-        self.registry = get_registry(self.app_name)
+        self.registry = get_registry(self.app_name, member_ttl_s)
         self.server = ShardServer(host, secret=ray.get(self.registry.secret.remote()))
         ray.get(self.registry.register.remote(self.member_id, self.server.host, self.server.port))
         log.info("expert shard %s listening on %s:%d", self.member_id, host, self.server.port)
+        self.heartbeat_s, self.member_ttl_s = heartbeat_s, member_ttl_s
+        self.draining = False
+        self._stop = threading.Event()
+        self._paused = False  # test hook: stop heartbeating (pause_heartbeat)
+        self._beat = threading.Thread(target=self._heartbeats, name="registry-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _heartbeats(self) -> None:
+        """Renew the registry entry every ``heartbeat_s`` (a thread: the replica's event loop may be busy). A failed
+        call (registry restarting) is retried at the next beat; a registry gone for good is looked up again."""
+        failures = 0
+        while not self._stop.wait(self.heartbeat_s):
+            if self._paused:
+                continue
+            try:
+                ray.get(self.registry.heartbeat.remote(self.member_id, self.server.host, self.server.port,
+                                                       self.draining), timeout=max(self.heartbeat_s, 5.0))
+                failures = 0
+            except Exception as e:  # noqa: BLE001 - control plane only: keep serving, try again
+                failures += 1
+                if failures & (failures - 1) == 0:
+                    log.warning("expert shard %s: registry heartbeat failed (%d times): %s", self.member_id,
+                                failures, e)
+                try:
+                    self.registry = get_registry(self.app_name, self.member_ttl_s)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    async def pause_heartbeat(self) -> None:
+        """Tests: stop renewing the registry entry (as a replica that died without leaving would), refused unless
+        ``RAYMOE_TEST_HOOKS=1`` is set in the replica's environment."""
+        import os
+
+        if os.environ.get("RAYMOE_TEST_HOOKS") != "1":
+            raise PermissionError("test hooks are off (set RAYMOE_TEST_HOOKS=1 in the replica's environment)")
+        self._paused = True
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom metrics for :class:`ExpertRedundancyPolicy`: rows run per second (sliding window) and live engine
@@ -257,14 +342,17 @@ class ExpertShardDeployment:
         """Graceful stop (scale down): drain, wait for the engines to close their connections, leave."""
         import asyncio
 
+        self.draining = True
         try:
             await self.registry.drain.remote(self.member_id)
             idle = await asyncio.to_thread(self.server.wait_idle, self.drain_timeout_s)
             if not idle:
                 log.warning("expert shard %s stopped with engines still connected", self.member_id)
+            self._stop.set()
             await self.registry.remove.remote(self.member_id)
         except Exception:  # noqa: BLE001 - the registry may already be gone at app shutdown
             pass
+        self._stop.set()
         self.server.close()
 
 
@@ -335,10 +423,11 @@ class ExpertMembership:
     the app's secret (fetched from the registry once here) and wait at most ``op_timeout_s`` per operation."""
 
     def __init__(self, app_name: str, connect_timeout_s: float = 30.0, local_host: Optional[str] = None,
-                 op_timeout_s: float = 60.0) -> None:
+                 op_timeout_s: float = 60.0, member_ttl_s: float = 10.0) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.registry = get_registry(app_name)
+        self.app_name, self.member_ttl_s = app_name, member_ttl_s
+        self.registry = get_registry(app_name, member_ttl_s)
         self.connect_timeout_s = connect_timeout_s
         self.op_timeout_s = op_timeout_s  # RemoteShard timeout_s: bounds the wait on a shard whose node went silent
         self.local_host = local_host or ray.util.get_node_ip_address()
@@ -392,7 +481,8 @@ class ExpertMembership:
 
     def wait_for(self, count: int, timeout_s: float) -> list:
         """Block until ``count`` live members are registered (engine start-up) and connected — or every registered
-        live member was tried and at least one connected; return the connected shards (sorted by member id)."""
+        live member was tried and at least one connected; return the connected shards (sorted by member id), or
+        none after ``timeout_s`` (the caller then runs the experts in process)."""
         end = time.monotonic() + timeout_s
         while True:
             self._set_members(*ray.get(self.registry.snapshot.remote()))
@@ -403,11 +493,11 @@ class ExpertMembership:
             if len(ready) >= count or (ready and tried):
                 return [self.shards[m] for m in ready]
             if time.monotonic() > end:
-                if ready:
-                    return [self.shards[m] for m in ready]
-                raise TimeoutError(f"only {len(self._live)} of {count} expert shards registered after "
-                                   f"{timeout_s:.0f} s, {len(ready)} reachable (is the ExpertShards deployment "
-                                   "running? check `serve status`)")
+                if not ready:
+                    log.warning("only %d of %d expert shards registered after %.0f s, none reachable: serving "
+                                "the experts in process until shards join (is the ExpertShards deployment "
+                                "running? check `serve status`)", len(self._live), count, timeout_s)
+                return [self.shards[m] for m in ready]
             time.sleep(0.2)
 
     # ------------------------------------------------------------------ per step
@@ -431,6 +521,10 @@ class ExpertMembership:
                 log.warning("expert registry snapshot failed (%d times); keeping the current shards: %s",
                             self.registry_errors, e)
             self._ref = None
+            try:  # a restarting registry answers on the same handle; one killed for good is looked up again
+                self.registry = get_registry(self.app_name, self.member_ttl_s)
+            except Exception:  # noqa: BLE001 - next step
+                pass
             return
         self._ref = self.registry.snapshot.remote()
         if version != self.version:
@@ -444,7 +538,8 @@ class ExpertMembership:
             return None
         self._start_connects()
         target = [m for m in sorted(self._live) if m in self.shards]
-        current = sorted(sh.name for sh in backend.shards)
+        # in-process shards (the local fallback, no remote shard reachable at start) have no member name
+        current = sorted(getattr(sh, "name", "") for sh in backend.shards)
         if not target or target == current:
             return None
         for mid in [m for m in self.shards if m not in target and m not in current]:

@@ -55,12 +55,15 @@ class ExpertServing:
             rc = RemoteShardsConfig.from_dict(remote)
             # the engine's end of each gloo pair binds the same explicit host as the shards, else this node's IP
             self.membership = ExpertMembership(app_name or "default", local_host=rc.host,
-                                               op_timeout_s=rc.op_timeout_s)
+                                               op_timeout_s=rc.op_timeout_s, member_ttl_s=rc.member_ttl_s)
             shards = self.membership.wait_for(c.num_shards, rc.wait_s)[: c.num_shards]
-            c.num_shards = len(shards)
             decide_every = 0  # the Serve autoscaling policy decides, not the replica
-            self.backend = ReplicatedExperts.from_config(c, model_path)
-            self.backend.shard_factory = lambda i: shards[i]
+            if shards:
+                c.num_shards = len(shards)
+                self.backend = ReplicatedExperts.from_config(c, model_path)
+                self.backend.shard_factory = lambda i: shards[i]
+            else:  # no shard reachable: in-process shards (local experts) until members join (poll re-plans)
+                self.backend = ReplicatedExperts.from_config(c, model_path)
         else:
             self.backend = ReplicatedExperts.from_config(c, model_path)
         pol = dict(c.policy or {})

@@ -86,3 +86,21 @@ def test_schedule_job_shares_the_behaviour(tmp_path) -> None:
         assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr[-3000:]
         assert needle in res.stderr, res.stderr
     assert list(tmp_path.iterdir()) == []  # no outputs/ written for a rejected config
+
+
+def test_serve_refuses_too_few_cpus_and_a_command_line_key_at_once(tmp_path) -> None:
+    """`jobs.serve` with 2 remote expert shards and `ray.num_cpus=2`: the app needs 3 CPUs (an engine replica + two
+    shards), so it fails at once naming each part, instead of a replica Serve can never schedule; a key on the
+    command line is refused (it would show in `ps`). Neither starts Ray."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    res = _run("raymoe.jobs.serve", f"model_path={ckpt}", "experts.backend=remote", "experts.num_shards=2",
+               "ray.num_cpus=2", cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr[-3000:]
+    for needle in ("needs 3 Ray CPUs", "1 engine replica(s) x serve.engine_num_cpus=1 = 1",
+                   "2 expert shard(s) x experts.remote.num_cpus=1 = 2", "ray.num_cpus=2 has 2"):
+        assert needle in res.stderr, (needle, res.stderr)
+    res = _run("raymoe.jobs.serve", f"model_path={ckpt}", "serve.api_key=secret", cwd=tmp_path)
+    assert res.returncode == 2 and "serve.api_key is refused" in res.stderr, res.stderr[-3000:]
+    assert "RAYMOE_API_KEY" in res.stderr and "secret" not in res.stderr.replace("RAYMOE_API_KEY", "")

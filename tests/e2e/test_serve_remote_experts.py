@@ -170,3 +170,41 @@ def test_remote_shards_scale_up_and_survive_a_kill(server, ckpt) -> None:
     assert any(any(e["kind"] == "shard_failed" for e in i["events"]) for i in _all_infos())
     _wait(lambda: _info()["num_shards"] >= 2 and victim not in _shard_pids(), 120, "the replacement shard")
     skewed_round()
+
+
+def test_requests_succeed_while_the_registry_is_killed(server, ckpt) -> None:
+    """SIGKILL the app's registry process under load: no request fails (the data plane never goes through it; the
+    engines' polls fail quietly while it restarts); it comes back with the same secret and the shards' heartbeats
+    refill its member list."""
+    import ray
+    import torch
+
+    from raymoe.actors.serve.expert_shards import get_registry
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=120)
+    torch.set_num_threads(1)
+    local = LLMEngine.from_pretrained(ckpt, EngineConfig(**ENGINE))
+    ref = local.generate([PROMPTS[1]], SamplingParams(max_tokens=16, temperature=0))[0].outputs[0].text
+    reg = get_registry("raymoe")
+    secret = ray.get(reg.secret.remote())
+    live = set(_info()["shard_names"])  # the shards the engines use (alive: each heartbeats)
+    assert live <= set(ray.get(reg.snapshot.remote())[1])
+
+    def registry_pid() -> int:
+        alive = [a for a in ray._private.state.actors().values()
+                 if a["ActorClassName"] == "ExpertRegistry" and a["State"] == "ALIVE"]
+        assert len(alive) == 1, alive
+        return int(alive[0]["Pid"])
+
+    pid = registry_pid()
+    with cf.ThreadPoolExecutor(4) as ex:
+        futs = [ex.submit(lambda: client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16,
+                                                            temperature=0).choices[0].text) for _ in range(12)]
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        texts = [f.result() for f in futs]
+    assert texts == [ref] * len(texts)
+    _wait(lambda: live <= set(ray.get(reg.snapshot.remote(), timeout=30)[1]), 60, "heartbeats refilling the registry")
+    assert registry_pid() != pid and ray.get(reg.secret.remote()) == secret
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0).choices[0].text
+    assert got == ref

@@ -50,11 +50,12 @@ import pathlib
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence as Seq
+from typing import Any, Callable, Optional, Sequence as Seq
 
 import torch
 from torch import nn
 
+from raymoe.engine.detokenize import IncrementalDetokenizer
 from raymoe.engine.experts import ExpertBackend, install_expert_backend
 from raymoe.model.layers import enable_fused_weight_cache
 from raymoe.engine.paged import DecodeBatch, PackedBatch, PagedLatentCache
@@ -143,6 +144,7 @@ class RequestOutput:
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache (choice 0's first admission)
+    error: Optional[str] = None  # the request failed (its own sampling / detokenization / stop handling): why
 
 
 def load_tokenizer(path: str | pathlib.Path):
@@ -210,6 +212,11 @@ class LLMEngine:
         self.forward_paths: dict[str, int] = {"decode": 0, "packed": 0}
         # segments of at most this many tokens take the decode fast path (a decode token + its drafts)
         self.fast_decode_max_tokens = 1 + self.num_spec
+        # request id -> why it failed; each failure ends only its own request (see step)
+        self.failed: dict[str, str] = {}
+        # a seam for tests: called with each sequence before its per-sequence step work (an exception there is
+        # that sequence's failure, handled as any other per-sequence error)
+        self.fault_hook: Optional[Callable[[Sequence], None]] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -229,6 +236,11 @@ class LLMEngine:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise EngineError("this engine has no tokenizer: send token ids", param="prompt")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON) is valid JSON but not text
+            raise EngineError(f"prompt is not valid Unicode text: {e.reason} at position {e.start}",
+                              param="prompt") from None
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Seq[int], skip_special_tokens: bool = True) -> str:
@@ -275,7 +287,7 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._req_counter)}"
         if request_id in self.groups:
             raise EngineError(f"duplicate request id {request_id!r}", param="request_id")
-        group = SequenceGroup(request_id, ids, params)
+        group = SequenceGroup(request_id, ids, params, stop_ids=frozenset(params.stop_token_ids))
         base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(62)
         for i in range(params.n):
             gen = None
@@ -283,6 +295,8 @@ class LLMEngine:
                 gen = torch.Generator(device="cpu")
                 gen.manual_seed((int(base_seed) * 1_000_003 + i) % (2**63 - 1))
             seq = Sequence(group, i, list(ids), len(ids), gen)
+            if self.tokenizer is not None:
+                seq.detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
             group.seqs.append(seq)
             self.scheduler.add(seq)
         self.groups[request_id] = group
@@ -302,8 +316,8 @@ class LLMEngine:
         if any(t < 0 or t >= V for t in ids):
             raise EngineError(f"prompt token ids must be in [0, {V})", param="prompt")
         if len(ids) > self.max_model_len:
-            raise EngineError(f"prompt ({len(ids)} tokens) exceeds the maximum context length {self.max_model_len}",
-                              param="prompt", code=413)
+            raise EngineError(f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                              f"{len(ids)} tokens", param="prompt", error_code="context_length_exceeded")
         device = next(self.model.parameters()).device
         logits_TV = self.model(torch.tensor([ids], device=device)).logits[0]
         entries: list[Optional[dict[str, Any]]] = [None]
@@ -313,6 +327,7 @@ class LLMEngine:
         return ids, entries
 
     def abort(self, request_id: str) -> None:
+        self.failed.pop(request_id, None)
         group = self.groups.pop(request_id, None)
         if group is None:
             return
@@ -406,50 +421,91 @@ class LLMEngine:
         # greedy choices of every logit row at once (one argmax, one conversion to Python ints)
         any_greedy = any(s.seq.group.params.greedy for s in sched)
         argmax = slogits.argmax(dim=-1).tolist() if any_greedy and logits.shape[0] else []
+        # rows with a NaN/inf logit (one reduction for the step): their sequences fail, nobody else's
+        finite = torch.isfinite(logits).all(dim=-1).tolist() if logits.shape[0] else []
         now = time.monotonic()
         touched: dict[str, SequenceGroup] = {}
         for s, (start, l0, l1) in zip(sched, rows):
             seq = s.seq
-            params = seq.group.params
             touched[seq.group.request_id] = seq.group
-            lg = logits[l0:l1]
-            if s.drafts:
-                emitted = speculative_accept(s.drafts, seq.draft_probs, lg, params, seq.generator,
-                                             target_argmax=argmax[l0:l1] if params.greedy else None)
-                a = len(emitted) - 1
-                self.stats["spec_drafted"] += len(s.drafts)
-                self.stats["spec_accepted"] += a
-                self.stats["spec_verifies"] += 1
-                self.stats["spec_emitted"] += len(emitted)
-                valid = 1 + a  # t_last and the accepted drafts now hold valid latents
-            else:
-                if l1 == l0:
-                    emitted = []
-                elif params.greedy:
-                    emitted = [argmax[l1 - 1]]
-                else:
-                    emitted = [sample_token(slogits[l1 - 1], params, seq.generator)]
-                lg = lg[-1:]
-                valid = s.num_tokens
-            if self.num_spec and not params.processes_logits:  # never drafted: no MTP state to keep
-                hid = hidden[start : start + valid]
-                seq.pending_hidden = hid if seq.pending_hidden is None else torch.cat([seq.pending_hidden, hid])
-            seq.num_computed += valid
-            seq.drafts, seq.draft_probs = [], None
-            for j, tok in enumerate(emitted):
-                self._append(seq, tok, lg[j], now)
-                if seq.finished:
-                    break
-            # blocks whose latents are final become reusable (with MTP: once the MTP layer covered them too)
-            self.scheduler.commit(seq, seq.mtp_computed if self.num_spec else seq.num_computed)
-            if seq.finished:
-                self.scheduler.remove(seq)
+            if seq.finished:  # its request failed through a sibling choice earlier in this step
+                continue
+            try:
+                if not all(finite[l0:l1]):
+                    raise FloatingPointError("the model produced non-finite logits for this request")
+                self._step_seq(s, seq, hidden, logits, slogits, argmax, start, l0, l1, now)
+            except Exception as e:  # noqa: BLE001 - one request's failure ends that request, never the step
+                self._fail(seq.group, e)
         if self.num_spec:
             live = [s.seq for s in sched if not s.seq.finished and not s.seq.group.params.processes_logits]
             self._draft(live)
             for seq in live:
                 self.scheduler.commit(seq, seq.mtp_computed)
-        return [self._snapshot(g) for g in touched.values()]
+        return [self._output(g) for g in touched.values()]
+
+    def _step_seq(self, s, seq: Sequence, hidden: torch.Tensor, logits: torch.Tensor, slogits: torch.Tensor,
+                  argmax: list[int], start: int, l0: int, l1: int, now: float) -> None:
+        """One sequence's share of a step: verify drafts or sample, advance its cache position, append tokens."""
+        if self.fault_hook is not None:
+            self.fault_hook(seq)
+        params = seq.group.params
+        lg = logits[l0:l1]
+        if s.drafts:
+            emitted = speculative_accept(s.drafts, seq.draft_probs, lg, params, seq.generator,
+                                         target_argmax=argmax[l0:l1] if params.greedy else None)
+            a = len(emitted) - 1
+            self.stats["spec_drafted"] += len(s.drafts)
+            self.stats["spec_accepted"] += a
+            self.stats["spec_verifies"] += 1
+            self.stats["spec_emitted"] += len(emitted)
+            valid = 1 + a  # t_last and the accepted drafts now hold valid latents
+        else:
+            if l1 == l0:
+                emitted = []
+            elif params.greedy:
+                emitted = [argmax[l1 - 1]]
+            else:
+                emitted = [sample_token(slogits[l1 - 1], params, seq.generator)]
+            lg = lg[-1:]
+            valid = s.num_tokens
+        if self.num_spec and not params.processes_logits:  # never drafted: no MTP state to keep
+            hid = hidden[start : start + valid]
+            seq.pending_hidden = hid if seq.pending_hidden is None else torch.cat([seq.pending_hidden, hid])
+        seq.num_computed += valid
+        seq.drafts, seq.draft_probs = [], None
+        for j, tok in enumerate(emitted):
+            self._append(seq, tok, lg[j], now)
+            if seq.finished:
+                break
+        # blocks whose latents are final become reusable (with MTP: once the MTP layer covered them too)
+        self.scheduler.commit(seq, seq.mtp_computed if self.num_spec else seq.num_computed)
+        if seq.finished:
+            self.scheduler.remove(seq)
+
+    def _fail(self, group: SequenceGroup, exc: BaseException) -> None:
+        """End ``group``'s request with an error: its sequences leave the scheduler (their blocks are freed)."""
+        log.warning("request %s failed: %s: %s", group.request_id, type(exc).__name__, exc)
+        self.failed.setdefault(group.request_id, f"{type(exc).__name__}: {exc}")
+        for s in group.seqs:
+            if not s.finished:
+                s.finish_reason = "error"
+            s.drafts, s.draft_probs = [], None
+            self.scheduler.remove(s)
+
+    def _output(self, group: SequenceGroup) -> RequestOutput:
+        """The request's snapshot; a failure while building it fails the request (error output) instead."""
+        err = self.failed.get(group.request_id)
+        if err is None:
+            try:
+                return self._snapshot(group)
+            except Exception as e:  # noqa: BLE001 - e.g. detokenization of this request's text
+                self._fail(group, e)
+                err = self.failed[group.request_id]
+        self.groups.pop(group.request_id, None)
+        self.failed.pop(group.request_id, None)
+        outs = [CompletionOutput(s.index, list(s.output_ids), "", "error") for s in group.seqs]
+        return RequestOutput(group.request_id, group.prompt_ids, outs, True,
+                             {"arrival_time": group.arrival_time, "finish_time": time.monotonic()}, error=err)
 
     def _processed(self, sched, rows: list[tuple[int, int, int]], logits: torch.Tensor) -> torch.Tensor:
         """``logits`` with the logits processors applied (one :func:`process_logits` call over every row a request
@@ -480,10 +536,12 @@ class LLMEngine:
             if n_out >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
                 seq.finish_reason = "length"
             return
-        if tok in params.stop_token_ids or (not params.ignore_eos and self.eos_token_id is not None
+        if tok in seq.group.stop_ids or (not params.ignore_eos and self.eos_token_id is not None
                                              and tok == self.eos_token_id):
             seq.finish_reason, seq.exclude_last_from_text = "stop", True
             return
+        if seq.detok is not None:
+            seq.detok.add([tok])
         if params.stop:
             text = self._text_of(seq)
             lo = max(0, len(text) - max(map(len, params.stop)) - 64)  # only new text can complete a stop string
@@ -495,8 +553,8 @@ class LLMEngine:
             seq.finish_reason = "length"
 
     def _text_of(self, seq: Sequence) -> str:
-        ids = seq.output_ids[:-1] if seq.exclude_last_from_text else seq.output_ids
-        text = self.decode(ids, seq.group.params.skip_special_tokens)
+        """The output's text (a stop token excluded; cut at a stop string), kept incrementally by ``seq.detok``."""
+        text = seq.detok.text if seq.detok is not None else ""
         return text if seq.stop_text_end is None else text[: seq.stop_text_end]
 
     def stable_text(self, seq: Sequence) -> str:
@@ -561,10 +619,16 @@ class LLMEngine:
             nxt = []
             for i, ((seq, h), lg) in enumerate(zip(drafting, logits)):
                 params = seq.group.params
+                if seq.finished:  # failed through a sibling choice in this draft round
+                    continue
                 if params.greedy:
                     d, q = argmax[i], None
                 else:
-                    q = probs_from_logits(lg, params)
+                    try:
+                        q = probs_from_logits(lg, params)
+                    except Exception as e:  # noqa: BLE001 - this request's failure only
+                        self._fail(seq.group, e)
+                        continue
                     d = int(torch.multinomial(q, 1, generator=seq.generator))
                 seq.drafts.append(d)
                 if q is not None:

@@ -38,12 +38,17 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["SamplingParams", "probs_from_logits", "process_logits", "sample_token", "speculative_accept",
-           "top_logprobs", "MAX_LOGPROBS", "MAX_STOP"]
+__all__ = ["SamplingParams", "SamplingError", "probs_from_logits", "process_logits", "sample_token",
+           "speculative_accept", "top_logprobs", "MAX_LOGPROBS", "MAX_STOP", "MAX_STOP_TOKEN_IDS"]
 
 MAX_LOGPROBS = 20
 MAX_STOP = 16  # stop strings per request inside the engine (the API allows 8 of the user's, plus its end marker)
+MAX_STOP_TOKEN_IDS = 64  # checked per generated token against a set; a bound keeps requests small
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+
+
+class SamplingError(ArithmeticError):
+    """One sequence's distribution cannot be sampled (non-finite or zero mass): the engine ends that request only."""
 
 
 @dataclass
@@ -105,6 +110,9 @@ class SamplingParams:
             bad("n", f"n must be an integer in [1, 64], got {self.n!r}")
         if len(self.stop) > MAX_STOP or any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", f"stop must be at most {MAX_STOP} non-empty strings")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"stop_token_ids holds at most {MAX_STOP_TOKEN_IDS} ids, got "
+                f"{len(self.stop_token_ids)}")
         if self.logprobs is not None and not (0 <= int(self.logprobs) <= MAX_LOGPROBS):
             bad("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -153,7 +161,12 @@ def probs_from_logits(logits_V: torch.Tensor, params: SamplingParams) -> torch.T
         drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter_(0, idx, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
-    return x.softmax(-1)
+    probs = x.softmax(-1)
+    # nothing non-finite ever reaches multinomial (it raises inside the shared step): NaN/inf logits, or a mask that
+    # left no mass, end this sequence's request only (the engine catches SamplingError per sequence)
+    if not bool(torch.isfinite(probs).all()):
+        raise SamplingError("the model produced non-finite probabilities for this request")
+    return probs
 
 
 def process_logits(logits_MV: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],

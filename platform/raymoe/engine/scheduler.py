@@ -67,6 +67,7 @@ class Sequence:
     finish_reason: Optional[str] = None
     stop_text_end: Optional[int] = None  # text truncated here (stop string)
     exclude_last_from_text: bool = False  # the last token is a stop token
+    detok: Any = None  # raymoe.engine.detokenize.IncrementalDetokenizer of the output (None: no tokenizer)
     num_preemptions: int = 0
     first_token_time: Optional[float] = None
     # prefix caching: chained digests of the full blocks known so far (tokens only grow: they stay valid), how many
@@ -103,6 +104,7 @@ class SequenceGroup:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     first_token_time: Optional[float] = None
+    stop_ids: frozenset = frozenset()  # params.stop_token_ids as a set (tested against every generated token)
 
     @property
     def finished(self) -> bool:
