@@ -317,7 +317,7 @@ def test_training_on_a_source_writes_the_tokenizer_into_checkpoint_and_export(tm
     ck = pathlib.Path(summary["checkpoint"])
     data = json.loads((ck / "data.json").read_text())
     assert (data["bos_token_id"], data["eos_token_id"], data["pad_token_id"]) == (1, 2, 3)
-    assert (ck / "tokenizer" / "tokenizer_config.json").read_bytes() == (hf_tok / "tokenizer_config.json").read_bytes()
+    assert (ck / "hf_extra" / "tokenizer_config.json").read_bytes() == (hf_tok / "tokenizer_config.json").read_bytes()
     hf = pathlib.Path(summary["hf_export"])
     gen = json.loads((hf / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 3)

@@ -353,3 +353,16 @@ class StageWorker:
     def close(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop DeepSpeed's module-level caches of process groups (``deepspeed.utils.groups``: the cloned world group,
+    the expert / data-parallel group maps). They outlive ``destroy_process_group``, so a second engine in the same
+    process (an in-process restart, a test after another) would broadcast over a group torch no longer knows
+    ("Group ... is not registered")."""
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")) and not callable(value):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
