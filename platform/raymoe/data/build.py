@@ -287,6 +287,11 @@ def prepare_data(run: Any, progress: bool = True, encoder: Optional[Any] = None)
 
         return prepare_user_data(DataSpec.from_run(run), encoder, progress)
     train, val, tok = build_dataset(progress=progress, **_run_args(run))
+    return dataset_info(train, val, tok, train.manifest["tokenizer_sha256"], dataset_dir=str(train.dir))
+
+
+def dataset_info(train: Any, val: Any, tok: Any, tokenizer_sha256: str, **extra: Any) -> dict[str, Any]:
+    """What :func:`prepare_data` returns about a build: sizes, the tokenizer's ids and files, plus ``extra``."""
     return {
         "train_samples": len(train),
         "val_samples": len(val),
@@ -295,10 +300,10 @@ def prepare_data(run: Any, progress: bool = True, encoder: Optional[Any] = None)
         "vocab_size": tok.vocab_size,
         "eod_id": tok.eod_id,
         **tok.special_ids(),
-        "dataset_dir": str(train.dir),
+        **extra,
         "tokenizer_path": str(tok.path),
         "tokenizer_dir": str(tok.path.parent),
-        "tokenizer_sha256": train.manifest["tokenizer_sha256"],
+        "tokenizer_sha256": tokenizer_sha256,
     }
 
 

@@ -353,19 +353,8 @@ def prepare_user_data(spec: DataSpec, encoder: Optional[Encoder] = None, progres
     """Build every source once and describe the result (the dict :func:`raymoe.data.prepare_data` returns)."""
     built = build_all(spec, encoder, progress)
     train, val, tok = open_all(spec, built)
-    return {
-        "train_samples": len(train),
-        "val_samples": len(val),
-        "train_tokens": train.num_tokens,
-        "val_tokens": val.num_tokens,
-        "vocab_size": tok.vocab_size,
-        "eod_id": tok.eod_id,
-        **tok.special_ids(),
-        "dataset_dir": str(built.train_dirs[0]),
-        "dataset_dirs": [str(d) for d in built.train_dirs],
-        "val_dirs": [str(d) for d in built.val_dirs],
-        "mixture_counts": train.counts,
-        "tokenizer_path": str(tok.path),
-        "tokenizer_dir": str(tok.path.parent),
-        "tokenizer_sha256": sha256_file(tok.path),
-    }
+    from raymoe.data.build import dataset_info
+
+    return dataset_info(train, val, tok, sha256_file(tok.path), dataset_dir=str(built.train_dirs[0]),
+                        dataset_dirs=[str(d) for d in built.train_dirs], val_dirs=[str(d) for d in built.val_dirs],
+                        mixture_counts=train.counts)

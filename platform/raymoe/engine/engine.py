@@ -248,6 +248,16 @@ class LLMEngine:
             return ""
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def _prompt_ids(self, prompt: str | Seq[int]) -> list[int]:
+        """The prompt's token ids (encoded when text), refused when empty or outside the vocabulary."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        V = self.model_config.vocab_size
+        if not ids:
+            raise EngineError("prompt is empty", param="prompt")
+        if any(t < 0 or t >= V for t in ids):
+            raise EngineError(f"prompt token ids must be in [0, {V})", param="prompt")
+        return ids
+
     def add_request(self, request_id: Optional[str], prompt: str | Seq[int], params: SamplingParams) -> str:
         try:
             params.validate()
@@ -255,12 +265,8 @@ class LLMEngine:
             raise EngineError(str(e), param=getattr(e, "param", None)) from None
         if params.stop and self.tokenizer is None:
             raise EngineError("stop strings need a tokenizer", param="stop")
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids = self._prompt_ids(prompt)
         V = self.model_config.vocab_size
-        if not ids:
-            raise EngineError("prompt is empty", param="prompt")
-        if any(t < 0 or t >= V for t in ids):
-            raise EngineError(f"prompt token ids must be in [0, {V})", param="prompt")
         if params.logit_bias and any(t >= V for t in params.logit_bias):
             raise EngineError(f"logit_bias token ids must be in [0, {V})", param="logit_bias")
         if any(t < 0 or t >= V for t in params.stop_token_ids):
@@ -309,12 +315,7 @@ class LLMEngine:
         no KV cache, outside the batch. Returns ``(ids, entries)``: ``entries[t]`` is ``{"token_id", "logprob",
         "top"}`` of token ``t`` given tokens ``< t`` under the raw distribution (``log_softmax`` of the logits, fp32;
         ``top``: the ``k`` most likely ids), ``None`` for the first token (nothing precedes it)."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        V = self.model_config.vocab_size
-        if not ids:
-            raise EngineError("prompt is empty", param="prompt")
-        if any(t < 0 or t >= V for t in ids):
-            raise EngineError(f"prompt token ids must be in [0, {V})", param="prompt")
+        ids = self._prompt_ids(prompt)
         if len(ids) > self.max_model_len:
             raise EngineError(f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
                               f"{len(ids)} tokens", param="prompt", error_code="context_length_exceeded")
