@@ -284,7 +284,9 @@ def run_serving(args: dict[str, str], console: Console) -> dict:
         with tempfile.TemporaryDirectory(prefix="raymoe-eplb-serving-") as tmp:
             ck = build_tiny_checkpoint(pathlib.Path(tmp) / "ckpt", seed=int(args.get("seed", "0")))
             base = LLMEngine.from_pretrained(ck, EngineConfig(num_speculative_tokens=1))
-            cfg = EngineConfig(num_speculative_tokens=1, block_size=8)
+            # no prefix cache: every phase must route the same tokens through the experts (a cached prompt would skip
+            # its prefill, and the phases would compare placements on different loads)
+            cfg = EngineConfig(num_speculative_tokens=1, block_size=8, enable_prefix_caching=False)
 
             def engine(backend):
                 return LLMEngine(copy.deepcopy(base.model), base.tokenizer, cfg, base.eos_token_id,

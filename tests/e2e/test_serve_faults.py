@@ -148,13 +148,17 @@ def test_disconnect_mid_stream_frees_kv_blocks(server) -> None:
         with h.stream("POST", f"{server['url']}/v1/completions", json=body) as r:
             assert r.status_code == 200
             got = 0
-            for line in r.iter_lines():
+            # the iterator stays referenced: dropped after `break`, its finalizer would close the response, i.e.
+            # disconnect before the check below (the request was then sometimes aborted before engine_info ran)
+            lines = r.iter_lines()
+            for line in lines:
                 if line.startswith("data: ") and '"text"' in line:
                     got += 1
                     if got == 3:
                         break
             during = engine_info()["metrics"]
             assert during["running"] == 1 and during["kv_blocks_used"] > 0, during
+            del lines
         # leaving the block closes the connection mid-stream (1000 tokens take far longer than this)
     deadline = time.time() + 20
     m = engine_info()["metrics"]

@@ -72,7 +72,8 @@ def test_usage_reports_cached_tokens(client) -> None:
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert again.usage.prompt_tokens_details.cached_tokens == bs * ((L - 1) // bs) > 0  # routed to the same replica
     assert again.choices[0].text == first.choices[0].text
-    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, stream=True))
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == bs * ((L - 1) // bs)
     msgs = [{"role": "system", "content": prompt}, {"role": "user", "content": "And then?"}]
     client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, temperature=0)

@@ -41,7 +41,10 @@ def server(ckpt):
                           "min_tokens": 32, "rollback_drop": 0.99}}
     args = {"model_path": str(ckpt), "served_model_name": MODEL, "engine": ENGINE, "experts": experts,
             # two engine replicas: each opens its own gloo pair to every shard and follows the registry by itself
-            "autoscaling": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 8}}
+            "autoscaling": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 8},
+            # Serve's default router: the skewed trace is one prompt, which prefix routing would send to one replica
+            # only (the idle one would never step, so never adopt the third shard)
+            "prefix_routing": False}
     url = start_server(args, "127.0.0.1", free_port(), num_cpus=4, timeout_s=180)
     yield url
     stop_server()
