@@ -20,10 +20,9 @@ import torch
 from raymoe.actors.errors import StageDied, StageError
 from raymoe.actors.stage import StageActor
 from raymoe.checkpoint import CheckpointRef, ChecksumMismatch
-from raymoe.config import RunConfig
+from raymoe.config import RunConfig, check_layout
 from raymoe.train.placement import NodeCapacity, PlacementInfeasible, max_placeable_dp, plan_placement
 from raymoe.train.plans import EvalPlan, EvalResult, StepPlan, StepResult
-from raymoe.train.topology import check_layout
 
 __all__ = ["Coordinator", "RayWorkerGroup", "RayGroupFactory"]
 

@@ -1,7 +1,7 @@
 """Typed errors at the actor boundary: Ray failures become raymoe errors naming the rank and the call."""
 from __future__ import annotations
 
-from raymoe.train.controller import RankFailure
+from raymoe.train.worker_group import RankFailure
 
 __all__ = ["StageError", "StageDied"]
 

@@ -1,6 +1,6 @@
 """``StageActor``: a Ray actor hosting one rank of the training layout (its stage chunk(s) and expert shard).
 
-The actor is a thin shell around the worker from :func:`raymoe.train.controller.make_worker` (which runs without
+The actor is a thin shell around the worker from :func:`raymoe.train.worker_group.make_worker` (which runs without
 Ray): it offers a rendezvous address, builds the worker (model, process groups, optimizer) and forwards typed
 calls — ``step(StepPlan) -> StepResult``, ``evaluate(EvalPlan) -> EvalResult``, ``save(dest) -> {relpath: {sha256,
 bytes}}``, ``load(CheckpointRef)``. Methods are
@@ -57,7 +57,7 @@ class StageActor:
         return ip, port
 
     def init(self, master_addr: str, master_port: int, threads: int) -> dict[str, Any]:
-        from raymoe.train.controller import make_worker
+        from raymoe.train.worker_group import make_worker
 
         if self._sock is not None:  # release the reserved port just before the store binds it
             self._sock.close()

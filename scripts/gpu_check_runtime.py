@@ -35,7 +35,8 @@ def train(backend: str, steps: int, root: pathlib.Path) -> dict:
 
     from raymoe.config import DataConfig, LoggerConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
     from raymoe.data import prepare_data
-    from raymoe.train.controller import LocalWorkerGroup, TrainController
+    from raymoe.train.controller import TrainController
+    from raymoe.train.worker_group import LocalWorkerGroup
 
     run = RunConfig(model=ModelConfig.preset("tiny"), parallel=ParallelConfig(backend=backend, dp_impl="native"),
                     train=TrainConfig(steps=steps, micro_batch_size=2, num_microbatches=2, checkpoint_every=steps,

@@ -132,7 +132,8 @@ def checkpoint_timing(s3: LocalS3, work: pathlib.Path, model: str, saves: int) -
     """The same in-process run with its checkpoints on a local directory and on the local S3 server."""
     from raymoe.config import DataConfig, LoggerConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
     from raymoe.data import prepare_data
-    from raymoe.train.controller import LocalWorkerGroup, TrainController
+    from raymoe.train.controller import TrainController
+    from raymoe.train.worker_group import LocalWorkerGroup
 
     rows = []
     for name, storage in (("local disk", str(work / "local-store")), ("local S3 (moto)", s3.uri("bench-ckpt"))):

@@ -6,7 +6,7 @@ For every layout ``pp`` in ``pp=`` (default ``2,4``) and schedule in ``schedules
 (``parallel.dp_impl=native``) driven by a :class:`~raymoe.train.controller.TrainController` on the bundled corpus,
 ``warmup=`` (default 1) untimed steps and then ``steps=`` (default 3) timed ones, ``mb=`` (1) sequences of ``seq_len=``
 (128) tokens per micro-batch and ``C=`` (default ``2*pp``) micro-batches per step. A combination the model or the
-schedule cannot take (``raymoe.train.topology.check_layout``: DualPipe needs an even ``pp`` and ``C >= 2 pp``;
+schedule cannot take (``raymoe.config.check_layout``: DualPipe needs an even ``pp`` and ``C >= 2 pp``;
 DualPipeV cuts ``2 pp`` stages, at most the model's layers + MTP blocks) is listed with the reason instead of numbers.
 The actors are shut down between layouts.
 
@@ -458,7 +458,7 @@ def run(args: dict[str, str]) -> dict:
     rows: list[dict[str, Any]] = []
     plots: dict[str, str] = {}
     try:
-        from raymoe.train.topology import check_layout
+        from raymoe.config import check_layout
 
         cfg = ModelConfig.preset(model)
         with tempfile.TemporaryDirectory(prefix="raymoe-bench-pipeline-") as tmp:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 __all__ = [
     "ConfigError", "RopeScaling", "ModelConfig", "ParallelConfig", "TrainConfig", "DataConfig", "FP8Config",
-    "BalanceConfig", "ElasticConfig", "LoggerConfig", "RayConfig", "RunConfig",
+    "BalanceConfig", "ElasticConfig", "LoggerConfig", "RayConfig", "RunConfig", "check_layout",
 ]
 
 
@@ -356,6 +356,48 @@ class ParallelConfig:
         return self.pp * self.ep * self.dp
 
 
+def check_layout(pp: int, ep: int, dp: int, schedule: str, num_microbatches: int, model: ModelConfig,
+                 available_cpus: Optional[float] = None, cpus_per_rank: float = 0.0,
+                 available_gpus: Optional[float] = None, gpus_per_rank: float = 0.0) -> None:
+    """Raise :class:`ConfigError` (one line naming the key and what is allowed) for a layout that cannot run."""
+    for k, v in (("pp", pp), ("ep", ep), ("dp", dp)):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"parallel.{k} must be an integer >= 1, got {v!r}")
+    E = model.n_routed_experts
+    if E % ep:
+        divisors = [d for d in range(1, E + 1) if E % d == 0]
+        raise ConfigError(f"parallel.ep={ep} must divide model.n_routed_experts={E}; allowed: {divisors}")
+    if ep > 1 and model.num_moe_layers == 0:
+        raise ConfigError(f"parallel.ep={ep} needs MoE layers, but the model has none; use parallel.ep=1")
+    blocks = model.num_hidden_layers + model.num_nextn_predict_layers
+    if schedule in ("dualpipe", "dualpipev") and pp > 1:
+        if schedule == "dualpipe" and pp % 2:
+            raise ConfigError(f"parallel.schedule=dualpipe needs an even parallel.pp, got {pp}")
+        if num_microbatches < 2 * pp:
+            raise ConfigError(f"parallel.schedule={schedule} needs train.num_microbatches >= 2*pp = {2 * pp}, "
+                              f"got {num_microbatches}")
+        if schedule == "dualpipe" and num_microbatches % 2:
+            raise ConfigError(f"parallel.schedule=dualpipe needs an even train.num_microbatches, got {num_microbatches}")
+    elif pp > 1 and num_microbatches < pp:
+        raise ConfigError(f"parallel.pp={pp} with parallel.schedule={schedule} needs train.num_microbatches >= "
+                          f"{pp}, got {num_microbatches}")
+    stages = 2 * pp if (schedule == "dualpipev" and pp > 1) else pp
+    if stages > blocks:
+        raise ConfigError(f"parallel.pp={pp} with schedule={schedule} cuts the model into {stages} stages but it has "
+                          f"only {model.num_hidden_layers} layers + {model.num_nextn_predict_layers} MTP blocks; "
+                          f"allowed: at most {blocks} stages")
+    if stages > 1 and model.seq_aux_loss_alpha > 0:
+        raise ConfigError("balance.alpha > 0 (sequence-wise aux loss) is not supported with parallel.pp > 1 yet; "
+                          "use balance.alpha=0 (aux-loss-free balancing)")
+    world = pp * ep * dp
+    if available_cpus is not None and cpus_per_rank > 0 and world * cpus_per_rank > available_cpus:
+        raise ConfigError(f"parallel.pp*ep*dp={world} ranks × parallel.num_cpus_per_rank={cpus_per_rank} need "
+                          f"{world * cpus_per_rank:g} CPUs but the cluster has {available_cpus:g}")
+    if available_gpus is not None and gpus_per_rank > 0 and world * gpus_per_rank > available_gpus:
+        raise ConfigError(f"parallel.pp*ep*dp={world} ranks need {world * gpus_per_rank:g} GPUs but the cluster has "
+                          f"{available_gpus:g}")
+
+
 
 @dataclass
 class TrainConfig:
@@ -576,8 +618,6 @@ class RunConfig:
             _require(cur in (default, val), f"set {ok} instead of model.{mk} (got model.{mk}={cur}, {ok}={val})")
             setattr(self.model, mk, val)
         p = self.parallel
-        from raymoe.train.topology import check_layout  # noqa: PLC0415 (topology imports this module)
-
         check_layout(p.pp, p.ep, p.dp, p.schedule, self.train.num_microbatches, self.model)
         lo, hi = self.elastic.bounds(p.dp)
         _require(lo <= p.dp <= hi, f"parallel.dp={p.dp} must lie in [elastic.min_dp, elastic.max_dp] = [{lo}, {hi}]")

@@ -40,7 +40,8 @@ def test_pp2_ep2_run_from_transformers_weights_and_mid_checkpoint_export(tmp_pat
     from raymoe.actors import Coordinator
     from raymoe.data import ResumableSampler, open_datasets
     from raymoe.model import DeepSeekV3, hf
-    from raymoe.train.controller import LocalWorkerGroup, TrainController
+    from raymoe.train.controller import TrainController
+    from raymoe.train.worker_group import LocalWorkerGroup
     from raymoe.train.export import export_checkpoint, find_checkpoint
     from raymoe.train.pretrained import model_config
 

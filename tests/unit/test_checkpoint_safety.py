@@ -108,7 +108,8 @@ def _hostile_raw(marker: pathlib.Path) -> Callable[[pathlib.Path], None]:
 def scenario(work: pathlib.Path) -> dict[str, Any]:
     from raymoe import checkpoint as ckpt
     from raymoe.data import prepare_data
-    from raymoe.train.controller import LocalWorkerGroup, TrainController
+    from raymoe.train.controller import TrainController
+    from raymoe.train.worker_group import LocalWorkerGroup
 
     records: list[dict[str, Any]] = []
 

@@ -292,7 +292,8 @@ def test_training_on_a_source_writes_the_tokenizer_into_checkpoint_and_export(tm
 
     from raymoe.config import BalanceConfig, LoggerConfig, ParallelConfig, TrainConfig
     from raymoe.data import prepare_data
-    from raymoe.train.controller import LocalWorkerGroup, TrainController
+    from raymoe.train.controller import TrainController
+    from raymoe.train.worker_group import LocalWorkerGroup
 
     src = _write("jsonl.gz", tmp_path / "s", _texts(80, 11))
     run = RunConfig(model=ModelConfig.preset("tiny"), parallel=ParallelConfig(dp=1),

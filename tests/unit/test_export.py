@@ -28,7 +28,8 @@ def interrupted_run(work: pathlib.Path, impl: str) -> tuple[RunConfig, dict[str,
     """4-step run stopped after step 3 (checkpoints at 2 and 3, no final export); returns the run, the rank's
     parameters and the balancer's biases at the stop."""
     from raymoe.data import prepare_data
-    from raymoe.train.controller import LocalWorkerGroup, TrainController
+    from raymoe.train.controller import TrainController
+    from raymoe.train.worker_group import LocalWorkerGroup
 
     run = RunConfig(
         model=ModelConfig.preset("tiny"),

@@ -79,7 +79,8 @@ def test_contradicting_override_is_refused_in_one_line(hf_ckpt) -> None:
 @pytest.mark.parametrize("impl", ["native", "deepspeed"])
 def test_first_step_loss_equals_transformers(hf_ckpt, tmp_path, impl) -> None:
     from raymoe.data import ResumableSampler, open_datasets, prepare_data
-    from raymoe.train.controller import LocalWorkerGroup, TrainController
+    from raymoe.train.controller import TrainController
+    from raymoe.train.worker_group import LocalWorkerGroup
 
     path, ref = hf_ckpt
     run = compose_run(f"train.init_from={path}", f"parallel.dp_impl={impl}", "data.seq_len=32", "train.steps=3",

@@ -57,7 +57,8 @@ def observe(impl: str, mode: str, work: pathlib.Path) -> dict[str, Any]:
     """Run the 4-step job with fault ``mode`` at step ``BAD``; return what the checks need (JSON-able)."""
     from raymoe.config import BalanceConfig, DataConfig, LoggerConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
     from raymoe.data import prepare_data
-    from raymoe.train.controller import LocalWorkerGroup, TrainController
+    from raymoe.train.controller import TrainController
+    from raymoe.train.worker_group import LocalWorkerGroup
 
     run = RunConfig(
         model=ModelConfig.preset("tiny"),

@@ -382,7 +382,8 @@ def _run_config(run_dir: pathlib.Path, storage: str | None, resume: str, stop: i
 
 def _train(run: Any) -> dict[str, Any]:
     from raymoe.data import prepare_data
-    from raymoe.train.controller import LocalWorkerGroup, TrainController
+    from raymoe.train.controller import TrainController
+    from raymoe.train.worker_group import LocalWorkerGroup
 
     info = prepare_data(run, progress=False)
     group = LocalWorkerGroup(run, 0)  # a fresh rank: freshly initialised weights, as on a new node
@@ -473,7 +474,8 @@ def deepspeed_scenario(work: pathlib.Path, storage: str) -> dict[str, Any]:
     (another run directory, same group, so its weights are A's final ones until the load) resumes from the S3 URI of
     step 2, trains step 2 again, re-saves step 3 and exports hf/ (rank 0 uploads it, the controller copies it)."""
     from raymoe.data import prepare_data
-    from raymoe.train.controller import LocalWorkerGroup, TrainController
+    from raymoe.train.controller import TrainController
+    from raymoe.train.worker_group import LocalWorkerGroup
 
     run_a = _run_config(work / "a", storage, "never", impl="deepspeed", steps=3)
     info = prepare_data(run_a, progress=False)

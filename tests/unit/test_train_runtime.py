@@ -6,12 +6,12 @@ import pathlib
 import pytest
 import torch
 
-from raymoe.config import ConfigError, ModelConfig
+from raymoe.config import ConfigError, ModelConfig, check_layout
 from raymoe.model import DeepSeekV3
 from raymoe.optim import GuardedAdamW
 from raymoe.train import parallelize as par
 from raymoe.train import sharded
-from raymoe.train.topology import Topology, check_layout
+from raymoe.train.topology import Topology
 
 TINY = ModelConfig.preset("tiny")
 

@@ -32,18 +32,11 @@ rank will receive in the step (:func:`expected_recvs` computes it from the sched
 so data is **prefetched** while the caller computes, and ``recv`` only blocks when the data has not arrived yet.
 That blocked time is pipeline idle time and is counted (``stats().recv_wait_s``).
 
-*Headers.* Every message is a fixed-size int64 header followed by the payload as raw bytes (``uint8``, so any
-dtype travels, fp8 and bool included). The header holds a magic number, the link's sequence number, the full
-channel, the micro-batch id, a dtype code, the number of dimensions and the shape (at most ``MAX_DIMS``). The
-receiver needs no shape knowledge: it reads the header, allocates, receives the payload, checks that the message
-is the next in the link's sequence and was expected, and files it under ``(channel, micro-batch)``.
-
-*Ordering and channels.* Messages of different channels between the same pair never mix because each message
-names its channel and micro-batch, and the link stream is strictly ordered (sequence numbers are checked). Within
-a channel, order is the send order (a FIFO link); on the receiving side messages are looked up by
-``(channel, micro-batch)``, so the consumer may take them in any order. Per-channel *tags* are deliberately not
-used: NCCL ignores tags, and labelled messages on one ordered stream per link work the same on every backend. The
-link uses one fixed tag (``tag=``) on the group ``group_for(peer)``.
+*Wire format* (:mod:`raymoe.train.p2p_wire`). Every message is a fixed-size int64 header naming its link
+sequence number, channel, micro-batch, dtype and shape, followed by the payload as raw bytes; each link is one
+ordered stream on one fixed tag, so messages of different channels never mix and the receiver needs no shape
+knowledge. The sender thread encodes, the receiver thread decodes and checks; this module owns the threads and the
+bookkeeping of what is expected, arrived and consumed.
 
 *Why it does not deadlock.* The caller never waits on the network except in ``recv`` (for data its next op needs)
 and ``finish_step``. On each link the receiver thread keeps a receive posted whenever a message is still expected,
@@ -95,36 +88,14 @@ import torch
 import torch.distributed as dist
 
 from raymoe.schedule.ir import OpKind, Schedule
+from raymoe.train.p2p_wire import (DEFAULT_TAG, DTYPES, HEADER_LEN, MAX_DIMS, Channel, P2PError, P2PTimeout, RecvKey,
+                                   decode_header, encode_header, parse_channel, sendable)
 
-__all__ = [
-    "P2PTransport", "P2PError", "P2PTimeout", "P2PStats", "expected_recvs", "Channel", "HEADER_LEN", "MAX_DIMS",
-]
+# P2PError / P2PTimeout live with the wire format and are re-exported: they are what a transport user catches
+__all__ = ["P2PTransport", "P2PError", "P2PTimeout", "P2PStats", "expected_recvs"]
 
-Channel = tuple[int, int, str, int, int]  # (src pp rank, dst pp rank, "F"|"B", consumer stage, consumer direction)
-RecvKey = tuple[Channel, int]  # (channel, global micro-batch id)
 GroupFor = Callable[[int], Optional[dist.ProcessGroup]]
 LinkGroupFor = Callable[[int, int], Optional[dist.ProcessGroup]]
-
-MAX_DIMS = 8
-HEADER_LEN = 10 + MAX_DIMS
-_MAGIC = 0x52594D4F45503250  # "RYMOEP2P"
-_KIND_CODE = {"F": 0, "B": 1}
-_KIND_NAME = {v: k for k, v in _KIND_CODE.items()}
-_DTYPES: list[torch.dtype] = [
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint8, torch.bool, torch.complex64, torch.complex128,
-] + [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-     if hasattr(torch, n)]
-_DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
-DEFAULT_TAG = 0x5032  # one fixed tag per link; gloo matches by (peer, tag), NCCL ignores it
-
-
-class P2PError(RuntimeError):
-    """The transport is misused or broke (a thread failed, a message was unexpected); the message says which."""
-
-
-class P2PTimeout(P2PError):
-    """A wait exceeded ``timeout_s``; the message names this rank, the peer, the channel and the micro-batch."""
 
 
 @dataclasses.dataclass
@@ -177,17 +148,6 @@ def expected_recvs(schedule: Schedule, pp_rank: int) -> list[tuple[Channel, int]
             elif p.kind in (OpKind.B, OpKind.BI) and (nxt := s.next_cell(p)) is not None:
                 out.append(((s.rank_of(nxt[2], nxt[1]), pp_rank, "B", p.stage, p.direction), mb_id))
     return out
-
-
-def _channel(ch: Sequence[Any]) -> Channel:
-    try:
-        src, dst, kind, stage, direction = ch
-        c = (int(src), int(dst), str(kind), int(stage), int(direction))
-    except (TypeError, ValueError):
-        raise P2PError(f"a channel is (src, dst, 'F'|'B', stage, direction), got {ch!r}") from None
-    if c[2] not in _KIND_CODE:
-        raise P2PError(f"channel kind must be 'F' or 'B', got {ch!r}")
-    return c
 
 
 @dataclasses.dataclass
@@ -256,7 +216,7 @@ class P2PTransport:
                 whose source is this rank are loopback hand-offs and need no network.
         """
         self._check()
-        keys = [(_channel(ch), int(mb)) for ch, mb in recvs]
+        keys = [(parse_channel(ch), int(mb)) for ch, mb in recvs]
         for ch, _ in keys:
             if ch[1] != self.pp_rank:
                 raise P2PError(f"rank {self.pp_rank}: expect() got channel {ch} whose destination is not this rank")
@@ -292,14 +252,14 @@ class P2PTransport:
         """
         t0 = time.perf_counter()
         self._check()
-        ch, mb_id = _channel(channel), int(mb_id)
+        ch, mb_id = parse_channel(channel), int(mb_id)
         if ch[0] != self.pp_rank:
             raise P2PError(f"rank {self.pp_rank}: send on channel {ch} whose source is not this rank")
         if ch[1] not in self.ranks:
             raise P2PError(f"rank {self.pp_rank}: channel {ch} has destination {ch[1]} outside the rank map")
-        if tensor.dim() > MAX_DIMS or tensor.dtype not in _DTYPE_CODE:
+        if not sendable(tensor):
             raise P2PError(f"rank {self.pp_rank}: cannot send a {tensor.dim()}-d {tensor.dtype} tensor (at most "
-                           f"{MAX_DIMS} dims, dtypes {[str(d) for d in _DTYPES]})")
+                           f"{MAX_DIMS} dims, dtypes {[str(d) for d in DTYPES]})")
         if ch[1] == self.pp_rank:  # loopback: the V's turn under DualPipeV
             with self._cv:
                 self._arrived[(ch, mb_id)].append(tensor.detach())
@@ -343,7 +303,7 @@ class P2PTransport:
             P2PError: the receive was not expected, or a transport thread failed.
         """
         self._check()
-        ch, mb_id = _channel(channel), int(mb_id)
+        ch, mb_id = parse_channel(channel), int(mb_id)
         key = (ch, mb_id)
         with self._cv:
             if self._await_consume[key] <= 0:
@@ -385,7 +345,7 @@ class P2PTransport:
         """Whether ``recv(channel, mb_id)`` would return without waiting."""
         self._check()
         with self._cv:
-            return bool(self._arrived.get((_channel(channel), int(mb_id))))
+            return bool(self._arrived.get((parse_channel(channel), int(mb_id))))
 
     def finish_step(self, timeout_s: Optional[float] = None) -> P2PStats:
         """Wait until every queued send has completed and check that nothing expected or received is left over.
@@ -555,10 +515,7 @@ class P2PTransport:
                     event.synchronize()
             if tensor.device != link.wire:
                 tensor = tensor.to(link.wire)
-            hdr = [_MAGIC, link.seq, ch[0], ch[1], _KIND_CODE[ch[2]], ch[3], ch[4], mb_id,
-                   _DTYPE_CODE[tensor.dtype], tensor.dim(), *tensor.shape]
-            hdr += [0] * (HEADER_LEN - len(hdr))
-            header = torch.tensor(hdr, dtype=torch.int64, device=link.wire)
+            header = torch.tensor(encode_header(link.seq, ch, mb_id, tensor), dtype=torch.int64, device=link.wire)
             dist.send(header, dst=link.peer_global, group=link.group, tag=self.tag)
             nbytes = tensor.numel() * tensor.element_size()
             if nbytes:
@@ -592,21 +549,9 @@ class P2PTransport:
         with self._on_wire(link):
             header = torch.empty(HEADER_LEN, dtype=torch.int64, device=link.wire)
             dist.recv(header, src=link.peer_global, group=link.group, tag=self.tag)
-            h = header.tolist()
-            if h[0] != _MAGIC:
-                raise P2PError(f"bad header {h} (magic mismatch: another user of this group/tag?)")
-            if h[1] != link.seq:
-                raise P2PError(f"message out of sequence: got #{h[1]}, expected #{link.seq}")
-            if h[4] not in _KIND_NAME or not 0 <= h[8] < len(_DTYPES) or not 0 <= h[9] <= MAX_DIMS:
-                raise P2PError(f"bad header {h}")
-            ch: Channel = (h[2], h[3], _KIND_NAME[h[4]], h[5], h[6])
-            key = (ch, h[7])
+            key, dtype, shape, nbytes = decode_header(header.tolist(), link.seq)
+            ch = key[0]
             link.busy = key
-            dtype, shape = _DTYPES[h[8]], h[10:10 + h[9]]
-            numel = 1
-            for n in shape:
-                numel *= n
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
             buf = torch.empty(nbytes, dtype=torch.uint8, device=link.wire)
             if nbytes:  # receive the payload before judging the message, so that the sender is never left hanging
                 dist.recv(buf, src=link.peer_global, group=link.group, tag=self.tag)
