@@ -260,6 +260,9 @@ class MLA(nn.Module):
             c_all, pe_all = keys.split([self.kv_lora_rank, self.rope_dim], dim=-1)
             kv_up = self.kv_b_proj(c_all).view(-1, H, self.nope_dim + self.v_head_dim)  # [ΣS, H, N+V]
             k_nope, v = kv_up.split([self.nope_dim, self.v_head_dim], dim=-1)
+            pad = self.qk_head_dim - self.v_head_dim
+            if pad > 0 and v.device.type == "cpu":  # equal head dims let SDPA take its fused (flash) CPU kernel
+                v = F.pad(v, (0, pad))
             for q0, n, start, k0, end in cache.segments:
                 q = torch.cat([q_nope[0, q0 : q0 + n], q_pe[0, q0 : q0 + n]], dim=-1).transpose(0, 1)  # [H,n,N+R]
                 k = torch.cat([k_nope[k0 : k0 + end], pe_all[k0 : k0 + end, None].expand(end, H, self.rope_dim)],
@@ -270,7 +273,7 @@ class MLA(nn.Module):
                     mask = kp[None, :] <= torch.arange(start, start + n, device=q.device)[:, None]  # [n, S] True=see
                 o = F.scaled_dot_product_attention(q[None], k[None], v[k0 : k0 + end].transpose(0, 1)[None],
                                                    attn_mask=mask, is_causal=start == 0, scale=self.softmax_scale)
-                out[q0 : q0 + n] = o[0].transpose(0, 1)
+                out[q0 : q0 + n] = o[0, ..., : self.v_head_dim].transpose(0, 1)
         if cache.short is not None:
             r = cache.short_rows
             out[r] = self._absorbed(q_nope[0, r, None], q_pe[0, r, None], c_kv[0, r, None], k_pe[0, r, None],
