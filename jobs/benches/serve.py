@@ -258,7 +258,7 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
     bmax = max(batches)
     cfg = dict(block_size=16, num_blocks=bmax * ((prompt_len + new_tokens + spec) // 16 + 2) + 8,
                max_num_seqs=max(bmax, 1), max_num_batched_tokens=max(512, bmax * prompt_len),
-               prefill_chunk=max(prompt_len, 16))
+               prefill_chunk=max(prompt_len, 16), enable_prefix_caching=False)  # reps reuse the prompts: no hits
     engines = {"ours": _engine(path, **cfg, num_speculative_tokens=0)}
     if compare_prefill:
         engines["absorbed"] = _engine(path, **cfg, num_speculative_tokens=0, expanded_prefill=False)
