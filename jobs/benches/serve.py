@@ -8,15 +8,20 @@ Three parts, each a table (rich) and a section of the returned JSON; one PNG (``
    export), batch 1 and 16 (``batches=1,16``), per model (``model=tiny,small``): ``tiny`` is the trained tiny
    checkpoint of :mod:`raymoe.engine.tiny`, ``small`` random-init weights of the ``small`` preset, ``hf=<dir>`` any HF
    DeepseekV3 export (e.g. ``runs/<run>/hf``) instead. Prompts are ``prompt_len`` random token ids (the same for both),
-   ``new_tokens`` tokens are generated with EOS ignored. Decode tokens/s = ``B·(N−1) / (t(N) − t(1))`` (the time of a
-   1-token generation, i.e. the prefill, is subtracted); medians over ``reps`` interleaved rounds. When the checkpoint
-   has an MTP module, ours also runs with ``decode_spec`` (default 1; 0 turns it off) MTP drafts per step: the same
-   greedy tokens in fewer target forwards. The generated token ids of every implementation are compared and must be
+   ``new_tokens`` tokens are generated with EOS ignored. Each generation is timed in parts: **prefill** (until every
+   request has its first token; for transformers, until ``generate``'s streamer receives the first tokens), the
+   **decode steps** after it, each timed directly (ours: the engine's decode-only steps once every prefill finished;
+   transformers: the intervals between streamed tokens), and **end to end**; medians over ``reps`` interleaved
+   rounds. With ``compare_prefill=1`` (default) our engine also runs with ``engine.expanded_prefill=false`` (prompt
+   chunks through the absorbed MLA path), and its prefill and end-to-end ratios are printed in parentheses. When
+   the checkpoint has an MTP module, ours also runs with ``decode_spec`` (default 1; 0 turns it off) MTP drafts per
+   step: the same greedy tokens in fewer target forwards. The generated token ids of every implementation are compared and must be
    equal (the bench fails otherwise). Each row also reports the **bandwidth floor** of a decode step: the weights it
    must read (all but the token embedding, with the routed experts the batch actually touched, counted per layer
    with a forward hook) divided by this machine's streaming read bandwidth, measured in the same run
    (:func:`streaming_read`). ``HF step / floor`` is the largest speed-up over transformers that any implementation
-   reading fp32 weights at that bandwidth could reach.
+   reading fp32 weights at that bandwidth could reach. A measured step faster than its floor is impossible: the
+   bench raises.
 2. **mtp** — speculative decoding with the checkpoint's MTP module (``hf=`` or the tiny checkpoint): greedy
    generations from prompts cut out of **held-out text** (the validation plays of the Shakespeare corpus, the split
    :func:`raymoe.data.corpus.split_documents` makes for training), ``k = 1, 2`` drafts per step (``spec=1,2``):
@@ -173,13 +178,76 @@ def touched_experts(model: torch.nn.Module, tokens: int, fn: Callable[[], Any]) 
     return (sum(seen) / len(seen) if seen else 0.0), result
 
 
+class _StepStamps:
+    """A ``generate`` streamer that stamps the time of every ``put``: the prompt, then each step's new tokens."""
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.t.append(time.perf_counter())
+
+    def end(self) -> None:
+        return None
+
+
+def _timed_generate(e, prompts: torch.Tensor, n: int) -> dict[str, Any]:
+    """Our engine on ``prompts`` for ``n`` greedy tokens, stepped here: the ids, the prefill time (until every request
+    has its first token), and each **decode-only** step (every prefill finished, the whole batch still running) with
+    the tokens it emitted (``B`` per step, more with MTP drafts)."""
+    from raymoe.engine import SamplingParams
+
+    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    ids = [e.add_request(None, p.tolist(), sp) for p in prompts]
+    final: dict[str, Any] = {}
+    started: set[str] = set()
+    prefill_s, steps, emitted = None, [], 0
+    while len(final) < len(ids):
+        decode_only = prefill_s is not None and not final
+        g0 = e.stats["generation_tokens"]
+        ts = time.perf_counter()
+        outs = e.step()
+        te = time.perf_counter()
+        if decode_only:
+            steps.append(te - ts)
+            emitted += e.stats["generation_tokens"] - g0
+        for o in outs:
+            if o.outputs[0].token_ids:
+                started.add(o.request_id)
+            if o.finished:
+                final[o.request_id] = o
+        if prefill_s is None and len(started) == len(ids):
+            prefill_s = te - t0
+    return {"ids": [final[i].outputs[0].token_ids for i in ids], "total_s": time.perf_counter() - t0,
+            "prefill_s": prefill_s, "steps_s": steps, "emitted": emitted}
+
+
+def _timed_hf(hf_model, prompts: torch.Tensor, n: int) -> dict[str, Any]:
+    """transformers' ``generate``, timed the same way through a streamer: prefill = until the first token is
+    streamed; decode steps = the intervals between later tokens (each one forward of the whole batch)."""
+    st = _StepStamps()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                                streamer=st)
+    total = time.perf_counter() - t0
+    tok = st.t[1:]  # st.t[0]: the prompt
+    return {"ids": out[:, prompts.shape[1]:].tolist(), "total_s": total, "prefill_s": tok[0] - t0,
+            "steps_s": [b - a for a, b in zip(tok, tok[1:])], "emitted": prompts.shape[0] * (len(tok) - 1)}
+
+
 def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: int, new_tokens: int,
-                 reps: int, spec: int = 1) -> list[dict[str, Any]]:
+                 reps: int, spec: int = 1, compare_prefill: bool = True) -> list[dict[str, Any]]:
     """Rows per batch size: ours (MTP off) and, when the checkpoint has an MTP module and ``spec > 0``, ours with
-    ``spec`` MTP drafts per step, vs HF ``generate``; all three must give the same greedy token ids."""
+    ``spec`` MTP drafts per step, vs HF ``generate``; all must give the same greedy token ids. ``compare_prefill``:
+    also ours with ``engine.expanded_prefill=false`` (prefill chunks through the absorbed path), side by side.
+
+    Every run of ``new_tokens`` tokens is timed in parts: the prefill (until every request has its first token), the
+    decode-only steps after it (each timed directly; medians over all steps of all ``reps``), and end to end. A decode
+    step faster than its bandwidth floor is impossible: the bench raises (a measurement bug)."""
     import transformers
 
-    from raymoe.engine import SamplingParams
     from raymoe.engine.experts import DispatchedMoE
 
     transformers.logging.set_verbosity_error()  # an export's MTP tensors are "unexpected" to transformers: fine
@@ -190,69 +258,73 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
     bmax = max(batches)
     cfg = dict(block_size=16, num_blocks=bmax * ((prompt_len + new_tokens + spec) // 16 + 2) + 8,
                max_num_seqs=max(bmax, 1), max_num_batched_tokens=max(512, bmax * prompt_len),
-               prefill_chunk=max(prompt_len, 16))
-    eng = _engine(path, **cfg, num_speculative_tokens=0)
-    eng_mtp = _engine(path, **cfg, num_speculative_tokens=spec) if spec > 0 else None
-    if eng_mtp is not None and eng_mtp.num_spec == 0:
-        eng_mtp = None  # the checkpoint has no MTP module
+               prefill_chunk=max(prompt_len, 16), enable_prefix_caching=False)  # reps reuse the prompts: no hits
+    engines = {"ours": _engine(path, **cfg, num_speculative_tokens=0)}
+    if compare_prefill:
+        engines["absorbed"] = _engine(path, **cfg, num_speculative_tokens=0, expanded_prefill=False)
+    if spec > 0:
+        e = _engine(path, **cfg, num_speculative_tokens=spec)
+        if e.num_spec:  # else the checkpoint has no MTP module
+            engines["mtp"] = e
+    eng = engines["ours"]
     bandwidth, expert_mb, other_mb = streaming_read(eng.model)
     n_moe = sum(1 for m in eng.model.layers.modules() if isinstance(m, DispatchedMoE))
     g = torch.Generator().manual_seed(1)
     rows = []
     for B in batches:
         prompts = torch.randint(0, vocab, (B, prompt_len), generator=g)
-
-        def ours(n: int, e=eng) -> list[list[int]]:
-            sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-            return [o.outputs[0].token_ids for o in e.generate([p.tolist() for p in prompts], sp)]
-
-        def theirs(n: int) -> list[list[int]]:
-            with torch.no_grad():
-                out = hf_model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n)
-            return out[:, prompt_len:].tolist()
-
+        fns: dict[str, Callable[[], dict[str, Any]]] = {
+            k: (lambda e=e: _timed_generate(e, prompts, new_tokens)) for k, e in engines.items()}
+        fns["hf"] = lambda: _timed_hf(hf_model, prompts, new_tokens)
         # equality first (also the warm-up of every implementation); then the experts a decode step of B reads
-        touched, ours_out = touched_experts(eng.model, B, lambda: ours(new_tokens))
-        fns = {"ours": ours, "hf": theirs}
-        if eng_mtp is not None:
-            fns["mtp"] = lambda n: ours(n, eng_mtp)
-        outs = {k: ours_out if k == "ours" else fn(new_tokens) for k, fn in fns.items()}
+        touched, first = touched_experts(eng.model, B, fns["ours"])
+        outs = {k: first["ids"] if k == "ours" else fn()["ids"] for k, fn in fns.items()}
         for k, got in outs.items():
             if got != outs["hf"]:
-                first = next(i for i, (x, y) in enumerate(zip(got, outs["hf"])) if x != y)
-                raise AssertionError(f"{name} B={B}: greedy outputs differ ({k} row {first}: {got[first]} vs HF "
-                                     f"{outs['hf'][first]})")
-        ts: dict[str, list[float]] = {f"{k}_{n}": [] for k in fns for n in ("1", "N")}
-        s0 = dict(eng_mtp.stats) if eng_mtp is not None else {}
+                i = next(i for i, (x, y) in enumerate(zip(got, outs["hf"])) if x != y)
+                raise AssertionError(f"{name} B={B}: greedy outputs differ ({k} row {i}: {got[i]} vs HF "
+                                     f"{outs['hf'][i]})")
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in fns}
         for _ in range(reps):  # interleaved: drifts of the shared machine hit all alike
             for k, fn in fns.items():
-                for n, key in ((1, f"{k}_1"), (new_tokens, f"{k}_N")):
-                    t0 = time.perf_counter()
-                    fn(n)
-                    ts[key].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in ts.items()}
-        # one decode step: (t(N) − t(1)) / (N − 1); decode tokens/s = B / step
-        step_s = {k: max(med[f"{k}_N"] - med[f"{k}_1"], 1e-9) / max(new_tokens - 1, 1) for k in fns}
-        dec = lambda k: B / step_s[k]  # noqa: E731
-        step_ms = lambda k: 1e3 * step_s[k]  # noqa: E731
+                runs[k].append(fn())
+        med = {k: {"total_s": statistics.median(r["total_s"] for r in rs),
+                   "prefill_s": statistics.median(r["prefill_s"] for r in rs),
+                   "step_s": statistics.median([x for r in rs for x in r["steps_s"]]) if rs[0]["steps_s"] else None,
+                   "decode_tok_s": sum(r["emitted"] for r in rs) / max(sum(sum(r["steps_s"]) for r in rs), 1e-12)}
+               for k, rs in runs.items()}
         row = {"model": name, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
-               "ours_decode_tok_s": dec("ours"), "hf_decode_tok_s": dec("hf"),
-               "ours_e2e_tok_s": B * new_tokens / med["ours_N"], "hf_e2e_tok_s": B * new_tokens / med["hf_N"],
+               "ours_decode_tok_s": med["ours"]["decode_tok_s"], "hf_decode_tok_s": med["hf"]["decode_tok_s"],
+               "ours_e2e_tok_s": B * new_tokens / med["ours"]["total_s"],
+               "hf_e2e_tok_s": B * new_tokens / med["hf"]["total_s"],
+               "ours_prefill_s": med["ours"]["prefill_s"], "hf_prefill_s": med["hf"]["prefill_s"],
                "outputs_equal": True, "times_s": med,
-               "ours_step_ms": step_ms("ours"), "hf_step_ms": step_ms("hf"),
+               "decode_steps_per_run": {k: statistics.median(len(r["steps_s"]) for r in rs) for k, rs in runs.items()},
+               "ours_step_ms": 1e3 * (med["ours"]["step_s"] or 0.0), "hf_step_ms": 1e3 * (med["hf"]["step_s"] or 0.0),
                "touched_experts_per_layer": touched, "read_mb_per_step": other_mb + n_moe * touched * expert_mb,
                "stream_gb_s": bandwidth / 1e9}
         row["floor_step_ms"] = row["read_mb_per_step"] / row["stream_gb_s"]
+        for k in fns:  # physics: no decode step reads its weights faster than the machine streams them
+            st = med[k]["step_s"]
+            if st is not None and 1e3 * st < row["floor_step_ms"]:
+                raise AssertionError(f"{name} B={B}: {k}'s measured decode step ({1e3 * st:.2f} ms) is faster than "
+                                     f"its bandwidth floor ({row['floor_step_ms']:.2f} ms): a measurement bug")
         row["ratio"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
         row["ratio_e2e"] = row["ours_e2e_tok_s"] / row["hf_e2e_tok_s"]
+        row["ratio_prefill"] = row["hf_prefill_s"] / row["ours_prefill_s"]
+        row["ours_step_over_floor"] = row["ours_step_ms"] / row["floor_step_ms"]
         row["bandwidth_bound_ratio"] = row["hf_step_ms"] / row["floor_step_ms"]
-        if eng_mtp is not None:
-            d = {key: eng_mtp.stats[key] - s0[key] for key in eng_mtp.stats}
-            row.update(mtp_k=spec, ours_mtp_decode_tok_s=dec("mtp"),
-                       mtp_tokens_per_forward=d["spec_emitted"] / d["spec_verifies"] if d["spec_verifies"] else 0.0)
+        if "absorbed" in med:  # the same engine with prefill chunks through the absorbed path (before PrefillBatch)
+            a = med["absorbed"]
+            row.update(absorbed_prefill_s=a["prefill_s"], ratio_prefill_absorbed=row["hf_prefill_s"] / a["prefill_s"],
+                       ratio_e2e_absorbed=med["hf"]["total_s"] / a["total_s"])
+        if "mtp" in med:
+            d = runs["mtp"]
+            verifies = sum(len(r["steps_s"]) for r in d) * B
+            row.update(mtp_k=spec, ours_mtp_decode_tok_s=med["mtp"]["decode_tok_s"],
+                       mtp_tokens_per_forward=sum(r["emitted"] for r in d) / verifies if verifies else 0.0)
             row["ratio_mtp"] = row["ours_mtp_decode_tok_s"] / row["hf_decode_tok_s"]
         rows.append(row)
-    del hf_model, eng, eng_mtp
     return rows
 
 
@@ -576,20 +648,27 @@ def run(args: dict[str, str]) -> dict:
         if "decode" in parts:
             rows = []
             for name, path in _checkpoints(args, root).items():
-                rows += decode_bench(name, path, batches, prompt_len, new_tokens, reps, int(args.get("decode_spec", 1)))
+                rows += decode_bench(name, path, batches, prompt_len, new_tokens, reps, int(args.get("decode_spec", 1)),
+                                     args.get("compare_prefill", "1") not in ("0", "false"))
             res["decode"] = rows
             t = Table(title=f"greedy decode, prompt {prompt_len} + {new_tokens} new tokens, "
                             f"{torch.get_num_threads()} threads")
-            for c in ("model", "batch", "ours tok/s", "HF tok/s", "ours/HF", "ours/HF e2e", "MTP tok/fwd",
-                      "ours+MTP/HF", "step ms ours/HF/floor", "HF/floor", "equal"):
+            for c in ("model", "batch", "decode ours tok/s", "HF tok/s", "ours/HF", "prefill ours/HF (absorbed)",
+                      "e2e ours/HF (absorbed)", "MTP tok/fwd", "ours+MTP/HF", "step ms ours/HF/floor", "ours/floor",
+                      "HF/floor", "equal"):
                 t.add_column(c, justify="right")
             for r in rows:
                 t.add_row(r["model"], str(r["batch"]), f"{r['ours_decode_tok_s']:,.0f}", f"{r['hf_decode_tok_s']:,.0f}",
-                          f"{r['ratio']:.2f}x", f"{r['ratio_e2e']:.2f}x",
+                          f"{r['ratio']:.2f}x",
+                          f"{r['ratio_prefill']:.2f}x ({r['ratio_prefill_absorbed']:.2f}x)"
+                          if "ratio_prefill_absorbed" in r else f"{r['ratio_prefill']:.2f}x",
+                          f"{r['ratio_e2e']:.2f}x ({r['ratio_e2e_absorbed']:.2f}x)"
+                          if "ratio_e2e_absorbed" in r else f"{r['ratio_e2e']:.2f}x",
                           f"{r['mtp_tokens_per_forward']:.2f}" if "ratio_mtp" in r else "-",
                           f"{r['ratio_mtp']:.2f}x" if "ratio_mtp" in r else "-",
                           f"{r['ours_step_ms']:.1f}/{r['hf_step_ms']:.1f}/{r['floor_step_ms']:.1f}",
-                          f"{r['bandwidth_bound_ratio']:.1f}x", str(r["outputs_equal"]))
+                          f"{r['ours_step_over_floor']:.1f}x", f"{r['bandwidth_bound_ratio']:.1f}x",
+                          str(r["outputs_equal"]))
             console.print(t)
         if "prefix" in parts:
             rows = []

@@ -34,11 +34,12 @@ def prompts() -> list[list[int]]:
     return [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def recording_engine(model: DeepSeekV3, fast: bool, spec: int) -> tuple[LLMEngine, list[torch.Tensor]]:
+def recording_engine(model: DeepSeekV3, fast: bool, spec: int, expanded: bool = True,
+                     **cfg) -> tuple[LLMEngine, list[torch.Tensor]]:
     """An engine whose main forwards append their logits ``[rows, V]`` to the returned list."""
-    eng = LLMEngine(copy.deepcopy(model), None, EngineConfig(block_size=4, num_blocks=128, max_num_batched_tokens=256,
-                                                             prefill_chunk=64, num_speculative_tokens=spec,
-                                                             fast_decode=fast))
+    cfg = dict(dict(block_size=4, num_blocks=128, max_num_batched_tokens=256, prefill_chunk=64), **cfg)
+    eng = LLMEngine(copy.deepcopy(model), None, EngineConfig(**cfg, num_speculative_tokens=spec, fast_decode=fast,
+                                                             expanded_prefill=expanded))
     log: list[torch.Tensor] = []
     inner = eng._forward
 
@@ -103,13 +104,13 @@ def test_fast_path_equals_packed_path(model, spec) -> None:
 
 
 def test_many_prompt_prefill_takes_the_row_layout_and_matches_packed(model) -> None:
-    """16 prompts of 9-12 tokens prefilled in one step: per token the row layout scores 12 keys where the packed one
-    scores all ~170, so the engine takes rows (tiny: W = 48, H = 4: rows when Σ end > 13 · S_max); logits of that
+    """Without expanded prefill: 16 prompts of 9-12 tokens prefilled in one step: per token the row layout scores 12
+    keys where the packed one scores all ~170, so the engine takes rows (tiny: W = 48, H = 4: rows when Σ end > 13 · S_max); logits of that
     step and every token after equal the packed engine's."""
     g = torch.Generator().manual_seed(3)
     many = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in torch.randint(9, 13, (16,), generator=g)]
-    fast, fast_log = recording_engine(model, True, 1)
-    packed, packed_log = recording_engine(model, False, 1)
+    fast, fast_log = recording_engine(model, True, 1, expanded=False)
+    packed, packed_log = recording_engine(model, False, 1, expanded=False)
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     res = [e.generate(many, sp) for e in (fast, packed)]
     assert [o.outputs[0].token_ids for o in res[0]] == [o.outputs[0].token_ids for o in res[1]]
@@ -118,9 +119,58 @@ def test_many_prompt_prefill_takes_the_row_layout_and_matches_packed(model) -> N
     for a, b in zip(fast_log, packed_log):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # one long prompt alone stays packed (rows would gather more than they save)
-    solo, _ = recording_engine(model, True, 0)
+    solo, _ = recording_engine(model, True, 0, expanded=False)
     solo.generate([many[0] * 3], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
     assert solo.forward_paths["packed"] == 1
+
+
+def test_prefill_batch_writes_the_same_slots_and_reads_each_sequence_keys() -> None:
+    c = PagedLatentCache(num_layers=1, num_blocks=16, block_size=4, values_per_token=3)
+    tables: list[list[int]] = [[], [], []]
+    for bt, n in zip(tables, (6, 14, 9)):
+        assert c.ensure(bt, n)
+    c.buf.normal_()
+    # a decode token at 5, a chunk of 6 after a cached prefix of 8 (crosses blocks), a fresh chunk of 9
+    segments = [(tables[0], 5, 1), (tables[1], 8, 6), (tables[2], 0, 9)]
+    packed, pre = c.batch(segments), c.prefill_batch(segments, short_max=1)
+    assert pre.num_tokens == packed.num_tokens == 16 and torch.equal(pre.q_slots, packed.q_slots)
+    assert torch.equal(pre.positions(16, "cpu"), packed.positions(16, "cpu"))
+    assert pre.segments == [(1, 6, 8, 0, 14), (7, 9, 0, 14, 9)] and pre.short_rows.tolist() == [0]
+    assert torch.equal(pre.short.q_slots, packed.q_slots[:1])
+    kv = torch.randn(1, 16, 3)
+    keys = pre.gather_expanded(0, kv)
+    k_packed, m_packed = c.batch(segments).gather(0, kv)
+    # segment j's keys are what its last query sees in the packed view (all of its positions 0..end-1)
+    assert torch.equal(keys[0:14], k_packed[0][~m_packed[6]]) and torch.equal(keys[14:23], k_packed[0][~m_packed[15]])
+    with pytest.raises(ValueError, match="tokens"):
+        pre.positions(3, "cpu")
+
+
+@pytest.mark.parametrize("spec", [0, 1])
+def test_expanded_prefill_equals_absorbed_with_cached_prefix(model, spec) -> None:
+    """Chunked prefill after a reused prefix (what prefix caching produces), mixed with other requests' decode
+    tokens in the same steps: the expanded-K/V prefill path's logits equal the absorbed path's within fp32 tolerance
+    at every step, the greedy tokens and the reused-token counts are the same, and the cache holds the same latents."""
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(0, 256, (24,), generator=g).tolist()
+    first = shared + torch.randint(0, 256, (5,), generator=g).tolist()
+    rest = [shared + torch.randint(0, 256, (int(n),), generator=g).tolist() for n in (19, 11, 30)]
+    cfg = dict(prefill_chunk=8, max_num_batched_tokens=20)  # several chunks per prompt, each after a prefix
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    runs = []
+    for expanded in (True, False):
+        eng, log = recording_engine(model, True, spec, expanded=expanded, **cfg)
+        out0 = eng.generate([first], sp)  # caches the shared prefix's blocks
+        out = eng.generate(rest, sp)
+        runs.append((eng, log, [o.outputs[0].token_ids for o in out0 + out], [o.num_cached_tokens for o in out]))
+    (ex, ex_log, ex_ids, ex_cached), (ab, ab_log, ab_ids, ab_cached) = runs
+    assert ex_ids == ab_ids and ex_cached == ab_cached and min(ex_cached) >= 16  # whole shared blocks reused
+    assert ex.forward_paths["prefill"] > 0 and ex.forward_paths["packed"] == 0 and ab.forward_paths["prefill"] == 0
+    assert len(ex_log) == len(ab_log)
+    for a, b in zip(ex_log, ab_log):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the latents of every cached token (all layers, MTP included) are the same
+    torch.testing.assert_close(ex.cache.buf, ab.cache.buf, atol=1e-5, rtol=1e-5)
 
 
 def test_fast_path_seeded_sampling_equals_packed_path(model) -> None:

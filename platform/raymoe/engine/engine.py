@@ -58,7 +58,7 @@ from torch import nn
 from raymoe.engine.detokenize import IncrementalDetokenizer
 from raymoe.engine.experts import ExpertBackend, install_expert_backend
 from raymoe.model.layers import enable_fused_weight_cache
-from raymoe.engine.paged import DecodeBatch, PackedBatch, PagedLatentCache
+from raymoe.engine.paged import DecodeBatch, PackedBatch, PagedLatentCache, PrefillBatch
 from raymoe.engine.sampling import (SamplingParams, probs_from_logits, process_logits, sample_token, speculative_accept,
                                     top_logprobs)
 from raymoe.engine.scheduler import Scheduler, Sequence, SequenceGroup
@@ -98,6 +98,8 @@ class EngineConfig:
     device: str = "cpu"
     fast_decode: bool = True  # decode / draft-verify steps use the per-token DecodeBatch attention (see module doc)
     fast_prefill_max_mib: int = 256  # prefill steps use it too when cheaper and its gathered keys fit this (MiB)
+    # (expanded_prefill off only: the row layout or the packed one then carries prefill chunks absorbed)
+    expanded_prefill: bool = True  # prefill chunks attend through expanded per-head K/V (PrefillBatch; module doc)
     seed: int = 0  # seeds requests that bring no seed of their own (in order of arrival)
     enable_prefix_caching: bool = True  # share / keep full blocks of common prompt prefixes (module docstring)
 
@@ -112,6 +114,8 @@ class EngineConfig:
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 0:
             raise ValueError(f"engine.num_speculative_tokens must be an integer >= 0, got "
                              f"{self.num_speculative_tokens!r}")
+        if not isinstance(self.expanded_prefill, bool):
+            raise ValueError(f"engine.expanded_prefill must be true or false, got {self.expanded_prefill!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"engine.enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
@@ -208,8 +212,9 @@ class LLMEngine:
         self._req_counter = itertools.count()
         self.stats: dict[str, float] = dict(steps=0, prompt_tokens=0, generation_tokens=0, spec_drafted=0,
                                             spec_accepted=0, spec_verifies=0, spec_emitted=0)
-        # forwards (main and MTP) per cache view: "decode" = DecodeBatch fast path, "packed" = PackedBatch
-        self.forward_paths: dict[str, int] = {"decode": 0, "packed": 0}
+        # forwards (main and MTP) per cache view: "decode" = DecodeBatch fast path, "packed" = PackedBatch,
+        # "prefill" = PrefillBatch (expanded prefill chunks + absorbed short segments)
+        self.forward_paths: dict[str, int] = {"decode": 0, "packed": 0, "prefill": 0}
         # segments of at most this many tokens take the decode fast path (a decode token + its drafts)
         self.fast_decode_max_tokens = 1 + self.num_spec
         # request id -> why it failed; each failure ends only its own request (see step)
@@ -344,10 +349,16 @@ class LLMEngine:
     def _mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.mtp[0].head_norm(h))
 
-    def _view(self, segments: list[tuple[list[int], int, int]]) -> PackedBatch | DecodeBatch:
-        """The cache view of one forward (``fast_decode`` on): :class:`DecodeBatch` (row-per-token layout) when
-        every segment has at most ``fast_decode_max_tokens`` tokens, or when it is the cheaper layout for a step
-        with prefill chunks (:meth:`_row_view_cheaper`); else :class:`PackedBatch` (one packed row)."""
+    def _view(self, segments: list[tuple[list[int], int, int]]) -> PackedBatch | DecodeBatch | PrefillBatch:
+        """The cache view of one forward. With ``expanded_prefill`` a step with a segment longer than
+        ``fast_decode_max_tokens`` (a prefill chunk) gets a :class:`PrefillBatch` (those segments expanded, the
+        others absorbed). Otherwise (``fast_decode`` on): :class:`DecodeBatch` (row-per-token layout) when every
+        segment has at most ``fast_decode_max_tokens`` tokens, or when it is the cheaper layout for a step with
+        prefill chunks (:meth:`_row_view_cheaper`); else :class:`PackedBatch` (one packed row)."""
+        short = self.fast_decode_max_tokens
+        if self.config.expanded_prefill and any(n > short for _, _, n in segments):
+            self.forward_paths["prefill"] += 1
+            return self.cache.prefill_batch(segments, short)
         if self.config.fast_decode and (all(n <= self.fast_decode_max_tokens for _, _, n in segments)
                                         or self._row_view_cheaper(segments)):
             self.forward_paths["decode"] += 1
@@ -369,7 +380,7 @@ class LLMEngine:
         return fits and S_max * (W + H) < total * H
 
     def _embed(self, ids: list[int], view: PackedBatch | DecodeBatch) -> torch.Tensor:
-        """Token embeddings in the view's layout: ``[N, 1, D]`` for a decode batch, ``[1, N, D]`` packed."""
+        """Token embeddings in the view's layout: ``[N, 1, D]`` for a decode batch, ``[1, N, D]`` packed / prefill."""
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
         return self.model.embed_tokens(x[:, None] if isinstance(view, DecodeBatch) else x[None])
 

@@ -49,6 +49,16 @@ model runs on ``x [N, 1, D]`` (every packed token is its own batch row, T = 1), 
 
 Cost ``O(N·S_max)`` instead of ``O(N·Σ_j len_j)``. Outputs equal the packed path's up to float summation order
 (masked keys contribute exact zeros in both).
+
+Prefill batches. A step with prefill chunks gets a :class:`PrefillBatch` (:meth:`PagedLatentCache.prefill_batch`):
+its *long* segments (more than ``short_max`` tokens: prompt chunks) run MLA's **expanded** (non-absorbed) path, as
+DeepSeek prefills: the segment's keys ``[end_j, C+R]`` (cached prefix + new tokens, read back from the cache after
+the write) are up-projected by ``kv_b_proj`` into per-head keys and values, and each sequence runs its own causal
+SDPA (query i at position ``start_j + i`` sees keys ``0..start_j + i``), ``O(Σ n_j·end_j)`` with a fused kernel
+instead of the packed ``O(N·S)`` score tensor. Its *short* segments (decode tokens, draft verification) keep the
+absorbed path through a :class:`DecodeBatch` over just their tokens (the expanded path would up-project their whole
+context for one query). The latents written are the same in every view: ``kv_a_proj_with_mqa``'s output, at the same
+slots. ``positions(N)`` is the packed one (``[N]``); the model runs on ``x [1, N, D]`` as for a packed batch.
 """
 from __future__ import annotations
 
@@ -60,7 +70,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["BlockAllocator", "NoFreeBlocks", "PagedLatentCache", "PackedBatch", "DecodeBatch", "block_digest"]
+__all__ = ["BlockAllocator", "NoFreeBlocks", "PagedLatentCache", "PackedBatch", "DecodeBatch", "PrefillBatch",
+           "block_digest"]
 
 
 class NoFreeBlocks(RuntimeError):
@@ -288,6 +299,35 @@ class PagedLatentCache:
         return DecodeBatch(self, torch.tensor(q_slots_l, dtype=torch.long, device=dev), q_pos, slots_NS.to(dev),
                            masked)
 
+    def prefill_batch(self, segments: Sequence[tuple[Sequence[int], int, int]], short_max: int) -> "PrefillBatch":
+        """A view for one forward with prefill chunks (see the module docstring); same ``segments`` as :meth:`batch`.
+        Segments of more than ``short_max`` tokens take the expanded MLA path, the others the absorbed one."""
+        table, ends = self._block_table_tensor(segments)
+        bs = self.block_size
+        dev = self.buf.device
+        long_segs, short_segs, short_rows = [], [], []
+        q_pos_l: list[int] = []
+        k_slot_parts: list[torch.Tensor] = []
+        k0 = 0
+        for j, (bt, start, n) in enumerate(segments):
+            q0 = len(q_pos_l)
+            q_pos_l.extend(range(start, start + n))
+            if n > short_max:
+                long_segs.append((q0, n, start, k0, ends[j]))
+                p = torch.arange(ends[j])
+                k_slot_parts.append(table[j, p // bs] * bs + p % bs)
+                k0 += ends[j]
+            else:
+                short_segs.append((bt, start, n))
+                short_rows.extend(range(q0, q0 + n))
+        q_pos = torch.tensor(q_pos_l, dtype=torch.long)
+        q_seq = torch.repeat_interleave(torch.arange(len(segments)), torch.tensor([n for _, _, n in segments]))
+        q_slots = table[q_seq, q_pos // bs] * bs + q_pos % bs
+        k_slots = torch.cat(k_slot_parts) if k_slot_parts else torch.zeros(0, dtype=torch.long)
+        short = self.decode_batch(short_segs) if short_segs else None
+        return PrefillBatch(self, q_slots.to(dev), q_pos.to(dev), k_slots.to(dev), long_segs, short,
+                            torch.tensor(short_rows, dtype=torch.long, device=dev))
+
 
 class PackedBatch:
     """Cache view of one packed forward (see the module docstring). ``advance`` is a no-op: the engine owns lengths."""
@@ -353,6 +393,46 @@ class DecodeBatch:
         buf = self.cache.buf[layer]
         buf.index_copy_(0, self.q_slots, kv_BTC[:, 0].to(buf.dtype))
         return buf.index_select(0, self._k_flat).view(N, S, buf.shape[-1]), self.masked
+
+    def advance(self, n: int) -> None:
+        return None
+
+
+class PrefillBatch:
+    """Cache view of one forward with prefill chunks, packed as ``x [1, N, D]`` (see the module docstring).
+
+    ``segments``: ``(q0, n, start, k0, end)`` per long (expanded) segment: its queries are packed rows ``q0..q0+n-1``
+    at positions ``start..start+n-1``, its keys rows ``k0..k0+end-1`` of :meth:`gather_expanded`'s output (positions
+    ``0..end-1``). ``short`` (a :class:`DecodeBatch` or None) serves the packed rows ``short_rows`` through the
+    absorbed path. ``advance`` is a no-op: the engine owns lengths."""
+
+    expanded = True  # MLA takes its paged-prefill path for this view
+
+    def __init__(self, cache: PagedLatentCache, q_slots: torch.Tensor, q_pos: torch.Tensor, k_slots: torch.Tensor,
+                 segments: list[tuple[int, int, int, int, int]], short: Optional[DecodeBatch],
+                 short_rows: torch.Tensor) -> None:
+        self.cache = cache
+        self.q_slots, self.q_pos, self.k_slots = q_slots, q_pos, k_slots
+        self.segments, self.short, self.short_rows = segments, short, short_rows
+        self.seq_len = 0  # unused by the paged path; kept for code that reads it
+
+    @property
+    def num_tokens(self) -> int:
+        return self.q_slots.numel()
+
+    def positions(self, T: int, device: torch.device | str) -> torch.Tensor:
+        if T != self.num_tokens:
+            raise ValueError(f"prefill batch holds {self.num_tokens} tokens, the forward has {T}")
+        return self.q_pos.to(device)
+
+    def gather_expanded(self, layer: int, kv_BTC: torch.Tensor) -> torch.Tensor:
+        """Write every token's latent ``kv [1, N, C+R]`` into its slot; return the long segments' keys
+        ``[Σ end_j, C+R]`` (each segment's positions ``0..end_j-1``, concatenated in segment order)."""
+        if kv_BTC.shape[0] != 1 or kv_BTC.shape[1] != self.num_tokens:
+            raise ValueError(f"prefill batch expects [1, {self.num_tokens}, C+R], got {tuple(kv_BTC.shape)}")
+        buf = self.cache.buf[layer]
+        buf.index_copy_(0, self.q_slots, kv_BTC[0].to(buf.dtype))
+        return buf.index_select(0, self.k_slots)
 
     def advance(self, n: int) -> None:
         return None

@@ -17,6 +17,14 @@ Two mathematically identical paths:
    (C+R)-dim head: the cache holds exactly ``C + R`` values per token per layer (576 for V3; 71× less than full K/V).
    The cache decides which keys each query sees (``cache.gather`` → keys + mask), so the same code serves a dense
    :class:`LatentKVCache` and the serving engine's paged cache over a packed multi-sequence batch.
+
+The serving engine's prefill steps (a cache view with ``expanded = True``, :class:`raymoe.engine.paged.PrefillBatch`)
+mix the two, as DeepSeek's inference does: prompt chunks attend through the **expanded** keys and values of their
+sequence's cached latents (``kv_b_proj`` over ``[end, C]`` keys, then one causal SDPA per sequence: for a chunk of n
+queries over S keys that is ``n·S·H·(N+R+V)`` multiply-adds in a fused kernel, against ``n·S·H·(2C+R)`` through
+fp32 score tensors absorbed, plus the up-projection ``S·C·H·(N+V)``, which a long chunk amortises), while the
+step's decode tokens stay absorbed (one query would pay the whole up-projection). The cache holds the same latents
+either way.
 """
 from __future__ import annotations
 
@@ -150,6 +158,8 @@ class MLA(nn.Module):
         c_kv, k_pe = self._latent(kv, cos, sin)
         if cache is None:
             out = self._naive(q_nope, q_pe, c_kv, k_pe)
+        elif getattr(cache, "expanded", False):
+            out = self._paged_prefill(q_nope, q_pe, c_kv, k_pe, cache)
         else:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, cache)
         return self.o_proj(out.flatten(2))
@@ -237,3 +247,35 @@ class MLA(nn.Module):
         p = scores.softmax(dim=-1).to(c_all.dtype)
         o_lat = torch.einsum("bths,bsc->bthc", p, c_all)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B,T,H,V]
+
+    def _paged_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                       cache) -> torch.Tensor:
+        """Packed ``[1, N, ...]`` inputs of a prefill step → ``[1, N, H, V]``: the view's long segments through the
+        expanded keys/values (causal SDPA per sequence over its cached prefix + new tokens), its short ones
+        (``cache.short``, rows ``cache.short_rows``) absorbed."""
+        _, N, H, _ = q_nope.shape
+        out = q_nope.new_empty(N, H, self.v_head_dim)
+        keys = cache.gather_expanded(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))  # [ΣS, C+R]
+        if cache.segments:
+            c_all, pe_all = keys.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            kv_up = self.kv_b_proj(c_all).view(-1, H, self.nope_dim + self.v_head_dim)  # [ΣS, H, N+V]
+            k_nope, v = kv_up.split([self.nope_dim, self.v_head_dim], dim=-1)
+            pad = self.qk_head_dim - self.v_head_dim
+            if pad > 0 and v.device.type == "cpu":  # equal head dims let SDPA take its fused (flash) CPU kernel
+                v = F.pad(v, (0, pad))
+            for q0, n, start, k0, end in cache.segments:
+                q = torch.cat([q_nope[0, q0 : q0 + n], q_pe[0, q0 : q0 + n]], dim=-1).transpose(0, 1)  # [H,n,N+R]
+                k = torch.cat([k_nope[k0 : k0 + end], pe_all[k0 : k0 + end, None].expand(end, H, self.rope_dim)],
+                              dim=-1).transpose(0, 1)  # [H,S,N+R]
+                mask = None  # SDPA's is_causal aligns top-left: with a cached prefix the mask is explicit
+                if start > 0:
+                    kp = torch.arange(end, device=q.device)
+                    mask = kp[None, :] <= torch.arange(start, start + n, device=q.device)[:, None]  # [n, S] True=see
+                o = F.scaled_dot_product_attention(q[None], k[None], v[k0 : k0 + end].transpose(0, 1)[None],
+                                                   attn_mask=mask, is_causal=start == 0, scale=self.softmax_scale)
+                out[q0 : q0 + n] = o[0, ..., : self.v_head_dim].transpose(0, 1)
+        if cache.short is not None:
+            r = cache.short_rows
+            out[r] = self._absorbed(q_nope[0, r, None], q_pe[0, r, None], c_kv[0, r, None], k_pe[0, r, None],
+                                    cache.short)[:, 0]
+        return out[None]

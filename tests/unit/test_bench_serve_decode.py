@@ -1,0 +1,35 @@
+"""``bench serve parts=decode`` at minimal size on the tiny checkpoint: decode steps are timed directly (one per
+generated token after the first, on our side and transformers'), prefill and end to end apart, and a step faster
+than its bandwidth floor fails the bench."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_decode_steps_are_timed_directly(tiny_ckpt) -> None:
+    from raymoe.jobs.benches.serve import decode_bench
+
+    (r,) = decode_bench("tiny", tiny_ckpt, [3], prompt_len=20, new_tokens=5, reps=1, spec=1)
+    assert r["outputs_equal"] is True  # ours, ours absorbed-prefill, ours+MTP and HF: same ids (checked inside)
+    steps = r["decode_steps_per_run"]
+    # every prefill done in the first step: tokens 2..5 come from 4 decode-only steps of the whole batch, as HF's
+    assert steps["ours"] == steps["absorbed"] == steps["hf"] == 4
+    assert 1 <= steps["mtp"] <= 4 and 1 <= r["mtp_tokens_per_forward"] <= 2
+    t = r["times_s"]
+    for k in ("ours", "absorbed", "hf"):
+        assert 0 < t[k]["prefill_s"] < t[k]["total_s"] and 0 < t[k]["step_s"] < t[k]["total_s"]
+    assert r["ratio_prefill"] == pytest.approx(r["hf_prefill_s"] / r["ours_prefill_s"])
+    assert r["ours_step_ms"] >= r["floor_step_ms"] and r["hf_step_ms"] >= r["floor_step_ms"]
+    assert r["ratio_prefill_absorbed"] > 0 and r["ratio_e2e_absorbed"] > 0
+
+
+def test_a_step_faster_than_its_floor_fails_the_bench(tiny_ckpt, monkeypatch) -> None:
+    from raymoe.jobs.benches import serve
+
+    # a machine streaming 1 kB/s: every measured step beats the floor, which only a measurement bug can do
+    monkeypatch.setattr(serve, "streaming_read", lambda model: (1e3, 0.1, 1.0))
+    with pytest.raises(AssertionError, match="faster than its bandwidth floor"):
+        serve.decode_bench("tiny", tiny_ckpt, [2], prompt_len=8, new_tokens=3, reps=1, spec=0, compare_prefill=False)
