@@ -329,7 +329,34 @@ class PagedLatentCache:
                             torch.tensor(short_rows, dtype=torch.long, device=dev))
 
 
-class PackedBatch:
+class _TokenSlots:
+    """What the cache views share: one slot (``q_slots``) and position (``q_pos``) per token of the forward; the engine
+    owns the sequence lengths, so ``advance`` is a no-op."""
+
+    q_slots: torch.Tensor
+    q_pos: torch.Tensor
+    seq_len = 0  # unused by the paged path; kept for code that reads it
+
+    @property
+    def num_tokens(self) -> int:
+        return self.q_slots.numel()
+
+    def advance(self, n: int) -> None:
+        return None
+
+
+class _PackedTokens(_TokenSlots):
+    """A view whose forward runs all its tokens as one packed row ``[1, N, D]``."""
+
+    _what = "packed batch"
+
+    def positions(self, T: int, device: torch.device | str) -> torch.Tensor:
+        if T != self.num_tokens:
+            raise ValueError(f"{self._what} holds {self.num_tokens} tokens, the forward has {T}")
+        return self.q_pos.to(device)
+
+
+class PackedBatch(_PackedTokens):
     """Cache view of one packed forward (see the module docstring). ``advance`` is a no-op: the engine owns lengths."""
 
     def __init__(self, cache: PagedLatentCache, q_slots: torch.Tensor, q_pos: torch.Tensor, q_seq: torch.Tensor,
@@ -337,16 +364,6 @@ class PackedBatch:
         self.cache = cache
         self.q_slots, self.q_pos, self.k_slots = q_slots, q_pos, k_slots
         self.masked = (k_seq[None, :] != q_seq[:, None]) | (k_pos[None, :] > q_pos[:, None])  # [N, S]
-        self.seq_len = 0  # unused by the paged path; kept for code that reads it
-
-    @property
-    def num_tokens(self) -> int:
-        return self.q_slots.numel()
-
-    def positions(self, T: int, device: torch.device | str) -> torch.Tensor:
-        if T != self.num_tokens:
-            raise ValueError(f"packed batch holds {self.num_tokens} tokens, the forward has {T}")
-        return self.q_pos.to(device)
 
     def gather(self, layer: int, kv_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if kv_BTC.shape[0] != 1 or kv_BTC.shape[1] != self.num_tokens:
@@ -355,11 +372,8 @@ class PackedBatch:
         buf.index_copy_(0, self.q_slots, kv_BTC[0].to(buf.dtype))
         return buf.index_select(0, self.k_slots)[None], self.masked
 
-    def advance(self, n: int) -> None:
-        return None
 
-
-class DecodeBatch:
+class DecodeBatch(_TokenSlots):
     """Cache view of one forward in the row-per-token layout ``x [N, 1, D]`` (see the module docstring).
 
     ``q_slots [N]`` / ``q_pos [N]``: slot and position of every token; ``k_slots_NS [N, S]``: the slots of the keys
@@ -373,11 +387,6 @@ class DecodeBatch:
         self.k_slots_NS = k_slots_NS
         self._k_flat = k_slots_NS.reshape(-1)
         self.masked = masked_N1S
-        self.seq_len = 0  # unused by the paged path; kept for code that reads it
-
-    @property
-    def num_tokens(self) -> int:
-        return self.q_slots.numel()
 
     def positions(self, T: int, device: torch.device | str) -> torch.Tensor:
         """``[N, 1]``: one position per batch row (the forward's T must be 1)."""
@@ -394,11 +403,8 @@ class DecodeBatch:
         buf.index_copy_(0, self.q_slots, kv_BTC[:, 0].to(buf.dtype))
         return buf.index_select(0, self._k_flat).view(N, S, buf.shape[-1]), self.masked
 
-    def advance(self, n: int) -> None:
-        return None
 
-
-class PrefillBatch:
+class PrefillBatch(_PackedTokens):
     """Cache view of one forward with prefill chunks, packed as ``x [1, N, D]`` (see the module docstring).
 
     ``segments``: ``(q0, n, start, k0, end)`` per long (expanded) segment: its queries are packed rows ``q0..q0+n-1``
@@ -407,6 +413,7 @@ class PrefillBatch:
     absorbed path. ``advance`` is a no-op: the engine owns lengths."""
 
     expanded = True  # MLA takes its paged-prefill path for this view
+    _what = "prefill batch"
 
     def __init__(self, cache: PagedLatentCache, q_slots: torch.Tensor, q_pos: torch.Tensor, k_slots: torch.Tensor,
                  segments: list[tuple[int, int, int, int, int]], short: Optional[DecodeBatch],
@@ -414,16 +421,6 @@ class PrefillBatch:
         self.cache = cache
         self.q_slots, self.q_pos, self.k_slots = q_slots, q_pos, k_slots
         self.segments, self.short, self.short_rows = segments, short, short_rows
-        self.seq_len = 0  # unused by the paged path; kept for code that reads it
-
-    @property
-    def num_tokens(self) -> int:
-        return self.q_slots.numel()
-
-    def positions(self, T: int, device: torch.device | str) -> torch.Tensor:
-        if T != self.num_tokens:
-            raise ValueError(f"prefill batch holds {self.num_tokens} tokens, the forward has {T}")
-        return self.q_pos.to(device)
 
     def gather_expanded(self, layer: int, kv_BTC: torch.Tensor) -> torch.Tensor:
         """Write every token's latent ``kv [1, N, C+R]`` into its slot; return the long segments' keys
@@ -433,6 +430,3 @@ class PrefillBatch:
         buf = self.cache.buf[layer]
         buf.index_copy_(0, self.q_slots, kv_BTC[0].to(buf.dtype))
         return buf.index_select(0, self.k_slots)
-
-    def advance(self, n: int) -> None:
-        return None
