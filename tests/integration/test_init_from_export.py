@@ -4,7 +4,6 @@ equals the export of the same weights held by one process (the checkpoint re-sha
 from __future__ import annotations
 
 import pathlib
-import socket
 import warnings
 
 import pytest
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from raymoe.config import DataConfig, LoggerConfig, ParallelConfig, RunConfig, TrainConfig
+from raymoe.jobs.local_cluster import free_port
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore")
@@ -79,9 +79,7 @@ def test_pp2_ep2_run_from_transformers_weights_and_mid_checkpoint_export(tmp_pat
                     train=TrainConfig(steps=2, micro_batch_size=1, num_microbatches=4, resume=mid.location,
                                       export_hf=False),
                     data=DataConfig(seq_len=32), logger=LoggerConfig(kind="none"), run_dir=str(tmp_path / "one"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
     group = LocalWorkerGroup(one, port)
     ctrl = TrainController(one, group, info["train_samples"], info["val_samples"])
     try:

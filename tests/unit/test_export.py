@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from raymoe.config import BalanceConfig, DataConfig, LoggerConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from raymoe.jobs.local_cluster import free_port
 from raymoe.model import DeepSeekV3, hf
 
 transformers = pytest.importorskip("transformers")
@@ -40,9 +40,7 @@ def interrupted_run(work: pathlib.Path, impl: str) -> tuple[RunConfig, dict[str,
         run_dir=str(work / impl),
     )
     info = prepare_data(run, progress=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
     group = LocalWorkerGroup(run, port)
     ctrl = TrainController(run, group, info["train_samples"], info["val_samples"], data_info=info)
     try:

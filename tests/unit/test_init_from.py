@@ -3,7 +3,6 @@ on the same batch; the model config comes from the checkpoint and contradicting 
 from __future__ import annotations
 
 import pathlib
-import socket
 import warnings
 
 import pytest
@@ -13,6 +12,7 @@ from hydra import compose, initialize_config_module
 
 from raymoe.config import ModelConfig, RunConfig
 from raymoe.jobs.configs import InvalidConfig, register, to_run_config
+from raymoe.jobs.local_cluster import free_port
 from raymoe.model import DeepSeekV3, hf
 
 transformers = pytest.importorskip("transformers")
@@ -88,9 +88,7 @@ def test_first_step_loss_equals_transformers(hf_ckpt, tmp_path, impl) -> None:
                       "train.export_hf=false", "train.checkpoint_every=100", "train.eval_every=100")
     run.run_dir = str(tmp_path / "run")
     info = prepare_data(run, progress=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
     group = LocalWorkerGroup(run, port)
     ctrl = TrainController(run, group, info["train_samples"], info["val_samples"], data_info=info)
     first_plan = []
