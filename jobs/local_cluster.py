@@ -214,18 +214,53 @@ class LocalCluster:
             raise ValueError(f"worker_resources has {len(worker_resources)} entries for {workers} workers")
         worker_resources += [None] * (workers - len(worker_resources))
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        tmp = self.state_dir / "ray"
-        self._spawn(0, self.head_ip, head_cpus, [
-            "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
-            f"--temp-dir={tmp}"])
-        self._wait_dashboard(timeout_s)
+        self._start_head(head_cpus, timeout_s)
         for res in worker_resources:
             self.add_worker(cpus_per_worker, wait=True, timeout_s=timeout_s, resources=res)
         self.wait_nodes(workers + 1, timeout_s)
         self.save()
         return self
+
+    def _start_head(self, head_cpus: float, timeout_s: float, tries: int = 2) -> None:
+        """The head node, up once its dashboard answers. A head whose dashboard does not answer within
+        ``timeout_s`` (a port handed out by :func:`free_port` taken by another process before Ray bound it, a
+        dashboard process that died at start-up) is killed as a whole session and started again on fresh ports;
+        after ``tries`` the error carries the tails of the head's logs, so a CI failure says what happened."""
+        failures = []
+        for attempt in range(tries):
+            self.gcs_port, self.dashboard_port = free_port(), free_port()
+            tmp = self.state_dir / "ray"
+            node = self._spawn(0, self.head_ip, head_cpus, [
+                "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={tmp}"])
+            try:
+                self._wait_dashboard(timeout_s)
+                return
+            except (TimeoutError, RuntimeError) as e:
+                failures.append(f"try {attempt + 1}: {e}\n{self._head_logs()}")
+                self.nodes.remove(node)
+                _kill_session(node.pid)
+                proc = self._procs.pop(node.pid, None)
+                if proc is not None:
+                    proc.wait(timeout=30)
+                shutil.rmtree(tmp, ignore_errors=True)
+        raise TimeoutError(f"the Ray head on {self.head_ip} did not start {tries} times:\n" + "\n".join(failures))
+
+    def _head_logs(self, lines: int = 15) -> str:
+        """The last ``lines`` lines of the head's ``ray start`` output and of its dashboard and GCS logs."""
+        head = self.state_dir / "node0"
+        logs = self.state_dir / "ray" / "session_latest" / "logs"
+        out = []
+        for f in [head / "ray-start.log", *(logs / n for n in ("dashboard.log", "dashboard.err", "dashboard.out",
+                                                               "gcs_server.err", "gcs_server.out"))]:
+            try:
+                tail = f.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+            if tail:
+                out.append(f"--- {f}\n" + "\n".join(tail))
+        return "\n".join(out) or f"(no log lines yet under {head} or {logs})"
 
     def add_worker(self, num_cpus: float = 2, wait: bool = True, timeout_s: float = 120.0,
                    resources: Optional[dict[str, float]] = None) -> NodeProc:

@@ -1,0 +1,36 @@
+"""The local multi-node cluster's own start-up failure path (:mod:`raymoe.jobs.local_cluster`): a head whose dashboard
+does not answer in time is killed as a whole process session, started again on fresh ports, and the final error names
+both tries; nothing of either try is left running."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from raymoe.jobs import local_cluster
+from raymoe.jobs.local_cluster import LocalCluster
+
+
+def test_a_head_that_does_not_answer_is_retried_on_fresh_ports_and_leaves_nothing(tmp_path, monkeypatch):
+    spawned = []
+    real_spawn = LocalCluster._spawn
+
+    def spawn(self, *a, **kw):
+        node = real_spawn(self, *a, **kw)
+        spawned.append(node.pid)
+        return node
+
+    monkeypatch.setattr(LocalCluster, "_spawn", spawn)
+    c = LocalCluster(tmp_path / "c", first_ip=95)
+    try:
+        # a deadline no head meets: ``ray start`` is still importing when it passes
+        with pytest.raises(TimeoutError) as e:
+            c.start(workers=0, timeout_s=0.5)
+    finally:
+        c.stop()
+    msg = str(e.value)
+    assert "did not start 2 times" in msg and "try 1:" in msg and "try 2:" in msg
+    ports = re.findall(r"http://127\.0\.0\.1:(\d+) did not come up", msg)
+    assert len(ports) == 2 and ports[0] != ports[1]  # the second try ran on fresh ports
+    assert len(spawned) == 2 and c.nodes == []
+    assert all(local_cluster._session_pids(pid) == [] for pid in spawned)  # whole sessions killed
