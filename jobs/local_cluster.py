@@ -143,6 +143,10 @@ class LocalCluster:
         self.state_dir = pathlib.Path(state_dir)
         self.object_store_mb = object_store_mb
         self.env = cluster_env()
+        # Ray's dashboard waits 30 s (its default) for each of its ~9 module subprocesses to report ready, then dies
+        # while the head runs on without it (no `ray job submit`, no state API). Several nodes starting on a busy
+        # 2-core machine miss that; a local cluster gives them 3 minutes.
+        self.env.setdefault("RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT", "180")
         self.env.update(extra_env or {})  # e.g. LocalS3.env: every node reaches the same object store
         # head on 127.0.0.<first_ip>, workers on the following addresses: two clusters on one machine (two test
         # modules, a test beside a manual cluster) use disjoint ranges
@@ -355,6 +359,7 @@ class LocalCluster:
     # ------------------------------------------------------------------ waiting / state
     def _wait_dashboard(self, timeout_s: float) -> None:
         deadline = time.time() + timeout_s
+        err = self.state_dir / "ray" / "session_latest" / "logs" / "dashboard.err"
         while time.time() < deadline:
             try:
                 urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
@@ -362,6 +367,12 @@ class LocalCluster:
             except Exception:  # noqa: BLE001 - not up yet
                 if not self.nodes[0].alive:
                     raise RuntimeError(f"ray head exited; see {self.nodes[0].local_dir}/ray-start.log")
+                try:  # the dashboard died at start-up (the head lives on without it): no use waiting
+                    died = "Traceback" in err.read_text(errors="replace")
+                except OSError:
+                    died = False
+                if died:
+                    raise RuntimeError(f"the Ray dashboard exited at start-up (see {err})")
                 time.sleep(0.5)
         raise TimeoutError(f"Ray dashboard on {self.dashboard} did not come up within {timeout_s:.0f} s")
 

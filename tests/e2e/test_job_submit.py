@@ -33,6 +33,8 @@ def _env() -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` must be this venv's
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                DS_ACCELERATOR="cpu", WANDB_MODE="offline")
+    # the dashboard dies if one of its module subprocesses is not ready in 30 s (Ray's default), as on a busy box
+    env.setdefault("RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT", "180")
     return env
 
 
