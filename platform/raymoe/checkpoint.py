@@ -49,6 +49,7 @@ import re
 import shutil
 from typing import Any, Iterable, Iterator, Optional
 
+from raymoe.jsonfile import load_object
 from raymoe.storage import Storage, clean_relpath, is_local, scratch_dir
 
 __all__ = ["CheckpointCorrupt", "ChecksumMismatch", "CheckpointRef", "CheckpointStore", "new_tmp_dir", "commit",
@@ -158,10 +159,7 @@ def verify(ckpt: str | pathlib.Path) -> dict[str, Any]:
     mpath = ckpt / MANIFEST
     if not mpath.exists():
         raise _Partial(f"{ckpt}: manifest.json missing (partial checkpoint)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointCorrupt(f"{ckpt}: manifest.json unreadable: {e}") from e
+    manifest = load_object(mpath.read_bytes(), f"{ckpt}: manifest.json", CheckpointCorrupt)
     for rel, meta in check_manifest(manifest, str(ckpt)).items():
         p = ckpt / rel
         if not p.exists():
@@ -321,10 +319,7 @@ class CheckpointStore:
             raw = st.read_bytes(MANIFEST)
         except FileNotFoundError:
             raise _Partial(f"{st.uri}: manifest.json missing (partial checkpoint)") from None
-        try:
-            manifest = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointCorrupt(f"{st.uri}: manifest.json unreadable: {e}") from e
+        manifest = load_object(raw, f"{st.uri}: manifest.json", CheckpointCorrupt)
         files = check_manifest(manifest, st.uri, step)
         present = st.list()
         for rel, meta in files.items():

@@ -293,7 +293,7 @@ def test_manifests_with_unsafe_or_malformed_entries_are_rejected(s3: dict[str, A
     with pytest.raises(ckpt.CheckpointCorrupt, match="unsafe path"):
         store.open(store.root.uri_of("step_00000002"))
     store.root.child("step_00000004").write_bytes("manifest.json", b"{not json")
-    with pytest.raises(ckpt.CheckpointCorrupt, match="manifest.json unreadable"):
+    with pytest.raises(ckpt.CheckpointCorrupt, match="manifest.json is not valid JSON"):
         store.open(store.root.uri_of("step_00000004"))
 
 

@@ -32,6 +32,8 @@ import json
 import pathlib
 from typing import Any, Optional
 
+from raymoe.jsonfile import load_object
+
 __all__ = ["CHAT_TEMPLATE", "CHAT_STOP", "ChatTemplate", "write_tokenizer_files"]
 
 CHAT_STOP = "<|im_end|>"
@@ -94,12 +96,7 @@ class ChatTemplate:
         f = (p if p.is_dir() else p.parent) / "tokenizer_config.json"
         if not f.exists():
             return cls()
-        try:
-            cfg = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{f} is not valid JSON: {e}") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{f} must hold a JSON object, got {type(cfg).__name__}")
+        cfg = load_object(f.read_bytes(), str(f))
         src = cfg.get("chat_template")
         if isinstance(src, list):  # transformers' named templates: [{"name": ..., "template": ...}]
             src = next((t.get("template") for t in src if t.get("name") == "default"), None)

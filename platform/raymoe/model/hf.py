@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from raymoe.config import ConfigError, ModelConfig, RopeScaling
+from raymoe.jsonfile import load_object
 from raymoe.model.transformer import DeepSeekV3
 
 __all__ = ["load", "load_into", "read_config", "mtp_depth_present", "expert_biases", "save", "config_from_hf",
@@ -243,10 +244,7 @@ def load(path: str | pathlib.Path, mtp: str = "auto", dtype: torch.dtype = torch
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path} has no config.json")
-    try:
-        hf_cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    hf_cfg = load_object(cfg_file.read_bytes(), str(cfg_file), CheckpointError)
     cfg = config_from_hf(hf_cfg)
     block = tuple((hf_cfg.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     files = _tensor_files(path)
@@ -354,12 +352,7 @@ def read_config(path: str | pathlib.Path) -> tuple[dict[str, Any], ModelConfig]:
     cfg_file = pathlib.Path(path) / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path} has no config.json")
-    try:
-        hf_cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
-    if not isinstance(hf_cfg, dict):
-        raise CheckpointError(f"{cfg_file} is not a JSON object")
+    hf_cfg = load_object(cfg_file.read_bytes(), str(cfg_file), CheckpointError)
     return hf_cfg, config_from_hf(hf_cfg)
 
 
