@@ -248,6 +248,7 @@ class TrainController(CheckpointMixin, ElasticMixin):
             with self._phase(Phase.EXPORT):
                 summary["hf_export"] = self.export_hf(str(self.run_dir / "hf"))
                 summary["hf_export_uri"] = self.storage.uri_of("hf") if self._storage_elsewhere() else None
+                summary["val_task"] = self.write_val_task(str(self.run_dir / "lm_eval"))
         text = json.dumps(summary, indent=2)
         (self.run_dir / "summary.json").write_text(text)
         if self._storage_elsewhere():
@@ -255,6 +256,25 @@ class TrainController(CheckpointMixin, ElasticMixin):
         self.logger.summary(summary)
         self._set_status(phase=Phase.DONE, step=self.step)
         return summary
+
+    def write_val_task(self, path: str) -> dict[str, Any]:
+        """The samples ``val/loss`` covers as an lm-evaluation-harness task in ``path``
+        (:mod:`raymoe.data.evaltask`): the harness' perplexity on the served export is then this run's ``val/loss``.
+        Never fails the run: what could not be written is ``{"skipped": reason}``."""
+        from raymoe.data import open_datasets
+        from raymoe.data.evaltask import write_val_task
+
+        tc = self.run.train
+        try:
+            _, val_ds = open_datasets(self.run)
+            meta = write_val_task(val_ds, self.data_info["tokenizer_path"], tc.eval_batches * tc.micro_batch_size,
+                                  path)
+        except Exception as e:  # noqa: BLE001 - an optional by-product of a finished run
+            return {"skipped": f"{type(e).__name__}: {e}"}
+        if "skipped" not in meta and self._storage_elsewhere():
+            self.storage.delete("lm_eval")
+            self.storage.child("lm_eval").put_dir(path)
+        return meta
 
     def _one_step(self, stop_at: int) -> None:
         tc = self.run.train
@@ -300,6 +320,7 @@ class TrainController(CheckpointMixin, ElasticMixin):
             "wandb_dir": self.logger.wandb_dir,
             "metrics_file": str(self.logger.jsonl_path),
             "hf_export": None,  # set by run_loop when a finished run is exported (train.export_hf)
+            "val_task": None,  # with the export: the lm-eval task of val/loss's samples (raymoe.data.evaltask)
             "losses": [h["train/loss"] for h in self.history],
         }
 
