@@ -173,6 +173,83 @@ def compare(run: RunConfig, measured: dict[str, Any], plan: Any) -> list[dict[st
     return rows
 
 
+# ---------------------------------------------------------------------- activations, block by block
+def saved_per_block(model_name: str, mb: int, seq_len: int, recompute: str) -> list[dict[str, Any]]:
+    """One process, the whole model, one fp32 forward of ``mb × seq_len`` tokens: the bytes per token autograd saves
+    for each block kind (first block of the kind; storages counted once, parameters excluded), beside the plan's
+    table (:func:`raymoe.plan.train.layer_activation_values`) and three terms where this runtime's kernels differ
+    from the V3 kernels the table describes: the chunked CPU attention keeps its softmax probabilities (``H`` ×
+    keys per query, not a log-sum-exp), the expert combine keeps the ``K`` expert outputs (the gate weight is
+    applied there, not inside the expert), the grouped routed-expert kernel recomputes its SwiGLU output, and
+    :func:`raymoe.model.layers.fused_linear` keeps the concatenated weights of its fused GEMMs (a copy per
+    micro-batch, shown per token of this micro-batch)."""
+    import torch
+
+    from raymoe.model.mla import ATTN_CHUNK
+    from raymoe.plan.train import PRECISIONS, layer_activation_values
+    from raymoe.train import parallelize as par
+
+    cfg = ModelConfig.preset(model_name)
+    model = par.build_model(cfg, 0)
+    par.apply_recompute(model, recompute)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current, saved = ["other"], {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved.setdefault(st.data_ptr(), (current[0], st.nbytes()))
+        return t
+
+    kinds: dict[str, str] = {}
+    blocks = [(f"layer {i}", "moe" if layer.is_moe else "dense", layer) for i, layer in enumerate(model.layers)]
+    blocks += [(f"mtp {i}", "mtp", m) for i, m in enumerate(model.mtp)]
+    for name, kind, mod in blocks:
+        kinds.setdefault(kind, name)
+        mod.register_forward_pre_hook(lambda *_, n=name: current.__setitem__(0, n))
+        mod.register_forward_hook(lambda *_: current.__setitem__(0, "other"))
+    ids = torch.randint(0, cfg.vocab_size, (mb, seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids)
+    per_name: dict[str, int] = {}
+    for name, n in saved.values():
+        per_name[name] = per_name.get(name, 0) + n
+    H, D, K, I = cfg.num_attention_heads, cfg.hidden_size, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    rows = []
+    for kind, name in kinds.items():
+        T = mb * (seq_len - 1 if kind == "mtp" else seq_len)  # an MTP depth predicts one token fewer
+        S = T // mb
+        keys = sum((min(r0 + ATTN_CHUNK, S) - r0) * min(r0 + ATTN_CHUNK, S) for r0 in range(0, S, ATTN_CHUNK)) / S
+        probs = (4 * H * keys - 4 * H) if recompute != "full" else 0.0  # minus the plan's log-sum-exp
+        moe = kind in ("moe", "mtp")
+        combine = 4 * K * D if moe and recompute != "full" else 0.0
+        routed_act = -4 * K * I if moe and recompute == "none" else 0.0
+        # fused_linear concatenates the weights of the GEMMs that read one input (q_a + kv_a; gate + up of a dense
+        # FFN or shared expert) in every forward, and the GEMM keeps that copy for its input gradient: per
+        # micro-batch in flight, not per token
+        ffn = cfg.moe_intermediate_size * cfg.n_shared_experts if moe else cfg.intermediate_size
+        cat = D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.q_lora_rank or 0)) if cfg.q_lora_rank else 0
+        cat = 4 * (cat + (2 * D * ffn if ffn else 0)) / T if recompute != "full" else 0.0
+        plan = layer_activation_values(cfg, kind, recompute, PRECISIONS["fp32"])
+        meas = per_name.get(name, 0) / T
+        rows.append({"block": name, "kind": kind, "measured": meas, "plan": plan, "attn_probs": probs,
+                     "combine": combine, "routed_act": routed_act, "weight_copies": cat,
+                     "rest": meas - plan - probs - combine - routed_act - cat})
+    return rows
+
+
+def block_table(rows: list[dict[str, Any]], title: str) -> Table:
+    t = Table(title=title)
+    for c in ("block", "measured B/token", "plan", "measured/plan", "attn probs", "combine K·D", "routed act",
+              "weight copies", "rest"):
+        t.add_column(c, justify="left" if c == "block" else "right")
+    for r in rows:
+        t.add_row(f"{r['block']} ({r['kind']})", f"{r['measured']:.0f}", f"{r['plan']:.0f}",
+                  f"{r['measured'] / r['plan']:.2f}", f"{r['attn_probs']:+.0f}", f"{r['combine']:+.0f}",
+                  f"{r['routed_act']:+.0f}", f"{r['weight_copies']:+.0f}", f"{r['rest']:+.0f}")
+    return t
+
+
 # ---------------------------------------------------------------------- output
 def _m(x: float) -> str:
     return f"{x / MiB:.1f}"
@@ -343,9 +420,15 @@ def run(args: dict[str, str]) -> dict:
                                         f"raymoe.plan (zero1={zero1}); {what}"))
     console.print(rss_table(layouts, "peak RSS per rank (MiB) = start (torch + Ray, no model) + set-up + tensors "
                                      "+ activations (saved for backward, measured) + slack (allocator-kept transients)"))
+    blocks = None
+    if dtype == "float32":
+        blocks = saved_per_block(model, mb, seq_len, recompute)
+        console.print(block_table(blocks, f"saved for backward per token and block, {model}, one fp32 forward of "
+                                          f"{mb}×{seq_len} tokens in one process, recompute={recompute}: this "
+                                          "runtime's CPU kernels vs the plan's table (V3's kernels)"))
     out: dict[str, Any] = {"model": model, "dtype": dtype, "steps": steps, "seq_len": seq_len, "micro_batch_size": mb,
                            "recompute": recompute, "zero1": zero1, "runtime_zero1": RUNTIME_ZERO1, "tol": tol,
-                           "cpu_cores": cores, "layouts": layouts}
+                           "cpu_cores": cores, "layouts": layouts, "saved_per_block": blocks}
     if plot_dir is not None and any("ranks" in L for L in layouts):
         out["plot"] = str(plot(layouts, plot_dir / "memory.png",
                                f"raymoe bench memory: plan (hatched, left) vs measured (right) per rank; {what}"))
