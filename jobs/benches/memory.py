@@ -292,6 +292,33 @@ def rss_table(layouts: list[dict[str, Any]], title: str) -> Table:
     return t
 
 
+def markdown_summary(layouts: list[dict[str, Any]]) -> str:
+    """The run as a markdown table (README, docs/plan.md): one row per layout and pipeline rank — tensor bytes
+    (equal on the ``ep × dp`` ranks of a pipeline rank), the largest error against the plan, activations measured /
+    planned, and the peak RSS with its decomposition (means over those ranks; the peak as min–max)."""
+    lines = ["| layout | pp rank (ranks) | params / grads / optimizer MiB | vs plan | activations MiB (plan) | "
+             "peak RSS MiB | = start + set-up + tensors + activations + slack |", "|---|---|---|---|---|---|---|"]
+    for L in layouts:
+        if "ranks" not in L:
+            continue
+        for p in sorted({r["pp_rank"] for r in L["ranks"]}):
+            rs = [r for r in L["ranks"] if r["pp_rank"] == p]
+            m, pl = rs[0]["measured"], rs[0]["plan"]
+            err = max(max(r["rel_err"].values()) for r in rs)
+            mean = {k: sum(r["decomposition"][k] for r in rs) / len(rs) for k in rs[0]["decomposition"]}
+            tensors = mean["params_buffers"] + mean["grads"] + mean["optimizer"]
+            peaks = [r["rss"]["peak"] / MiB for r in rs]
+            peak = f"{min(peaks):.0f}" if len(rs) == 1 else f"{min(peaks):.0f}–{max(peaks):.0f}"
+            act = sum(r["activations_measured"] for r in rs) / len(rs)
+            lines.append(
+                f"| {L['name']} | {p} ({', '.join(str(r['rank']) for r in rs)}) | {m['params'] / MiB:.1f} / "
+                f"{m['grads'] / MiB:.1f} / {m['optimizer'] / MiB:.1f} | {100 * err:.2f}% | {act / MiB:.0f} "
+                f"({(pl['activations'] + pl['workspace']) / MiB:.0f}) | {peak} | {mean['start'] / MiB:.0f} + "
+                f"{mean['setup'] / MiB:.0f} + {tensors / MiB:.0f} + {mean['activations'] / MiB:.0f} + "
+                f"{mean['slack'] / MiB:.0f} |")
+    return "\n".join(lines)
+
+
 def plot(layouts: list[dict[str, Any]], path: pathlib.Path, title: str) -> pathlib.Path:
     """Top: per layout and rank the plan's stacked bar (hatched) beside the measured tensors and activations.
     Bottom: the measured peak RSS, decomposed (see the module docstring)."""
@@ -433,6 +460,7 @@ def run(args: dict[str, str]) -> dict:
         out["plot"] = str(plot(layouts, plot_dir / "memory.png",
                                f"raymoe bench memory: plan (hatched, left) vs measured (right) per rank; {what}"))
         console.print(f"plot: {out['plot']}")
+    console.print(markdown_summary(layouts), markup=False, highlight=False, soft_wrap=True)
     bad = [(L["name"], r["rank"], k, r["measured"][k], r["plan"][k]) for L in layouts for r in L.get("ranks", [])
            for k in TENSORS if r["rel_err"][k] > tol]
     if bad:
