@@ -22,14 +22,16 @@ state per pipeline rank (the same for all ``ep × dp`` ranks of a pipeline rank)
 schedule's in-flight micro-batches plus the recompute / loss workspace. **Tensor bytes must be within 5 % of the
 plan** (``tol=``), else the bench raises after printing the table. The activations are compared with what autograd
 saved (``StepResult.peak_activation_bytes``, the worker's saved-tensor meter, max over steps) but not checked: the
-plan's table assumes a fused attention kernel and GPU-style caching, the CPU runtime saves what its kernels save.
+plan's table describes V3's kernels, the CPU runtime keeps what its kernels keep. With ``dtype=float32`` a third
+table (:func:`saved_per_block`, one process) splits the difference per block kind into the terms where the kernels
+differ (docs/plan.md).
 
 The peak RSS is decomposed as ``start`` (torch + Ray before the model) + ``set-up`` (``rss_after_init − start −
-params − buffers``: the model's code, the data set's index, gloo's buffers) + the tensors (params + buffers +
-grads + optimizer) + the measured activations + ``slack`` (the rest: what the allocator keeps of transient
-tensors — the flat all-reduce copy of the gradients, the logits and their fp32 copy for the loss, the backward's
-temporaries — glibc arenas of the P2P threads; :func:`raymoe.malloc.keep_freed_memory` keeps freed memory in the
-process on purpose, so the peak of every transient stays resident).
+params − buffers``: the modules building the model imports, the data set, gloo, the matmul-peak probe) + the tensors
+(params + buffers + grads + optimizer) + the measured activations + ``slack`` (the rest: what the allocator keeps of
+transient tensors — the flat all-reduce copy of the gradients, the logits and their fp32 copy for the loss, the
+backward's temporaries — and the glibc arenas of the P2P threads; :func:`raymoe.malloc.keep_freed_memory` keeps
+freed memory in the process on purpose, so the peak of every transient stays resident).
 
 With ``plot=<dir>``: ``<dir>/memory.png``, per layout and rank the plan's bar (weights, gradients, optimizer,
 activations + workspace) beside the measured one (params + buffers, gradients, optimizer, saved activations), and
@@ -440,13 +442,13 @@ def run(args: dict[str, str]) -> dict:
             import ray
 
             ray.shutdown()
+    optim = "sharded over DP (ZeRO-1)" if zero1 else "unsharded: a full AdamW state per DP rank"
     what = (f"model={model}, {dtype}, {steps} step(s) of C micro-batches × {mb}×{seq_len} tokens, "
-            f"recompute={recompute}, native DP (optimizer {'sharded over DP (ZeRO-1)' if zero1 else 'unsharded: a full AdamW state per DP rank'}), "
-            f"{cores} CPU core(s)")
+            f"recompute={recompute}, native DP (optimizer {optim}), {cores} CPU core(s)")
     console.print(tensor_table(layouts, f"bench memory: tensor bytes per rank, measured on the actor vs "
                                         f"raymoe.plan (zero1={zero1}); {what}"))
-    console.print(rss_table(layouts, "peak RSS per rank (MiB) = start (torch + Ray, no model) + set-up + tensors "
-                                     "+ activations (saved for backward, measured) + slack (allocator-kept transients)"))
+    console.print(rss_table(layouts, "peak RSS per rank (MiB) = start (torch + Ray, no model) + set-up + tensors + "
+                                     "activations (saved for backward, measured) + slack (allocator-kept transients)"))
     blocks = None
     if dtype == "float32":
         blocks = saved_per_block(model, mb, seq_len, recompute)
