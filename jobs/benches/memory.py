@@ -175,6 +175,15 @@ def compare(run: RunConfig, measured: dict[str, Any], plan: Any) -> list[dict[st
     return rows
 
 
+def check(layouts: list[dict[str, Any]], tol: float) -> None:
+    """Raise when any rank's parameter, gradient or optimizer bytes differ from the plan by more than ``tol``."""
+    bad = [(L["name"], r["rank"], k, r["measured"][k], r["plan"][k]) for L in layouts for r in L.get("ranks", [])
+           for k in TENSORS if r["rel_err"][k] > tol]
+    if bad:
+        lines = "; ".join(f"{n} rank {rk} {k}: measured {m} B, plan {p:.0f} B" for n, rk, k, m, p in bad)
+        raise RuntimeError(f"memory bench: tensor bytes differ from the plan by more than {100 * tol:g}%: {lines}")
+
+
 # ---------------------------------------------------------------------- activations, block by block
 def saved_per_block(model_name: str, mb: int, seq_len: int, recompute: str) -> list[dict[str, Any]]:
     """One process, the whole model, one fp32 forward of ``mb × seq_len`` tokens: the bytes per token autograd saves
@@ -463,11 +472,7 @@ def run(args: dict[str, str]) -> dict:
                                f"raymoe bench memory: plan (hatched, left) vs measured (right) per rank; {what}"))
         console.print(f"plot: {out['plot']}")
     console.print(markdown_summary(layouts), markup=False, highlight=False, soft_wrap=True)
-    bad = [(L["name"], r["rank"], k, r["measured"][k], r["plan"][k]) for L in layouts for r in L.get("ranks", [])
-           for k in TENSORS if r["rel_err"][k] > tol]
-    if bad:
-        lines = "; ".join(f"{n} rank {rk} {k}: measured {m} B, plan {p:.0f} B" for n, rk, k, m, p in bad)
-        raise RuntimeError(f"memory bench: tensor bytes differ from the plan by more than {100 * tol:g}%: {lines}")
+    check(layouts, tol)
     console.print(f"tensor bytes within {100 * tol:g}% of the plan on every rank "
                   f"({sum(len(L.get('ranks', [])) for L in layouts)} ranks, {len(layouts)} layouts)")
     return out
