@@ -319,7 +319,8 @@ def markdown_summary(layouts: list[dict[str, Any]]) -> str:
             mean = {k: sum(r["decomposition"][k] for r in rs) / len(rs) for k in rs[0]["decomposition"]}
             tensors = mean["params_buffers"] + mean["grads"] + mean["optimizer"]
             peaks = [r["rss"]["peak"] / MiB for r in rs]
-            peak = f"{min(peaks):.0f}" if len(rs) == 1 else f"{min(peaks):.0f}–{max(peaks):.0f}"
+            peak = f"{min(peaks):.0f}" if round(min(peaks)) == round(max(peaks)) else \
+                f"{min(peaks):.0f}–{max(peaks):.0f}"
             act = sum(r["activations_measured"] for r in rs) / len(rs)
             lines.append(
                 f"| {L['name']} | {p} ({', '.join(str(r['rank']) for r in rs)}) | {m['params'] / MiB:.1f} / "
