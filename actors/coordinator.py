@@ -190,8 +190,9 @@ class RayWorkerGroup:
         return self._gather("export_hf", [self.actors[0].export_hf.remote(path, biases)])[0]
 
     def inspect(self, what: str) -> list[Any]:
-        """Per-rank ``get_biases`` / ``param_state`` / ``bias_in_optimizer`` / ``pid`` (tests, inspection)."""
-        if what not in ("get_biases", "param_state", "bias_in_optimizer", "pid"):
+        """Per-rank ``get_biases`` / ``param_state`` / ``bias_in_optimizer`` / ``pid`` / ``memory_stats`` (tests,
+        inspection, ``bench memory``)."""
+        if what not in ("get_biases", "param_state", "bias_in_optimizer", "pid", "memory_stats"):
             raise ValueError(f"cannot inspect {what!r}")
         return self._gather(what, [getattr(a, what).remote() for a in self.actors])
 

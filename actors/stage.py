@@ -42,6 +42,9 @@ def interface_of(ip: str) -> Optional[str]:
 @ray.remote
 class StageActor:
     def __init__(self, run: RunConfig, rank: int) -> None:
+        from raymoe.malloc import process_rss
+
+        self._rss = {"start": process_rss()["rss"]}  # torch and Ray imported, no model yet (bench memory)
         self.run, self.rank = run, rank
         self.worker: Any = None
         self._sock: Optional[socket.socket] = None
@@ -69,6 +72,9 @@ class StageActor:
             # another network than the one Ray (and the rendezvous) uses
             os.environ["GLOO_SOCKET_IFNAME"] = iface
         self.worker = make_worker(self.run, self.rank, master_addr, master_port, threads=threads)
+        from raymoe.malloc import process_rss
+
+        self._rss["after_init"] = process_rss()["rss"]
         import raymoe
 
         return {"rank": self.rank, "node": ip, "node_id": ray.get_runtime_context().get_node_id(),
@@ -104,6 +110,16 @@ class StageActor:
 
     def peak_flops(self) -> float:
         return self._w().peak_flops()
+
+    def memory_stats(self) -> dict[str, int]:
+        """The worker's tensor bytes (``PipelineWorker.memory_stats``) and this process's resident memory: at
+        actor start (``rss_start``), after ``init`` built the model (``rss_after_init``), now and at its peak."""
+        from raymoe.malloc import process_rss
+
+        now = process_rss()
+        stats = self._w().memory_stats() if hasattr(self._w(), "memory_stats") else {}
+        return {**stats, "rss_start": self._rss["start"], "rss_after_init": self._rss.get("after_init", 0),
+                "rss_now": now["rss"], "rss_peak": now["peak"]}
 
     def export_hf(self, path: str, biases: torch.Tensor) -> str:
         return self._w().export_hf(path, biases)

@@ -102,6 +102,16 @@ class _ActivationMeter:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
 
+def _tensor_bytes(tensors: Any) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (None and non-tensors skipped)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())
+
+
 def _test_delay(var: str) -> None:
     """Fault tests only: sleep ``$var`` seconds (unset in real runs) to open a window for a real SIGKILL."""
     delay = float(os.environ.get(var, "0") or 0)
@@ -246,6 +256,8 @@ class PipelineWorker:
         self.optimizer = GuardedAdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                       eps=tc.eps)
         self.dp = par.NativeDataParallel(model, topo, rank, self.groups, self.optimizer, tc.grad_clip)
+        self._grad_bytes = 0  # the gradients the optimizer last stepped with (memory_stats)
+        self.optimizer.register_step_pre_hook(self._note_grad_bytes)
         if topo.pp > 1:
             from raymoe.train.p2p import P2PTransport
 
@@ -455,6 +467,18 @@ class PipelineWorker:
             from raymoe.fp8 import invalidate_weight_caches
 
             invalidate_weight_caches(self.model)
+
+    def _note_grad_bytes(self, *_: Any) -> None:
+        # the gradients are complete (reduced, clipped) only when the optimizer steps, and set to None right after
+        self._grad_bytes = _tensor_bytes(p.grad for g in self.optimizer.param_groups for p in g["params"])
+
+    def memory_stats(self) -> dict[str, int]:
+        """Bytes of the tensors this rank holds (each storage counted once): ``params``, ``buffers`` (router biases,
+        RoPE tables), ``grads`` (as the last optimizer step saw them), ``optimizer`` (every tensor of the AdamW
+        state: the two moments and the per-tensor step counters) — ``bench memory`` sets them beside the plan."""
+        return {"params": _tensor_bytes(self.model.parameters()), "buffers": _tensor_bytes(self.model.buffers()),
+                "grads": self._grad_bytes,
+                "optimizer": _tensor_bytes(t for st in self.optimizer.state.values() for t in st.values())}
 
     def param_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters by full-model name (tests: replicas must hold identical tensors)."""
