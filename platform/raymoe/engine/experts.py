@@ -33,7 +33,7 @@ from raymoe.engine.remote import ShardUnavailable
 from raymoe.model.moe import AbsentExperts, MoE, RoutedExperts
 
 __all__ = ["ExpertBackend", "LocalExperts", "ShardedExperts", "ReplicatedExperts", "SlotShard", "LoadRecorder",
-           "DispatchedMoE", "install_expert_backend"]
+           "DispatchedMoE", "install_expert_backend", "param_summary"]
 
 
 class ExpertBackend(Protocol):
@@ -534,3 +534,16 @@ def install_expert_backend(model: nn.Module, backend: Optional[ExpertBackend] = 
     if configure is not None:  # every layer is registered: backends that need the whole model set up now
         configure(model)
     return backend
+
+
+def param_summary(model: nn.Module) -> dict[str, Any]:
+    """What a served model's parameters weigh: ``bytes`` in all, ``routed_expert_bytes`` (parameters of
+    :class:`RoutedExperts` modules: 0 when the routed experts live in remote shards that read the checkpoint),
+    ``routed_expert_params`` (how many such parameters) and ``names_with_routed_experts`` (parameter names under an
+    ``mlp.experts.`` module, shared experts excluded: empty then too)."""
+    routed = {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters(recurse=False)}
+    params = list(model.named_parameters())
+    return {"bytes": sum(p.numel() * p.element_size() for _, p in params),
+            "routed_expert_bytes": sum(p.numel() * p.element_size() for _, p in params if id(p) in routed),
+            "routed_expert_params": sum(1 for _, p in params if id(p) in routed),
+            "names_with_routed_experts": [n for n, _ in params if ".mlp.experts." in n or ".moe.experts." in n]}

@@ -185,6 +185,7 @@ class RemoteShard:
         self.dead = False
         self.op_timeout = timedelta(seconds=timeout_s)
         self.slot_experts: dict[str, list[int]] = {}
+        self.fetched_slots = 0  # slots this connection had the shard read from the checkpoint (FETCH)
         self._layer_ids: dict[str, int] = {}
         self._hello: Optional[tuple[int, int, torch.dtype, int]] = None
         host = P.check_host(host, "expert shard address")
@@ -280,6 +281,7 @@ class RemoteShard:
                        torch.tensor(experts, dtype=torch.int64), torch.tensor(moved, dtype=torch.int64),
                        reply=torch.empty(1, dtype=torch.int64))
             self.slot_experts[layer_key] = list(experts)
+            self.fetched_slots += len(moved)
             return len(moved)
         src = torch.tensor([experts[j] for j in moved], dtype=torch.int64)
         with torch.no_grad():
