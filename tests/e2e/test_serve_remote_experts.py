@@ -1,8 +1,8 @@
 """Expert shards as their own Serve deployment (experts.backend=remote): the engine replicas hold no routed expert
 (attention, dense and shared-expert weights only; the shards read their slots' rows from the checkpoint), reach the
-ExpertShards replicas over gloo pairs, Serve's autoscaler (our ExpertRedundancyPolicy over the replicas' reported rows/s) adds a
-replica under a skewed prompt mix, the engines re-plan onto it, and a replica SIGKILLed under load costs no request.
-Two engine replicas share the shards (one connection each, own slots). Greedy completions over HTTP equal the
+ExpertShards replicas over gloo pairs, Serve's autoscaler (our ExpertRedundancyPolicy over the replicas' reported
+rows/s) adds a replica under a skewed prompt mix, the engines re-plan onto it, and a replica SIGKILLed under load
+costs no request (the survivors read its slots from the checkpoint). Two engine replicas share the shards (one connection each, own slots). Greedy completions over HTTP equal the
 local-experts engine token for token throughout."""
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ import torch.distributed as dist
 __all__ = ["OP_HELLO", "OP_LOAD", "OP_RUN", "OP_CLOSE", "OP_FETCH", "OP_NAMES", "DTYPES", "HEADER_LEN", "REQUEST_QUEUE",
            "TAG_TO_SHARD", "TAG_TO_ENGINE", "NONCE_BYTES", "MAC_BYTES", "ShardLimits", "ProtocolError", "Hello",
            "make_header", "bytes_tensor", "pair_group", "rendezvous_keys", "default_local_host", "check_header",
-           "check_hello", "check_load", "check_fetch", "fetch_layer_key", "check_load_ids", "check_run", "check_counts", "check_host", "check_secret",
+           "check_hello", "check_load", "check_fetch", "fetch_layer_key", "check_load_ids", "check_run",
+           "check_counts", "check_host", "check_secret",
            "engine_proof", "shard_proof", "parse_request"]
 
 OP_HELLO, OP_LOAD, OP_RUN, OP_CLOSE, OP_FETCH = 1, 2, 3, 4, 5

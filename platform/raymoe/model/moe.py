@@ -48,7 +48,8 @@ from raymoe.config import ModelConfig
 from raymoe.model.layers import SwiGLU, autocast_apply
 from raymoe.wgrad import WeightGradStore, accumulate_grads
 
-__all__ = ["RouteResult", "route", "Router", "RoutedExperts", "AbsentExperts", "MoE", "seq_aux_loss", "EXPERT_IMPLS", "set_expert_impl"]
+__all__ = ["RouteResult", "route", "Router", "RoutedExperts", "AbsentExperts", "MoE", "seq_aux_loss", "EXPERT_IMPLS",
+           "set_expert_impl"]
 
 EXPERT_IMPLS = ("auto", "grouped_mm", "padded", "loop", "bmm")
 PADDED_MAX_WASTE = 1.3  # "auto": pad to one bmm while E·max(count) ≤ this × rows, else grouped_mm
