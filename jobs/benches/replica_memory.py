@@ -15,7 +15,8 @@ process RSS after generating (``VmRSS``; ``growth`` = minus the RSS after import
 loading; ``peak`` = ``VmHWM``), plus each shard process's RSS.
 
 Raises if an equality fails: remote parameter bytes = local parameter bytes − local routed-expert bytes (to the
-byte), the remote engine holds no routed-expert parameter, and both engines produce the same greedy tokens.
+byte), the remote engine holds no routed-expert parameter, the shards' slots hold exactly the local engine's
+routed-expert bytes (no redundant slots), and both engines produce the same greedy tokens.
 """
 from __future__ import annotations
 
@@ -129,6 +130,9 @@ def run(args: dict[str, str]) -> dict:
                 raise AssertionError(f"{preset}: the remote engine holds {remote['param_bytes']} parameter bytes "
                                      f"({remote['routed_expert_params']} routed-expert tensors); expected "
                                      f"{non_expert} (local minus its routed experts) and none")
+            if remote["shard_slot_bytes"] != local["routed_expert_bytes"]:  # no redundant slots: each expert once
+                raise AssertionError(f"{preset}: the shards hold {remote['shard_slot_bytes']} slot bytes, the local "
+                                     f"engine's routed experts are {local['routed_expert_bytes']}")
             if remote["tokens"] != local["tokens"]:
                 raise AssertionError(f"{preset}: greedy tokens differ: local {local['tokens']}, remote "
                                      f"{remote['tokens']}")
