@@ -216,11 +216,13 @@ class EngineDeployment:
         e = self.engine
         import ray
 
+        from raymoe.engine.experts import param_summary
+
         return {"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
                 "vocab_size": e.model_config.vocab_size, "max_model_len": e.max_model_len,
                 "context_len": min(e.max_model_len, e.cache.num_blocks * e.cache.block_size),
                 "num_speculative_tokens": e.num_spec, "has_tokenizer": e.tokenizer is not None,
-                "metrics": e.metrics(), "experts": self.experts.info()}
+                "metrics": e.metrics(), "experts": self.experts.info(), "params": param_summary(e.model)}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's routing-stats hook (polled by the controller, visible to request routers as
@@ -795,7 +797,7 @@ class APIIngress:
         yield "data: [DONE]\n\n"
 
 
-def expert_shards_deployment(experts: dict[str, Any]):
+def expert_shards_deployment(experts: dict[str, Any], model_path: Optional[str] = None):
     """The bound ``ExpertShards`` deployment for ``experts.backend=remote`` (else None): ``num_shards`` initial
     replicas within ``[min_shards, max_shards]``, scaled by :class:`ExpertRedundancyPolicy` on the replicas'
     reported rows/s every ``remote.interval_s``."""
@@ -822,7 +824,8 @@ def expert_shards_deployment(experts: dict[str, Any]):
     return ExpertShardDeployment.options(
         autoscaling_config=autoscaling, ray_actor_options=opts,
         graceful_shutdown_timeout_s=rc.drain_timeout_s + 5,
-    ).bind(rc.host, rc.torch_threads, rc.drain_timeout_s, rc.heartbeat_s, rc.member_ttl_s)
+    ).bind(rc.host, rc.torch_threads, rc.drain_timeout_s, rc.heartbeat_s, rc.member_ttl_s,
+           model_path if rc.expert_weights == "checkpoint" else None)  # shards read their experts from it
 
 
 def build_app(args: dict[str, Any]):
@@ -890,7 +893,7 @@ def build_app(args: dict[str, Any]):
         max_queued_requests=a["engine_max_queued_requests"],
         health_check_period_s=float(a["engine_health_check_period_s"]),
     ).bind(str(a["model_path"]), dict(a["engine"] or {}), a["tokenizer_path"], a["torch_threads"], experts,
-           expert_shards_deployment(experts), float(a["engine_step_timeout_s"]))
+           expert_shards_deployment(experts, str(a["model_path"])), float(a["engine_step_timeout_s"]))
     tok_path = a["tokenizer_path"] or str(a["model_path"])
     return APIIngress.options(max_ongoing_requests=a["ingress_max_ongoing_requests"],
                               ray_actor_options=ingress_opts).bind(engine, name, key_hash, a["max_body_bytes"],

@@ -103,7 +103,14 @@ class RemoteShardsConfig:
     an entry not renewed for ``member_ttl_s`` (a replica that died without leaving);
     ``resources``: Ray custom resources each replica requires (``ray_actor_options["resources"]``), e.g.
     ``{"shard": 1}`` to put shards only on nodes started with ``--resources '{"shard": N}'`` (at most N per node),
-    away from the engine replicas (``engine_resources`` of the app). Empty (default): Serve places them anywhere."""
+    away from the engine replicas (``engine_resources`` of the app). Empty (default): Serve places them anywhere;
+    ``expert_weights``: ``checkpoint`` (default) — every shard reads its slots' expert rows from the model's
+    checkpoint itself (``model_path``: a local directory or storage URI, only those rows) and the engine replicas
+    load their model **without** routed experts (attention, dense and shared-expert weights only: the
+    DP-attention / EP-experts split); a dead shard's slots are read again by the survivors, and with no shard left
+    the engine waits up to ``wait_s`` for one instead of running the experts itself. ``engine`` — the engine holds
+    every routed expert, sends the rows to the shards, and runs the experts in process while no shard is
+    reachable."""
 
     host: Optional[str] = None
     num_cpus: float = 1.0
@@ -115,8 +122,13 @@ class RemoteShardsConfig:
     resources: Optional[dict[str, float]] = None
     heartbeat_s: float = 2.0
     member_ttl_s: float = 10.0
+    expert_weights: str = "checkpoint"
 
     def __post_init__(self) -> None:
+        if self.expert_weights not in ("checkpoint", "engine"):
+            raise ValueError(f"experts.remote.expert_weights={self.expert_weights!r}; allowed: checkpoint (shards "
+                             "read their experts from the checkpoint, engines hold none), engine (engines hold "
+                             "and send them)")
         if not self.op_timeout_s > 0:
             raise ValueError(f"experts.remote.op_timeout_s must be > 0, got {self.op_timeout_s}")
         if not 0 < self.heartbeat_s < self.member_ttl_s:
@@ -267,10 +279,11 @@ def kill_registry(app_name: Optional[str] = None) -> int:
 class ExpertShardDeployment:
     """One expert shard (module docstring). Args: ``host`` the IP address its data plane listens on (None: this
     node's IP as Ray reports it), ``torch_threads`` intra-op threads, ``drain_timeout_s`` how long a stopping replica
-    waits for engines to move its slots away."""
+    waits for engines to move its slots away, ``model_path`` the checkpoint (local directory or storage URI) it
+    reads its slots' expert rows from when engines place them (None: engines send the weights)."""
 
     def __init__(self, host: Optional[str] = None, torch_threads: int = 1, drain_timeout_s: float = 30.0,
-                 heartbeat_s: float = 2.0, member_ttl_s: float = 10.0) -> None:
+                 heartbeat_s: float = 2.0, member_ttl_s: float = 10.0, model_path: Optional[str] = None) -> None:
         import threading
 
         import torch
@@ -285,7 +298,12 @@ class ExpertShardDeployment:
         self.drain_timeout_s = drain_timeout_s
         host = host or ray.util.get_node_ip_address()
         self.registry = get_registry(self.app_name, member_ttl_s)
-        self.server = ShardServer(host, secret=ray.get(self.registry.secret.remote()))
+        source = None
+        if model_path:  # reads config.json and the safetensors headers now; expert rows when slots are placed
+            from raymoe.engine.checkpoint_experts import CheckpointExperts
+
+            source = CheckpointExperts(model_path)
+        self.server = ShardServer(host, secret=ray.get(self.registry.secret.remote()), expert_source=source)
         ray.get(self.registry.register.remote(self.member_id, self.server.host, self.server.port))
         log.info("expert shard %s listening on %s:%d", self.member_id, host, self.server.port)
         self.heartbeat_s, self.member_ttl_s = heartbeat_s, member_ttl_s

@@ -11,7 +11,10 @@ Two placements of the shards (``experts.backend``):
   (:mod:`raymoe.actors.serve.expert_shards`), reached over gloo pairs; Serve's autoscaler runs the same
   ``RedundancyPolicy`` over the replicas' reported load and sets the replica count, and this replica follows the
   registry's member list (:class:`raymoe.actors.serve.expert_shards.ExpertMembership`), re-planning at step
-  boundaries when shards join or leave.
+  boundaries when shards join or leave. With ``experts.remote.expert_weights: checkpoint`` (default) the shards
+  read their experts from the checkpoint and this replica's model holds no routed expert
+  (:class:`raymoe.model.moe.AbsentExperts`): it needs at least one shard to serve, waits up to
+  ``experts.remote.wait_s`` for one at start (else fails to start) and whenever every shard is gone.
 
 ``experts`` args of the app (``conf/serve.yaml`` ``experts:``): :class:`raymoe.engine.placement.ExpertsConfig`
 fields; ``policy`` holds :class:`raymoe.engine.redundancy.PolicyConfig` fields (``min_shards``/``max_shards``
@@ -58,12 +61,22 @@ class ExpertServing:
                                                op_timeout_s=rc.op_timeout_s, member_ttl_s=rc.member_ttl_s)
             shards = self.membership.wait_for(c.num_shards, rc.wait_s)[: c.num_shards]
             decide_every = 0  # the Serve autoscaling policy decides, not the replica
+            from_ckpt = rc.expert_weights == "checkpoint"
+            if not shards and from_ckpt:
+                self.membership.close()
+                raise RuntimeError(f"no expert shard reachable after experts.remote.wait_s={rc.wait_s} s; this "
+                                   "engine holds no routed experts (experts.remote.expert_weights=checkpoint), so it "
+                                   "cannot serve without one (is the ExpertShards deployment running? `serve "
+                                   "status`)")
             if shards:
                 c.num_shards = len(shards)
                 self.backend = ReplicatedExperts.from_config(c, model_path)
                 self.backend.shard_factory = lambda i: shards[i]
             else:  # no shard reachable: in-process shards (local experts) until members join (poll re-plans)
                 self.backend = ReplicatedExperts.from_config(c, model_path)
+            if from_ckpt:
+                self.backend.needs_expert_weights = False
+                self.backend.refill = lambda: self._refill(rc.wait_s)
         else:
             self.backend = ReplicatedExperts.from_config(c, model_path)
         pol = dict(c.policy or {})
@@ -78,6 +91,12 @@ class ExpertServing:
         self.controller = RedundancyController(self.backend, RedundancyPolicy(PolicyConfig.from_dict(pol)),
                                                logger=self.logger, decide_every_steps=decide_every,
                                                metrics_every_steps=c.metrics_every_steps)
+
+    def _refill(self, wait_s: float) -> list:
+        """Every shard is gone and this replica holds no experts: wait (inside the step) for live members."""
+        self.membership._note_dead(self.backend)
+        log.warning("every expert shard is gone; waiting up to %.0f s for one to join", wait_s)
+        return self.membership.wait_for(1, wait_s)
 
     def after_step(self, outputs: list, generated_tokens: int) -> None:
         """After each engine step, under the replica's engine lock (a scale decision moves weights here)."""

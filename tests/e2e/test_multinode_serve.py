@@ -176,7 +176,9 @@ def ckpt(tmp_path_factory):
 def served(cluster, ckpt, tmp_path_factory):
     experts = {"backend": "remote", "num_shards": 2, "redundant_slots": 0, "min_shards": 2, "max_shards": 2,
                "remote": {"num_cpus": 1, "interval_s": 1.0, "drain_timeout_s": 5, "op_timeout_s": OP_TIMEOUT_S,
-                          "resources": {"shard": 1}}}
+                          "resources": {"shard": 1},
+                          # the engine holds the routed experts (the last shard lost: it serves them itself)
+                          "expert_weights": "engine"}}
     args = {"model_path": str(ckpt), "served_model_name": MODEL, "engine": ENGINE, "experts": experts,
             "engine_resources": {"engine": 1}, "ingress_resources": {"node:__internal_head__": 0.001},
             "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16}}

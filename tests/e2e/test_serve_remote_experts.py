@@ -1,7 +1,8 @@
-"""Expert shards as their own Serve deployment (experts.backend=remote): the engine replica reaches ExpertShards
-replicas over gloo pairs, Serve's autoscaler (our ExpertRedundancyPolicy over the replicas' reported rows/s) adds a
-replica under a skewed prompt mix, the engines re-plan onto it, and a replica SIGKILLed under load costs no request.
-Two engine replicas share the shards (one connection each, own slots). Greedy completions over HTTP equal the
+"""Expert shards as their own Serve deployment (experts.backend=remote): the engine replicas hold no routed expert
+(attention, dense and shared-expert weights only; the shards read their slots' rows from the checkpoint), reach the
+ExpertShards replicas over gloo pairs, Serve's autoscaler (our ExpertRedundancyPolicy over the replicas' reported
+rows/s) adds a replica under a skewed prompt mix, the engines re-plan onto it, and a replica SIGKILLed under load
+costs no request (the survivors read its slots from the checkpoint). Two engine replicas share the shards (one connection each, own slots). Greedy completions over HTTP equal the
 local-experts engine token for token throughout."""
 from __future__ import annotations
 
@@ -86,6 +87,35 @@ def _shard_pids() -> set[int]:
     return {pids[n] for n in names if n in pids}
 
 
+def _shard_stats() -> dict[str, dict]:
+    """``{member id: stats}`` of every ExpertShards replica the engines use."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("ExpertShards", app_name="raymoe")
+    names = set(_info()["shard_names"])
+    out: dict[str, dict] = {}
+    for _ in range(50):
+        st = h.stats.remote().result()
+        out[st["member_id"]] = st
+        if names <= set(out):
+            break
+    return out
+
+
+def _params() -> list[dict]:
+    """Every engine replica's parameter summary (raymoe.engine.experts.param_summary)."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("EngineDeployment", app_name="raymoe")
+    seen: dict[int, dict] = {}
+    for _ in range(40):
+        i = h.info.remote().result()
+        seen[i["pid"]] = i["params"]
+        if len(seen) == 2:
+            break
+    return list(seen.values())
+
+
 def _wait(pred, timeout_s: float, what: str, tick=None):
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -129,6 +159,17 @@ def test_remote_shards_scale_up_and_survive_a_kill(server, ckpt) -> None:
     _check_data_plane_exposure()
     torch.set_num_threads(1)
     local = LLMEngine.from_pretrained(ckpt, EngineConfig(**ENGINE))
+    # the engine replicas hold attention / dense / shared-expert weights only: the local engine's minus its routed
+    # experts, to the byte; the shards read every slot they hold from the checkpoint
+    from raymoe.engine.experts import param_summary
+
+    full = param_summary(local.model)
+    for ps in _params():
+        assert ps["routed_expert_bytes"] == 0 and ps["names_with_routed_experts"] == [], ps
+        assert ps["bytes"] == full["bytes"] - full["routed_expert_bytes"] > 0
+    assert full["routed_expert_bytes"] > 0
+    # 2 engines x 3 MoE layers x 8 slots, each read once per connection
+    assert sum(st["fetched_rows"] for st in _shard_stats().values()) == 2 * 3 * 8
     sp = SamplingParams(max_tokens=12, temperature=0)
     for p in PROMPTS:
         got = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0).choices[0].text
@@ -161,6 +202,7 @@ def test_remote_shards_scale_up_and_survive_a_kill(server, ckpt) -> None:
     # SIGKILL one replica's process while requests run: the engine drops it mid-forward and re-plans; no request
     # fails, and Serve's replacement replica joins afterwards
     victim = sorted(_shard_pids())[0]
+    fetched = {m: st["fetched_rows"] for m, st in _shard_stats().items() if st["pid"] != victim}
     with cf.ThreadPoolExecutor(4) as ex:
         futs = [ex.submit(lambda p=p: client.completions.create(model=MODEL, prompt=p, max_tokens=24,
                                                                 temperature=0).choices[0].text)
@@ -171,6 +213,9 @@ def test_remote_shards_scale_up_and_survive_a_kill(server, ckpt) -> None:
     long_ref = local.generate([SKEWED[0]], SamplingParams(max_tokens=24, temperature=0))[0].outputs[0].text
     assert texts == [long_ref] * len(texts)
     assert any(any(e["kind"] == "shard_failed" for e in i["events"]) for i in _all_infos())
+    # the survivors read the dead shard's experts from the checkpoint (nothing came from the engines)
+    after = _shard_stats()
+    assert sum(after[m]["fetched_rows"] for m in fetched if m in after) > sum(fetched.values()), (fetched, after)
     _wait(lambda: _info()["num_shards"] >= 2 and victim not in _shard_pids(), 120, "the replacement shard")
     skewed_round()
 

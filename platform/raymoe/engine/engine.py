@@ -232,7 +232,9 @@ class LLMEngine:
 
         cfg = config or EngineConfig()
         path = pathlib.Path(path)
-        model = hf.load(path, dtype=getattr(torch, cfg.dtype)).to(cfg.device)
+        # a backend whose shards read the routed experts from the checkpoint themselves: the engine holds none
+        routed = getattr(expert_backend, "needs_expert_weights", True)
+        model = hf.load(path, dtype=getattr(torch, cfg.dtype), routed_experts=routed).to(cfg.device)
         tok_src = pathlib.Path(tokenizer_path) if tokenizer_path else path
         tokenizer = load_tokenizer(tok_src) if (tok_src.is_file() or (tok_src / "tokenizer.json").exists()) else None
         return cls(model, tokenizer, cfg, eos_token_id=_eos_id(path, tokenizer), expert_backend=expert_backend)

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from raymoe.engine.remote import ShardUnavailable
-from raymoe.model.moe import MoE, RoutedExperts
+from raymoe.model.moe import AbsentExperts, MoE, RoutedExperts
 
 __all__ = ["ExpertBackend", "LocalExperts", "ShardedExperts", "ReplicatedExperts", "SlotShard", "LoadRecorder",
-           "DispatchedMoE", "install_expert_backend"]
+           "DispatchedMoE", "install_expert_backend", "param_summary"]
 
 
 class ExpertBackend(Protocol):
@@ -95,6 +95,9 @@ class SlotShard:
     def load(self, layer_key: str, source: RoutedExperts, experts: list[int]) -> int:
         """(Re)fill the layer's slots with copies of ``source``'s ``experts``; returns the number of slots whose
         weights changed (copied in place when the slot count is unchanged)."""
+        if isinstance(source, AbsentExperts):
+            raise RuntimeError(f"{layer_key}: in-process expert shards need the routed-expert weights, and this "
+                               "engine holds none (its experts live in remote shards that read the checkpoint)")
         cur = self.layers.get(layer_key)
         if cur is None or cur.num_experts != len(experts):
             self.layers[layer_key] = source.shard(experts)
@@ -187,6 +190,12 @@ class ReplicatedExperts:
     (:class:`raymoe.engine.remote.ShardUnavailable`) is dropped: the backend re-plans over the remaining shards
     (the engine keeps the source weights, so any shard's slots can be rebuilt elsewhere) and re-runs the layer;
     with no shard left it runs the layer on the source experts in process. No request fails either way.
+
+    Without source weights (``needs_expert_weights = False``: the engine's MoE layers hold
+    :class:`~raymoe.model.moe.AbsentExperts`, and remote shards read their rows from the checkpoint on ``load``),
+    a re-plan after a lost shard makes the survivors read the lost slots' experts from the checkpoint; with no shard
+    left the backend calls ``refill()`` (blocks until shards are available, returns them) instead of running in
+    process, and fails the layer only when that returns none.
     """
 
     def __init__(self, placement: Any = None, *, num_shards: int = 4, num_slots: Optional[int] = None,
@@ -211,6 +220,9 @@ class ReplicatedExperts:
         self.prior_load: Optional[torch.Tensor] = None  # training's load: what re-plans use before any traffic
         self._config: Any = None
         self._model_dir: Any = None
+        # False: the engine loads its model without routed experts (LLMEngine.from_pretrained reads this)
+        self.needs_expert_weights = True
+        self.refill: Optional[Callable[[], list]] = None  # no shard left and no source weights: wait for shards
 
     @classmethod
     def from_config(cls, cfg: Any, model_dir: Any = None) -> "ReplicatedExperts":
@@ -386,14 +398,26 @@ class ReplicatedExperts:
                 self._pending_replan = False
                 self._replan_live("replan")
             self.recorder.start_forward(x_ND.shape[0] // max(self.top_k, 1))
-        for _ in range(len(self.shards) + 1):
-            if not self.shards:  # every shard lost: the source experts, in process
+        for _ in range(len(self.shards) + 8):
+            if not self.shards and not self._refill():  # every shard lost: the source experts, in process
                 return self.sources[layer_key].forward_grouped(x_ND, counts_E)
             try:
                 return self._run_placed(layer_key, li, x_ND, counts_E)
             except ShardUnavailable as e:  # a failed submit/wait marked its shard dead: re-plan without it
                 self._replan_live("shard_lost", str(e))
         return self.sources[layer_key].forward_grouped(x_ND, counts_E)
+
+    def _refill(self) -> bool:
+        """No shard left: without source weights, take the shards ``refill()`` returns and place the slots on them
+        (they read the experts from the checkpoint). Whether there are shards now."""
+        if self.refill is None or not isinstance(next(iter(self.sources.values())), AbsentExperts):
+            return False
+        shards = list(self.refill() or [])
+        if not shards:
+            return False
+        self.shards = shards
+        self._replan_live("refill")
+        return bool(self.shards)
 
     def _run_placed(self, layer_key: str, li: int, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         slot_len, idx = self._split(layer_key, counts_E)
@@ -510,3 +534,16 @@ def install_expert_backend(model: nn.Module, backend: Optional[ExpertBackend] = 
     if configure is not None:  # every layer is registered: backends that need the whole model set up now
         configure(model)
     return backend
+
+
+def param_summary(model: nn.Module) -> dict[str, Any]:
+    """What a served model's parameters weigh: ``bytes`` in all, ``routed_expert_bytes`` (parameters of
+    :class:`RoutedExperts` modules: 0 when the routed experts live in remote shards that read the checkpoint),
+    ``routed_expert_params`` (how many such parameters) and ``names_with_routed_experts`` (parameter names under an
+    ``mlp.experts.`` module, shared experts excluded: empty then too)."""
+    routed = {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters(recurse=False)}
+    params = list(model.named_parameters())
+    return {"bytes": sum(p.numel() * p.element_size() for _, p in params),
+            "routed_expert_bytes": sum(p.numel() * p.element_size() for _, p in params if id(p) in routed),
+            "routed_expert_params": sum(1 for _, p in params if id(p) in routed),
+            "names_with_routed_experts": [n for n, _ in params if ".mlp.experts." in n or ".moe.experts." in n]}

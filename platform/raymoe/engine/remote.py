@@ -31,6 +31,12 @@ use tag 1::
            resized gets all S slots)                                                     → ack int64[1] (slots moved)
     RUN    [3, layer, N, S]  counts int64[S]  x [N, D]          (rows grouped by local slot) → y [N, D]
     CLOSE  [4]                                                                           → ack, connection ends
+    FETCH  [5, layer, S, m, kind, index]  ids int64[S]  moved int64[m]   (LOAD without weights: the shard reads
+           experts ids[moved] of checkpoint layer kind/index from its own checkpoint)   → ack int64[1] (slots moved)
+
+An engine whose model holds no routed experts (:class:`raymoe.model.moe.AbsentExperts` in every MoE layer: the
+checkpoint is read by the shards themselves, :mod:`raymoe.engine.checkpoint_experts`) places slots with FETCH;
+one that holds them sends them with LOAD.
 
 Each header is validated field by field before its payload is received or anything is allocated; a bad one closes
 that connection only (``stats()["protocol_errors"]``, a log line naming the field).
@@ -58,9 +64,9 @@ import torch
 import torch.distributed as dist
 
 from raymoe.engine import shard_protocol as P
-from raymoe.engine.shard_protocol import DTYPES, OP_CLOSE, OP_HELLO, OP_LOAD, OP_RUN, ShardLimits
+from raymoe.engine.shard_protocol import DTYPES, OP_CLOSE, OP_FETCH, OP_HELLO, OP_LOAD, OP_RUN, ShardLimits
 from raymoe.engine.shard_server import ShardServer
-from raymoe.model.moe import RoutedExperts
+from raymoe.model.moe import AbsentExperts, RoutedExperts
 
 __all__ = ["ShardServer", "RemoteShard", "ShardUnavailable", "ShardLimits", "spawn_shard_processes", "OP_HELLO",
            "OP_LOAD", "OP_RUN", "OP_CLOSE"]
@@ -73,16 +79,18 @@ class ShardUnavailable(RuntimeError):
 
 
 def spawn_shard_processes(n: int, procs: list, threads: int = 1, host: str = "127.0.0.1",
-                          secret: Optional[bytes] = None) -> list[tuple[str, int]]:
+                          secret: Optional[bytes] = None, checkpoint: Optional[str] = None) -> list[tuple[str, int]]:
     """Start ``n`` shard server processes (``python -m raymoe.engine.remote``), all before waiting on any; each
     ``Popen`` is appended to ``procs`` (the caller kills them) as soon as it exists. A ``secret`` goes to each
-    process through its stdin (never its command line or environment). Returns their addresses."""
+    process through its stdin (never its command line or environment); with ``checkpoint`` (a path or storage URI)
+    the shards read expert rows from it (FETCH). Returns their addresses."""
     import subprocess
     import sys
 
     secret = P.check_secret(secret)
     cmd = [sys.executable, "-m", "raymoe.engine.remote", "--host", P.check_host(host, "host"), "--threads",
-           str(threads)] + (["--secret-stdin"] if secret else [])
+           str(threads)] + (["--secret-stdin"] if secret else []) + (["--checkpoint", str(checkpoint)]
+                                                                       if checkpoint else [])
     new = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.PIPE if secret else None, text=True)
            for _ in range(n)]
     procs.extend(new)
@@ -107,6 +115,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--secret-stdin", action="store_true", help="read the shared secret (hex) from stdin")
+    ap.add_argument("--checkpoint", default=None, help="model checkpoint (path or storage URI) to read experts from")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     secret = None
@@ -115,7 +124,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             secret = bytes.fromhex(sys.stdin.readline().strip())
         except ValueError:
             ap.error("--secret-stdin: stdin must hold the secret as one line of hex")
-    srv = ShardServer(a.host, secret=secret)
+    source = None
+    if a.checkpoint:
+        from raymoe.engine.checkpoint_experts import CheckpointExperts
+
+        source = CheckpointExperts(a.checkpoint)
+    srv = ShardServer(a.host, secret=secret, expert_source=source)
     print(f"SHARD {srv.host} {srv.port}", flush=True)
     try:
         while True:
@@ -171,6 +185,7 @@ class RemoteShard:
         self.dead = False
         self.op_timeout = timedelta(seconds=timeout_s)
         self.slot_experts: dict[str, list[int]] = {}
+        self.fetched_slots = 0  # slots this connection had the shard read from the checkpoint (FETCH)
         self._layer_ids: dict[str, int] = {}
         self._hello: Optional[tuple[int, int, torch.dtype, int]] = None
         host = P.check_host(host, "expert shard address")
@@ -234,9 +249,12 @@ class RemoteShard:
             raise ShardUnavailable(f"expert shard {self.name}: {e}") from e
         return reply
 
-    def _ensure_hello(self, source: RoutedExperts) -> None:
-        E, D, I = source.gate_proj.shape  # noqa: E741
-        dt = source.gate_proj.dtype
+    def _ensure_hello(self, source: RoutedExperts | AbsentExperts) -> None:
+        if isinstance(source, AbsentExperts):
+            E, D, I, dt = source.num_experts, source.dim, source.inter_dim, source.dtype  # noqa: E741
+        else:
+            E, D, I = source.gate_proj.shape  # noqa: E741
+            dt = source.gate_proj.dtype
         if dt not in DTYPES:
             raise ValueError(f"remote expert shards carry {[str(d) for d in DTYPES]}, not {dt}")
         if self._hello == (D, I, dt, E):
@@ -257,6 +275,14 @@ class RemoteShard:
             moved = [j for j, e in enumerate(experts) if cur[j] != e]
         if cur is not None and not moved:
             return 0
+        if isinstance(source, AbsentExperts):  # the shard reads the rows from the checkpoint itself
+            kind, index = P.fetch_layer_key(layer_key)
+            self._call(P.make_header(OP_FETCH, li, len(experts), len(moved), kind, index),
+                       torch.tensor(experts, dtype=torch.int64), torch.tensor(moved, dtype=torch.int64),
+                       reply=torch.empty(1, dtype=torch.int64))
+            self.slot_experts[layer_key] = list(experts)
+            self.fetched_slots += len(moved)
+            return len(moved)
         src = torch.tensor([experts[j] for j in moved], dtype=torch.int64)
         with torch.no_grad():
             tensors = [P.make_header(OP_LOAD, li, len(experts), len(moved)), torch.tensor(experts, dtype=torch.int64),

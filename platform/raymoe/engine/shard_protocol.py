@@ -31,6 +31,9 @@ Header layouts (unused trailing fields must be 0)::
     LOAD   [2, layer, S, m]      ids int64[S] in [0, E), moved int64[m] distinct in [0, S), then 3 weight tensors
     RUN    [3, layer, N, S]      counts int64[S] >= 0 summing to N, then x [N, D]
     CLOSE  [4]
+    FETCH  [5, layer, S, m, kind, index]   ids int64[S], moved int64[m] as LOAD, no weights: the shard reads the
+                                 moved slots' expert rows from its checkpoint (checkpoint layer ``index`` for kind 0,
+                                 MTP depth ``index`` for kind 1); refused by a shard without a checkpoint
 """
 from __future__ import annotations
 
@@ -44,16 +47,18 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["OP_HELLO", "OP_LOAD", "OP_RUN", "OP_CLOSE", "OP_NAMES", "DTYPES", "HEADER_LEN", "REQUEST_QUEUE",
+__all__ = ["OP_HELLO", "OP_LOAD", "OP_RUN", "OP_CLOSE", "OP_FETCH", "OP_NAMES", "DTYPES", "HEADER_LEN", "REQUEST_QUEUE",
            "TAG_TO_SHARD", "TAG_TO_ENGINE", "NONCE_BYTES", "MAC_BYTES", "ShardLimits", "ProtocolError", "Hello",
            "make_header", "bytes_tensor", "pair_group", "rendezvous_keys", "default_local_host", "check_header",
-           "check_hello", "check_load", "check_load_ids", "check_run", "check_counts", "check_host", "check_secret",
+           "check_hello", "check_load", "check_fetch", "fetch_layer_key", "check_load_ids", "check_run",
+           "check_counts", "check_host", "check_secret",
            "engine_proof", "shard_proof", "parse_request"]
 
-OP_HELLO, OP_LOAD, OP_RUN, OP_CLOSE = 1, 2, 3, 4
-OP_NAMES = {OP_HELLO: "HELLO", OP_LOAD: "LOAD", OP_RUN: "RUN", OP_CLOSE: "CLOSE"}
+OP_HELLO, OP_LOAD, OP_RUN, OP_CLOSE, OP_FETCH = 1, 2, 3, 4, 5
+OP_NAMES = {OP_HELLO: "HELLO", OP_LOAD: "LOAD", OP_RUN: "RUN", OP_CLOSE: "CLOSE", OP_FETCH: "FETCH"}
 _FIELDS = {OP_HELLO: ("D", "I", "dtype", "E"), OP_LOAD: ("layer", "S", "m"), OP_RUN: ("layer", "N", "S"),
-           OP_CLOSE: ()}
+           OP_CLOSE: (), OP_FETCH: ("layer", "S", "m", "kind", "index")}
+FETCH_KINDS = ("layers", "mtp")  # FETCH's kind field: index into this, the layer key's prefix
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 HEADER_LEN = 8
 REQUEST_QUEUE = "req"
@@ -167,7 +172,7 @@ def check_header(h: Sequence[int], hello: Optional[Hello]) -> int:
     for i in range(used, HEADER_LEN):
         if h[i] != 0:
             raise ProtocolError(name, f"header[{i}]", f"unused field is {h[i]}, must be 0")
-    if op in (OP_LOAD, OP_RUN) and hello is None:
+    if op in (OP_LOAD, OP_RUN, OP_FETCH) and hello is None:
         raise ProtocolError(name, "op", "HELLO must come first on a connection")
     return op
 
@@ -189,23 +194,41 @@ def check_hello(h: Sequence[int], lim: ShardLimits, current: Optional[Hello], ha
 
 
 def check_load(h: Sequence[int], lim: ShardLimits, hello: Hello, layer_slots: dict[int, int],
-               held_bytes: int) -> tuple[int, int, int]:
+               held_bytes: int, op: str = "LOAD") -> tuple[int, int, int]:
     """LOAD ``(layer, S, m)``: ``layer_slots`` maps the connection's loaded layers to their slot counts and
     ``held_bytes`` is the slot weight bytes it holds; a new or resized layer must send every slot (m = S)."""
-    layer = _in("LOAD", "layer", h[1], 0, lim.max_layers - 1)
-    S = _in("LOAD", "S", h[2], 0, lim.max_slots)
-    m = _in("LOAD", "m", h[3], 0, S)
+    layer = _in(op, "layer", h[1], 0, lim.max_layers - 1)
+    S = _in(op, "S", h[2], 0, lim.max_slots)
+    m = _in(op, "m", h[3], 0, S)
     if layer_slots.get(layer) != S and m != S:
-        raise ProtocolError("LOAD", "m", f"{m} of {S} slots sent for a layer that is new or resized")
+        raise ProtocolError(op, "m", f"{m} of {S} slots sent for a layer that is new or resized")
     slot_bytes = 3 * hello.D * hello.I * hello.dtype.itemsize
     if m * slot_bytes > lim.max_message_bytes:
-        raise ProtocolError("LOAD", "m", f"{m} slots of {slot_bytes} bytes exceed max_message_bytes "
-                                         f"{lim.max_message_bytes}")
+        raise ProtocolError(op, "m", f"{m} slots of {slot_bytes} bytes exceed max_message_bytes "
+                                     f"{lim.max_message_bytes}")
     old = layer_slots.get(layer, 0) * slot_bytes
     if held_bytes - old + S * slot_bytes > lim.max_connection_bytes:
-        raise ProtocolError("LOAD", "S", f"{S} slots would make this connection hold more than "
-                                         f"max_connection_bytes {lim.max_connection_bytes}")
+        raise ProtocolError(op, "S", f"{S} slots would make this connection hold more than "
+                                     f"max_connection_bytes {lim.max_connection_bytes}")
     return layer, S, m
+
+
+def check_fetch(h: Sequence[int], lim: ShardLimits, hello: Hello, layer_slots: dict[int, int],
+                held_bytes: int) -> tuple[int, int, int, str]:
+    """FETCH ``(layer, S, m, layer key)``: LOAD's checks (the rows are allocated as if sent) plus the checkpoint
+    layer the slots come from."""
+    layer, S, m = check_load(h, lim, hello, layer_slots, held_bytes, op="FETCH")
+    kind = _in("FETCH", "kind", h[4], 0, len(FETCH_KINDS) - 1)
+    index = _in("FETCH", "index", h[5], 0, lim.max_layers - 1)
+    return layer, S, m, f"{FETCH_KINDS[kind]}.{index}"
+
+
+def fetch_layer_key(layer_key: str) -> tuple[int, int]:
+    """FETCH's ``(kind, index)`` of a serving layer key (``"layers.3"`` → (0, 3), ``"mtp.0"`` → (1, 0))."""
+    prefix, _, idx = layer_key.partition(".")
+    if prefix not in FETCH_KINDS or not idx.isdigit():
+        raise ValueError(f"layer key {layer_key!r} is neither 'layers.<i>' nor 'mtp.<k>'")
+    return FETCH_KINDS.index(prefix), int(idx)
 
 
 def check_load_ids(ids: torch.Tensor, moved: torch.Tensor, S: int, E: int) -> None:

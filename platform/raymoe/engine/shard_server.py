@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from raymoe.engine import shard_protocol as P
-from raymoe.engine.shard_protocol import OP_HELLO, OP_LOAD, OP_RUN, ProtocolError, ShardLimits
+from raymoe.engine.shard_protocol import OP_FETCH, OP_HELLO, OP_LOAD, OP_RUN, ProtocolError, ShardLimits
 from raymoe.model.moe import RoutedExperts
 
 __all__ = ["ShardServer", "ShardLimits"]
@@ -86,12 +86,18 @@ class ShardServer:
             served. None: anyone who reaches ``host`` is served (loopback tests).
         limits: :class:`ShardLimits` (header bounds, connection counts).
         handshake_timeout_s: how long a requested connection may take to form its pair and prove the secret.
+        expert_source: where FETCH reads expert rows (a :class:`raymoe.engine.checkpoint_experts.CheckpointExperts`
+            of the served model's checkpoint: ``rows(layer_key, experts, dtype)``, ``num_experts``, ``dim``,
+            ``inter_dim``). None: FETCH is refused (engines must send the weights with LOAD).
     """
 
     def __init__(self, host: str = "127.0.0.1", timeout_s: float = 7 * 24 * 3600.0, rate_window_s: float = 5.0,
                  *, secret: Optional[bytes] = None, limits: Optional[ShardLimits] = None,
-                 handshake_timeout_s: float = 10.0) -> None:
+                 handshake_timeout_s: float = 10.0, expert_source: Any = None) -> None:
         self.host = P.check_host(host, "expert shard host")
+        self.expert_source = expert_source
+        self.fetched_rows = 0  # expert rows read from the checkpoint (FETCH)
+        self.fetch_s = 0.0  # time spent reading them
         self._secret = P.check_secret(secret)
         self.limits = limits or ShardLimits()
         if handshake_timeout_s <= 0:
@@ -279,27 +285,60 @@ class ShardServer:
             gate = c.recv((m, D, I), dt)
             up = c.recv((m, D, I), dt)
             down = c.recv((m, I, D), dt)
-            cur = c.layers.get(layer)
-            if cur is None or cur.num_experts != s:
-                cur = RoutedExperts(s, D, I).to(dt)
-                cur.requires_grad_(False)
-            with torch.no_grad():
-                cur.gate_proj[moved] = gate
-                cur.up_proj[moved] = up
-                cur.down_proj[moved] = down
-            cur.expert_ids = ids.tolist()
-            with self._lock:
-                c.layers[layer] = cur
-                c.ids[layer] = list(cur.expert_ids)
-                c.nbytes = sum(3 * e.num_experts * D * I * dt.itemsize for e in c.layers.values())
+            self._install(c, layer, s, ids, moved, gate, up, down)
             c.send(torch.tensor([m], dtype=torch.int64))
             return True
+        if op == OP_FETCH:
+            return self._fetch(c, h)
         if op == OP_HELLO:
             c.hello = P.check_hello(h, self.limits, c.hello, bool(c.layers))
             c.send(torch.tensor([1], dtype=torch.int64))
             return True
         c.send(torch.tensor([1], dtype=torch.int64))  # OP_CLOSE (check_header knows no other op)
         return False
+
+    def _fetch(self, c: _Conn, h: list[int]) -> bool:
+        """FETCH: LOAD whose weights this shard reads from its checkpoint (only the moved slots' experts)."""
+        src = self.expert_source
+        if src is None:
+            raise ProtocolError("FETCH", "op", "this shard has no checkpoint to read experts from (send LOAD)")
+        layer, s, m, key = P.check_fetch(h, self.limits, c.hello, c.layer_slots(), c.nbytes)
+        D, I, dt = c.hello.D, c.hello.I, c.hello.dtype  # noqa: E741
+        if (c.hello.E, D, I) != (src.num_experts, src.dim, src.inter_dim):
+            raise ProtocolError("FETCH", "HELLO", f"E, D, I = {(c.hello.E, D, I)} do not match the checkpoint's "
+                                                  f"{(src.num_experts, src.dim, src.inter_dim)} (another model?)")
+        ids = c.recv((s,), torch.int64)
+        moved = c.recv((m,), torch.int64)
+        P.check_load_ids(ids, moved, s, c.hello.E)
+        t0 = time.perf_counter()
+        try:
+            gate, up, down = src.rows(key, ids[moved].tolist(), dt)
+        except (KeyError, ValueError) as e:  # a layer the checkpoint lacks (CheckpointError is a ValueError)
+            raise ProtocolError("FETCH", "index", f"{key}: {e}") from None
+        self._install(c, layer, s, ids, moved, gate, up, down)
+        with self._lock:
+            self.fetched_rows += m
+            self.fetch_s += time.perf_counter() - t0
+        c.send(torch.tensor([m], dtype=torch.int64))
+        return True
+
+    def _install(self, c: _Conn, layer: int, s: int, ids: torch.Tensor, moved: torch.Tensor, gate: torch.Tensor,
+                 up: torch.Tensor, down: torch.Tensor) -> None:
+        """Put the moved slots' weights into the connection's layer (allocated on first use or resize)."""
+        D, I, dt = c.hello.D, c.hello.I, c.hello.dtype  # noqa: E741
+        cur = c.layers.get(layer)
+        if cur is None or cur.num_experts != s:
+            cur = RoutedExperts(s, D, I).to(dt)
+            cur.requires_grad_(False)
+        with torch.no_grad():
+            cur.gate_proj[moved] = gate
+            cur.up_proj[moved] = up
+            cur.down_proj[moved] = down
+        cur.expert_ids = ids.tolist()
+        with self._lock:
+            c.layers[layer] = cur
+            c.ids[layer] = list(cur.expert_ids)
+            c.nbytes = sum(3 * e.num_experts * D * I * dt.itemsize for e in c.layers.values())
 
     def _count(self, n: int) -> None:
         now = time.monotonic()
@@ -326,7 +365,8 @@ class ShardServer:
                     "connections": len(self.conns), "pending": self._pending,
                     "slots": {cid: {k: list(v) for k, v in c.ids.items()} for cid, c in self.conns.items()},
                     "slot_bytes": sum(c.nbytes for c in self.conns.values()), "refused": dict(self.refused),
-                    "protocol_errors": self.protocol_errors, "last_protocol_error": self.last_protocol_error}
+                    "protocol_errors": self.protocol_errors, "last_protocol_error": self.last_protocol_error,
+                    "fetched_rows": self.fetched_rows, "fetch_s": self.fetch_s}
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until no engine is connected (every engine moved its slots elsewhere and closed) or the timeout;

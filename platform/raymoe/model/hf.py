@@ -230,13 +230,17 @@ def _dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, name: str, block: tup
     return w.float() * s
 
 
-def load(path: str | pathlib.Path, mtp: str = "auto", dtype: torch.dtype = torch.float32) -> DeepSeekV3:
+def load(path: str | pathlib.Path, mtp: str = "auto", dtype: torch.dtype = torch.float32,
+         routed_experts: bool = True) -> DeepSeekV3:
     """Load a HF DeepseekV3 checkpoint directory into a :class:`DeepSeekV3` on CPU.
 
     Args:
         path: directory with ``config.json`` and ``*.safetensors`` (optionally ``model.safetensors.index.json``).
         mtp: ``"auto"`` (MTP loaded if present, dropped with a warning if entirely absent), ``"require"``, ``"drop"``.
         dtype: parameter dtype (router biases stay fp32).
+        routed_experts: False: the routed-expert tensors are not read and every MoE's ``experts`` is an
+            :class:`~raymoe.model.moe.AbsentExperts` (a serving engine whose experts live in remote shards that
+            read them from this checkpoint themselves).
     """
     path = pathlib.Path(path)
     if mtp not in ("auto", "require", "drop"):
@@ -311,6 +315,8 @@ def load(path: str | pathlib.Path, mtp: str = "auto", dtype: torch.dtype = torch
             prefix = f"layers.{idx}."
         if rest in _PARAM_MAP:
             put(prefix + _PARAM_MAP[rest], get(key), key)
+        elif not routed_experts and (_EXPERT_RE.match(rest) or _FUSED_RE.match(rest)):
+            continue  # never read: held by remote expert shards
         elif em := _EXPERT_RE.match(rest):
             e, proj = int(em.group(1)), em.group(2)
             experts_pending.setdefault(prefix + "mlp.experts." + proj, {})[e] = get(key)
@@ -333,7 +339,8 @@ def load(path: str | pathlib.Path, mtp: str = "auto", dtype: torch.dtype = torch
         stacked = torch.stack([per_expert[e].t() for e in range(E)])
         put(our, stacked, f"{our} (experts 0..{E - 1})")
 
-    missing = [k for k in ours if k not in filled]
+    skipped = [] if routed_experts else [k for k in ours if ".mlp.experts." in k]
+    missing = [k for k in ours if k not in filled and k not in skipped]
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]} (HF names: see raymoe.model.hf._PARAM_MAP)")
     for key, t, our in shared_copies:
@@ -341,6 +348,12 @@ def load(path: str | pathlib.Path, mtp: str = "auto", dtype: torch.dtype = torch
             log.warning("%s differs from the main model's %s; raymoe shares one copy and keeps the main one", key, our)
 
     model = DeepSeekV3(cfg, device="meta")
+    if not routed_experts:
+        from raymoe.model.moe import AbsentExperts, MoE
+
+        for mod in model.modules():
+            if isinstance(mod, MoE):
+                mod.experts = AbsentExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype)
     model.load_state_dict(filled, strict=True, assign=True)
     model.rotary = type(model.rotary)(cfg)  # rebuild non-persistent buffers off the meta device
     return model.eval()

@@ -48,7 +48,8 @@ from raymoe.config import ModelConfig
 from raymoe.model.layers import SwiGLU, autocast_apply
 from raymoe.wgrad import WeightGradStore, accumulate_grads
 
-__all__ = ["RouteResult", "route", "Router", "RoutedExperts", "MoE", "seq_aux_loss", "EXPERT_IMPLS", "set_expert_impl"]
+__all__ = ["RouteResult", "route", "Router", "RoutedExperts", "AbsentExperts", "MoE", "seq_aux_loss", "EXPERT_IMPLS",
+           "set_expert_impl"]
 
 EXPERT_IMPLS = ("auto", "grouped_mm", "padded", "loop", "bmm")
 PADDED_MAX_WASTE = 1.3  # "auto": pad to one bmm while E·max(count) ≤ this × rows, else grouped_mm
@@ -399,6 +400,28 @@ class RoutedExperts(nn.Module):
         if self.fp8 is not None:
             out.enable_fp8(self.fp8.fp8_config, self.fp8.fp8_name, self.fp8.wgrad_store)
         return out
+
+
+class AbsentExperts(nn.Module):
+    """A layer's routed experts whose weights this process does not hold: shape and dtype only, no parameter.
+
+    A serving engine whose routed experts live in remote expert shards that read them from the checkpoint
+    (:mod:`raymoe.engine.checkpoint_experts`) holds one of these per MoE layer in place of :class:`RoutedExperts`,
+    so its parameters (and memory) are attention, dense and shared-expert weights only. Running it is an error."""
+
+    def __init__(self, num_experts: int, dim: int, inter_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.inter_dim, self.dtype = int(num_experts), int(dim), int(inter_dim), dtype
+        self.expert_ids = list(range(self.num_experts))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_experts} experts [{self.dim}x{self.inter_dim}] {self.dtype}, weights held elsewhere"
+
+    def forward_grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this process holds no routed-expert weights (they live in remote expert shards)")
+
+    def forward(self, *args: object) -> torch.Tensor:
+        return self.forward_grouped(*args[:2])  # type: ignore[arg-type]
 
 
 class MoE(nn.Module):
