@@ -5,7 +5,7 @@ can never offer more than the server absorbs, so it hides queueing. Here request
 **Poisson arrivals** at each offered rate of ``rates=2,4,8,16,32`` (requests/s; exponential gaps from a seeded
 generator), ``rates_requests`` requests per rate, each a streaming completion from the real ``openai`` client
 (``AsyncOpenAI``, ``stream_options.include_usage``, greedy, ``ignore_eos``, ``rates_tokens`` new tokens) against
-the real Ray Serve app (:func:`raymoe.jobs.serve.start_server` on 127.0.0.1, one engine replica).
+the real Ray Serve app (:func:`raymoe.jobs.serve.start_server` on 127.0.0.1).
 
 Two traces of random token ids (the prompt is sent as ids), ``rates_traces=shared,random``:
 
@@ -13,10 +13,13 @@ Two traces of random token ids (the prompt is sent as ids), ``rates_traces=share
   ``rates_prefix``-token prefix and differ in ``rates_suffix`` tokens, interleaved across groups;
 * **random** — every prompt ``rates_prefix + rates_suffix`` fresh tokens (nothing to reuse).
 
-Each (trace, rate) gets fresh prompts and arrival times drawn from a generator seeded by its position, so the cache
-on and cache off runs see exactly the same requests at the same offsets, and no level reuses an earlier level's
-prefixes. Prefix caching is the engine's ``engine.enable_prefix_caching``; the app is deployed once per setting
-(``rates_cache=on,off``) and every trace and rate runs against it.
+Each (trace, rate) gets fresh prompts drawn from a generator seeded by its position and arrival times seeded by the
+rate, so the cache on and cache off runs see exactly the same requests at the same offsets (and both traces the same
+arrival pattern), and no level reuses an earlier level's prefixes. Prefix caching is the engine's
+``engine.enable_prefix_caching``: the app is deployed once per setting (``rates_cache=on,off``; route prefixes
+``/on`` and ``/off`` on one Serve proxy, one engine replica each), both for the whole run, and each (trace, rate)
+runs against one setting, then at once the other, in alternating order (``run_order`` in the JSON), so drifts of a
+shared machine hit both alike.
 
 Arguments (defaults): ``rates=2,4,8,16,32``, ``rates_requests=32``, ``rates_tokens=16``, ``rates_prefix=192``,
 ``rates_suffix=32``, ``rates_groups=4``, ``rates_traces=shared,random``, ``rates_cache=on,off``,
@@ -203,7 +206,11 @@ def load_rates_bench(path: pathlib.Path, rates: list[float], n_requests: int, ma
     rows: list[dict[str, Any]] = []
     texts: dict[tuple[str, str, float], list[Optional[str]]] = {}
     startup: dict[str, float] = {}
+    urls: dict[str, str] = {}
     try:
+        # one app per cache setting, both deployed for the whole run (an idle replica's loop only waits), so each
+        # (trace, rate) runs with the cache on and off back to back, in alternating order: the drift of a shared
+        # machine hits both alike
         for cache in caches:
             cfg = dict(engine_cfg, enable_prefix_caching=cache == "on")
             args = {"model_path": str(path), "served_model_name": MODEL, "engine": cfg,
@@ -211,34 +218,40 @@ def load_rates_bench(path: pathlib.Path, rates: list[float], n_requests: int, ma
                     "engine_max_ongoing_requests": 256, "engine_max_queued_requests": 1024, "torch_threads": 1,
                     "engine_num_cpus": 1}
             t0 = time.perf_counter()
-            url = start_server(args, "127.0.0.1", port, app_name=APP, num_cpus=num_cpus or 4, timeout_s=240)
+            urls[cache] = start_server(args, "127.0.0.1", port, app_name=f"{APP}-{cache}", route_prefix=f"/{cache}",
+                                       num_cpus=num_cpus or 4, timeout_s=240)
             startup[cache] = time.perf_counter() - t0
-            try:
-                # warm-up, not reported: one request alone, then a burst (the first batches of a fresh replica)
-                asyncio.run(_open_loop(url, warm[:1], [0.0], max_tokens, timeout))
-                asyncio.run(_open_loop(url, warm[1:], [0.02 * i for i in range(n_warm - 1)], max_tokens, timeout))
-                for trace in traces:
-                    for rate in rates:
-                        prompts, arrivals = plan[(trace, rate)]
-                        c0 = _engine_counters(APP)
-                        recs, _ = asyncio.run(_open_loop(url, prompts, arrivals, max_tokens, timeout))
-                        c1 = _engine_counters(APP)
-                        row = {"trace": trace, "cache": cache, **_summary(recs, rate, max_tokens),
-                               "engine_hits": c1["hits"] - c0["hits"], "engine_queries": c1["queries"] - c0["queries"]}
-                        row["engine_hit_rate"] = row["engine_hits"] / row["engine_queries"] if row["engine_queries"] \
-                            else 0.0
-                        _check_level(row, recs, prompts, bs, rate == rates[0])
-                        rows.append(row)
-                        texts[(trace, cache, rate)] = [r.get("text") if r["ok"] else None for r in recs]
-            finally:
-                stop_server(APP, shutdown=False)
-    finally:  # Serve's proxy holds this port: stop it, so a later start in the same Ray binds its own
+        for cache in caches:  # warm-up, not reported: one request alone, then a burst (a fresh replica's first batches)
+            asyncio.run(_open_loop(urls[cache], warm[:1], [0.0], max_tokens, timeout))
+            asyncio.run(_open_loop(urls[cache], warm[1:], [0.02 * i for i in range(n_warm - 1)], max_tokens, timeout))
+        k = 0
+        for trace in traces:
+            for rate in rates:
+                prompts, arrivals = plan[(trace, rate)]
+                for cache in (caches if k % 2 == 0 else caches[::-1]):
+                    app = f"{APP}-{cache}"
+                    c0 = _engine_counters(app)
+                    recs, _ = asyncio.run(_open_loop(urls[cache], prompts, arrivals, max_tokens, timeout))
+                    c1 = _engine_counters(app)
+                    row = {"trace": trace, "cache": cache, **_summary(recs, rate, max_tokens), "run_order": k,
+                           "engine_hits": c1["hits"] - c0["hits"], "engine_queries": c1["queries"] - c0["queries"]}
+                    row["engine_hit_rate"] = row["engine_hits"] / row["engine_queries"] if row["engine_queries"] \
+                        else 0.0
+                    _check_level(row, recs, prompts, bs, rate == rates[0])
+                    rows.append(row)
+                    texts[(trace, cache, rate)] = [r.get("text") if r["ok"] else None for r in recs]
+                    k += 1
+    finally:
+        for cache in urls:
+            stop_server(f"{APP}-{cache}", shutdown=False)
+        # Serve's proxy holds this port: stop it, so a later start in the same Ray binds its own
         from ray import serve
 
         if ray.is_initialized():
             serve.shutdown()
         if own_ray:
             ray.shutdown()
+    rows.sort(key=lambda r: (caches.index(r["cache"]), traces.index(r["trace"]), r["offered_req_s"]))
     _check_across(rows, texts, traces, rates, caches)
     return {"rows": rows, "rates": rates, "requests_per_rate": n_requests, "max_tokens": max_tokens,
             "traces": traces, "prefix_len": prefix_len, "suffix_len": suffix, "groups": groups, "engine": engine_cfg,
@@ -316,8 +329,8 @@ def plot_load_rates(res: dict[str, Any], out: str) -> str:
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title} vs offered rate")
         ax.legend(fontsize=7)
-    axes[0].set_yscale("log")
-    axes[0].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    for ax in axes:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     fig.tight_layout()
     pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -18,7 +18,8 @@ def test_bench_serve_load_rates_minimal(tmp_path) -> None:
     png = tmp_path / "rates.png"
     out = bench.run({"parts": "load_rates", "tiny_steps": "10", "rates": "4,16", "rates_requests": str(N),
                      "rates_tokens": str(TOKENS), "rates_prefix": str(PREFIX), "rates_suffix": str(SUFFIX),
-                     "rates_groups": "2", "rates_timeout": "60", "rates_warmup": "2", "num_blocks": "256", "rates_plot": str(png)})
+                     "rates_groups": "2", "rates_timeout": "60", "rates_warmup": "2", "num_blocks": "256",
+                     "rates_plot": str(png)})
     assert ray.is_initialized()  # the session's Ray was reused and left running
     res = out["load_rates"]
     rows = res["rows"]
@@ -26,7 +27,7 @@ def test_bench_serve_load_rates_minimal(tmp_path) -> None:
         (t, c, q) for c in ("on", "off") for t in ("shared", "random") for q in (4.0, 16.0)]
     L = PREFIX + SUFFIX
     # a prompt of L tokens reuses at most block · ⌊(L − 1) / block⌋; with one MTP draft (load_spec=1) a shared
-    # prefix of 48 gives block · ⌊(48 − 1) / block⌋ = 32 of them (unless suffixes happen to agree on a first token)
+    # prefix of 48 gives block · ⌊(48 − 1) / block⌋ = 32 (48 if two suffixes happen to share their first token)
     most = N * BLOCK * ((L - 1) // BLOCK)
     for r in rows:
         assert r["requests"] == N and r["ok"] == N and r["failed"] == 0, r["errors"]
