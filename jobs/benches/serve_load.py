@@ -24,7 +24,8 @@ shared machine hit both alike.
 Arguments (defaults): ``rates=2,4,8,16,32``, ``rates_requests=32``, ``rates_tokens=16``, ``rates_prefix=192``,
 ``rates_suffix=32``, ``rates_groups=4``, ``rates_traces=shared,random``, ``rates_cache=on,off``,
 ``rates_timeout=120`` (s after a level's last arrival; unfinished requests then count as failed),
-``rates_warmup=8`` (unreported requests after each deployment: one alone, then a burst of the rest),
+``rates_warmup=8`` (unreported requests sharing one prefix, sent to each app before anything is measured: one alone,
+then a burst of the rest),
 ``rates_plot=bench_results/serve_load_rates.png`` (``none``: no plot); shared with the other parts: ``hf=<export>``
 instead of the trained tiny checkpoint (``tiny_steps``), ``load_spec=1`` MTP drafts per step, ``num_blocks=1024``,
 ``ray_cpus``. The engine is otherwise ``parts=load``'s (blocks of 16, 64 sequences, 512 tokens per step).
@@ -198,8 +199,9 @@ def load_rates_bench(path: pathlib.Path, rates: list[float], n_requests: int, ma
                                     suffix, groups)
             plan[(trace, rate)] = (prompts, arrivals)
     n_warm = max(n_warm, 2)
-    warm = _prefix_trace(torch.Generator().manual_seed(seed + 999_983), V, "distinct", n_warm, prefix_len, suffix,
-                         groups)
+    # one shared prefix: the first request misses, the burst after it hits (with the cache on), so both prefill
+    # paths (with and without a cached prefix before the chunk) have run once before anything is measured
+    warm = _prefix_trace(torch.Generator().manual_seed(seed + 999_983), V, "shared", n_warm, prefix_len, suffix, 1)
 
     own_ray = not ray.is_initialized()
     port = _free_port()
