@@ -43,7 +43,12 @@ Three parts, each a table (rich) and a section of the returned JSON; one PNG (``
    the hit rate and on/off; the generated ids with the cache on must equal those with it off (the bench fails
    otherwise). Models as for ``decode`` (``model=tiny,small`` or ``hf=``).
 
-Choose parts with ``parts=decode,mtp,load,prefix`` (default: the first three); ``threads=1`` (default): intra-op threads for both implementations.
+5. **load_rates** — the Serve app under **open-loop** load: Poisson arrivals at offered rates ``rates=1,2,4,8``
+   (requests/s) on a shared-prefix and a random trace, prefix caching on and off; offered / achieved req/s, output
+   tokens/s, TTFT and TPOT p50/p99, failures and the prefix-cache hit rate from ``usage``; a table and
+   ``rates_plot=`` (default ``bench_results/serve_load_rates.png``). See :mod:`raymoe.jobs.benches.serve_load`.
+
+Choose parts with ``parts=decode,mtp,load,prefix,load_rates`` (default: the first three); ``threads=1`` (default): intra-op threads for both implementations.
 Numbers are for the machine they ran on; ratios are measured side by side.
 """
 from __future__ import annotations
@@ -745,4 +750,8 @@ def run(args: dict[str, str]) -> dict:
             if plot and plot != "none":
                 res["plot"] = plot_latency(res, plot)
                 print(f"plot: {res['plot']}")
+        if "load_rates" in parts:
+            from raymoe.jobs.benches.serve_load import load_rates_part
+
+            res["load_rates"] = load_rates_part(args, root, console)
     return res
