@@ -565,6 +565,8 @@ def run(args: dict[str, str]) -> dict:
             continue
         ops = " ".join(f"{k}={v:.1f}" for k, v in r["op_ms"]["net"].items())
         sm = ""
+        pred = ("n/a (experts sharded)" if None in r["param_bytes_pred"]
+                else f"{_per_rank(r['param_bytes_pred'], 1 / MiB, '{:.1f}')} MiB")
         if "param_note" in r:
             sm = (f"; stage_memory alone: {_per_rank(r['param_bytes_stage_memory'], 1 / MiB, '{:.1f}')} MiB "
                   f"({r['param_note']})")
@@ -575,7 +577,7 @@ def run(args: dict[str, str]) -> dict:
                           f"{_per_rank(a2a['exposed_s'])} ms ({a2a['count'][0]:.0f} exchanges on rank 0)")
         console.print(f"pp={r['pp']} {r['schedule']}: {stat} op ms (net) {ops}; params measured "
                       f"{_per_rank(r['param_bytes'], 1 / MiB, '{:.1f}')} MiB, predicted "
-                      f"{_per_rank(r['param_bytes_pred'], 1 / MiB, '{:.1f}')} MiB{sm}")
+                      f"{pred}{sm}")
     mismatch = _overlap_mismatches(rows)
     for m in mismatch:
         console.print(f"[red]{m}[/red]")

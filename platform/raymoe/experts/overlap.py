@@ -217,6 +217,7 @@ def run_lanes(fns: Sequence[Callable[[], Any]],
     lanes = Lanes(n)
     results: list[Any] = [None] * n
     errors: list[Optional[BaseException]] = [None] * n
+    width = torch.get_num_threads()  # a new thread starts with the default intra-op width: keep the caller's
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     caller_stream = torch.cuda.current_stream() if cuda else None
     streams = [torch.cuda.Stream() for _ in range(n)] if cuda else [None] * n
@@ -228,6 +229,8 @@ def run_lanes(fns: Sequence[Callable[[], Any]],
         prev = getattr(_tls, "lanes", None), getattr(_tls, "lane", 0)
         _tls.lanes, _tls.lane = lanes, i
         try:
+            if torch.get_num_threads() != width:
+                torch.set_num_threads(width)
             if not held:
                 lanes.acquire(i)
             try:
