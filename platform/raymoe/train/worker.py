@@ -13,7 +13,9 @@ One :meth:`step` per optimizer step takes a :class:`~raymoe.train.plans.StepPlan
 2. run the rank's op list (:class:`raymoe.schedule.executor.StageRunner`) with activations and gradients moving by
    torch.distributed point-to-point in background threads (:class:`raymoe.train.p2p.P2PTransport`), so a rank's
    sends and prefetched receives overlap its compute; MoE layers exchange tokens with their ep group by all-to-all
-   inside F/B; ``Bi``/``W`` split the weight gradients through the project's one deferred-gradient store;
+   inside F/B (with ``parallel.overlap_a2a`` F&B pairs and adjacent F/B ops of different micro-batches run as two
+   lanes that hide each other's all-to-all, :mod:`raymoe.experts.overlap`; ``StepResult.a2a_s`` / ``a2a_exposed_s``
+   say how much was hidden); ``Bi``/``W`` split the weight gradients through the project's one deferred-gradient store;
 3. one all-reduce over the world sums expert token counts (every router, MTP included), loss statistics and the
    non-finite flag; then gradients are reduced, clipped and applied (or the step is skipped everywhere).
 
