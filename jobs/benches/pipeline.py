@@ -63,9 +63,9 @@ a rank's wait is not lost time for the machine (the other ranks get its core), s
 time (the step is about the total work of all ranks divided by the cores, whatever the schedule) while the per-rank
 idle is *inflated* (a rank waits for a peer that is itself starved of CPU); tokens/s cannot grow with PP (more ranks
 only add communication and Python overhead); and DualPipe's F&B pairs, which on a GPU hide one micro-batch's
-communication behind another's compute, run as a forward then a backward (as two lanes with ``overlap=on``, which
-can only hide an all-to-all behind the other lane, not make the cores do more). On GPUs (one rank per device) each op has
-a fixed cost, the step time follows the simulator's makespan plus the p2p latency, the bubble is real idle device
+communication behind another's compute, run as a forward then a backward (as two lanes with ``overlap=on``,
+which can only hide an all-to-all behind the other lane, not make the cores do more). On GPUs (one rank per device)
+each op has a fixed cost, the step time follows the simulator's makespan plus the p2p latency, the bubble is real idle device
 time (the ordering 1F1B > ZB1P > DualPipe(V) of the simulated bubble is what a GPU run shows), and throughput
 scales with PP until the bubble dominates. The step time also depends on what the split backward costs: on a rank
 whose op list has ``W`` ops the runtime takes the "store" weight-grad split (``apply_wgrad_split``:
@@ -113,7 +113,8 @@ CPU_NOTE = (
     "{cores} CPU core(s) here, shared by every rank: pipeline ranks do not really run in parallel. A rank's wait "
     "hands its core to the others, so the bubble is hidden in the step time (step ≈ all ranks' work / cores, "
     "whatever the schedule) while per-rank idle is inflated (a rank waits for a peer starved of CPU); op costs grow "
-    "when several ranks compute at once; tokens/s cannot grow with PP; F&B pairs run as F then B (overlap=on: as two lanes). On GPUs (one rank "
+    "when several ranks compute at once; tokens/s cannot grow with PP; F&B pairs run as F then B (overlap=on: as two "
+    "lanes). On GPUs (one rank "
     "per device) op costs are fixed, the step follows the simulated makespan (+ p2p latency), the bubble is real "
     "idle device time and the simulated bubble ordering 1F1B > ZB1P > DualPipe(V) is what you would see (Bi/W split "
     "through the deferred weight-grad store: W runs only the parked weight GEMMs; the op ms lines show Bi, W and B). "
@@ -436,7 +437,8 @@ def _per_rank(xs: list[float], scale: float = 1e3, fmt: str = "{:.0f}") -> str:
 
 
 def _table(rows: list[dict[str, Any]], title: str) -> Table:
-    cols = ["PP", "EP", "sched", "overlap", "C", "a2a ms", "exposed ms", "exposed %", "step ms", "tok/s", "pipe ms", "sim ms", "sim/meas", "bubble %", "sim bub %",
+    cols = ["PP", "EP", "sched", "overlap", "C", "a2a ms", "exposed ms", "exposed %", "step ms", "tok/s", "pipe ms",
+            "sim ms", "sim/meas", "bubble %", "sim bub %",
             "busy ms/rank", "idle ms/rank", "sim idle ms/rank", "wait ms/rank", "gaps ms max", "peak act MiB/rank",
             "params MiB/rank", "vs pred", "ctrl %"]
     cells: list[Optional[list[str]]] = []

@@ -211,8 +211,8 @@ def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, out_splits: Optional
 def run_lanes(fns: Sequence[Callable[[], Any]],
               context: Optional[Callable[[], Any]] = None) -> tuple[list[Any], list[float]]:
     """Run ``fns`` as cooperative lanes (lane 0 in the calling thread, first to hold the baton); return their
-    results and each lane's compute time (baton held). ``context()`` (optional) is entered in every lane's thread (thread-local state such as saved-tensor
-    hooks). An exception of a lane is re-raised after all lanes ended."""
+    results and each lane's compute time (baton held). ``context()`` (optional) is entered in every lane's thread
+    (thread-local state such as saved-tensor hooks). An exception of a lane is re-raised after all lanes ended."""
     n = len(fns)
     lanes = Lanes(n)
     results: list[Any] = [None] * n
