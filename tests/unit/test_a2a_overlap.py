@@ -131,3 +131,31 @@ def test_lanes_hand_the_baton_over_and_propagate_errors() -> None:
 
     with pytest.raises(ValueError, match="lane failed"):
         run_lanes([lambda: None, boom])
+
+
+def test_runner_fuses_only_independent_forward_backward_neighbours() -> None:
+    """With overlap on, run_unit pairs adjacent ops of different micro-batches with at most one backward and no W;
+    the units of DualPipe pp=2 C=4 rank 0 (``F0 F0r F1 B0r F1r&B0 B1r Bi1 W1``) and 1F1B rank 1 (same-micro-batch
+    ``F0 B0`` stays apart) are exactly these."""
+    from raymoe.schedule import build
+    from raymoe.schedule.executor import QueueTransport, StageRunner
+
+    def units(name: str, rank: int) -> list[list[str]]:
+        s = build(name, 2, 4)
+        r = StageRunner(s, rank, {k: torch.nn.Identity() for k in s.chunks(rank)}, QueueTransport(),
+                        lambda y, t: y.sum(), overlap=True)
+        out, pos = [], 0
+        while pos < len(r.ops):
+            op, nxt = r.ops[pos], r.ops[pos + 1] if pos + 1 < len(r.ops) else None
+            if nxt is not None and r._fusable(op, nxt):
+                out.append([str(op), str(nxt)])
+                pos += 2
+            else:
+                out.append([str(op)])
+                pos += 1
+        return out
+
+    assert units("dualpipe", 0) == [["F0", "F0r"], ["F1", "B0r"], ["F1r&B0"], ["B1r"], ["Bi1"], ["W1"]]
+    assert units("1f1b", 1) == [["F0"], ["B0", "F1"], ["B1", "F2"], ["B2", "F3"], ["B3"]]
+    assert units("zb1p", 0) == [["F0", "F1"], ["Bi0"], ["W0"], ["F2", "Bi1"], ["W1"], ["F3", "Bi2"], ["W2"],
+                                ["Bi3"], ["W3"]]
