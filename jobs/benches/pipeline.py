@@ -39,6 +39,18 @@ What is measured, per layout (medians over the timed steps unless said otherwise
 * the control-plane share (``perf/control_plane_share``: step wall time minus the slowest rank's own step time,
   over the step wall time); the target is below 5 % at PP = 4 on the small model.
 
+Expert parallelism and the overlapped all-to-all: with ``ep=`` (default 1) every pipeline rank is ``ep`` actors
+(world ``pp·ep``) whose MoE layers exchange tokens by all-to-all; ``overlap=`` (default ``off``; ``off,on`` runs
+both side by side) sets ``parallel.overlap_a2a`` (:mod:`raymoe.experts.overlap`: F&B pairs and adjacent
+forward/backward ops of different micro-batches run as two cooperative lanes, one computing while the other's
+all-to-all is in flight). Per layout the table then shows ``a2a ms`` (all-to-all time per rank and step, issue to
+completion, summed over the rank's exchanges: counts, dispatch, combine and their backward), ``exposed ms`` (the
+part of it during which the rank computed nothing: blocked in a synchronous exchange, or every lane waiting) and
+``exposed %`` (their ratio over all ranks); means over ranks, medians over timed steps. Where both settings ran,
+the bench raises unless their per-step losses agree to 1e-5 (overlap changes when work runs, not what it computes).
+Per-rank lists then have ``pp·ep`` entries in global rank order, the parameter prediction is not made (experts are
+sharded) and ``plot=`` is ignored.
+
 With ``plot=<dir>`` one PNG per ``pp`` (``<dir>/pipeline_pp<pp>.png``): one panel per schedule, one row per rank with
 the measured ops of the median timed step (colour by op kind; the reverse direction lighter, as in
 :func:`raymoe.schedule.plot_timeline`) and, below them, the simulated rows for the measured ``net`` costs; the x
@@ -51,8 +63,9 @@ a rank's wait is not lost time for the machine (the other ranks get its core), s
 time (the step is about the total work of all ranks divided by the cores, whatever the schedule) while the per-rank
 idle is *inflated* (a rank waits for a peer that is itself starved of CPU); tokens/s cannot grow with PP (more ranks
 only add communication and Python overhead); and DualPipe's F&B pairs, which on a GPU hide one micro-batch's
-communication behind another's compute, run as a forward then a backward. On GPUs (one rank per device) each op has
-a fixed cost, the step time follows the simulator's makespan plus the p2p latency, the bubble is real idle device
+communication behind another's compute, run as a forward then a backward (as two lanes with ``overlap=on``,
+which can only hide an all-to-all behind the other lane, not make the cores do more). On GPUs (one rank per device)
+each op has a fixed cost, the step time follows the simulator's makespan plus the p2p latency, the bubble is real idle device
 time (the ordering 1F1B > ZB1P > DualPipe(V) of the simulated bubble is what a GPU run shows), and throughput
 scales with PP until the bubble dominates. The step time also depends on what the split backward costs: on a rank
 whose op list has ``W`` ops the runtime takes the "store" weight-grad split (``apply_wgrad_split``:
@@ -93,14 +106,15 @@ from raymoe.config import (  # noqa: E402
 SCHEDULES = ["1f1b", "zb1p", "dualpipe", "dualpipev"]
 KINDS = ["F", "B", "Bi", "W", "FB"]
 KNOWN_ARGS = {"pp", "schedules", "steps", "warmup", "model", "seq_len", "mb", "C", "dtype", "plot", "cpus_per_rank",
-              "width", "timeout", "stat"}
+              "width", "timeout", "stat", "ep", "overlap"}
 MiB = 1024**2
 
 CPU_NOTE = (
     "{cores} CPU core(s) here, shared by every rank: pipeline ranks do not really run in parallel. A rank's wait "
     "hands its core to the others, so the bubble is hidden in the step time (step ≈ all ranks' work / cores, "
     "whatever the schedule) while per-rank idle is inflated (a rank waits for a peer starved of CPU); op costs grow "
-    "when several ranks compute at once; tokens/s cannot grow with PP; F&B pairs run as F then B. On GPUs (one rank "
+    "when several ranks compute at once; tokens/s cannot grow with PP; F&B pairs run as F then B (overlap=on: as two "
+    "lanes). On GPUs (one rank "
     "per device) op costs are fixed, the step follows the simulated makespan (+ p2p latency), the bubble is real "
     "idle device time and the simulated bubble ordering 1F1B > ZB1P > DualPipe(V) is what you would see (Bi/W split "
     "through the deferred weight-grad store: W runs only the parked weight GEMMs; the op ms lines show Bi, W and B). "
@@ -193,6 +207,19 @@ def op_costs(steps: list[list[Any]], stat: str = "mean") -> dict[str, dict[str, 
             "count": {k: len(v) for k, v in raw.items() if v}}
 
 
+def a2a_stats(steps: list[list[Any]]) -> dict[str, Any]:
+    """All-to-all time and its exposed part (``StepResult.a2a_s`` / ``a2a_exposed_s``): per rank the median over
+    steps, plus the mean over ranks and the exposed share of the total over all ranks and steps."""
+    R = len(steps[0])
+    total = [_median([s[r].a2a_s for s in steps]) for r in range(R)]
+    exposed = [_median([s[r].a2a_exposed_s for s in steps]) for r in range(R)]
+    tot_all = sum(res.a2a_s for s in steps for res in s)
+    exp_all = sum(res.a2a_exposed_s for s in steps for res in s)
+    return {"count": [_median([s[r].a2a_count for s in steps]) for r in range(R)],
+            "total_s": total, "exposed_s": exposed, "mean_total_s": _mean(total), "mean_exposed_s": _mean(exposed),
+            "exposed_share": exp_all / tot_all if tot_all > 0 else None}
+
+
 def sim_costs(mean: dict[str, float]) -> dict[str, float]:
     """The simulator's ``F, B, W, FB`` from measured mean spans (see the module docstring)."""
     F = mean.get("F", 0.0)
@@ -221,10 +248,11 @@ def predicted_params(cfg: ModelConfig, topo: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- one layout
 def _run_config(model: str, pp: int, schedule: str, C: int, mb: int, seq_len: int, dtype: str, cpus: float,
-                total_steps: int, run_dir: str) -> RunConfig:
+                total_steps: int, run_dir: str, ep: int = 1, overlap: bool = False) -> RunConfig:
     return RunConfig(
         model=ModelConfig.preset(model),
-        parallel=ParallelConfig(pp=pp, schedule=schedule, num_cpus_per_rank=cpus, dp_impl="native"),
+        parallel=ParallelConfig(pp=pp, ep=ep, schedule=schedule, num_cpus_per_rank=cpus, dp_impl="native",
+                                overlap_a2a=overlap),
         train=TrainConfig(steps=total_steps, micro_batch_size=mb, num_microbatches=C, dtype=dtype,
                           checkpoint_every=10**6, eval_every=10**6, export_hf=False, resume="never",
                           warmup_tokens=0, seed=0),
@@ -281,8 +309,11 @@ def analyse(run: RunConfig, measured: dict[str, Any], stat: str = "mean") -> dic
                        "idle_s": list(r.bubble), "bubble_ratio": r.bubble_ratio,
                        "peak_activation_chunks": list(r.peak_activations),
                        "timeline": [[(str(op), s, e) for op, s, e in row] for row in r.timeline]}
-    params = predicted_params(run.model, topo)
     param_meas = [int(res.param_bytes) for res in steps[0]]
+    if run.parallel.ep > 1:  # experts sharded: stage_memory's per-stage prediction does not apply
+        params = {"pred": [None] * R, "stage_memory": [None] * R}
+    else:
+        params = predicted_params(run.model, topo)
     ctrl_share = [m["perf/control_plane_share"] for m in metrics]
     ctrl_s = [m["perf/control_plane_s"] for m in metrics]
     pipe = [s["pipe"] for s in stats]
@@ -310,6 +341,7 @@ def analyse(run: RunConfig, measured: dict[str, Any], stat: str = "mean") -> dic
         "param_bytes_pred": params["pred"],
         "param_bytes_stage_memory": params["stage_memory"],
         "param_rel_err": [abs(m - p) / p if p else None for m, p in zip(param_meas, params["pred"])],
+        "a2a": a2a_stats(steps),
         "control_plane_share": _median(ctrl_share),
         "control_plane_s": _median(ctrl_s),
         "losses": [m["train/loss"] for m in metrics],
@@ -317,6 +349,21 @@ def analyse(run: RunConfig, measured: dict[str, Any], stat: str = "mean") -> dic
         "timeline_step_s": step_s[med],
     }
     return row
+
+
+def _overlap_mismatches(rows: list[dict[str, Any]], rel: float = 1e-5) -> list[str]:
+    """Layouts run with overlap off and on whose per-step losses differ by more than ``rel``."""
+    out = []
+    by = {(r["pp"], r["schedule"], r["overlap"]): r for r in rows if "error" not in r}
+    for (pp, name, ov), on in by.items():
+        off = by.get((pp, name, False))
+        if not ov or off is None:
+            continue
+        for a, b in zip(on["losses"], off["losses"]):
+            if abs(a - b) > rel * abs(b):
+                out.append(f"pp={pp} {name}: overlap on {on['losses']} vs off {off['losses']}")
+                break
+    return out
 
 
 # ---------------------------------------------------------------------- plot
@@ -390,24 +437,30 @@ def _per_rank(xs: list[float], scale: float = 1e3, fmt: str = "{:.0f}") -> str:
 
 
 def _table(rows: list[dict[str, Any]], title: str) -> Table:
-    cols = ["PP", "sched", "C", "step ms", "tok/s", "pipe ms", "sim ms", "sim/meas", "bubble %", "sim bub %",
+    cols = ["PP", "EP", "sched", "overlap", "C", "a2a ms", "exposed ms", "exposed %", "step ms", "tok/s", "pipe ms",
+            "sim ms", "sim/meas", "bubble %", "sim bub %",
             "busy ms/rank", "idle ms/rank", "sim idle ms/rank", "wait ms/rank", "gaps ms max", "peak act MiB/rank",
             "params MiB/rank", "vs pred", "ctrl %"]
     cells: list[Optional[list[str]]] = []
     for r in rows:
-        head = [str(r["pp"]), r["schedule"], str(r["microbatches"])]
+        head = [str(r["pp"]), str(r.get("ep", 1)), r["schedule"], "on" if r.get("overlap") else "off",
+                str(r["microbatches"])]
         if "error" in r:
-            cells.append(head + ["[yellow]skipped[/yellow]"] + [""] * (len(cols) - 4))
+            cells.append(head + ["[yellow]skipped[/yellow]"] + [""] * (len(cols) - len(head) - 1))
             continue
         sim = r["sim"]["net"]
-        err = max(e for e in r["param_rel_err"] if e is not None)
+        errs = [e for e in r["param_rel_err"] if e is not None]
+        a2a = r["a2a"]
+        share = a2a["exposed_share"]
         cells.append(head + [
+            f"{1e3 * a2a['mean_total_s']:.0f}", f"{1e3 * a2a['mean_exposed_s']:.0f}",
+            "-" if share is None else f"{100 * share:.0f}",
             f"{1e3 * r['step_s']:.0f}", f"{r['tokens_per_s']:.0f}", f"{1e3 * r['pipe_s']:.0f}",
             f"{1e3 * sim['makespan_s']:.0f}", f"{r['sim_over_measured_pipe']:.2f}",
             f"{100 * r['bubble_ratio']:.1f}", f"{100 * sim['bubble_ratio']:.1f}", _per_rank(r["busy_s"]),
             _per_rank(r["idle_s"]), _per_rank(sim["idle_s"]), _per_rank(r["wait_s"]),
             f"{1e3 * max(r['gaps_s']):.1f}", _per_rank(r["peak_activation_bytes"], 1 / MiB, "{:.0f}"),
-            _per_rank(r["param_bytes"], 1 / MiB, "{:.0f}"), f"{100 * err:.1f}%",
+            _per_rank(r["param_bytes"], 1 / MiB, "{:.0f}"), f"{100 * max(errs):.1f}%" if errs else "n/a",
             f"{100 * r['control_plane_share']:.1f}"])
     t = Table(title=title)
     for i, c in enumerate(cols):
@@ -445,9 +498,14 @@ def run(args: dict[str, str]) -> dict:
     cpus = float(args.get("cpus_per_rank", "1"))
     timeout_s = float(args.get("timeout", "600"))
     stat = args.get("stat", "mean")
+    ep = int(args.get("ep", "1"))
+    overlaps = [v.strip() for v in args.get("overlap", "off").split(",") if v.strip()]
+    if ep < 1 or not overlaps or any(v not in ("off", "on") for v in overlaps):
+        raise SystemExit(f"pipeline bench: ep={args.get('ep')!r} overlap={args.get('overlap')!r}; need ep >= 1 and "
+                         "overlap a list of off / on")
     if stat not in ("mean", "median"):
         raise SystemExit(f"pipeline bench: stat={stat!r}; allowed: mean, median")
-    plot_dir = pathlib.Path(args["plot"]) if args.get("plot") else None
+    plot_dir = pathlib.Path(args["plot"]) if args.get("plot") and ep == 1 else None
     console = Console(width=int(args.get("width", "260")))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     note = CPU_NOTE.format(cores=cores)
@@ -465,20 +523,22 @@ def run(args: dict[str, str]) -> dict:
             for pp in pps:
                 C = _microbatches(c_spec, pp)
                 layout_rows = []
-                for name in schedules:
-                    row: dict[str, Any] = {"pp": pp, "schedule": name, "microbatches": C, "model": model,
-                                           "dtype": dtype, "seq_len": seq_len, "micro_batch_size": mb}
+                for name, ov in [(n, o) for n in schedules for o in overlaps]:
+                    row: dict[str, Any] = {"pp": pp, "ep": ep, "overlap": ov == "on", "schedule": name,
+                                           "microbatches": C, "model": model, "dtype": dtype, "seq_len": seq_len,
+                                           "micro_batch_size": mb}
                     try:
-                        check_layout(pp, 1, 1, name, C, cfg)
+                        check_layout(pp, ep, 1, name, C, cfg)
                         run_cfg = _run_config(model, pp, name, C, mb, seq_len, dtype, cpus, warmup + steps,
-                                              str(pathlib.Path(tmp) / f"pp{pp}-{name}"))
+                                              str(pathlib.Path(tmp) / f"pp{pp}-{name}-{ov}"), ep, ov == "on")
                     except ConfigError as e:
                         row["error"] = str(e)
                         console.print(f"[yellow]pp={pp} {name}: skipped[/yellow] ({e})")
                         rows.append(row)
                         layout_rows.append(row)
                         continue
-                    console.print(f"pp={pp} {name} C={C}: {warmup} warm-up + {steps} timed steps ...")
+                    console.print(f"pp={pp} ep={ep} {name} overlap={ov} C={C}: {warmup} warm-up + {steps} timed "
+                                  "steps ...")
                     t0 = time.perf_counter()
                     measured = measure_layout(run_cfg, warmup, steps, timeout_s)
                     row.update(analyse(run_cfg, measured, stat))
@@ -508,12 +568,22 @@ def run(args: dict[str, str]) -> dict:
             continue
         ops = " ".join(f"{k}={v:.1f}" for k, v in r["op_ms"]["net"].items())
         sm = ""
+        pred = ("n/a (experts sharded)" if None in r["param_bytes_pred"]
+                else f"{_per_rank(r['param_bytes_pred'], 1 / MiB, '{:.1f}')} MiB")
         if "param_note" in r:
             sm = (f"; stage_memory alone: {_per_rank(r['param_bytes_stage_memory'], 1 / MiB, '{:.1f}')} MiB "
                   f"({r['param_note']})")
+        a2a = r["a2a"]
+        if a2a["exposed_share"] is not None:
+            console.print(f"pp={r['pp']} ep={r['ep']} {r['schedule']} overlap={'on' if r['overlap'] else 'off'}: "
+                          f"all-to-all per rank and step {_per_rank(a2a['total_s'])} ms, exposed "
+                          f"{_per_rank(a2a['exposed_s'])} ms ({a2a['count'][0]:.0f} exchanges on rank 0)")
         console.print(f"pp={r['pp']} {r['schedule']}: {stat} op ms (net) {ops}; params measured "
                       f"{_per_rank(r['param_bytes'], 1 / MiB, '{:.1f}')} MiB, predicted "
-                      f"{_per_rank(r['param_bytes_pred'], 1 / MiB, '{:.1f}')} MiB{sm}")
+                      f"{pred}{sm}")
+    mismatch = _overlap_mismatches(rows)
+    for m in mismatch:
+        console.print(f"[red]{m}[/red]")
     ctrl4 = [r["control_plane_share"] for r in rows if r["pp"] == 4 and "error" not in r]
     if ctrl4:
         verdict = "meets" if max(ctrl4) < 0.05 else "misses"
@@ -521,6 +591,8 @@ def run(args: dict[str, str]) -> dict:
     console.print(f"[bold]Caveat[/bold]: {note}")
     for k, p in plots.items():
         console.print(f"time line {k}: {p}")
-    return {"model": model, "dtype": dtype, "seq_len": seq_len, "micro_batch_size": mb, "steps": steps,
+    if mismatch:
+        raise RuntimeError("pipeline bench: overlap on/off losses differ: " + "; ".join(mismatch))
+    return {"model": model, "dtype": dtype, "seq_len": seq_len, "micro_batch_size": mb, "steps": steps, "ep": ep,
             "warmup": warmup, "cost_stat": stat, "cpu_cores": cores, "torch_threads_driver": torch.get_num_threads(),
             "cpu_note": note, "rows": rows, "plots": plots}

@@ -333,8 +333,14 @@ class ParallelConfig:
     # Who owns gradient reduction and the optimizer: deepspeed (ZeRO over the DP group; pp = ep = 1 only) | native
     # (raymoe.train.parallelize.NativeDataParallel; any layout) | auto (deepspeed when pp = ep = 1, else native)
     dp_impl: str = "auto"
+    # Overlap the expert all-to-alls (ep > 1) with other work: DualPipe's F&B pairs and adjacent forward/backward ops
+    # of different micro-batches run as two cooperative lanes, one computing while the other's exchange is in flight
+    # (raymoe.experts.overlap); same losses and gradients as off
+    overlap_a2a: bool = False
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.overlap_a2a, bool), f"parallel.overlap_a2a must be true or false, got "
+                                                     f"{self.overlap_a2a!r}")
         for k in ("pp", "ep", "dp"):
             v = getattr(self, k)
             _require(isinstance(v, int) and v >= 1, f"parallel.{k} must be an integer >= 1, got {v!r}")

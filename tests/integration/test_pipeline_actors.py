@@ -7,6 +7,7 @@ reduction order.
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -159,5 +160,17 @@ def test_pp2_ep2_equals_pp1_dp2_and_reshards_both_ways(tmp_path, reference8) -> 
 ])
 def test_recompute_in_a_pipeline_equals_pp1(tmp_path, reference8, recompute, layout) -> None:
     s, _ = _drive(_run(tmp_path, recompute, steps=4, recompute=recompute, **layout), inspect=False)
+    _close(s["losses"], reference8["summary"]["losses"])
+    _same_weights(_weights(s), reference8["weights"])
+
+
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev", "zb1p"])
+def test_overlapped_all_to_all_equals_pp1(tmp_path, reference8, schedule) -> None:
+    """pp=2 × ep=2 with parallel.overlap_a2a: F&B pairs and adjacent F/B (or Bi) ops of different micro-batches run
+    as two lanes whose expert all-to-alls overlap the other lane's compute (DualPipeV: also the V's same-rank
+    hand-offs; ZB1P: a Bi's deferred weight grads beside a forward); the losses and weights of the one-rank run."""
+    run = _run(tmp_path, "ov", pp=2, ep=2, schedule=schedule, C=4, steps=4)
+    run = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, overlap_a2a=True))
+    s, _ = _drive(run, inspect=False)
     _close(s["losses"], reference8["summary"]["losses"])
     _same_weights(_weights(s), reference8["weights"])

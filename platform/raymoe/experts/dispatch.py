@@ -6,14 +6,19 @@
 * :func:`source_to_expert_major` / :func:`permute_rows` — received rows arrive source-major (all rows of source
   rank 0, then rank 1, …; each block sorted by expert); the local experts want them expert-major.
 
+``group`` may also be a tuple of per-lane groups with the same members (:mod:`raymoe.experts.overlap`): each
+exchange, forward or backward, then runs on the group of the lane that issues it, asynchronously and with the lane's
+baton handed over while it is in flight.
+
 Everything here is device-agnostic: the same code runs on CPU tensors over gloo and CUDA tensors over NCCL.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
+
+from raymoe.experts import overlap
 
 __all__ = ["all_to_all_uneven", "exchange_counts", "source_to_expert_major", "permute_rows"]
 
@@ -34,12 +39,11 @@ class _AllToAllUneven(torch.autograd.Function):
 def _exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
-    return out
+    return overlap.all_to_all_single(out, x, recv_splits, send_splits, overlap.lane_group(group))
 
 
 def all_to_all_uneven(
-    x_ND: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group: Optional[dist.ProcessGroup]
+    x_ND: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group: Any
 ) -> torch.Tensor:
     """Differentiable uneven all-to-all over ``group`` (``None``: the default group).
 
@@ -57,14 +61,13 @@ def all_to_all_uneven(
 
 
 @torch.no_grad()
-def exchange_counts(send_counts: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def exchange_counts(send_counts: torch.Tensor, group: Any) -> torch.Tensor:
     """``send_counts [ep·E_local]`` int64 (rows I send to each global expert, experts contiguous per rank) →
     ``recv_counts [ep·E_local]`` int64 viewed as ``[ep (source), E_local]``: rows each source sends to each of my
     local experts. Equal splits of ``E_local`` per rank; stays on the counts' device (CUDA for NCCL)."""
     send_counts = send_counts.to(torch.int64).contiguous()
     out = torch.empty_like(send_counts)
-    dist.all_to_all_single(out, send_counts, group=group)
-    return out
+    return overlap.all_to_all_single(out, send_counts, None, None, overlap.lane_group(group), host_read=True)
 
 
 @torch.no_grad()

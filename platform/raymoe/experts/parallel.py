@@ -23,6 +23,7 @@ __all__ = [
     "expert_range",
     "moe_layers",
     "expert_param_prefix",
+    "set_lane_groups",
 ]
 
 _PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -107,6 +108,7 @@ class ExpertParallelExperts(RoutedExperts):
             raise ValueError(f"experts hold {experts.num_experts} experts: neither the layer's {E} "
                              f"nor the {len(ids)} of one of {ep_size} ep ranks")
         self.ep_rank, self.ep_size, self.group = ep_rank, ep_size, group
+        self.lane_groups: Optional[tuple] = None  # per-lane ep groups (raymoe.experts.overlap), lane 0 = group
         self.num_global_experts = E
         self.impl = experts.impl
         if experts.fp8 is not None:
@@ -146,19 +148,20 @@ class ExpertParallelExperts(RoutedExperts):
         inv_order = torch.empty_like(order)
         inv_order[order] = torch.arange(order.numel(), device=order.device)
         send_counts = torch.bincount(flat, minlength=self.num_global_experts)  # [ep·E_local]
-        recv_counts = exchange_counts(send_counts, self.group).view(ep, E_local)  # [source, local expert]
+        group = self.lane_groups if self.lane_groups is not None else self.group  # overlap.lane_group picks
+        recv_counts = exchange_counts(send_counts, group).view(ep, E_local)  # [source, local expert]
         splits = torch.cat([send_counts.view(ep, E_local).sum(1), recv_counts.sum(1)]).tolist()  # one host sync
         send_splits, recv_splits = splits[:ep], splits[ep:]
         if T:
             x_send = _Dispatch.apply(x_TD, order // K, inv_order, K)  # [T·k, D] sorted by global expert
         else:  # (the fused dispatch/combine cannot view zero tokens as [0, k, D])
             x_send = x_TD[:0]
-        x_recv = all_to_all_uneven(x_send, send_splits, recv_splits, self.group)  # source-major
+        x_recv = all_to_all_uneven(x_send, send_splits, recv_splits, group)  # source-major
         to_expert, to_source = source_to_expert_major(recv_counts)
         x_em = permute_rows(x_recv, to_expert, to_source)  # expert-major
         y_em = self._local_grouped(x_em, recv_counts.sum(0))
         y_recv = permute_rows(y_em, to_source, to_expert)
-        y_send = all_to_all_uneven(y_recv, recv_splits, send_splits, self.group)
+        y_send = all_to_all_uneven(y_recv, recv_splits, send_splits, group)
         if not T:  # keep [0, D] connected to the exchange (its backward is a collective) and to the gates
             return y_send + topk_weight.sum(-1, keepdim=True).to(y_send.dtype) * 0
         return autocast_apply(_Combine, y_send, topk_weight, order, inv_order)
@@ -272,6 +275,20 @@ class ExpertShard(nn.Module):
             raise ValueError("num_hidden_layers unknown: build the shard from a model with .config or a state dict")
         return {f"{expert_param_prefix(i, self.num_hidden_layers)}.{p}": getattr(self.layer(i), p).detach()
                 for i in self.layer_ids for p in _PROJS}
+
+
+def set_lane_groups(model: nn.Module, groups: Optional[tuple]) -> int:
+    """Give every :class:`ExpertParallelExperts` of ``model`` its per-lane ep groups (``groups[0]`` must be the
+    layer's own group; ``None`` clears them); returns how many layers were set. With lane groups each exchange runs
+    on the group of the lane that issues it (:mod:`raymoe.experts.overlap`)."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, ExpertParallelExperts):
+            if groups is not None and groups[0] is not m.group:
+                raise ValueError("lane_groups[0] must be the layer's own ep group")
+            m.lane_groups = None if groups is None else tuple(groups)
+            n += 1
+    return n
 
 
 def shard_experts(

@@ -44,8 +44,13 @@ it through a module-level stack that only :meth:`~raymoe.wgrad.WeightGradStore.d
 runs CUDA backward functions on device threads, where thread-locals and context variables set by the caller are
 not visible.
 
-An ``F&B`` pair runs as its forward and then its backward. The overlapped version (DualPipe's hand-interleaved
-attention / dispatch / MLP / combine) belongs to the chunk; it would plug in at :meth:`StageRunner._run_pair`.
+An ``F&B`` pair runs as its forward and then its backward, unless the runner overlaps expert all-to-alls
+(``overlap=True``): then the pair's two halves run as two cooperative lanes (:func:`raymoe.experts.overlap.run_lanes`)
+and each one computes while the other's all-to-all is in flight; :meth:`StageRunner.run_unit` also runs two adjacent
+elementary ops of different micro-batches that way (``F F``, ``F B``, ``B F``, ``Bi`` in place of ``B``; never two
+backwards, which would share the weight-grad store, and never ``W``), e.g. the ``F0 F0r`` and ``F1 B0r`` of
+DualPipe's warm-up or 1F1B's steady ``F B`` alternation. Results do not change: each lane's autograd graph is its own
+micro-batch's, gradients are summed in another order only where two lanes' backwards would (they never do).
 
 Known limits (checked with the tiny DeepSeek-V3's ``model.stages(n)``, tests/unit/test_schedule_executor.py):
 the routed experts' ``bmm`` reference back-end is plain autograd, so under ``"store"`` its weight grads arrive
@@ -63,6 +68,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
+from raymoe.experts import overlap as _overlap
 from raymoe.wgrad import WeightGradStore, WeightGradStoreError, accumulate_grads
 
 from .ir import Op, OpKind, Schedule, ScheduleError
@@ -185,11 +191,16 @@ class StageRunner:
         loss_fn: ``loss_fn(last_stage_output, target) -> scalar``.
         split: ``"auto"``, ``"store"`` or ``"autograd"`` (module docstring).
         chunk_kwargs: optional ``(stage, mb_id) -> dict`` of side inputs for the chunk's forward.
+        overlap: run ``F&B`` pairs and fusable neighbours (:meth:`run_unit`) as two cooperative lanes, so that one
+            computes while the other's expert all-to-all is in flight (module docstring).
+        lane_context: optional ``() -> context manager`` entered in each lane's thread (thread-local state of the
+            caller, e.g. saved-tensor hooks).
     """
 
     def __init__(self, schedule: Schedule, rank: int, chunks: Mapping[tuple[int, int], nn.Module],
                  transport: Transport, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-                 split: Split = "auto", chunk_kwargs: Optional[ChunkKwargs] = None) -> None:
+                 split: Split = "auto", chunk_kwargs: Optional[ChunkKwargs] = None, overlap: bool = False,
+                 lane_context: Optional[Callable[[], Any]] = None) -> None:
         missing = set(schedule.chunks(rank)) - set(chunks)
         if missing:
             raise ScheduleError(f"rank {rank} needs chunks {sorted(missing)} (stage, direction)")
@@ -207,6 +218,7 @@ class StageRunner:
         self.inputs: Mapping[int, torch.Tensor] = {}
         self.targets: Mapping[int, torch.Tensor] = {}
         self.losses: dict[int, torch.Tensor] = {}
+        self.overlap, self.lane_context = overlap, lane_context
 
     # -- step control --------------------------------------------------------------------------------------------
     def start_step(self, inputs: Mapping[int, torch.Tensor], targets: Mapping[int, torch.Tensor]) -> None:
@@ -243,6 +255,30 @@ class StageRunner:
         self.pos += 1
         return op
 
+    def _fusable(self, a: Op, b: Op) -> bool:
+        """Whether two adjacent elementary ops may run as lanes: forwards or one ``B``/``Bi`` with a forward, of
+        different micro-batches (so neither consumes what the other produces)."""
+        if a.pair is not None or b.pair is not None:
+            return False
+        kinds = (a.kind, b.kind)
+        if any(k not in (OpKind.F, OpKind.B, OpKind.BI) for k in kinds) or OpKind.F not in kinds:
+            return False
+        return self.schedule.mb_id(a) != self.schedule.mb_id(b)
+
+    def run_unit(self) -> list[tuple[Op, float]]:
+        """Run the next op, or with ``overlap`` the next two fusable ops together; returns ``[(op, share)]``: the ops
+        run and each one's share of the unit's wall time (from the lanes' compute times; 1.0 for a single op or an
+        ``F&B`` pair)."""
+        op = self.ops[self.pos]
+        nxt = self.ops[self.pos + 1] if self.pos + 1 < len(self.ops) else None
+        if not self.overlap or nxt is None or not self._fusable(op, nxt):
+            return [(self.run_next(), 1.0)]  # a pair overlaps inside run_next when self.overlap
+        _, held = _overlap.run_lanes([lambda: self._run(op), lambda: self._run(nxt)], self.lane_context)
+        self.pos += 2
+        tot = sum(held)
+        shares = [h / tot for h in held] if tot > 0 else [0.5, 0.5]
+        return [(op, shares[0]), (nxt, shares[1])]
+
     def finish_step(self) -> dict[int, torch.Tensor]:
         if not self.done or self._acts or self._wgraph or len(self.store):
             raise ScheduleError(f"rank {self.rank}: step ended with {len(self.ops) - self.pos} ops left, "
@@ -253,8 +289,15 @@ class StageRunner:
     # -- ops -----------------------------------------------------------------------------------------------------
     def _run_pair(self, op: Op) -> None:
         f, b = op.pair  # type: ignore[misc]
+        if self.overlap:
+            _overlap.run_lanes([lambda: self._run(f), lambda: self._run(b)], self.lane_context)
+            return
         self._run(f)
         self._run(b)
+
+    def _recv(self, ch: tuple, m: int) -> torch.Tensor:
+        with _overlap.blocking():  # a lane waiting for pipeline data hands its baton over
+            return self.transport.recv(ch, m)
 
     def _run(self, p: Op) -> None:
         if p.kind is OpKind.F:
@@ -273,7 +316,7 @@ class StageRunner:
             leaf = None
         else:
             (ch, m), = self._recvs(p)
-            leaf = self.transport.recv(ch, m).detach().requires_grad_(True)
+            leaf = self._recv(ch, m).detach().requires_grad_(True)
             x = leaf
         kwargs = self.chunk_kwargs(p.stage, mb_id) if self.chunk_kwargs is not None else {}
         y = self.chunks[(p.stage, p.direction)](x, **kwargs)
@@ -294,20 +337,21 @@ class StageRunner:
             grad = None
         else:
             (ch, m), = self._recvs(p)
-            grad = self.transport.recv(ch, m)
+            grad = self._recv(ch, m)
         mode = self.split[(p.stage, p.direction)]
-        if not split:
-            torch.autograd.backward(y, grad)
-        elif mode == "store":
-            if cell in self.store:
-                raise ScheduleError(f"rank {self.rank}: weight grads of cell {cell} are already pending")
-            with self.store.defer(cell):
+        with _overlap.backward_lane():
+            if not split:
                 torch.autograd.backward(y, grad)
-        else:  # autograd: input grad now, parameter grads at W over the retained graph
-            if leaf is not None:
-                (gx,) = torch.autograd.grad(y, (leaf,), grad, retain_graph=True)
-                leaf.grad = gx
-            self._wgraph[cell] = (y, grad)
+            elif mode == "store":
+                if cell in self.store:
+                    raise ScheduleError(f"rank {self.rank}: weight grads of cell {cell} are already pending")
+                with self.store.defer(cell):
+                    torch.autograd.backward(y, grad)
+            else:  # autograd: input grad now, parameter grads at W over the retained graph
+                if leaf is not None:
+                    (gx,) = torch.autograd.grad(y, (leaf,), grad, retain_graph=True)
+                    leaf.grad = gx
+                self._wgraph[cell] = (y, grad)
         if p.stage > 0:
             assert leaf is not None and leaf.grad is not None, f"no input grad for {p}"
             prev = s.prev_cell(p)
@@ -321,7 +365,8 @@ class StageRunner:
             y, grad = self._wgraph.pop(cell)
             params = [q for q in self.chunks[(p.stage, p.direction)].parameters() if q.requires_grad]
             if params:
-                torch.autograd.backward(y, grad, inputs=params)
+                with _overlap.backward_lane():
+                    torch.autograd.backward(y, grad, inputs=params)
         else:
             try:
                 self.store.run(cell)

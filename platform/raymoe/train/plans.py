@@ -79,6 +79,9 @@ class StepResult:
     timings: list[OpTiming] = field(default_factory=list)
     peak_activation_bytes: int = 0
     param_bytes: int = 0
+    a2a_count: int = 0  # expert all-to-alls this rank issued in the step's ops (raymoe.experts.overlap.METER)
+    a2a_s: float = 0.0  # their summed time, issue to completion
+    a2a_exposed_s: float = 0.0  # the part of it during which this rank computed nothing (blocked in the exchange)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ One :meth:`step` per optimizer step takes a :class:`~raymoe.train.plans.StepPlan
 2. run the rank's op list (:class:`raymoe.schedule.executor.StageRunner`) with activations and gradients moving by
    torch.distributed point-to-point in background threads (:class:`raymoe.train.p2p.P2PTransport`), so a rank's
    sends and prefetched receives overlap its compute; MoE layers exchange tokens with their ep group by all-to-all
-   inside F/B; ``Bi``/``W`` split the weight gradients through the project's one deferred-gradient store;
+   inside F/B (with ``parallel.overlap_a2a`` F&B pairs and adjacent F/B ops of different micro-batches run as two
+   lanes that hide each other's all-to-all, :mod:`raymoe.experts.overlap`; ``StepResult.a2a_s`` / ``a2a_exposed_s``
+   say how much was hidden); ``Bi``/``W`` split the weight gradients through the project's one deferred-gradient store;
 3. one all-reduce over the world sums expert token counts (every router, MTP included), loss statistics and the
    non-finite flag; then gradients are reduced, clipped and applied (or the step is skipped everywhere).
 
@@ -35,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from raymoe.config import RunConfig
+from raymoe.experts.overlap import METER as A2A_METER
 from raymoe.malloc import keep_freed_memory
 from raymoe.model.recompute import recomputing
 from raymoe.model.transformer import mtp_greedy_acceptance
@@ -231,6 +234,8 @@ class PipelineWorker:
             dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                                     world_size=self.world, timeout=datetime.timedelta(seconds=timeout_s))
         self.groups = build_process_groups(topo, rank, timeout_s) if self.world > 1 else None
+        self.overlap = bool(run.parallel.overlap_a2a) and topo.ep > 1
+        lane_ep = self._lane_ep_group(timeout_s) if self.overlap else None
 
         from raymoe.data import open_datasets
 
@@ -240,6 +245,10 @@ class PipelineWorker:
         self._rows = par.router_rows(model)
         self.chunks = par.apply_pp(model, topo, rank)
         par.apply_ep(model, topo, rank, self.groups.ep if self.groups else None)
+        if self.overlap:
+            from raymoe.experts.parallel import set_lane_groups
+
+            set_lane_groups(model, (self.groups.ep, lane_ep))
         par.materialize(model, tc.seed)
         if tc.init_from:  # pretrained weights: this rank's layers and expert rows only
             from raymoe.train.pretrained import load_pretrained
@@ -273,13 +282,26 @@ class PipelineWorker:
         self.autocast = run.train.dtype == "bfloat16"
         run_chunks = {k: _AutocastChunk(v, self.device.type) for k, v in self.chunks.items()} if self.autocast \
             else self.chunks
-        self.runner = StageRunner(topo.schedule, c.pp_rank, run_chunks, self.transport, self._loss_fn,
-                                  split=split, chunk_kwargs=self._chunk_kwargs)
         self.meter = _ActivationMeter(model)
+        self.runner = StageRunner(topo.schedule, c.pp_rank, run_chunks, self.transport, self._loss_fn,
+                                  split=split, chunk_kwargs=self._chunk_kwargs, overlap=self.overlap,
+                                  lane_context=self.meter.hooks)
         self._peak = measure_matmul_peak(torch.bfloat16 if self.autocast else torch.float32)
         self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     # ------------------------------------------------------------------ hooks and helpers
+    def _lane_ep_group(self, timeout_s: float) -> Any:
+        """A second ep group (same members as this rank's) for the second overlap lane; every rank creates every
+        ep group's twin in the same order (``new_group`` is collective over the world)."""
+        kw = {"timeout": datetime.timedelta(seconds=timeout_s)}
+        mine = None
+        for spec in self.topo.group_specs():
+            if spec.kind == "ep" and len(spec.ranks) > 1:
+                g = dist.new_group(list(spec.ranks), **kw)
+                if self.rank in spec.ranks:
+                    mine = g
+        return mine
+
     def _count_hook(self, row: int) -> Any:
         def hook(_mod: Any, _inp: Any, out: Any) -> None:
             if not recomputing():  # a full-recompute block re-routes in backward: count the forward only
@@ -358,11 +380,17 @@ class PipelineWorker:
         self.runner.start_step(inputs, targets)
         timings: list[OpTiming] = []
         self.meter.live = self.meter.peak = 0
+        a2a0 = A2A_METER.snapshot()
         with self.meter.hooks():
             while not self.runner.done:
                 t0 = time.perf_counter() - t_start
-                op = self.runner.run_next()
-                timings.append(OpTiming(str(op), t0, time.perf_counter() - t_start))
+                unit = self.runner.run_unit()
+                t1 = time.perf_counter() - t_start
+                for op, share in unit:  # two fused ops: the unit's span split by their compute times
+                    end = t1 if op is unit[-1][0] else t0 + share * (t1 - t0)
+                    timings.append(OpTiming(str(op), t0, end))
+                    t0 = end
+        a2a = A2A_METER.snapshot().minus(a2a0)
         self.runner.finish_step()
         self.transport.finish_step()
         idle = self.transport.blocked_s - blocked0
@@ -388,7 +416,8 @@ class PipelineWorker:
             losses=LossSums(float(s[0]), float(s[1]), float(s[2]), float(s[3]), int(s[4])),
             counts=counts, grad_norm=norm, skipped=skipped, nonfinite=bad_layers,
             busy_s=busy, idle_s=idle, step_s=time.perf_counter() - t_start, timings=timings,
-            peak_activation_bytes=self.meter.peak, param_bytes=self.param_bytes)
+            peak_activation_bytes=self.meter.peak, param_bytes=self.param_bytes,
+            a2a_count=a2a.count, a2a_s=a2a.total_s, a2a_exposed_s=a2a.exposed_s)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
