@@ -243,9 +243,16 @@ class PipelineWorker:
         self._counts = torch.zeros(run.model.num_router_layers, run.model.n_routed_experts, dtype=torch.long)
         for r, row in self.routers:
             r.register_forward_hook(self._count_hook(row))
-        self.optimizer = GuardedAdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                      eps=tc.eps)
-        self.dp = par.NativeDataParallel(model, topo, rank, self.groups, self.optimizer, tc.grad_clip)
+        adamw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+        if run.parallel.zero_stage >= 1 and topo.data_parallel_size > 1:  # ZeRO-1: AdamW state sharded over DP
+            from raymoe.train.zero import ZeroDataParallel
+
+            self.dp = ZeroDataParallel(model, topo, rank, self.groups, tc.grad_clip, tc.weight_decay, adamw,
+                                       run.parallel.zero_bucket_numel)
+            self.optimizer = self.dp.optimizer
+        else:
+            self.optimizer = GuardedAdamW(param_groups(model, tc.weight_decay), **adamw)
+            self.dp = par.NativeDataParallel(model, topo, rank, self.groups, self.optimizer, tc.grad_clip)
         if topo.pp > 1:
             from raymoe.train.p2p import P2PTransport
 
@@ -431,14 +438,15 @@ class PipelineWorker:
 
     # ------------------------------------------------------------------ checkpoint
     def save(self, dest: str) -> dict[str, dict[str, Any]]:
-        """Write this rank's shard (dp rank 0 of each (pp, ep) pair; others write nothing) into a staging directory
-        and put it under ``dest`` (a local checkpoint directory or a storage URI); returns ``{relpath: {sha256,
-        bytes}}`` of what it put, for the coordinator's manifest."""
+        """Write this rank's shard (dp rank 0 of each (pp, ep) pair; under ZeRO-1 also every other rank, its pieces
+        of the optimizer state) into a staging directory and put it under ``dest`` (a local checkpoint directory or a
+        storage URI); returns ``{relpath: {sha256, bytes}}`` of what it put, for the coordinator's manifest."""
         from raymoe.storage import stage_and_put
         from raymoe.train import sharded
 
         _test_delay("RAYMOE_TEST_SAVE_DELAY_S")
-        return stage_and_put(dest, lambda d: sharded.save_rank(self.model, self.optimizer, self.topo, self.rank, d))
+        return stage_and_put(dest, lambda d: sharded.save_rank(self.model, self.optimizer, self.topo, self.rank, d,
+                                                               zero=self._zero()))
 
     def load(self, ref: Any) -> None:
         """Load this rank's share of checkpoint ``ref`` (:class:`raymoe.checkpoint.CheckpointRef`): from the directory
@@ -450,11 +458,21 @@ class PipelineWorker:
 
         needed = None if ref.local else _shards_to_fetch(ref, self.model)
         with ckpt.local_copy(ref, needed) as d:
-            sharded.load_rank(self.model, self.optimizer, self.topo, self.rank, d)
+            sharded.load_rank(self.model, self.optimizer, self.topo, self.rank, d, zero=self._zero())
         if self.fp8_guard is not None:
             from raymoe.fp8 import invalidate_weight_caches
 
             invalidate_weight_caches(self.model)
+
+    def _zero(self) -> Any:
+        """The ZeRO-1 data parallelism (its optimizer state is in pieces), or None when the state is replicated."""
+        return self.dp if hasattr(self.dp, "state_ranges") else None
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of AdamW moments this rank holds (ZeRO-1: its share)."""
+        from raymoe.train.zero import optimizer_state_bytes
+
+        return optimizer_state_bytes(self.optimizer)
 
     def param_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters by full-model name (tests: replicas must hold identical tensors)."""
