@@ -333,7 +333,6 @@ class ParallelConfig:
     # state of every tensor over the ranks its gradient is reduced over (ep × dp for dense, dp for routed experts;
     # raymoe.train.zero), 0 keeps it replicated on every DP rank; 2 is DeepSpeed only
     zero_stage: int = 1
-    zero_bucket_numel: int = 1 << 25  # native ZeRO-1: elements per reduce-scatter / all-gather bucket
     # Who owns gradient reduction and the optimizer: deepspeed (ZeRO over the DP group; pp = ep = 1 only) | native
     # (raymoe.train.parallelize.NativeDataParallel; any layout) | auto (deepspeed when pp = ep = 1, else native)
     dp_impl: str = "auto"
@@ -351,8 +350,6 @@ class ParallelConfig:
         _require(self.dp_impl != "native" or self.zero_stage in (0, 1),
                  f"parallel.zero_stage={self.zero_stage} with parallel.dp_impl=native; allowed: 0, 1 (stage 2 is "
                  "DeepSpeed's: parallel.dp_impl=deepspeed)")
-        _require(isinstance(self.zero_bucket_numel, int) and self.zero_bucket_numel >= 1,
-                 f"parallel.zero_bucket_numel must be an integer >= 1, got {self.zero_bucket_numel!r}")
         _require(self.num_cpus_per_rank >= 0, "parallel.num_cpus_per_rank must be >= 0")
         _require(self.dp_impl in ("auto", "deepspeed", "native"),
                  f"parallel.dp_impl={self.dp_impl!r}; allowed: auto, deepspeed, native")

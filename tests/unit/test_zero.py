@@ -72,8 +72,6 @@ def test_native_zero_stage_is_validated() -> None:
     ParallelConfig(dp_impl="native", zero_stage=0)
     with pytest.raises(ConfigError, match="parallel.zero_stage=2 with parallel.dp_impl=native; allowed: 0, 1"):
         ParallelConfig(dp_impl="native", zero_stage=2)
-    with pytest.raises(ConfigError, match="parallel.zero_bucket_numel"):
-        ParallelConfig(zero_bucket_numel=0)
 
 
 @pytest.mark.parametrize("pp,ep,dp,schedule", [(1, 1, 2, "1f1b"), (1, 2, 2, "1f1b"), (2, 2, 2, "1f1b"),

@@ -247,8 +247,7 @@ class PipelineWorker:
         if run.parallel.zero_stage >= 1 and topo.data_parallel_size > 1:  # ZeRO-1: AdamW state sharded over DP
             from raymoe.train.zero import ZeroDataParallel
 
-            self.dp = ZeroDataParallel(model, topo, rank, self.groups, tc.grad_clip, tc.weight_decay, adamw,
-                                       run.parallel.zero_bucket_numel)
+            self.dp = ZeroDataParallel(model, topo, rank, self.groups, tc.grad_clip, tc.weight_decay, adamw)
             self.optimizer = self.dp.optimizer
         else:
             self.optimizer = GuardedAdamW(param_groups(model, tc.weight_decay), **adamw)
