@@ -244,7 +244,12 @@ class PipelineWorker:
         for r, row in self.routers:
             r.register_forward_hook(self._count_hook(row))
         adamw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
-        if run.parallel.zero_stage >= 1 and topo.data_parallel_size > 1:  # ZeRO-1: AdamW state sharded over DP
+        if run.parallel.zero_stage not in (0, 1):  # dp_impl=auto can land here (pp/ep > 1, or elastic dp)
+            from raymoe.config import ConfigError
+
+            raise ConfigError(f"parallel.zero_stage={run.parallel.zero_stage} with the native runtime (pp={topo.pp}, "
+                              f"ep={topo.ep}, or elastic dp); allowed: 0, 1 (stage 2 is DeepSpeed's, pp = ep = 1)")
+        if run.parallel.zero_stage == 1 and topo.data_parallel_size > 1:  # ZeRO-1: AdamW state sharded over DP
             from raymoe.train.zero import ZeroDataParallel
 
             self.dp = ZeroDataParallel(model, topo, rank, self.groups, tc.grad_clip, tc.weight_decay, adamw)

@@ -50,7 +50,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from raymoe.train.parallelize import NativeDataParallel, is_expert_param
+from raymoe.train.parallelize import NativeDataParallel, _flat_allreduce
 
 __all__ = ["Bucket", "Piece", "plan_buckets", "owned_pieces", "ShardedSet", "ZeroDataParallel",
            "DEFAULT_BUCKET_NUMEL", "optimizer_state_bytes"]
@@ -312,9 +312,7 @@ class ZeroDataParallel(NativeDataParallel):
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        for group, ps in self.shared:
-            from raymoe.train.parallelize import _flat_allreduce
-
+        for group, ps in self.shared:  # copies on several pipeline ranks: summed first, as in the base class
             _flat_allreduce(self._grads(ps), group)
         scale = 1.0 / self.topo.data_parallel_size
         for s in self.sets:
