@@ -472,12 +472,6 @@ class PipelineWorker:
         """The ZeRO-1 data parallelism (its optimizer state is in pieces), or None when the state is replicated."""
         return self.dp if hasattr(self.dp, "state_ranges") else None
 
-    def optimizer_state_bytes(self) -> int:
-        """Bytes of AdamW moments this rank holds (ZeRO-1: its share)."""
-        from raymoe.train.zero import optimizer_state_bytes
-
-        return optimizer_state_bytes(self.optimizer)
-
     def param_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters by full-model name (tests: replicas must hold identical tensors)."""
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
