@@ -20,13 +20,14 @@ REL = 1e-5
 
 
 def _run(tmp: pathlib.Path, name: str, *, zero: int, pp: int = 1, ep: int = 1, dp: int = 1, C: int = 2,
-         steps: int = 4, **train_kw) -> RunConfig:
+         steps: int = 4, schedule: str = "1f1b", **train_kw) -> RunConfig:
     train = dict(steps=steps, micro_batch_size=1, num_microbatches=C, checkpoint_every=steps, eval_every=steps,
                  eval_batches=1, warmup_tokens=64, seed=0, export_hf=False, grad_clip=0.5, weight_decay=0.1)
     train.update(train_kw)
     return RunConfig(
         model=ModelConfig.preset("tiny"),
-        parallel=ParallelConfig(pp=pp, ep=ep, dp=dp, num_cpus_per_rank=0.25, dp_impl="native", zero_stage=zero),
+        parallel=ParallelConfig(pp=pp, ep=ep, dp=dp, schedule=schedule, num_cpus_per_rank=0.25, dp_impl="native",
+                                zero_stage=zero),
         train=TrainConfig(**train),
         data=DataConfig(seq_len=32),
         logger=LoggerConfig(kind="none"),
@@ -75,10 +76,14 @@ def _same_weights(w: dict, ref: dict, rel: float = 1e-3) -> None:
         assert err <= rel * moved, f"{n}: |w - w_ref| {err:.3g} vs |w_ref - w0| {moved:.3g}"
 
 
-@pytest.mark.parametrize("layout", [dict(dp=2, C=2), dict(ep=2, dp=2, C=1)], ids=["pp1xep1xdp2", "ep2xdp2"])
+@pytest.mark.parametrize("layout", [dict(dp=2, C=2), dict(ep=2, dp=2, C=1),
+                                    dict(pp=2, dp=2, C=4, schedule="dualpipe")],
+                         ids=["pp1xep1xdp2", "ep2xdp2", "dualpipe-pp2xdp2"])
 def test_zero1_equals_replicated_native_dp(tmp_path, layout) -> None:
     """Dense state sharded over ep × dp, expert state over dp, global-norm clipping active (grad_clip=0.5), weight
-    decay on matrices: the same losses and weights (several buckets per set: tests/unit/test_zero.py)."""
+    decay on matrices: the same losses and weights (several buckets per set: tests/unit/test_zero.py). Under DualPipe
+    both pipeline ranks hold every stage: each copy shards its state over its own dp group, both copies get the
+    same summed gradients and updates, and only pipeline rank 0 writes the state."""
     rep = _drive(_run(tmp_path, "rep", zero=0, **layout))
     z = _drive(_run(tmp_path, "zero", zero=1, **layout))
     _close(z["losses"], rep["losses"])
@@ -91,6 +96,8 @@ def test_zero1_equals_replicated_native_dp(tmp_path, layout) -> None:
     want = ["pp0_ep0.safetensors", "pp0_ep0_dp1.safetensors"]
     if layout.get("ep") == 2:
         want += ["pp0_ep1.safetensors", "pp0_ep1_dp1.safetensors"]
+    if layout.get("pp") == 2:
+        want += ["pp1_ep0.safetensors"]  # dp rank 0 of pipeline rank 1: the (empty) shard of the copies' holder
     assert shards == sorted(want)
 
 

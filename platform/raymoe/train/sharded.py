@@ -121,8 +121,8 @@ def save_rank(model: nn.Module, optimizer: torch.optim.Optimizer, topo: Any, ran
             r = rows.get(name)
             if lo == (r[0] * (p.numel() // (r[1] - r[0])) if r else 0):
                 tensors[f"step/{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).detach().cpu().reshape(())
-    if not tensors:
-        return []
+    if not tensors and c.dp_rank != 0:
+        return []  # a ZeRO-1 rank whose pieces another pipeline copy writes
     meta = {
         "rows": json.dumps({n: list(r) for n, r in rows.items() if f"param/{n}" in tensors}),
         "layout": json.dumps({"pp": topo.pp, "ep": topo.ep, "dp": topo.dp, "schedule": topo.schedule_name,
