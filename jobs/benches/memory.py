@@ -68,10 +68,9 @@ KNOWN_ARGS = {"layouts", "model", "steps", "seq_len", "mb", "C", "recompute", "d
               "plot", "cpus_per_rank", "timeout", "width"}
 DEFAULT_LAYOUTS = "pp1,pp2,ep2,pp2xep2,pp2xdp2,pp2xep2xdp2"
 MiB = 1024**2
-# Whether the runtime's native data parallelism shards the AdamW state over the DP replicas (ZeRO-1). Today
-# NativeDataParallel keeps a full optimizer on every DP rank, so the plan is asked with zero1=False; when native
-# ZeRO-1 lands, set this to what the runtime does (or pass zero1=true) and the check below holds it to the plan.
-RUNTIME_ZERO1 = False
+# What the runtime does by default: native data parallelism shards the AdamW state over the DP replicas (ZeRO-1,
+# parallel.zero_stage=1). ``zero1=`` picks the run's zero_stage (1 or 0) and the plan's zero1 together.
+RUNTIME_ZERO1 = True
 TENSORS = ("params", "grads", "optimizer")
 
 
@@ -94,10 +93,12 @@ def layout_name(pp: int, ep: int, dp: int, schedule: str) -> str:
 
 
 def _run_config(model: str, pp: int, ep: int, dp: int, schedule: str, C: int, mb: int, seq_len: int,
-                recompute: str, dtype: str, cpus: float, steps: int, run_dir: str) -> RunConfig:
+                recompute: str, dtype: str, cpus: float, steps: int, run_dir: str, zero1: bool = RUNTIME_ZERO1
+                ) -> RunConfig:
     return RunConfig(
         model=ModelConfig.preset(model),
-        parallel=ParallelConfig(pp=pp, ep=ep, dp=dp, schedule=schedule, num_cpus_per_rank=cpus, dp_impl="native"),
+        parallel=ParallelConfig(pp=pp, ep=ep, dp=dp, schedule=schedule, num_cpus_per_rank=cpus, dp_impl="native",
+                                zero_stage=1 if zero1 else 0),
         train=TrainConfig(steps=steps, micro_batch_size=mb, num_microbatches=C, dtype=dtype, recompute=recompute,
                           checkpoint_every=10**6, eval_every=10**6, export_hf=False, resume="never",
                           warmup_tokens=0, seed=0),
@@ -433,7 +434,7 @@ def run(args: dict[str, str]) -> dict:
                 try:
                     check_layout(pp, ep, dp, sched, C, cfg)
                     run_cfg = _run_config(model, pp, ep, dp, sched, C, mb, seq_len, recompute, dtype, cpus, steps,
-                                          str(pathlib.Path(tmp) / f"pp{pp}ep{ep}dp{dp}-{sched}"))
+                                          str(pathlib.Path(tmp) / f"pp{pp}ep{ep}dp{dp}-{sched}"), zero1)
                     plan = plan_of(run_cfg, zero1)
                 except ConfigError as e:
                     L["error"] = str(e)

@@ -329,7 +329,10 @@ class ParallelConfig:
     schedule: str = "1f1b"  # pipeline schedule (PP > 1): 1f1b | zb1p | dualpipe | dualpipev
     backend: str = "auto"  # torch.distributed backend inside the actors: auto (gloo on CPU, nccl on GPU) | gloo | nccl
     num_cpus_per_rank: float = 1.0  # Ray logical CPUs reserved per stage actor
-    zero_stage: int = 1  # DeepSpeed ZeRO stage over the DP group (dp_impl=deepspeed)
+    # ZeRO stage over the DP group. dp_impl=deepspeed: DeepSpeed's (0, 1, 2). dp_impl=native: 1 shards the AdamW
+    # state of every tensor over the ranks its gradient is reduced over (ep × dp for dense, dp for routed experts;
+    # raymoe.train.zero), 0 keeps it replicated on every DP rank; 2 is DeepSpeed only
+    zero_stage: int = 1
     # Who owns gradient reduction and the optimizer: deepspeed (ZeRO over the DP group; pp = ep = 1 only) | native
     # (raymoe.train.parallelize.NativeDataParallel; any layout) | auto (deepspeed when pp = ep = 1, else native)
     dp_impl: str = "auto"
@@ -350,6 +353,9 @@ class ParallelConfig:
         )
         _require(self.backend in ("auto", "gloo", "nccl"), f"parallel.backend={self.backend!r}; allowed: auto, gloo, nccl")
         _require(self.zero_stage in (0, 1, 2), f"parallel.zero_stage={self.zero_stage}; allowed: 0, 1, 2")
+        _require(self.dp_impl != "native" or self.zero_stage in (0, 1),
+                 f"parallel.zero_stage={self.zero_stage} with parallel.dp_impl=native; allowed: 0, 1 (stage 2 is "
+                 "DeepSpeed's: parallel.dp_impl=deepspeed)")
         _require(self.num_cpus_per_rank >= 0, "parallel.num_cpus_per_rank must be >= 0")
         _require(self.dp_impl in ("auto", "deepspeed", "native"),
                  f"parallel.dp_impl={self.dp_impl!r}; allowed: auto, deepspeed, native")

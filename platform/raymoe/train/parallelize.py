@@ -38,6 +38,10 @@ each micro-batch's loss is back-propagated scaled by ``1/C`` on its rank, and af
 
 This equals, to fp32 reduction order, one process training the whole model on the whole global batch with gradient
 accumulation — the property the equivalence tests check.
+
+``parallel.zero_stage=1`` (the default) uses :class:`raymoe.train.zero.ZeroDataParallel` instead when a group has
+more than one rank: the same reductions as a reduce-scatter over the same groups, each rank holding and updating
+only its share of the AdamW state, the updated weights all-gathered (ZeRO-1).
 """
 from __future__ import annotations
 

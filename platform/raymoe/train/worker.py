@@ -262,11 +262,21 @@ class PipelineWorker:
         self._counts = torch.zeros(run.model.num_router_layers, run.model.n_routed_experts, dtype=torch.long)
         for r, row in self.routers:
             r.register_forward_hook(self._count_hook(row))
-        self.optimizer = GuardedAdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                      eps=tc.eps)
-        self.dp = par.NativeDataParallel(model, topo, rank, self.groups, self.optimizer, tc.grad_clip)
-        self._grad_bytes = 0  # the gradients the optimizer last stepped with (memory_stats)
-        self.optimizer.register_step_pre_hook(self._note_grad_bytes)
+        adamw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+        if run.parallel.zero_stage not in (0, 1):  # dp_impl=auto can land here (pp/ep > 1, or elastic dp)
+            from raymoe.config import ConfigError
+
+            raise ConfigError(f"parallel.zero_stage={run.parallel.zero_stage} with the native runtime (pp={topo.pp}, "
+                              f"ep={topo.ep}, or elastic dp); allowed: 0, 1 (stage 2 is DeepSpeed's, pp = ep = 1)")
+        if run.parallel.zero_stage == 1 and topo.data_parallel_size > 1:  # ZeRO-1: AdamW state sharded over DP
+            from raymoe.train.zero import ZeroDataParallel
+
+            self.dp = ZeroDataParallel(model, topo, rank, self.groups, tc.grad_clip, tc.weight_decay, adamw)
+            self.optimizer = self.dp.optimizer
+        else:
+            self.optimizer = GuardedAdamW(param_groups(model, tc.weight_decay), **adamw)
+            self.dp = par.NativeDataParallel(model, topo, rank, self.groups, self.optimizer, tc.grad_clip)
+        self._grad_bytes = 0  # the gradients of the last step, before their reduction (memory_stats)
         if topo.pp > 1:
             from raymoe.train.p2p import P2PTransport
 
@@ -408,6 +418,8 @@ class PipelineWorker:
         counts = packed[:L * E].round().long().view(L, E)
         s = packed[L * E:L * E + 5]
         skipped = bool(packed[-1] > 0)
+        # every gradient is complete here and still whole (ZeRO-1 reduce-scatters it into pieces inside step)
+        self._grad_bytes = _tensor_bytes(p.grad for p in self.model.parameters() if p.grad is not None)
         norm = self.dp.step(skip=skipped)
         if self.fp8_guard is not None and hasattr(self.fp8_guard, "reset"):
             self.fp8_guard.reset()
@@ -472,14 +484,15 @@ class PipelineWorker:
 
     # ------------------------------------------------------------------ checkpoint
     def save(self, dest: str) -> dict[str, dict[str, Any]]:
-        """Write this rank's shard (dp rank 0 of each (pp, ep) pair; others write nothing) into a staging directory
-        and put it under ``dest`` (a local checkpoint directory or a storage URI); returns ``{relpath: {sha256,
-        bytes}}`` of what it put, for the coordinator's manifest."""
+        """Write this rank's shard (dp rank 0 of each (pp, ep) pair; under ZeRO-1 also every other rank, its pieces
+        of the optimizer state) into a staging directory and put it under ``dest`` (a local checkpoint directory or a
+        storage URI); returns ``{relpath: {sha256, bytes}}`` of what it put, for the coordinator's manifest."""
         from raymoe.storage import stage_and_put
         from raymoe.train import sharded
 
         _test_delay("RAYMOE_TEST_SAVE_DELAY_S")
-        return stage_and_put(dest, lambda d: sharded.save_rank(self.model, self.optimizer, self.topo, self.rank, d))
+        return stage_and_put(dest, lambda d: sharded.save_rank(self.model, self.optimizer, self.topo, self.rank, d,
+                                                               zero=self._zero()))
 
     def load(self, ref: Any) -> None:
         """Load this rank's share of checkpoint ``ref`` (:class:`raymoe.checkpoint.CheckpointRef`): from the directory
@@ -491,23 +504,23 @@ class PipelineWorker:
 
         needed = None if ref.local else _shards_to_fetch(ref, self.model)
         with ckpt.local_copy(ref, needed) as d:
-            sharded.load_rank(self.model, self.optimizer, self.topo, self.rank, d)
+            sharded.load_rank(self.model, self.optimizer, self.topo, self.rank, d, zero=self._zero())
         if self.fp8_guard is not None:
             from raymoe.fp8 import invalidate_weight_caches
 
             invalidate_weight_caches(self.model)
 
-    def _note_grad_bytes(self, *_: Any) -> None:
-        # the gradients are complete (reduced, clipped) only when the optimizer steps, and set to None right after
-        self._grad_bytes = _tensor_bytes(p.grad for g in self.optimizer.param_groups for p in g["params"])
-
     def memory_stats(self) -> dict[str, int]:
         """Bytes of the tensors this rank holds (each storage counted once): ``params``, ``buffers`` (router biases,
-        RoPE tables), ``grads`` (as the last optimizer step saw them), ``optimizer`` (every tensor of the AdamW
-        state: the two moments and the per-tensor step counters) — ``bench memory`` sets them beside the plan."""
+        RoPE tables), ``grads`` (the last step's, whole, before their reduction), ``optimizer`` (every tensor of the
+        AdamW state: the two moments and the per-tensor step counters; under ZeRO-1 this rank's pieces) — ``bench memory`` sets them beside the plan."""
         return {"params": _tensor_bytes(self.model.parameters()), "buffers": _tensor_bytes(self.model.buffers()),
                 "grads": self._grad_bytes,
                 "optimizer": _tensor_bytes(t for st in self.optimizer.state.values() for t in st.values())}
+
+    def _zero(self) -> Any:
+        """The ZeRO-1 data parallelism (its optimizer state is in pieces), or None when the state is replicated."""
+        return self.dp if hasattr(self.dp, "state_ranges") else None
 
     def param_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters by full-model name (tests: replicas must hold identical tensors)."""
