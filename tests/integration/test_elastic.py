@@ -71,6 +71,7 @@ def _drive(run: RunConfig, events: list | None = None, timeout: float = 600, env
         summary = ray.get(fut)
         assert not pending, f"run ended before {len(pending)} event(s) fired"
         ray.get(coord.shutdown.remote(), timeout=60)
+        summary["initial_pids"] = coord.initial_pids
         return summary
     finally:
         ray.kill(coord)
@@ -224,3 +225,37 @@ def test_hung_rank_is_detected_within_the_step_timeout_and_replaced(tmp_path, re
     assert "did not finish" in rec["reason"] and "within 20 s" in rec["reason"], rec
     assert s["losses"] == ref["losses"]
     _assert_same_samples(run, ref_run)
+
+
+def test_surviving_replica_hands_its_state_to_the_replacement(tmp_path, reference) -> None:
+    """dp=2 native: the one rank of replica 1 is SIGKILLed at step 3. Replica 0 keeps its process and in-memory
+    state; a new rank takes that state over the process group (elastic.recovery=handoff, the default): no completed
+    step is recomputed (each step's samples are logged once), no checkpoint is read, and the run equals the
+    uninterrupted one (the step in flight, if any, is redone with the same samples)."""
+    import ray
+
+    ref_run, ref = reference(2, "native")
+    run = _run(tmp_path, "handoff", dp=2, impl="native")
+    killed: dict = {}
+
+    def kill(coord) -> None:
+        killed["pid"] = ray.get(coord.inspect.remote("pid"), timeout=120)[1]
+        os.kill(killed["pid"], signal.SIGKILL)
+
+    s = _drive(run, events=[(3, kill)])
+    assert s["finished"] and s["steps"] == 8
+    assert len(s["recoveries"]) == 1, s["recoveries"]
+    rec = s["recoveries"][0]
+    assert rec["recovery"] == "handoff" and "died" in rec["reason"], rec
+    assert rec["steps_recomputed"] == 0 and rec["checkpoint"] is None
+    assert rec["resumed_step"] == rec["step"] >= 3, rec  # not rolled back to a checkpoint
+    assert (rec["dp_before"], rec["dp_after"], rec["survivors"], rec["new_ranks"]) == (2, 2, [0], [1]), rec
+    assert rec["handoff_bytes"] > 1_000_000 and rec["seconds"] > 0  # the tiny model's parameters + AdamW moments
+    pids = [p["pid"] for p in s["placement"]]
+    assert pids[0] == s["initial_pids"][0] and pids[1] != killed["pid"]  # the survivor kept its process
+    for a, b in zip(s["losses"], ref["losses"], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (s["losses"], ref["losses"])
+    _assert_same_samples(run, ref_run)
+    logged = collections.Counter(json.loads(line)["step"] for line in open(pathlib.Path(run.run_dir) / "metrics.jsonl")
+                                 if "data/sample_ids" in line)
+    assert sorted(logged) == list(range(1, 9)) and set(logged.values()) == {1}, logged  # no step ran twice

@@ -216,11 +216,8 @@ class PipelineWorker:
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        self.world = topo.world_size
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                    world_size=self.world, timeout=datetime.timedelta(seconds=timeout_s))
-        self.groups = build_process_groups(topo, rank, timeout_s) if self.world > 1 else None
+        self._backend = backend
+        self._connect(master_addr, master_port)
 
         from raymoe.data import open_datasets
 
@@ -245,27 +242,103 @@ class PipelineWorker:
             r.register_forward_hook(self._count_hook(row))
         self.optimizer = GuardedAdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                       eps=tc.eps)
-        self.dp = par.NativeDataParallel(model, topo, rank, self.groups, self.optimizer, tc.grad_clip)
-        if topo.pp > 1:
-            from raymoe.train.p2p import P2PTransport
-
-            peers = topo.pipeline_peers(rank)
-            self.transport: Any = _Loopback(P2PTransport(c.pp_rank, peers, self.groups.p2p,
-                                                         link_group_for=self.groups.p2p_link, timeout_s=timeout_s))
-        else:
-            self.transport = _Loopback(None)
         self._mb: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._mb_out: list[tuple[float, float, float, float]] = []  # per micro-batch: loss, main, mtp, aux
         self._mtp_lambda = tc.mtp_lambda
         self._fault: Optional[str] = None
         self.autocast = run.train.dtype == "bfloat16"
-        run_chunks = {k: _AutocastChunk(v, self.device.type) for k, v in self.chunks.items()} if self.autocast \
-            else self.chunks
-        self.runner = StageRunner(topo.schedule, c.pp_rank, run_chunks, self.transport, self._loss_fn,
-                                  split=split, chunk_kwargs=self._chunk_kwargs)
+        self._run_chunks = {k: _AutocastChunk(v, self.device.type) for k, v in self.chunks.items()} \
+            if self.autocast else self.chunks
+        self._split = split
+        self._wire()
+        # the last step this rank completed and its result: what it reports after a peer's failure (hand-off)
+        self.completed_step: Optional[int] = None
+        self.last_result: Optional[StepResult] = None
         self.meter = _ActivationMeter(model)
         self._peak = measure_matmul_peak(torch.bfloat16 if self.autocast else torch.float32)
         self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def _connect(self, master_addr: str, master_port: int) -> None:
+        """Join the world of ``self.topo`` as ``self.rank`` and create every process group of the layout."""
+        self.world = self.topo.world_size
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(self._backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                    world_size=self.world, timeout=datetime.timedelta(seconds=self.timeout_s))
+        self.groups = build_process_groups(self.topo, self.rank, self.timeout_s) if self.world > 1 else None
+
+    def _wire(self) -> None:
+        """What depends on the layout around the model: gradient reduction, the P2P transport, the op-list runner."""
+        topo, c, tc = self.topo, self.coords, self.run.train
+        self.dp = par.NativeDataParallel(self.model, topo, self.rank, self.groups, self.optimizer, tc.grad_clip)
+        if topo.pp > 1:
+            from raymoe.train.p2p import P2PTransport
+
+            peers = topo.pipeline_peers(self.rank)
+            self.transport: Any = _Loopback(P2PTransport(c.pp_rank, peers, self.groups.p2p,
+                                                         link_group_for=self.groups.p2p_link,
+                                                         timeout_s=self.timeout_s))
+        else:
+            self.transport = _Loopback(None)
+        self.runner = StageRunner(topo.schedule, c.pp_rank, self._run_chunks, self.transport, self._loss_fn,
+                                  split=self._split, chunk_kwargs=self._chunk_kwargs)
+
+    # ------------------------------------------------------------------ hand-off (raymoe.train.handoff)
+    def probe(self) -> dict[str, Any]:
+        """The last step this rank completed and its result (asked after a peer failed)."""
+        from raymoe.train.handoff import probe_of
+
+        return probe_of(self.completed_step, self.last_result)
+
+    def reform(self, run: RunConfig, rank: int, master_addr: str, master_port: int) -> None:
+        """Leave the broken process group and join the new layout ``run`` as ``rank``, keeping the model and optimizer
+        state (same ``pp_rank`` and ``ep_rank``; the DP index and degree may change). What a step that failed midway
+        left behind (gradients, parked weight gradients, activations, transfers) is dropped: the step is redone."""
+        topo = topology_of(run)
+        c = topo.coords(rank)
+        if (c.pp_rank, c.ep_rank) != (self.coords.pp_rank, self.coords.ep_rank) or \
+                (topo.pp, topo.ep) != (self.topo.pp, self.topo.ep):
+            raise ValueError(f"rank {self.rank} holds share pp{self.coords.pp_rank}/ep{self.coords.ep_rank} of "
+                             f"pp={self.topo.pp} x ep={self.topo.ep}; cannot become rank {rank} of {topo}")
+        self.transport.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._mb, self._mb_out = {}, []
+        if self.fp8_guard is not None and hasattr(self.fp8_guard, "reset"):
+            self.fp8_guard.reset()
+        self.run, self.rank, self.topo, self.coords = run, rank, topo, c
+        self._connect(master_addr, master_port)
+        from raymoe.experts.parallel import ExpertParallelExperts
+
+        for m in self.model.modules():  # the all-to-all's group is the new one
+            if isinstance(m, ExpertParallelExperts):
+                m.group = self.groups.ep if self.groups is not None else None
+        self._wire()
+
+    def handoff(self) -> int:
+        """Collective over every rank after :meth:`reform` / set-up: the rank at DP index 0 of each
+        ``(pp_rank, ep_rank)`` share (a survivor) broadcasts its state (:func:`raymoe.train.handoff.rank_state`) over
+        the share's ``expert_dp`` group; the others load it. Returns the bytes this rank sent or received."""
+        from raymoe.train.handoff import broadcast_state, load_rank_state, rank_state
+
+        if self.groups is None or self.groups.expert_dp is None:
+            return 0
+        c = self.coords
+        src = self.topo.rank_of(c.pp_rank, c.ep_rank, 0)
+        mine = None
+        if self.rank == src:  # the step counter travels with the state: the receivers now hold the same step
+            done = -1 if self.completed_step is None else self.completed_step
+            mine = {**rank_state(self.model, self.optimizer), "meta/completed_step": torch.tensor(done)}
+        got = broadcast_state(mine, src, self.groups.expert_dp, self.device)
+        if self.rank != src:
+            done = int(got.pop("meta/completed_step"))
+            load_rank_state(self.model, self.optimizer, got)
+            self.completed_step, self.last_result = (None if done < 0 else done), None
+            if self.fp8_guard is not None:
+                from raymoe.fp8 import invalidate_weight_caches
+
+                invalidate_weight_caches(self.model)
+        return sum(t.numel() * t.element_size() for t in got.values())
 
     # ------------------------------------------------------------------ hooks and helpers
     def _count_hook(self, row: int) -> Any:
@@ -371,12 +444,14 @@ class PipelineWorker:
         norm = self.dp.step(skip=skipped)
         if self.fp8_guard is not None and hasattr(self.fp8_guard, "reset"):
             self.fp8_guard.reset()
-        return StepResult(
+        result = StepResult(
             step=plan.step, rank=self.rank,
             losses=LossSums(float(s[0]), float(s[1]), float(s[2]), float(s[3]), int(s[4])),
             counts=counts, grad_norm=norm, skipped=skipped, nonfinite=bad_layers,
             busy_s=busy, idle_s=idle, step_s=time.perf_counter() - t_start, timings=timings,
             peak_activation_bytes=self.meter.peak, param_bytes=self.param_bytes)
+        self.completed_step, self.last_result = plan.step, result
+        return result
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -451,6 +526,7 @@ class PipelineWorker:
         needed = None if ref.local else _shards_to_fetch(ref, self.model)
         with ckpt.local_copy(ref, needed) as d:
             sharded.load_rank(self.model, self.optimizer, self.topo, self.rank, d)
+        self.completed_step, self.last_result = None, None
         if self.fp8_guard is not None:
             from raymoe.fp8 import invalidate_weight_caches
 
