@@ -330,6 +330,7 @@ class PipelineWorker:
             done = -1 if self.completed_step is None else self.completed_step
             mine = {**rank_state(self.model, self.optimizer), "meta/completed_step": torch.tensor(done)}
         got = broadcast_state(mine, src, self.groups.expert_dp, self.device)
+        nbytes = sum(t.numel() * t.element_size() for t in got.values())
         if self.rank != src:
             done = int(got.pop("meta/completed_step"))
             load_rank_state(self.model, self.optimizer, got)
@@ -338,7 +339,7 @@ class PipelineWorker:
                 from raymoe.fp8 import invalidate_weight_caches
 
                 invalidate_weight_caches(self.model)
-        return sum(t.numel() * t.element_size() for t in got.values())
+        return nbytes
 
     # ------------------------------------------------------------------ hooks and helpers
     def _count_hook(self, row: int) -> Any:
