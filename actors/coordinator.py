@@ -276,7 +276,8 @@ class RayWorkerGroup:
         if (p.pp, p.ep) != (old.pp, old.ep) or not keep or len(keep) > p.dp:
             raise StageError(f"cannot re-form pp={old.pp} x ep={old.ep} x dp={old.dp} as pp={p.pp} x ep={p.ep} x "
                              f"dp={p.dp} around replicas {keep}")
-        self.drop([d for d in range(old.dp) if d not in keep and d in self.pgs])
+        self.drop([d for d in range(old.dp)
+                   if d not in keep and any(self.plan[r] is not None for r in replica_ranks(p.pp, p.ep, old.dp, d))])
         n_new = p.dp - len(keep)
         actors: list[Any] = [None] * p.world_size
         plan: list[Any] = [None] * p.world_size
