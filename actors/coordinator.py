@@ -46,33 +46,36 @@ class RayWorkerGroup:
 
     def __init__(self, run: RunConfig, timeout_s: Optional[float] = None) -> None:
         p = run.parallel
+        self.run = run
         self.size = p.world_size
         self.timeout_s = timeout_s if timeout_s is not None else run.train.step_timeout_s
         self.cpus_per_rank = p.num_cpus_per_rank
         self.gpus_per_rank = 1.0 if p.backend == "nccl" else 0.0
         self.pg_timeout_s = 60.0
-        cpus = os.cpu_count() or 1
-        threads = max(1, cpus // self.size)
-        env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": str(threads)}
-        # e.g. cache dir, test hooks; never a node's own settings (its scratch dir), which each node keeps
-        env.update({k: v for k, v in os.environ.items() if k.startswith("RAYMOE_") and k not in NODE_LOCAL_ENV})
-        opts: dict[str, Any] = {"num_cpus": p.num_cpus_per_rank, "runtime_env": {"env_vars": env}}
-        gpus = 1.0 if p.backend == "nccl" else 0.0
-        if gpus:
-            opts["num_gpus"] = 1
+        self.probe_timeout_s = 5.0  # after a failure, a rank that does not answer within it is hung: lost
+        self.threads = max(1, (os.cpu_count() or 1) // self.size)
         self.actors: list[Any] = []
-        self.pg: Any = None
-        # rank -> node: the plan (EP groups on one node, DP replicas spread), reserved as one placement group
-        self.plan = self._plan(p.pp, p.ep, p.dp, p.num_cpus_per_rank, gpus)
+        self.pgs: dict[int, Any] = {}  # one placement group per DP replica: a lost replica's is released alone
+        self._starting: list[Any] = []  # actors being created by reform (killed with the group if it fails)
+        # rank -> node: the plan (EP groups on one node, DP replicas spread), reserved per replica
+        self.plan = self._plan(p.pp, p.ep, p.dp, p.num_cpus_per_rank, self.gpus_per_rank)
         try:
-            strategies = self._reserve(self.plan, p.num_cpus_per_rank, gpus)
-            self.actors = [StageActor.options(**opts, scheduling_strategy=st).remote(run, r)
-                           for r, st in enumerate(strategies)]
+            strategies = self._reserve(self.plan, p.pp, p.ep, p.dp, list(range(p.dp)))
+            self.actors = [self._start(run, r, st) for r, st in enumerate(strategies)]
             addr, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=120)
-            self.where = self._gather("init", [a.init.remote(addr, port, threads) for a in self.actors])
+            self.where = self._gather("init", [a.init.remote(addr, port, self.threads) for a in self.actors])
         except Exception:
             self.shutdown()
             raise
+
+    def _start(self, run: RunConfig, rank: int, strategy: Any) -> Any:
+        env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": str(self.threads)}
+        # e.g. cache dir, test hooks; never a node's own settings (its scratch dir), which each node keeps
+        env.update({k: v for k, v in os.environ.items() if k.startswith("RAYMOE_") and k not in NODE_LOCAL_ENV})
+        opts: dict[str, Any] = {"num_cpus": self.cpus_per_rank, "runtime_env": {"env_vars": env}}
+        if self.gpus_per_rank:
+            opts["num_gpus"] = 1
+        return StageActor.options(**opts, scheduling_strategy=strategy).remote(run, rank)
 
     def _plan(self, pp: int, ep: int, dp: int, cpus: float, gpus: float) -> list[NodeCapacity]:
         """The placement plan over the alive nodes; retried for ``pg_timeout_s`` while a group that was just torn
@@ -86,26 +89,37 @@ class RayWorkerGroup:
                     raise StageError(f"cannot place pp={pp} x ep={ep} x dp={dp}: {e}") from e
                 time.sleep(0.5)
 
-    def _reserve(self, plan: list[NodeCapacity], cpus: float, gpus: float) -> list[Any]:
-        """One scheduling strategy per rank: a bundle of a placement group pinned to the planned node by its
-        ``ray.io/node-id`` label (all-or-nothing reservation); ranks that reserve no resources (a bundle cannot be
-        empty) are pinned by node affinity instead."""
+    def _reserve(self, plan: list[NodeCapacity], pp: int, ep: int, dp: int, replica_ids: list[int]) -> list[Any]:
+        """One scheduling strategy per rank of ``plan`` (a ``pp × ep × dp`` layout): a bundle of its DP replica's
+        placement group, pinned to the planned node by its ``ray.io/node-id`` label (all or nothing per replica,
+        every replica ready before any actor starts); ``replica_ids[d]`` names replica ``d``'s group in
+        ``self.pgs``. Ranks that reserve no resources (a bundle cannot be empty) are pinned by node affinity."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+        from raymoe.train.handoff import replica_ranks
+
+        cpus, gpus = self.cpus_per_rank, self.gpus_per_rank
         if cpus <= 0 and gpus <= 0:
             return [NodeAffinitySchedulingStrategy(n.node_id, soft=False) for n in plan]
         bundle = {"CPU": float(cpus)} if cpus > 0 else {}
         if gpus > 0:
             bundle["GPU"] = float(gpus)
-        self.pg = ray.util.placement_group([dict(bundle) for _ in plan], strategy="PACK",
-                                           bundle_label_selector=[{NODE_ID_LABEL: n.node_id} for n in plan])
-        try:
-            ray.get(self.pg.ready(), timeout=self.pg_timeout_s)
-        except ray.exceptions.GetTimeoutError as e:
-            raise StageError(f"the placement group of {len(plan)} rank(s) on nodes "
-                             f"{sorted({n.ip for n in plan})} was not ready within {self.pg_timeout_s:.0f} s "
-                             "(a planned node died or its resources are taken)") from e
-        return [PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r) for r in range(len(plan))]
+        out: list[Any] = [None] * len(plan)
+        for d in range(dp):
+            ranks = replica_ranks(pp, ep, dp, d)
+            pg = ray.util.placement_group([dict(bundle) for _ in ranks], strategy="PACK",
+                                          bundle_label_selector=[{NODE_ID_LABEL: plan[r].node_id} for r in ranks])
+            self.pgs[replica_ids[d]] = pg
+            for i, r in enumerate(ranks):
+                out[r] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+        for d in range(dp):
+            try:
+                ray.get(self.pgs[replica_ids[d]].ready(), timeout=self.pg_timeout_s)
+            except ray.exceptions.GetTimeoutError as e:
+                raise StageError(f"the placement group of {len(plan)} rank(s) on nodes "
+                                 f"{sorted({n.ip for n in plan})} was not ready within {self.pg_timeout_s:.0f} s "
+                                 "(a planned node died or its resources are taken)") from e
+        return out
 
     def placement(self) -> list[dict[str, Any]]:
         """Per rank: node IP and id, pid, and where its ``raymoe`` code was imported from (``summary.json``)."""
@@ -143,9 +157,10 @@ class RayWorkerGroup:
                 errors.append((r, e))
         if died:
             r, e = died[0]
-            node = self.plan[r].ip if r < len(self.plan) else "?"
-            gone = unreachable_nodes({n.node_id for n in self.plan})
-            lost = sorted({n.ip for n in self.plan if n.node_id in gone})
+            node = self.plan[r].ip if r < len(self.plan) and self.plan[r] is not None else "?"
+            planned = [n for n in self.plan if n is not None]
+            gone = unreachable_nodes({n.node_id for n in planned})
+            lost = sorted({n.ip for n in planned if n.node_id in gone})
             why = f"node {lost[0]} lost" if lost else "actor process gone"
             err = StageDied(f"rank {r} on node {node} died during {what} ({why}: {str(e).splitlines()[0][:200]})")
             err.node, err.lost_nodes = node, lost
@@ -203,17 +218,97 @@ class RayWorkerGroup:
             log.warning("closing the ranks: %s", e)
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        for a in [*self.actors, *self._starting]:
             try:
                 ray.kill(a)
             except Exception:  # already dead
                 pass
-        if self.pg is not None:
+        self._starting = []
+        for pg in self.pgs.values():
             try:
-                ray.util.remove_placement_group(self.pg)
+                ray.util.remove_placement_group(pg)
             except Exception:  # noqa: BLE001 - its node may be gone
                 pass
-            self.pg = None
+        self.pgs = {}
+
+    # ------------------------------------------------------------------ hand-off (raymoe.train.handoff)
+    def probe(self) -> list[Optional[dict[str, Any]]]:
+        """Per rank, after a failure: its last completed step and result, or None when it died or does not answer
+        within ``probe_timeout_s`` (hung in a collective with a dead peer)."""
+        refs = [a.probe.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.probe_timeout_s)
+        out: list[Optional[dict[str, Any]]] = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=0) if ref in ready else None)
+            except Exception:  # noqa: BLE001 - died: lost
+                out.append(None)
+        return out
+
+    def drop(self, replicas: list[int]) -> None:
+        """Kill the ranks of DP replicas ``replicas`` (old DP indices) and release their placement groups: a lost
+        replica's resources go back to the cluster before its capacity is counted."""
+        from raymoe.train.handoff import replica_ranks
+
+        p = self.run.parallel
+        for d in replicas:
+            for r in replica_ranks(p.pp, p.ep, p.dp, d):
+                try:
+                    ray.kill(self.actors[r])
+                except Exception:  # noqa: BLE001 - already dead
+                    pass
+                self.plan[r] = None  # its resources no longer count as this group's (alive_nodes)
+            pg = self.pgs.pop(d, None)
+            if pg is not None:
+                try:
+                    ray.util.remove_placement_group(pg)
+                except Exception:  # noqa: BLE001 - its node may be gone
+                    pass
+
+    def reform(self, run: RunConfig, keep: list[int]) -> dict[str, Any]:
+        """Re-form the group as ``run``'s layout (same pp × ep, any DP) around the surviving DP replicas ``keep`` (old
+        DP indices; they become DP ranks 0..k-1 in this order, keeping their processes and state); the other
+        replicas are dropped, new ones are placed on free resources, started, and take their state from the
+        survivors by broadcast (:meth:`StageActor.handoff`). Raises :class:`StageError` when that fails (the caller
+        then restarts everything from storage). Returns ``{"new_ranks", "bytes"}``."""
+        from raymoe.train.handoff import replica_ranks
+
+        old, p = self.run.parallel, run.parallel
+        if (p.pp, p.ep) != (old.pp, old.ep) or not keep or len(keep) > p.dp:
+            raise StageError(f"cannot re-form pp={old.pp} x ep={old.ep} x dp={old.dp} as pp={p.pp} x ep={p.ep} x "
+                             f"dp={p.dp} around replicas {keep}")
+        self.drop([d for d in range(old.dp)
+                   if d not in keep and any(self.plan[r] is not None for r in replica_ranks(p.pp, p.ep, old.dp, d))])
+        n_new = p.dp - len(keep)
+        actors: list[Any] = [None] * p.world_size
+        plan: list[Any] = [None] * p.world_size
+        pgs: dict[int, Any] = {}
+        for j, d in enumerate(keep):
+            for r_old, r_new in zip(replica_ranks(p.pp, p.ep, old.dp, d), replica_ranks(p.pp, p.ep, p.dp, j)):
+                actors[r_new], plan[r_new] = self.actors[r_old], self.plan[r_old]
+            if d in self.pgs:
+                pgs[j] = self.pgs.pop(d)
+        self.pgs = {**self.pgs, **pgs}  # the dropped ones are gone already; survivors under their new index
+        self.actors, self.plan, self.run, self.size = actors, plan, run, p.world_size
+        self.threads = max(1, (os.cpu_count() or 1) // self.size)
+        fresh: list[int] = []
+        if n_new:
+            sub = self._plan(p.pp, p.ep, n_new, self.cpus_per_rank, self.gpus_per_rank)
+            ids = list(range(len(keep), p.dp))
+            strategies = self._reserve(sub, p.pp, p.ep, n_new, ids)
+            for dd, j in enumerate(ids):
+                for r_sub, r_new in zip(replica_ranks(p.pp, p.ep, n_new, dd), replica_ranks(p.pp, p.ep, p.dp, j)):
+                    plan[r_new] = sub[r_sub]
+                    actors[r_new] = self._start(run, r_new, strategies[r_sub])
+                    self._starting.append(actors[r_new])
+                    fresh.append(r_new)
+        addr, port = ray.get(actors[0].rendezvous_address.remote(), timeout=120)
+        refs = [a.init.remote(addr, port, self.threads) if r in fresh else a.reform.remote(run, r, addr, port)
+                for r, a in enumerate(actors)]
+        self.where = self._gather("re-forming the group", refs)
+        self._starting = []
+        sizes = self._gather("hand-off", [a.handoff.remote() for a in actors]) if fresh else [0] * len(actors)
+        return {"new_ranks": fresh, "bytes": int(sum(sizes[r] for r in fresh))}
 
 
 class RayGroupFactory:
@@ -264,6 +359,8 @@ def alive_nodes(give_back: Optional[RayWorkerGroup] = None) -> list[NodeCapacity
     held: dict[str, list[float]] = {}
     if give_back is not None:
         for n in give_back.plan:
+            if n is None:  # a dropped replica's rank: its resources went back to the cluster
+                continue
             h = held.setdefault(n.node_id, [0.0, 0.0])
             h[0] += give_back.cpus_per_rank
             h[1] += 1.0 if give_back.gpus_per_rank else 0.0

@@ -75,10 +75,31 @@ class StageActor:
         from raymoe.malloc import process_rss
 
         self._rss["after_init"] = process_rss()["rss"]
+        return self._where()
+
+    def probe(self) -> dict[str, Any]:
+        """After a peer failed: the last step this rank completed and its result (:mod:`raymoe.train.handoff`)."""
+        return self._w().probe()
+
+    def reform(self, run: RunConfig, rank: int, master_addr: str, master_port: int) -> dict[str, Any]:
+        """Keep this rank's state and join the new layout ``run`` as ``rank`` (a surviving replica's rank)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._w().reform(run, rank, master_addr, master_port)
+        self.run, self.rank = run, rank
+        return self._where()
+
+    def handoff(self) -> int:
+        """Collective: survivors broadcast their state to the new ranks of their share; bytes sent or received."""
+        return self._w().handoff()
+
+    def _where(self) -> dict[str, Any]:
         import raymoe
 
-        return {"rank": self.rank, "node": ip, "node_id": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid(), "gloo_iface": os.environ.get("GLOO_SOCKET_IFNAME"),
+        return {"rank": self.rank, "node": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "gloo_iface": os.environ.get("GLOO_SOCKET_IFNAME"),
                 "code": os.path.dirname(os.path.abspath(raymoe.__file__)),
                 "version": getattr(raymoe, "__version__", None)}
 

@@ -1,4 +1,5 @@
-"""`python -m raymoe.jobs.bench elastic [steps=24 kill_at=6 ckpt_model=tiny ckpt_saves=4]`: node loss and storage.
+"""`python -m raymoe.jobs.bench elastic [steps=24 kill_at=7 checkpoint_every=4 ckpt_model=tiny ckpt_saves=4
+first_ip=2]`: node loss and storage.
 
 Two measurements, each side by side in one run:
 
@@ -7,10 +8,15 @@ Two measurements, each side by side in one run:
    then ``s3://...``; reported per save from the controller's own ``checkpoint`` phase time, with the bytes written.
 2. **Node loss on a real multi-node Ray cluster on this machine** (:class:`raymoe.jobs.local_cluster.LocalCluster`:
    head 127.0.0.2 without CPUs, two 2-CPU worker nodes; checkpoints on the local S3 server, every node with its own
-   local directory): a pp=2 × dp=2 tiny run, uninterrupted (the reference), then the same run with the worker node
-   of one replica SIGKILLed as a whole process tree at step ``kill_at`` and a new node joining once the run has
-   shrunk to dp=1. Reported per recovery event: reason, node, DP before → after, seconds, steps recomputed; and the
-   largest per-step loss difference against the reference (the run fails the bench above 1e-5 relative).
+   local directory; head on ``127.0.0.<first_ip>``): a pp=2 × dp=2 tiny run with a checkpoint every
+   ``checkpoint_every`` steps, uninterrupted (the reference), then the same run twice with the worker node of one
+   replica SIGKILLed as a whole process tree at step ``kill_at`` and a new node joining once the run has shrunk to
+   dp=1 — recovering by **hand-off** (``elastic.recovery=handoff``: the surviving replica keeps its state, the new
+   replica takes it over the process group) and **from the checkpoint** (``elastic.recovery=checkpoint``), side by
+   side. Reported per recovery event: mode, reason, node, DP before → after, seconds, steps recomputed, the step
+   redone; and per mode the largest per-step loss difference against the reference and whether every step consumed
+   the same samples (the bench fails above 1e-5 relative, on any sample difference, or when a hand-off recomputed
+   a step).
 
 :func:`train_with_node_loss` is shared with ``tests/e2e/test_multinode.py``.
 """
@@ -33,9 +39,12 @@ from raymoe.jobs.local_cluster import LocalCluster, LocalS3
 console = Console() if sys.stdout.isatty() else Console(width=160)
 
 # a small pp=2 x dp=2 run of the tiny model (1 CPU per rank: one replica = one 2-CPU worker node)
-TRAIN_ARGS = ["model=tiny", "parallel=pp2", "parallel.dp=2", "parallel.dp_impl=native", "parallel.num_cpus_per_rank=1",
+# parallel.zero_stage=0: the optimizer state replicated over DP, which a hand-off needs (ZeRO-1 shards it)
+TRAIN_ARGS = ["model=tiny", "parallel=pp2", "parallel.dp=2", "parallel.dp_impl=native", "parallel.zero_stage=0",
+              "parallel.num_cpus_per_rank=1",
               "train.micro_batch_size=2", "train.num_microbatches=2", "data.seq_len=32", "train.eval_every=1000",
               "train.checkpoint_every=2", "train.warmup_tokens=200", "train.export_hf=false", "logger=none"]
+MODES = ("handoff", "checkpoint")  # elastic.recovery, measured side by side
 ELASTIC_ARGS = ["elastic.min_dp=1", "elastic.max_dp=2", "elastic.monitor_every_steps=2", "elastic.settle_s=1",
                 "elastic.wait_for_resources_s=60"]
 
@@ -161,7 +170,8 @@ def checkpoint_timing(s3: LocalS3, work: pathlib.Path, model: str, saves: int) -
 
 
 def run(args: dict[str, str]) -> dict[str, Any]:
-    steps, kill_at = int(args.get("steps", 24)), int(args.get("kill_at", 6))
+    steps, kill_at = int(args.get("steps", 24)), int(args.get("kill_at", 7))
+    ckpt_every, first_ip = int(args.get("checkpoint_every", 4)), int(args.get("first_ip", 2))
     work = pathlib.Path(tempfile.mkdtemp(prefix="raymoe-elastic-"))
     s3 = LocalS3().start()
     old_env = {k: os.environ.get(k) for k in s3.env}
@@ -177,15 +187,18 @@ def run(args: dict[str, str]) -> dict[str, Any]:
         console.print(t)
 
         cluster = LocalCluster(work / "cluster", extra_env={**s3.env,
-                                                           "RAYMOE_TEST_PAUSE_FILE": str(work / "pause")})
+                                                           "RAYMOE_TEST_PAUSE_FILE": str(work / "pause")},
+                               first_ip=first_ip)
         cluster.start(workers=2, cpus_per_worker=2, head_cpus=0)
+        got: dict[str, dict[str, Any]] = {}
         try:
-            common = [*TRAIN_ARGS, f"train.steps={steps}"]
+            common = [*TRAIN_ARGS, f"train.steps={steps}", f"train.checkpoint_every={ckpt_every}"]
             ref = train_with_node_loss(cluster, work / "ref", [*common, f"train.storage_path={s3.uri('ref')}"],
                                        kill_at=None)
-            got = train_with_node_loss(cluster, work / "loss", [*common, *ELASTIC_ARGS,
-                                                                 f"train.storage_path={s3.uri('loss')}"],
-                                       kill_at=kill_at)
+            for mode in MODES:
+                got[mode] = train_with_node_loss(cluster, work / mode, [
+                    *common, *ELASTIC_ARGS, f"elastic.recovery={mode}", f"train.storage_path={s3.uri(mode)}"],
+                    kill_at=kill_at)
         finally:
             cluster.stop()
     finally:
@@ -195,23 +208,38 @@ def run(args: dict[str, str]) -> dict[str, Any]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    diff = max_rel_diff(got["losses"], ref["losses"])
-    same_samples = step_samples(work / "loss") == step_samples(work / "ref")
-    t = Table(title=f"node loss on a local 3-node cluster: pp=2 x dp=2 tiny, {steps} steps, node {got['victim']} "
-                    f"killed at step {kill_at}, node {got['added']} joins later")
-    for col in ("event", "node", "dp", "seconds", "resumed at step", "steps recomputed"):
+    t = Table(title=f"node loss on a local 3-node cluster: pp=2 x dp=2 tiny, {steps} steps, checkpoint every "
+                    f"{ckpt_every}, a worker node killed at step {kill_at}, a new node joins later")
+    for col in ("recovery", "event", "node", "dp", "seconds", "resumed at step", "steps recomputed", "step redone"):
         t.add_column(col, justify="right")
-    for r in got["recoveries"]:
-        t.add_row(r["reason"][:60], str(r.get("node") or "-"), f"{r['dp_before']} -> {r['dp_after']}",
-                  f"{r['seconds']:.1f}", str(r["resumed_step"]), str(r.get("steps_recomputed", "-")))
+    out: dict[str, Any] = {}
+    problems = []
+    for mode in MODES:
+        g = got[mode]
+        for r in g["recoveries"]:
+            t.add_row(r.get("recovery", "-"), r["reason"][:60], str(r.get("node") or "-"),
+                      f"{r['dp_before']} -> {r['dp_after']}", f"{r['seconds']:.1f}", str(r["resumed_step"]),
+                      str(r.get("steps_recomputed", "-")), str(r.get("redone_step", "-")))
+        diff = max_rel_diff(g["losses"], ref["losses"])
+        same = step_samples(work / mode) == step_samples(work / "ref")
+        out[mode] = {"victim": g["victim"], "added": g["added"], "recoveries": g["recoveries"],
+                     "max_rel_loss_diff": diff, "same_samples": same, "placement_after": g["placement"],
+                     "tokens_per_s": g["tokens_per_s"],
+                     "recovery_s": [r["seconds"] for r in g["recoveries"]],
+                     "steps_recomputed": sum(r.get("steps_recomputed", 0) for r in g["recoveries"])}
+        if diff > 1e-5 or not same:
+            problems.append(f"{mode}: max rel loss diff {diff:.2e}, same samples {same}")
+        if mode == "handoff" and (out[mode]["steps_recomputed"] or any(
+                r.get("recovery") != "handoff" for r in g["recoveries"])):
+            problems.append(f"handoff: {out[mode]['steps_recomputed']} step(s) recomputed, recoveries "
+                            f"{[r.get('recovery') for r in g['recoveries']]}")
     console.print(t)
-    console.print(f"max per-step loss difference vs the uninterrupted run: {diff:.2e} (relative); same samples per "
-                  f"step: {same_samples}")
-    if diff > 1e-5 or not same_samples:
-        raise RuntimeError(f"the run with a node loss diverged from the reference: max rel diff {diff:.2e}, "
-                           f"same samples {same_samples}")
+    for mode in MODES:
+        console.print(f"{mode}: max per-step loss difference vs the uninterrupted run {out[mode]['max_rel_loss_diff']:.2e} "
+                      f"(relative); same samples per step: {out[mode]['same_samples']}; steps recomputed: "
+                      f"{out[mode]['steps_recomputed']}")
+    if problems:
+        raise RuntimeError("the runs with a node loss diverged from the reference: " + "; ".join(problems))
     return {"checkpoint": ckpt_rows, "node_loss": {
-        "steps": steps, "kill_at": kill_at, "victim": got["victim"], "added": got["added"],
-        "recoveries": got["recoveries"], "max_rel_loss_diff": diff, "same_samples": same_samples,
-        "placement_after": got["placement"], "ref_tokens_per_s": ref["tokens_per_s"],
-        "tokens_per_s": got["tokens_per_s"]}}
+        "steps": steps, "kill_at": kill_at, "checkpoint_every": ckpt_every, "ref_tokens_per_s": ref["tokens_per_s"],
+        **out}}

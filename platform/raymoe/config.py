@@ -571,8 +571,14 @@ class ElasticConfig:
     monitor_every_steps: int = 5  # look for free resources (to grow) every N steps, at a step boundary
     wait_for_resources_s: float = 60.0  # after a failure, wait this long for room for at least min_dp
     settle_s: float = 1.0  # after tearing a failed group down, let the cluster settle before counting resources
+    # handoff: whole surviving DP replicas keep their state and seed new ranks over the process group (no step
+    # recomputed; raymoe.train.handoff), storage when none survives or the optimizer is sharded over DP;
+    # checkpoint: always restart every rank from the newest checkpoint in storage
+    recovery: str = "handoff"
 
     def __post_init__(self) -> None:
+        _require(self.recovery in ("handoff", "checkpoint"),
+                 f"elastic.recovery={self.recovery!r}; allowed: handoff, checkpoint")
         for k in ("min_dp", "max_dp"):
             v = getattr(self, k)
             _require(v is None or (isinstance(v, int) and v >= 1), f"elastic.{k} must be an integer >= 1, got {v!r}")

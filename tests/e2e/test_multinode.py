@@ -8,8 +8,8 @@ them: ``ray job submit`` and ``RAY_ADDRESS=... python -m raymoe.jobs.train``.
   that copy in the driver and in every rank (summary.json records, per rank, where its ``raymoe`` came from).
 - Placement: DP replicas spread over the worker nodes, each replica's ranks together.
 - Node loss: every process of one worker node is SIGKILLed mid-run; training continues at dp=1 on the surviving node
-  from the checkpoint in S3, grows back to dp=2 on a node that joins later, and its per-step losses and samples equal
-  the uninterrupted run's.
+  (whose replica keeps its in-memory state: hand-off, ``elastic.recovery`` default), grows back to dp=2 on a node
+  that joins later, and its per-step losses and samples equal the uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -118,8 +118,8 @@ def test_submitted_copy_runs_everywhere_and_replicas_spread(submitted) -> None:
 
 def test_node_loss_shrinks_then_grows_back_with_equal_losses(cluster, s3, submitted, tmp_path) -> None:
     """A driver started with RAY_ADDRESS from the installed checkout (its code shipped as py_modules). At step 6
-    the worker node holding one replica is SIGKILLed as a whole process tree; the run goes on at dp=1 from the
-    checkpoint in S3, a new node (127.0.0.43) joins, the run grows back to dp=2, and every step's loss equals the
+    the worker node holding one replica is SIGKILLed as a whole process tree; the run goes on at dp=1 on the
+    surviving replica's in-memory state, a new node (127.0.0.43) joins, the run grows back to dp=2, and every step's loss equals the
     uninterrupted run's."""
     run_dir = tmp_path / "run"
     s = train_with_node_loss(cluster, run_dir, [*TRAIN_ARGS, *ELASTIC_ARGS, f"train.steps={STEPS}",

@@ -28,7 +28,9 @@ def _run(tmp: pathlib.Path, name: str, *, dp: int = 1, steps: int = 8, impl: str
     train.update(train_kw)
     return RunConfig(
         model=ModelConfig.preset("tiny"),
-        parallel=ParallelConfig(dp=dp, num_cpus_per_rank=cpus, dp_impl=impl),
+        # native runs keep the optimizer state replicated (parallel.zero_stage=0), which a hand-off needs; ZeRO-1's
+        # resizes through checkpoints are tests/integration/test_zero.py's
+        parallel=ParallelConfig(dp=dp, num_cpus_per_rank=cpus, dp_impl=impl, zero_stage=0 if impl == "native" else 1),
         train=TrainConfig(**train),
         data=DataConfig(seq_len=32),
         elastic=ElasticConfig(min_dp=elastic[0], max_dp=elastic[1], monitor_every_steps=2,
@@ -71,6 +73,7 @@ def _drive(run: RunConfig, events: list | None = None, timeout: float = 600, env
         summary = ray.get(fut)
         assert not pending, f"run ended before {len(pending)} event(s) fired"
         ray.get(coord.shutdown.remote(), timeout=60)
+        summary["initial_pids"] = coord.initial_pids
         return summary
     finally:
         ray.kill(coord)
@@ -131,6 +134,10 @@ def test_killed_rank_is_replaced_and_the_run_matches(tmp_path, reference, dp, im
     rec = s["recoveries"][0]
     assert rec["dp_before"] == rec["dp_after"] == dp and rec["seconds"] > 0 and "died" in rec["reason"]
     assert rec["resumed_step"] in (2, 4)  # rolled back to the newest committed checkpoint
+    # no hand-off: dp=1 leaves no whole replica; DeepSpeed ZeRO-1 shards the optimizer state over DP
+    assert rec["recovery"] == "checkpoint", rec
+    assert ("no DP replica survived whole" if impl == "native" else "ZeRO-1") in rec["handoff_skipped"], rec
+    assert rec["handoff_skipped"] in rec["reason"]
     assert s["losses"] == ref["losses"], (s["losses"], ref["losses"])  # bit-identical: exact resume path
     _assert_same_samples(run, ref_run)
 
@@ -162,6 +169,8 @@ def test_shrink_then_grow_keeps_the_global_batch(tmp_path, reference) -> None:
     assert s["finished"] and s["steps"] == 8
     dps = [(r["dp_before"], r["dp_after"]) for r in s["recoveries"]]
     assert dps == [(2, 1), (1, 2)], json.dumps(s["recoveries"])
+    # the surviving replica kept its state through both (no step recomputed, no checkpoint read)
+    assert [(r["recovery"], r["steps_recomputed"]) for r in s["recoveries"]] == [("handoff", 0)] * 2, s["recoveries"]
     assert all(r["seconds"] > 0 for r in s["recoveries"])
     assert s["layout"]["dp"] == 2
     for a, b in zip(s["losses"], ref["losses"]):
@@ -224,3 +233,41 @@ def test_hung_rank_is_detected_within_the_step_timeout_and_replaced(tmp_path, re
     assert "did not finish" in rec["reason"] and "within 20 s" in rec["reason"], rec
     assert s["losses"] == ref["losses"]
     _assert_same_samples(run, ref_run)
+
+
+def test_surviving_replica_hands_its_state_to_the_replacement(tmp_path, reference) -> None:
+    """dp=2 native: the one rank of replica 1 is SIGKILLed at step 3. Replica 0 keeps its process and in-memory
+    state; a new rank takes that state over the process group (elastic.recovery=handoff, the default): no completed
+    step is recomputed (each step's samples are logged once), no checkpoint is read, and the run equals the
+    uninterrupted one (the step in flight, if any, is redone with the same samples)."""
+    import ray
+
+    ref_run, ref = reference(2, "native")
+    run = _run(tmp_path, "handoff", dp=2, impl="native")
+    killed: dict = {}
+
+    def kill(coord) -> None:
+        killed["pid"] = ray.get(coord.inspect.remote("pid"), timeout=120)[1]
+        os.kill(killed["pid"], signal.SIGKILL)
+
+    s = _drive(run, events=[(3, kill)])
+    assert s["finished"] and s["steps"] == 8
+    assert len(s["recoveries"]) == 1, s["recoveries"]
+    rec = s["recoveries"][0]
+    assert rec["recovery"] == "handoff" and "died" in rec["reason"], rec
+    assert rec["steps_recomputed"] == 0 and rec["checkpoint"] is None
+    if "during step" in rec["reason"]:  # the step in flight was redone from the survivor's pre-step state, or the
+        assert (rec["redone_step"] == rec["step"]) != rec["in_flight_completed"], rec  # survivor had applied it
+    else:  # the kill hit a checkpoint save: that call was re-run on the re-formed group, no step was in flight
+        assert "during save" in rec["reason"] and rec["redone_step"] is None and not rec["in_flight_completed"], rec
+    assert rec["resumed_step"] == rec["step"] >= 3, rec  # not rolled back to a checkpoint
+    assert (rec["dp_before"], rec["dp_after"], rec["survivors"], rec["new_ranks"]) == (2, 2, [0], [1]), rec
+    assert rec["handoff_bytes"] > 1_000_000 and rec["seconds"] > 0  # the tiny model's parameters + AdamW moments
+    pids = [p["pid"] for p in s["placement"]]
+    assert pids[0] == s["initial_pids"][0] and pids[1] != killed["pid"]  # the survivor kept its process
+    for a, b in zip(s["losses"], ref["losses"], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (s["losses"], ref["losses"])
+    _assert_same_samples(run, ref_run)
+    logged = collections.Counter(json.loads(line)["step"] for line in open(pathlib.Path(run.run_dir) / "metrics.jsonl")
+                                 if "data/sample_ids" in line)
+    assert sorted(logged) == list(range(1, 9)) and set(logged.values()) == {1}, logged  # no step ran twice

@@ -98,8 +98,9 @@ def test_composed_config_keys_are_deliberate() -> None:
     assert sorted(k.split(".", 1)[1] for k in keys if k.startswith("data.")) == [  # docs/data.md
         "cache_dir", "corpus", "seq_len", "source", "text_column", "token_column", "tokenizer", "val_fraction",
         "val_source", "vocab_size", "weights"]
-    assert len(keys) == 110, (len(keys), keys)
+    assert len(keys) == 111, (len(keys), keys)
     assert "parallel.overlap_a2a" in keys  # overlapped expert all-to-all (raymoe.experts.overlap, docs/schedules.md)
+    assert "elastic.recovery" in keys  # handoff | checkpoint (docs/cluster.md, raymoe.train.handoff)
     assert "train.init_from" in keys  # pretrained weights in (docs/models.md)
 
 

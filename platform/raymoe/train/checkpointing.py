@@ -69,7 +69,7 @@ class CheckpointMixin:
         adds its own files (state, config, layout, expert load) the same way, writes the manifest last and prunes."""
         with self._phase(Phase.CHECKPOINT):
             dest = self.store.begin(self.step)
-            tables = list(self.group.save(dest))
+            tables = list(self._survive(lambda: self.group.save(dest)))  # a hand-off on the way: saved again
             state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
                      "balancer": self.balancer.state_dict(), "history": self.history,
                      "load_window": list(self.load_window)}

@@ -151,8 +151,13 @@ class TrainController(CheckpointMixin, ElasticMixin):
 
     def plans(self, lr: float) -> tuple[list[StepPlan], list[int]]:
         """One :class:`StepPlan` per rank for the next step (at learning rate ``lr``), and the step's sample ids."""
-        tc = self.run.train
         ids = self.sampler.next_batch(self.global_batch)
+        return self._plans_for([int(i) for i in ids], lr), [int(i) for i in ids]
+
+    def _plans_for(self, ids: list[int], lr: float) -> list[StepPlan]:
+        """The current layout's per-rank plans of this step's samples ``ids`` (again after a hand-off: the step in
+        flight is redone with the same samples, lr and biases on the new layout)."""
+        tc = self.run.train
         bias = self.balancer.bias.clone()
         fault = self.fault_at.get(self.step)
         out = []
@@ -161,7 +166,7 @@ class TrainController(CheckpointMixin, ElasticMixin):
             out.append(StepPlan(step=self.step, lr=lr, mtp_lambda=tc.mtp_lambda, biases=bias,
                                 microbatches=tuple(tuple(int(i) for i in m) for m in mbs), ops=self._ops[r],
                                 fault=fault))
-        return out, [int(i) for i in ids]
+        return out
 
     # ------------------------------------------------------------------ eval
     def evaluate(self) -> dict[str, Any]:
@@ -169,8 +174,9 @@ class TrainController(CheckpointMixin, ElasticMixin):
         n = min(tc.eval_batches * tc.micro_batch_size, self.val_size)
         ids = list(range(n))
         batches = tuple(tuple(ids[i:i + tc.micro_batch_size]) for i in range(0, n, tc.micro_batch_size))
+        plan = EvalPlan(batches=batches, biases=self.balancer.bias.clone())
         with self._phase(Phase.EVAL):
-            res: EvalResult = self.group.evaluate(EvalPlan(batches=batches, biases=self.balancer.bias.clone()))
+            res: EvalResult = self._survive(lambda: self.group.evaluate(plan))
         mv = maxvio(res.counts.double())
         out = {"val/loss": res.val_loss, "val/mtp_loss": res.val_mtp_loss,
                "balance/maxvio_global": float(mv.mean()) if mv.numel() else 0.0}
@@ -187,8 +193,8 @@ class TrainController(CheckpointMixin, ElasticMixin):
             lr, gamma = self._lr(), self._gamma()
             plans, sample_ids = self.plans(lr)
         t_exec = time.perf_counter()
-        with self._phase(Phase.EXECUTE):
-            results = self.group.step(plans)
+        results, lost_s = self._execute(plans, sample_ids, lr)  # a hand-off on the way: its time is no step's
+        t0, t_exec = t0 + lost_s, t_exec + lost_s
         t_exec_end = time.perf_counter()
         with self._phase(Phase.BALANCE):
             r0 = results[0]

@@ -229,13 +229,9 @@ class PipelineWorker:
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        self.world = topo.world_size
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                    world_size=self.world, timeout=datetime.timedelta(seconds=timeout_s))
-        self.groups = build_process_groups(topo, rank, timeout_s) if self.world > 1 else None
+        self._backend = backend
         self.overlap = bool(run.parallel.overlap_a2a) and topo.ep > 1
-        lane_ep = self._lane_ep_group(timeout_s) if self.overlap else None
+        self._connect(master_addr, master_port)
 
         from raymoe.data import open_datasets
 
@@ -248,7 +244,7 @@ class PipelineWorker:
         if self.overlap:
             from raymoe.experts.parallel import set_lane_groups
 
-            set_lane_groups(model, (self.groups.ep, lane_ep))
+            set_lane_groups(model, (self.groups.ep, self._lane_ep))
         par.materialize(model, tc.seed)
         if tc.init_from:  # pretrained weights: this rank's layers and expert rows only
             from raymoe.train.pretrained import load_pretrained
@@ -268,6 +264,7 @@ class PipelineWorker:
 
             raise ConfigError(f"parallel.zero_stage={run.parallel.zero_stage} with the native runtime (pp={topo.pp}, "
                               f"ep={topo.ep}, or elastic dp); allowed: 0, 1 (stage 2 is DeepSpeed's, pp = ep = 1)")
+        self.dp: Any = None
         if run.parallel.zero_stage == 1 and topo.data_parallel_size > 1:  # ZeRO-1: AdamW state sharded over DP
             from raymoe.train.zero import ZeroDataParallel
 
@@ -275,29 +272,112 @@ class PipelineWorker:
             self.optimizer = self.dp.optimizer
         else:
             self.optimizer = GuardedAdamW(param_groups(model, tc.weight_decay), **adamw)
-            self.dp = par.NativeDataParallel(model, topo, rank, self.groups, self.optimizer, tc.grad_clip)
         self._grad_bytes = 0  # the gradients of the last step, before their reduction (memory_stats)
-        if topo.pp > 1:
-            from raymoe.train.p2p import P2PTransport
-
-            peers = topo.pipeline_peers(rank)
-            self.transport: Any = _Loopback(P2PTransport(c.pp_rank, peers, self.groups.p2p,
-                                                         link_group_for=self.groups.p2p_link, timeout_s=timeout_s))
-        else:
-            self.transport = _Loopback(None)
         self._mb: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._mb_out: list[tuple[float, float, float, float]] = []  # per micro-batch: loss, main, mtp, aux
         self._mtp_lambda = tc.mtp_lambda
         self._fault: Optional[str] = None
         self.autocast = run.train.dtype == "bfloat16"
-        run_chunks = {k: _AutocastChunk(v, self.device.type) for k, v in self.chunks.items()} if self.autocast \
-            else self.chunks
+        self._run_chunks = {k: _AutocastChunk(v, self.device.type) for k, v in self.chunks.items()} \
+            if self.autocast else self.chunks
+        self._split = split
         self.meter = _ActivationMeter(model)
-        self.runner = StageRunner(topo.schedule, c.pp_rank, run_chunks, self.transport, self._loss_fn,
-                                  split=split, chunk_kwargs=self._chunk_kwargs, overlap=self.overlap,
-                                  lane_context=self.meter.hooks)
+        self._wire()
+        # the last step this rank completed and its result: what it reports after a peer's failure (hand-off)
+        self.completed_step: Optional[int] = None
+        self.last_result: Optional[StepResult] = None
         self._peak = measure_matmul_peak(torch.bfloat16 if self.autocast else torch.float32)
         self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def _connect(self, master_addr: str, master_port: int) -> None:
+        """Join the world of ``self.topo`` as ``self.rank`` and create every process group of the layout."""
+        self.world = self.topo.world_size
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(self._backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                    world_size=self.world, timeout=datetime.timedelta(seconds=self.timeout_s))
+        self.groups = build_process_groups(self.topo, self.rank, self.timeout_s) if self.world > 1 else None
+        self._lane_ep = self._lane_ep_group(self.timeout_s) if self.overlap else None
+
+    def _wire(self) -> None:
+        """What depends on the layout around the model: gradient reduction, the P2P transport, the op-list runner."""
+        topo, c, tc = self.topo, self.coords, self.run.train
+        if self._zero() is None:  # ZeRO-1's data parallelism owns the optimizer; it is built once, in __init__
+            self.dp = par.NativeDataParallel(self.model, topo, self.rank, self.groups, self.optimizer, tc.grad_clip)
+        if topo.pp > 1:
+            from raymoe.train.p2p import P2PTransport
+
+            peers = topo.pipeline_peers(self.rank)
+            self.transport: Any = _Loopback(P2PTransport(c.pp_rank, peers, self.groups.p2p,
+                                                         link_group_for=self.groups.p2p_link,
+                                                         timeout_s=self.timeout_s))
+        else:
+            self.transport = _Loopback(None)
+        self.runner = StageRunner(topo.schedule, c.pp_rank, self._run_chunks, self.transport, self._loss_fn,
+                                  split=self._split, chunk_kwargs=self._chunk_kwargs, overlap=self.overlap,
+                                  lane_context=self.meter.hooks)
+
+    # ------------------------------------------------------------------ hand-off (raymoe.train.handoff)
+    def probe(self) -> dict[str, Any]:
+        """The last step this rank completed and its result (asked after a peer failed)."""
+        from raymoe.train.handoff import probe_of
+
+        return probe_of(self.completed_step, self.last_result)
+
+    def reform(self, run: RunConfig, rank: int, master_addr: str, master_port: int) -> None:
+        """Leave the broken process group and join the new layout ``run`` as ``rank``, keeping the model and optimizer
+        state (same ``pp_rank`` and ``ep_rank``; the DP index and degree may change). What a step that failed midway
+        left behind (gradients, parked weight gradients, activations, transfers) is dropped: the step is redone."""
+        topo = topology_of(run)
+        c = topo.coords(rank)
+        if (c.pp_rank, c.ep_rank) != (self.coords.pp_rank, self.coords.ep_rank) or \
+                (topo.pp, topo.ep) != (self.topo.pp, self.topo.ep):
+            raise ValueError(f"rank {self.rank} holds share pp{self.coords.pp_rank}/ep{self.coords.ep_rank} of "
+                             f"pp={self.topo.pp} x ep={self.topo.ep}; cannot become rank {rank} of {topo}")
+        self.transport.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._mb, self._mb_out = {}, []
+        if self.fp8_guard is not None and hasattr(self.fp8_guard, "reset"):
+            self.fp8_guard.reset()
+        self.run, self.rank, self.topo, self.coords = run, rank, topo, c
+        self._connect(master_addr, master_port)
+        from raymoe.experts.parallel import ExpertParallelExperts
+
+        for m in self.model.modules():  # the all-to-all's group is the new one
+            if isinstance(m, ExpertParallelExperts):
+                m.group = self.groups.ep if self.groups is not None else None
+        if self.overlap:
+            from raymoe.experts.parallel import set_lane_groups
+
+            set_lane_groups(self.model, (self.groups.ep, self._lane_ep))
+        self._wire()
+
+    def handoff(self) -> int:
+        """Collective over every rank after :meth:`reform` / set-up: the rank at DP index 0 of each
+        ``(pp_rank, ep_rank)`` share (a survivor) broadcasts its state (:func:`raymoe.train.handoff.rank_state`) over
+        the share's ``expert_dp`` group; the others load it. Returns the bytes this rank sent or received."""
+        from raymoe.train.handoff import broadcast_state, load_rank_state, rank_state
+
+        if self.groups is None or self.groups.expert_dp is None:
+            return 0
+        c = self.coords
+        src = self.topo.rank_of(c.pp_rank, c.ep_rank, 0)
+        mine = None
+        if self.rank == src:  # the step counter travels with the state: the receivers now hold the same step
+            done = -1 if self.completed_step is None else self.completed_step
+            mine = {**rank_state(self.model, self.optimizer), "meta/completed_step": torch.tensor(done)}
+        got = broadcast_state(mine, src, self.groups.expert_dp, self.device)
+        nbytes = sum(t.numel() * t.element_size() for t in got.values())
+        if self.rank != src:
+            done = int(got.pop("meta/completed_step"))
+            load_rank_state(self.model, self.optimizer, got)
+            self.completed_step, self.last_result = (None if done < 0 else done), None
+            if self.fp8_guard is not None:
+                from raymoe.fp8 import invalidate_weight_caches
+
+                invalidate_weight_caches(self.model)
+        return nbytes
 
     # ------------------------------------------------------------------ hooks and helpers
     def _lane_ep_group(self, timeout_s: float) -> Any:
@@ -423,13 +503,15 @@ class PipelineWorker:
         norm = self.dp.step(skip=skipped)
         if self.fp8_guard is not None and hasattr(self.fp8_guard, "reset"):
             self.fp8_guard.reset()
-        return StepResult(
+        result = StepResult(
             step=plan.step, rank=self.rank,
             losses=LossSums(float(s[0]), float(s[1]), float(s[2]), float(s[3]), int(s[4])),
             counts=counts, grad_norm=norm, skipped=skipped, nonfinite=bad_layers,
             busy_s=busy, idle_s=idle, step_s=time.perf_counter() - t_start, timings=timings,
             peak_activation_bytes=self.meter.peak, param_bytes=self.param_bytes,
             a2a_count=a2a.count, a2a_s=a2a.total_s, a2a_exposed_s=a2a.exposed_s)
+        self.completed_step, self.last_result = plan.step, result
+        return result
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -505,6 +587,7 @@ class PipelineWorker:
         needed = None if ref.local else _shards_to_fetch(ref, self.model)
         with ckpt.local_copy(ref, needed) as d:
             sharded.load_rank(self.model, self.optimizer, self.topo, self.rank, d, zero=self._zero())
+        self.completed_step, self.last_result = None, None
         if self.fp8_guard is not None:
             from raymoe.fp8 import invalidate_weight_caches
 

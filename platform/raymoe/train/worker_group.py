@@ -4,7 +4,9 @@
 ``evaluate``, ``save``, ``load``, ...); :class:`LocalWorkerGroup` runs a world of one rank in this process (tests,
 debugging) and ``RayWorkerGroup`` (actors/) runs one actor per rank. :class:`GroupFactory` creates groups and says
 how many DP replicas the cluster could host (elasticity). :func:`make_worker` builds the worker of one rank — the
-object both groups wrap.
+object both groups wrap. A group that can re-form around its surviving DP replicas after a failure (``RayWorkerGroup``)
+also offers ``probe()``, ``drop(replicas)`` and ``reform(run, keep)``: the controller then recovers by hand-off
+(:mod:`raymoe.train.handoff`) instead of from storage.
 """
 from __future__ import annotations
 
