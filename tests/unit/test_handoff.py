@@ -144,7 +144,9 @@ def test_broadcast_state_between_processes() -> None:
 def _pp2_run(tmp: str):
     from raymoe.config import DataConfig, LoggerConfig, ParallelConfig, TrainConfig
 
-    return RunConfig(model=ModelConfig.preset("tiny"), parallel=ParallelConfig(pp=2, dp=2, dp_impl="native"),
+    # zero_stage=0: a hand-off needs the optimizer state replicated over DP (ZeRO-1 shards it)
+    return RunConfig(model=ModelConfig.preset("tiny"),
+                     parallel=ParallelConfig(pp=2, dp=2, dp_impl="native", zero_stage=0),
                      train=TrainConfig(steps=4, micro_batch_size=2, num_microbatches=2, warmup_tokens=0, seed=0,
                                        export_hf=False),
                      data=DataConfig(seq_len=32), logger=LoggerConfig(kind="none"), run_dir=tmp)
