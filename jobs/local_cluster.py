@@ -40,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -155,6 +156,17 @@ class LocalCluster:
         self._procs: dict[int, subprocess.Popen] = {}  # pid -> `ray start` of the nodes this object started
         self.gcs_port = 0
         self.dashboard_port = 0
+        self.ray_tmp = self._short_temp_dir()
+
+    def _short_temp_dir(self) -> pathlib.Path:
+        """Ray's ``--temp-dir``: ``<state_dir>/ray`` when short enough, else a new ``/tmp/rmr*`` (removed by
+        :meth:`stop`). Ray puts unix sockets at ``<temp>/session_<date>_<time>_<pid>/sockets/<name>`` (40 + 9 +
+        names up to ``dash_MetricsHead``), and a socket path has 107 bytes at most: a longer temp dir makes the
+        dashboard's module subprocesses fail to bind ("Module MetricsHead failed to start") and the dashboard exit."""
+        tmp = self.state_dir.resolve() / "ray"
+        if len(str(tmp)) <= 30:
+            return tmp
+        return pathlib.Path(tempfile.mkdtemp(prefix="rmr", dir="/tmp"))
 
     # ------------------------------------------------------------------ addresses
     @property
@@ -233,7 +245,7 @@ class LocalCluster:
         failures = []
         for attempt in range(tries):
             self.gcs_port, self.dashboard_port = free_port(), free_port()
-            tmp = self.state_dir / "ray"
+            tmp = self.ray_tmp
             node = self._spawn(0, self.head_ip, head_cpus, [
                 "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
@@ -254,7 +266,7 @@ class LocalCluster:
     def _head_logs(self, lines: int = 15) -> str:
         """The last ``lines`` lines of the head's ``ray start`` output and of its dashboard and GCS logs."""
         head = self.state_dir / "node0"
-        logs = self.state_dir / "ray" / "session_latest" / "logs"
+        logs = self.ray_tmp / "session_latest" / "logs"
         out = []
         for f in [head / "ray-start.log", *(logs / n for n in ("dashboard.log", "dashboard.err", "dashboard.out",
                                                                "gcs_server.err", "gcs_server.out"))]:
@@ -355,11 +367,12 @@ class LocalCluster:
             _kill_session(node.pid)
         self.nodes = []
         shutil.rmtree(self.state_dir, ignore_errors=True)  # node dirs, Ray's temp dir, cluster.json: all ours
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)  # the short one outside the state dir
 
     # ------------------------------------------------------------------ waiting / state
     def _wait_dashboard(self, timeout_s: float) -> None:
         deadline = time.time() + timeout_s
-        err = self.state_dir / "ray" / "session_latest" / "logs" / "dashboard.err"
+        err = self.ray_tmp / "session_latest" / "logs" / "dashboard.err"
         while time.time() < deadline:
             try:
                 urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
@@ -398,7 +411,7 @@ class LocalCluster:
 
     def save(self) -> None:
         state = {"gcs_port": self.gcs_port, "dashboard_port": self.dashboard_port, "first_ip": self.first_ip,
-                 "nodes": [asdict(n) for n in self.nodes]}
+                 "ray_tmp": str(self.ray_tmp), "nodes": [asdict(n) for n in self.nodes]}
         (self.state_dir / "cluster.json").write_text(json.dumps(state, indent=1))
 
     @classmethod
@@ -407,6 +420,10 @@ class LocalCluster:
         state = json.loads((c.state_dir / "cluster.json").read_text())
         c.gcs_port, c.dashboard_port = state["gcs_port"], state["dashboard_port"]
         c.first_ip = state.get("first_ip", 2)
+        if state.get("ray_tmp"):
+            if c.ray_tmp != pathlib.Path(state["ray_tmp"]):
+                shutil.rmtree(c.ray_tmp, ignore_errors=True)  # the constructor's fresh one: not this cluster's
+            c.ray_tmp = pathlib.Path(state["ray_tmp"])
         c.nodes = [NodeProc(**n) for n in state["nodes"]]
         return c
 

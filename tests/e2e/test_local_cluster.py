@@ -34,3 +34,18 @@ def test_a_head_that_does_not_answer_is_retried_on_fresh_ports_and_leaves_nothin
     assert len(ports) == 2 and ports[0] != ports[1]  # the second try ran on fresh ports
     assert len(spawned) == 2 and c.nodes == []
     assert all(local_cluster._session_pids(pid) == [] for pid in spawned)  # whole sessions killed
+
+
+def test_a_long_state_dir_gets_a_short_ray_temp_dir_and_the_head_starts(tmp_path):
+    # pytest's tmp_path (~50 characters) + /ray is too long for the unix sockets Ray puts under its temp dir: the
+    # dashboard's module subprocesses could not bind them and the head came up without a dashboard
+    state = tmp_path / "a-state-directory-with-a-long-name"
+    c = LocalCluster(state, first_ip=96)
+    assert len(str(state / "ray")) > 30 and len(str(c.ray_tmp)) <= 30 and c.ray_tmp.is_dir()
+    try:
+        c.start(workers=0, timeout_s=120)
+        assert c.alive_node_ips() == ["127.0.0.96"]
+        assert LocalCluster.load(state).ray_tmp == c.ray_tmp  # `down` from another process cleans the same dir
+    finally:
+        c.stop()
+    assert not c.ray_tmp.exists() and not state.exists()
