@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -377,6 +378,13 @@ class LocalCluster:
             try:
                 urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
                 return
+            except urllib.error.HTTPError as e:
+                if e.code == 401:  # up, but every later call of ours would be refused the same way
+                    raise RuntimeError(f"the Ray dashboard on {self.dashboard} wants a token: the nodes inherited "
+                                       f"RAY_AUTH_MODE={self.env.get('RAY_AUTH_MODE')!r} (an earlier ray.init in "
+                                       "this process sets 'token' when it is unset); a local cluster runs with "
+                                       "RAY_AUTH_MODE=disabled") from None
+                time.sleep(0.5)
             except Exception:  # noqa: BLE001 - not up yet
                 if not self.nodes[0].alive:
                     raise RuntimeError(f"ray head exited; see {self.nodes[0].local_dir}/ray-start.log")

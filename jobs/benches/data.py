@@ -75,6 +75,11 @@ def _build_kept(src_uri: str, tok_dir: pathlib.Path, cache: pathlib.Path, encode
 
 
 def run(args: dict[str, str]) -> dict[str, Any]:
+    from raymoe.jobs.cluster import configure_process_env
+
+    # before `import ray`: the embedded builds bind loopback only and run without token auth. Without it ray.init
+    # sets RAY_AUTH_MODE=token in this process, the local cluster's nodes inherit it, and its dashboard answers 401
+    configure_process_env()
     import ray
     from rich.console import Console
     from rich.table import Table

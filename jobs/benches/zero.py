@@ -14,7 +14,7 @@ trains both copies the same ``steps`` steps on the same synthetic batches — on
   moved that tensor (fp32 reduction order; the bench raises above 1e-3), and the largest relative difference of the
   global gradient norms (raises above 1e-5).
 
-The rank function :func:`train_rank` is also what tests/unit/test_zero.py runs.
+The rank function :func:`train_rank` is also what tests/unit/test_zero_sharding.py runs.
 """
 from __future__ import annotations
 

@@ -49,3 +49,14 @@ def test_a_long_state_dir_gets_a_short_ray_temp_dir_and_the_head_starts(tmp_path
     finally:
         c.stop()
     assert not c.ray_tmp.exists() and not state.exists()
+
+
+def test_nodes_that_want_a_token_are_refused_at_once_with_the_reason(tmp_path):
+    # RAY_AUTH_MODE=token reaches the nodes when an earlier ray.init in the same process set it: the dashboard then
+    # answers 401 to every call; the start fails on the first answer, naming the variable, not after its timeout
+    c = LocalCluster(tmp_path / "t", first_ip=97, extra_env={"RAY_AUTH_MODE": "token"})
+    try:
+        with pytest.raises(TimeoutError, match="wants a token.*RAY_AUTH_MODE='token'"):
+            c.start(workers=0, timeout_s=120)
+    finally:
+        c.stop()

@@ -81,7 +81,7 @@ def _same_weights(w: dict, ref: dict, rel: float = 1e-3) -> None:
                          ids=["pp1xep1xdp2", "ep2xdp2", "dualpipe-pp2xdp2"])
 def test_zero1_equals_replicated_native_dp(tmp_path, layout) -> None:
     """Dense state sharded over ep × dp, expert state over dp, global-norm clipping active (grad_clip=0.5), weight
-    decay on matrices: the same losses and weights (several buckets per set: tests/unit/test_zero.py). Under DualPipe
+    decay on matrices: the same losses and weights (several buckets per set: tests/unit/test_zero_sharding.py). Under DualPipe
     both pipeline ranks hold every stage: each copy shards its state over its own dp group, both copies get the
     same summed gradients and updates, and only pipeline rank 0 writes the state."""
     rep = _drive(_run(tmp_path, "rep", zero=0, **layout))
