@@ -231,23 +231,7 @@ class ShardIndex:
         """Elements ``lo..hi-1`` of the full-model tensor ``key``, flattened (1-D), whichever way it was saved: from
         the ZeRO-1 pieces that cover the range, or from a full tensor / the expert rows that cover it."""
         if key in self.ranges:
-            parts, cover = [], lo
-            try:
-                for f, a, z, _ in sorted(self.ranges[key], key=lambda t: t[1]):
-                    if z <= cover or a >= hi:
-                        continue
-                    if a > cover:
-                        break
-                    stop = min(z, hi)
-                    parts.append(self._readers[f].get(key, (cover - a, stop - a)))
-                    cover = stop
-                    if cover == hi:
-                        break
-            except (ValueError, KeyError) as e:
-                raise IncompatibleCheckpoint(f"cannot read {key!r}: {e}") from e
-            if cover != hi:
-                raise IncompatibleCheckpoint(f"checkpoint holds elements of {key!r} only up to {cover}, need "
-                                             f"{lo}..{hi - 1}")
+            parts = self._covering(key, self.ranges[key], lo, hi, "elements")
             return torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else torch.empty(0))
         if key not in self.entries:
             raise IncompatibleCheckpoint(f"checkpoint has no tensor {key!r}")
@@ -265,27 +249,35 @@ class ShardIndex:
         if key not in self.entries:
             raise IncompatibleCheckpoint(f"checkpoint has no tensor {key!r}")
         ents = self.entries[key]
-        try:
-            if ents[0][1] is None:  # a full tensor
+        if ents[0][1] is None:  # a full tensor
+            try:
                 return self._readers[ents[0][0]].get(key)
-            E = ents[0][3]
-            lo, hi = rows if rows is not None else (0, E)
-            parts, cover = [], lo
-            for f, s, e, _ in sorted(ents, key=lambda t: t[1]):
-                if e <= cover or s >= hi:
+            except (ValueError, KeyError) as e:
+                raise IncompatibleCheckpoint(f"cannot read {key!r}: {e}") from e
+        lo, hi = rows if rows is not None else (0, ents[0][3])
+        parts = self._covering(key, ents, lo, hi, "experts")
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _covering(self, key: str, pieces: list, lo: int, hi: int, what: str) -> list[torch.Tensor]:
+        """The parts of ``key`` covering ``lo..hi-1`` in order, from ``pieces`` = ``(file, start, stop, _)`` (expert
+        rows, or flat element ranges of ZeRO-1 pieces), each read as the slice it contributes."""
+        parts, cover = [], lo
+        try:
+            for f, a, z, _ in sorted(pieces, key=lambda t: t[1]):
+                if z <= cover or a >= hi:
                     continue
-                if s > cover:
+                if a > cover:
                     break
-                stop = min(e, hi)
-                parts.append(self._readers[f].get(key, (cover - s, stop - s)))
+                stop = min(z, hi)
+                parts.append(self._readers[f].get(key, (cover - a, stop - a)))
                 cover = stop
                 if cover == hi:
                     break
         except (ValueError, KeyError) as e:
             raise IncompatibleCheckpoint(f"cannot read {key!r}: {e}") from e
         if cover != hi:
-            raise IncompatibleCheckpoint(f"checkpoint holds experts of {key!r} only up to {cover}, need {lo}..{hi - 1}")
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+            raise IncompatibleCheckpoint(f"checkpoint holds {what} of {key!r} only up to {cover}, need {lo}..{hi - 1}")
+        return parts
 
     def close(self) -> None:
         for r in self._readers.values():
