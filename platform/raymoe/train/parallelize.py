@@ -254,9 +254,13 @@ class NativeDataParallel:
         if self.grad_clip > 0 and math.isfinite(norm):
             coef = self.grad_clip / (norm + 1e-6)
             if coef < 1.0:
-                for _, p in self.named:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+                self.scale_grads(coef)
+
+    def scale_grads(self, coef: float) -> None:
+        """Multiply the gradients the optimizer will apply by ``coef`` (clipping)."""
+        for _, p in self.named:
+            if p.grad is not None:
+                p.grad.mul_(coef)
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -269,5 +273,12 @@ class NativeDataParallel:
         if not skip:
             self.clip(norm)
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.after_update()
+        self.clear_grads()
         return norm
+
+    def after_update(self) -> None:
+        """After an applied optimizer step (replicated state: every rank already holds the new weights)."""
+
+    def clear_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)

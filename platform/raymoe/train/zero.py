@@ -332,24 +332,17 @@ class ZeroDataParallel(NativeDataParallel):
         return next((p.device for _, p in self.named), torch.device("cpu"))
 
     @torch.no_grad()
-    def clip(self, norm: float) -> None:
-        if self.grad_clip > 0 and math.isfinite(norm):
-            coef = self.grad_clip / (norm + 1e-6)
-            if coef < 1.0:
-                for s in self.sets:
-                    s.scale_grads(coef)
+    def scale_grads(self, coef: float) -> None:
+        for s in self.sets:
+            s.scale_grads(coef)
 
-    def step(self, skip: bool) -> float:
-        self.reduce_gradients()
-        norm = self.global_grad_norm()
-        if not skip:
-            self.clip(norm)
-            self.optimizer.step()
-            for s in self.sets:
-                s.all_gather()
+    def after_update(self) -> None:
+        for s in self.sets:  # each rank updated its pieces: gather the others'
+            s.all_gather()
+
+    def clear_grads(self) -> None:
         for s in self.sets:
             s.clear()
-        return norm
 
     def state_ranges(self) -> list[tuple[str, nn.Parameter, nn.Parameter, int, int]]:
         """Every owned piece with its flat range in the full-model tensor (for checkpoints)."""
