@@ -157,7 +157,7 @@ class LocalCluster:
         self._procs: dict[int, subprocess.Popen] = {}  # pid -> `ray start` of the nodes this object started
         self.gcs_port = 0
         self.dashboard_port = 0
-        self.ray_tmp = self._short_temp_dir()
+        self.ray_tmp: Optional[pathlib.Path] = None  # Ray's --temp-dir, chosen by start()
 
     def _short_temp_dir(self) -> pathlib.Path:
         """Ray's ``--temp-dir``: ``<state_dir>/ray`` when short enough, else a new ``/tmp/rmr*`` (removed by
@@ -231,6 +231,7 @@ class LocalCluster:
             raise ValueError(f"worker_resources has {len(worker_resources)} entries for {workers} workers")
         worker_resources += [None] * (workers - len(worker_resources))
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ray_tmp = self.ray_tmp or self._short_temp_dir()
         self._start_head(head_cpus, timeout_s)
         for res in worker_resources:
             self.add_worker(cpus_per_worker, wait=True, timeout_s=timeout_s, resources=res)
@@ -368,7 +369,8 @@ class LocalCluster:
             _kill_session(node.pid)
         self.nodes = []
         shutil.rmtree(self.state_dir, ignore_errors=True)  # node dirs, Ray's temp dir, cluster.json: all ours
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)  # the short one outside the state dir
+        if self.ray_tmp is not None:
+            shutil.rmtree(self.ray_tmp, ignore_errors=True)  # the short one outside the state dir
 
     # ------------------------------------------------------------------ waiting / state
     def _wait_dashboard(self, timeout_s: float) -> None:
@@ -428,10 +430,7 @@ class LocalCluster:
         state = json.loads((c.state_dir / "cluster.json").read_text())
         c.gcs_port, c.dashboard_port = state["gcs_port"], state["dashboard_port"]
         c.first_ip = state.get("first_ip", 2)
-        if state.get("ray_tmp"):
-            if c.ray_tmp != pathlib.Path(state["ray_tmp"]):
-                shutil.rmtree(c.ray_tmp, ignore_errors=True)  # the constructor's fresh one: not this cluster's
-            c.ray_tmp = pathlib.Path(state["ray_tmp"])
+        c.ray_tmp = pathlib.Path(state["ray_tmp"]) if state.get("ray_tmp") else c.state_dir / "ray"
         c.nodes = [NodeProc(**n) for n in state["nodes"]]
         return c
 

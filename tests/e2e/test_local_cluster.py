@@ -41,9 +41,9 @@ def test_a_long_state_dir_gets_a_short_ray_temp_dir_and_the_head_starts(tmp_path
     # dashboard's module subprocesses could not bind them and the head came up without a dashboard
     state = tmp_path / "a-state-directory-with-a-long-name"
     c = LocalCluster(state, first_ip=96)
-    assert len(str(state / "ray")) > 30 and len(str(c.ray_tmp)) <= 30 and c.ray_tmp.is_dir()
     try:
         c.start(workers=0, timeout_s=120)
+        assert len(str(state / "ray")) > 30 and len(str(c.ray_tmp)) <= 30 and c.ray_tmp.is_dir()
         assert c.alive_node_ips() == ["127.0.0.96"]
         assert LocalCluster.load(state).ray_tmp == c.ray_tmp  # `down` from another process cleans the same dir
     finally:
