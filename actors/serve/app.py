@@ -873,7 +873,7 @@ def build_app(args: dict[str, Any]):
             PrefixAffinity(**kw)  # validate here, not in every handle
         except TypeError as e:
             raise ValueError(f"prefix_routing: {e} (options: chunk_tokens, chunk_chars, max_chunks, imbalance, "
-                             f"capacity)") from None
+                             f"capacity, spill_after)") from None
         routing["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER_PATH,
                                                                 request_router_kwargs=kw)
     for key in ("ingress_max_pending_requests", "max_body_bytes"):

@@ -4,7 +4,9 @@ alpha API) around :class:`raymoe.engine.routing.PrefixAffinity`.
 The router runs inside every ``DeploymentHandle`` of the engine deployment (the ingress replicas'), so its index is
 per ingress replica; new prefixes go where rendezvous hashing puts them, which all routers agree on. Calls that carry
 no prompt (``info``) are routed like Serve's default (two random replicas, the less loaded wins). Queue lengths come
-from Serve's queue-length cache (what replicas reported on their last probe or accepted request).
+from Serve's queue-length cache (what replicas reported on their last probe or accepted request). Serve calls
+``choose_replicas`` again for a request no offered replica took; the router counts those calls on the request's
+routing context and offers the other replicas only after ``spill_after`` of them (see ``PrefixAffinity``).
 """
 from __future__ import annotations
 
@@ -44,7 +46,10 @@ class PrefixAffinityRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         cache = self.replica_queue_len_cache
         load = {i: cache.get(r.replica_id) for i, r in by_id.items()}
-        return [[by_id[i] for i in rank] for rank in self.policy.rank(prompt, list(by_id), load)]
+        ctx = pending_request.routing_context
+        attempt = getattr(ctx, "raymoe_attempts", 0)
+        ctx.raymoe_attempts = attempt + 1
+        return [[by_id[i] for i in rank] for rank in self.policy.rank(prompt, list(by_id), load, attempt)]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         prompt = _prompt(pending_request)

@@ -50,6 +50,22 @@ def test_load_guard_and_forget() -> None:
         PrefixAffinity(chunk_tokens=0)
 
 
+def test_other_replicas_are_offered_only_after_spill_after_attempts() -> None:
+    p = PrefixAffinity(chunk_tokens=4, spill_after=2)
+    prompt = list(range(12))
+    p.record(prompt, "a")
+    # a preferred replica that missed a queue-length probe must not lose its prefix group at the first miss
+    assert p.rank(prompt, ["a", "b", "c"], {}, attempt=0) == [["a"]]
+    assert p.rank(prompt, ["a", "b", "c"], {}, attempt=1) == [["a"]]
+    assert p.rank(prompt, ["a", "b", "c"], {}, attempt=2) == [["a"], ["b", "c"]]
+    assert p.rank(prompt, ["a", "b", "c"], {}) == [["a"], ["b", "c"]]  # no attempt count: every rank
+    # the load guard is not patience: an overloaded preferred replica spills at once
+    assert p.rank(prompt, ["a", "b"], {"a": 20, "b": 0}, attempt=0) == [["b", "a"]]
+    assert len(PrefixAffinity(chunk_tokens=4, spill_after=0).rank(prompt, ["a", "b"], {}, attempt=0)) == 2
+    with pytest.raises(ValueError, match="spill_after"):
+        PrefixAffinity(spill_after=-1)
+
+
 def test_index_is_bounded_lru() -> None:
     p = PrefixAffinity(chunk_chars=2, capacity=4)
     p.record("aabbcc", "x")  # 3 keys

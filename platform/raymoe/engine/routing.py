@@ -18,6 +18,11 @@ Policy (:meth:`PrefixAffinity.rank`), for one request over the live replicas:
 3. **Load guard**: a preferred replica whose known queue length exceeds the least loaded one's by more than
    ``imbalance`` is dropped from the first rank; the rest follow as a second rank, least loaded first (the Serve
    router then takes the first rank's least loaded replica that accepts the request, else tries the next rank).
+4. **Patience**: the other replicas are offered only once the preferred rank has failed to take the request
+   ``spill_after`` times (``rank(..., attempt=k)``). Serve asks a replica for its queue length with a 0.1 s deadline
+   that doubles on every failed try; on a busy host one missed answer would otherwise send the request, and then its
+   whole prefix group (which follows it), to a replica without the cache. A full replica answers at once, so a
+   real spill costs ``spill_after`` quick round trips.
 
 Pure Python (no torch, no Ray): the Serve adapter is :class:`raymoe.actors.serve.router.PrefixAffinityRouter`.
 
@@ -42,15 +47,16 @@ __all__ = ["PrefixAffinity"]
 
 class PrefixAffinity:
     def __init__(self, chunk_tokens: int = 16, chunk_chars: int = 64, max_chunks: int = 64, imbalance: int = 8,
-                 capacity: int = 100_000) -> None:
+                 capacity: int = 100_000, spill_after: int = 2) -> None:
         for k, v in (("chunk_tokens", chunk_tokens), ("chunk_chars", chunk_chars), ("max_chunks", max_chunks),
                      ("capacity", capacity)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"prefix routing: {k} must be an integer >= 1, got {v!r}")
-        if not isinstance(imbalance, int) or isinstance(imbalance, bool) or imbalance < 0:
-            raise ValueError(f"prefix routing: imbalance must be an integer >= 0, got {imbalance!r}")
+        for k, v in (("imbalance", imbalance), ("spill_after", spill_after)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"prefix routing: {k} must be an integer >= 0, got {v!r}")
         self.chunk_tokens, self.chunk_chars, self.max_chunks = chunk_tokens, chunk_chars, max_chunks
-        self.imbalance, self.capacity = imbalance, capacity
+        self.imbalance, self.capacity, self.spill_after = imbalance, capacity, spill_after
         self._owners: collections.OrderedDict[bytes, dict[str, None]] = collections.OrderedDict()  # LRU first
 
     def keys(self, prompt: str | Sequence[int]) -> list[bytes]:
@@ -72,9 +78,10 @@ class PrefixAffinity:
         return hashlib.sha256(raw).digest()
 
     def rank(self, prompt: str | Sequence[int], replicas: Sequence[str],
-             load: Mapping[str, Optional[int]]) -> list[list[str]]:
+             load: Mapping[str, Optional[int]], attempt: Optional[int] = None) -> list[list[str]]:
         """Replicas to try, best rank first (see the module docstring). ``load``: known queue lengths (None or
-        missing: unknown, never treated as overloaded)."""
+        missing: unknown, never treated as overloaded). ``attempt``: how many times the router already offered this
+        request (None: all ranks at once); below ``spill_after`` only the preferred rank is offered."""
         if not replicas:
             return []
         keys = self.keys(prompt)
@@ -97,6 +104,8 @@ class PrefixAffinity:
 
         first = sorted((r for r in best if q(r) - lo <= self.imbalance), key=lambda r: (q(r), r))
         rest = sorted((r for r in replicas if r not in first), key=lambda r: (q(r), r))
+        if first and attempt is not None and attempt < self.spill_after:
+            return [first]
         return [x for x in (first, rest) if x]
 
     def record(self, prompt: str | Sequence[int], replica: str) -> None:
