@@ -161,6 +161,7 @@ class EngineDeployment:
         self.step_started: Optional[float] = None  # monotonic start of the step in flight
         self.step_timeout_s = float(step_timeout_s)
         self._kill_loop = False  # test hook
+        self._wedge_s = 0.0  # test hook: the next step sleeps this long first (a wedged step)
         self._tok_window: list[tuple[float, int]] = []
         self._init_metrics()
 
@@ -244,7 +245,8 @@ class EngineDeployment:
     async def test_hook(self, name: str, arg: Any = None) -> None:
         """Fault injection for tests, refused unless ``RAYMOE_TEST_HOOKS=1`` is set in the replica's environment.
         ``fail_prompt_prefix`` (arg: token ids or None): per-sequence code raises for requests whose prompt starts
-        with these ids, once they generated two tokens; ``kill_loop``: the step loop dies at its next iteration."""
+        with these ids, once they generated two tokens; ``kill_loop``: the step loop dies at its next iteration;
+        ``wedge_step`` (arg: seconds): the next step hangs that long before it runs (a wedged step)."""
         if os.environ.get(TEST_HOOKS_ENV) != "1":
             raise PermissionError(f"test hooks are off (set {TEST_HOOKS_ENV}=1 in the replica's environment)")
         if name == "fail_prompt_prefix":
@@ -258,6 +260,8 @@ class EngineDeployment:
             self.engine.fault_hook = hook if prefix else None
         elif name == "kill_loop":
             self._kill_loop = True
+        elif name == "wedge_step":
+            self._wedge_s = float(arg)
             self.wake.set()
         else:
             raise ValueError(f"unknown test hook {name!r}")
@@ -284,7 +288,7 @@ class EngineDeployment:
                 async with self.lock:
                     self.step_started = time.monotonic()
                     try:
-                        outs = await asyncio.to_thread(self.engine.step)
+                        outs = await asyncio.to_thread(self._step)
                     finally:
                         self.step_started = None
                     self.experts.after_step(outs, int(self.engine.stats["generation_tokens"]))
@@ -318,6 +322,12 @@ class EngineDeployment:
             if not self.engine.has_unfinished():
                 self.wake.clear()
             await asyncio.sleep(0)
+
+    def _step(self) -> list:
+        wedge, self._wedge_s = self._wedge_s, 0.0
+        if wedge:
+            time.sleep(wedge)
+        return self.engine.step()
 
     def _delta(self, o) -> dict[str, Any]:
         st = self.sent.setdefault(o.request_id, {"text": [0] * len(o.outputs), "lp": [0] * len(o.outputs)})

@@ -4,7 +4,8 @@ status/details or any process's arguments; a chunked body over the limit is refu
 the ingress queue is bounded (429 + Retry-After); a lone surrogate is a 400; one request failing inside the engine
 (a real exception in its per-sequence code, through a test hook) ends that request with an OpenAI-shaped 500
 (in-band for a stream) while concurrent requests complete with their reference text; and a step loop that dies
-makes check_health fail, so Serve replaces the replica (runs last)."""
+makes check_health fail, so Serve replaces the replica; so does a step that hangs past engine_step_timeout_s (these
+two run last)."""
 from __future__ import annotations
 
 import asyncio
@@ -32,6 +33,7 @@ ENGINE = {"block_size": 8, "num_blocks": 256, "max_num_seqs": 8, "max_num_batche
 PROMPTS = ["The river runs", "In the morning the baker", "A block of memory holds"]
 BAD_PREFIX = [7, 7, 7, 7, 3, 9]  # token-id prompts starting with this fail in per-sequence code (test hook)
 REPLICA_CLASS = f"ServeReplica:{APP}:EngineDeployment"
+STEP_TIMEOUT_S = 10.0  # a tiny-model step takes milliseconds: 10 s is a wedged replica even on a loaded CI host
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,8 @@ def server(ckpt, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     args = {"model_path": str(ckpt), "served_model_name": MODEL, "engine": ENGINE,
             "autoscaling": {"min_replicas": 1, "max_replicas": 1}, "max_body_bytes": BODY_LIMIT,
-            "ingress_max_pending_requests": MAX_PENDING, "engine_health_check_period_s": 1.0}
+            "ingress_max_pending_requests": MAX_PENDING, "engine_health_check_period_s": 1.0,
+            "engine_step_timeout_s": STEP_TIMEOUT_S}
     os.environ["RAYMOE_API_KEY"] = KEY
     started: dict = {}
 
@@ -282,13 +285,45 @@ def test_dead_step_loop_fails_health_and_serve_replaces_the_replica(server, clie
     r = httpx.post(f"{server['url']}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4},
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code in (500, 503) and _is_openai_error(r.json())
-    deadline = time.time() + 120
+    _wait_replaced(server["url"], pid, "whose step loop died")
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=8, temperature=0).choices[0].text
+    assert out == ref
+
+
+def _wait_replaced(url: str, pid: int, what: str, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
     new = None
     while time.time() < deadline:
         new = _replica_pid()
-        if new is not None and new != pid and httpx.get(f"{server['url']}/health", timeout=10).status_code == 200:
-            break
+        if new is not None and new != pid and httpx.get(f"{url}/health", timeout=10).status_code == 200:
+            return
         time.sleep(0.5)
-    assert new is not None and new != pid, "Serve did not replace the replica whose step loop died"
-    out = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=8, temperature=0).choices[0].text
+    raise AssertionError(f"Serve did not replace the replica {what} (pid {pid}, now {new})")
+
+
+def test_wedged_step_fails_health_and_serve_replaces_the_replica(server, client) -> None:
+    ref = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=0).choices[0].text
+    pid = _replica_pid()
+    assert pid is not None
+    _handle().test_hook.remote("wedge_step", 600).result(timeout_s=30)
+    # this request wakes the loop and its step hangs: health stays 200 until the step has run past the timeout, then
+    # check_health fails, Serve stops the replica, and the request ends with an OpenAI-shaped error, not a hang
+    t0 = time.time()
+    seen: dict = {}
+
+    def call() -> None:
+        seen["r"] = httpx.post(f"{server['url']}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4},
+                               headers={"Authorization": f"Bearer {KEY}"}, timeout=170)
+        seen["t"] = time.time() - t0
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    time.sleep(STEP_TIMEOUT_S / 2)
+    assert _replica_pid() == pid  # not before the timeout
+    t.join(180)
+    assert "r" in seen, "the request on the wedged replica never returned"
+    assert seen["r"].status_code in (500, 503) and _is_openai_error(seen["r"].json())
+    assert seen["t"] > STEP_TIMEOUT_S, seen["t"]
+    _wait_replaced(server["url"], pid, "whose step hung")
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=0).choices[0].text
     assert out == ref
