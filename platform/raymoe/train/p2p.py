@@ -20,23 +20,22 @@ Usage (one process per pipeline rank, ``torch.distributed`` already initialised)
 Design
 ------
 
-*Links and threads.* Between two pp ranks there are two **links**, one per direction. Each link carries one
-ordered stream of messages (all channels from that source to that destination, in the sender's ``send`` order) and
-has exactly one thread at each end: a **sender thread** on the source and a **receiver thread** on the destination.
-``send`` never touches the network: it makes a contiguous detached copy of the tensor (on its own device, in the
-caller's stream; a CUDA event marks when the copy is done) and puts it on the link's queue, so the caller returns
-at once and may overwrite or free its tensor. The sender thread sends header and payload and then waits for
-completion. The receiver thread is armed by :meth:`P2PTransport.expect` with the (channel, micro-batch) list this
-rank will receive in the step (:func:`expected_recvs` computes it from the schedule, exactly the sequence of
-``recv`` calls :class:`StageRunner` makes); while messages remain expected on its link it keeps a receive posted,
-so data is **prefetched** while the caller computes, and ``recv`` only blocks when the data has not arrived yet.
-That blocked time is pipeline idle time and is counted (``stats().recv_wait_s``).
+*Links and threads* (:mod:`raymoe.train.p2p_link`). Between two pp ranks there are two **links**, one per
+direction, each one ordered stream of messages with exactly one thread at each end: a sender thread on the source
+and a receiver thread on the destination. ``send`` never touches the network: it makes a contiguous detached copy
+of the tensor (on its own device, in the caller's stream; a CUDA event marks when the copy is done) and puts it on
+the link's queue, so the caller returns at once and may overwrite or free its tensor. The receiver thread is armed
+by :meth:`P2PTransport.expect` with the (channel, micro-batch) list this rank will receive in the step
+(:func:`expected_recvs` computes it from the schedule, exactly the sequence of ``recv`` calls
+:class:`StageRunner` makes); while messages remain expected on its link it keeps a receive posted, so data is
+**prefetched** while the caller computes, and ``recv`` only blocks when the data has not arrived yet. That blocked
+time is pipeline idle time and is counted (``stats().recv_wait_s``). This module owns the bookkeeping of what is
+expected, arrived and consumed; the link threads report to it through :class:`~raymoe.train.p2p_link.LinkHooks`.
 
 *Wire format* (:mod:`raymoe.train.p2p_wire`). Every message is a fixed-size int64 header naming its link
 sequence number, channel, micro-batch, dtype and shape, followed by the payload as raw bytes; each link is one
 ordered stream on one fixed tag, so messages of different channels never mix and the receiver needs no shape
-knowledge. The sender thread encodes, the receiver thread decodes and checks; this module owns the threads and the
-bookkeeping of what is expected, arrived and consumed.
+knowledge.
 
 *Why it does not deadlock.* The caller never waits on the network except in ``recv`` (for data its next op needs)
 and ``finish_step``. On each link the receiver thread keeps a receive posted whenever a message is still expected,
@@ -55,41 +54,25 @@ waiters in ``recv``/``finish_step`` are woken, so an error never turns into a si
 
 *Groups.* ``group_for(peer_pp_rank)`` gives the process group for traffic with that peer (``None``: the default
 group); dedicated 2-rank groups keep P2P in threads apart from collectives (all-reduce, all-to-all) that the main
-thread issues on other groups. ``link_group_for(src_pp, dst_pp)``, when given, overrides it per direction.
-
-*NCCL notes.* The same code path runs on NCCL: the wire device of a link is ``cuda:<current device>`` when the
-group's backend includes NCCL, else CPU (gloo); the header is an int64 tensor on the wire device. Each thread sets
-the CUDA device and runs its ops on its own CUDA stream; the sender's stream waits on the event recorded after the
-caller's copy, and both threads synchronise their stream before reporting completion/arrival, so a delivered
-tensor is ready and ``recv`` records it on the caller's current stream for the caching allocator. (CUDA tensors
-sent over gloo are staged through CPU by the sender thread after the copy's event; pass ``device=`` to have
-received tensors moved back to the GPU.) Two rules for
-the topology object: (1) give each **direction** of a pair its own communicator (``link_group_for``):
-ProcessGroupNCCL issues all P2P ops of one pair of a group on one internal stream, so when both sides send before
-they receive (DualPipe's simultaneous exchange) a message bigger than NCCL's internal buffer waits behind the
-other side's send forever; gloo does not have this problem (full-duplex sockets, ops not serialised), so one
-group per pair is fine there. (2) Concurrent kernels of several NCCL communicators (links of two neighbours, the
-expert all-to-all) rely on the GPU running them side by side; keep ``NCCL_LAUNCH_MODE`` at its default
-(``PARALLEL``) and give the communicators enough channels/SMs. A receive that is posted but never matched cannot
-be cancelled (torch exposes no abort for P2P work): :meth:`P2PTransport.close` leaves such a (daemon) thread
-behind, and only destroying the process group or the process ends it.
+thread issues on other groups. ``link_group_for(src_pp, dst_pp)``, when given, overrides it per direction (needed
+on NCCL: see the NCCL notes in :mod:`raymoe.train.p2p_link`, which also say what :meth:`P2PTransport.close` cannot
+cancel).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import queue
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from raymoe.schedule.ir import OpKind, Schedule
-from raymoe.train.p2p_wire import (DEFAULT_TAG, DTYPES, HEADER_LEN, MAX_DIMS, Channel, P2PError, P2PTimeout, RecvKey,
-                                   decode_header, encode_header, parse_channel, sendable)
+from raymoe.train.p2p_link import Link, LinkHooks, open_link, start_receiver, start_sender
+from raymoe.train.p2p_wire import (DEFAULT_TAG, DTYPES, MAX_DIMS, Channel, P2PError, P2PTimeout, RecvKey, parse_channel,
+                                   sendable)
 
 # P2PError / P2PTimeout live with the wire format and are re-exported: they are what a transport user catches
 __all__ = ["P2PTransport", "P2PError", "P2PTimeout", "P2PStats", "expected_recvs"]
@@ -150,24 +133,6 @@ def expected_recvs(schedule: Schedule, pp_rank: int) -> list[tuple[Channel, int]
     return out
 
 
-@dataclasses.dataclass
-class _Link:
-    """One direction between this rank and a peer: src -> dst (pp ranks)."""
-
-    src: int
-    dst: int
-    peer_global: int
-    group: Optional[dist.ProcessGroup]
-    wire: torch.device
-    thread: Optional[threading.Thread] = None
-    queue: Optional["queue.Queue[Optional[tuple]]"] = None  # sender links only
-    seq: int = 0  # next sequence number (sent or expected)
-    pending: int = 0  # sender: enqueued, not yet completed; receiver: still expected to arrive
-    done: int = 0  # messages completed on this link
-    busy: Optional[RecvKey] = None  # what the thread is working on right now
-    stream: Any = None  # the thread's CUDA stream (NCCL links), created by the thread itself
-
-
 class P2PTransport:
     """Stage-to-stage tensors over ``torch.distributed`` P2P, sent and prefetched by background threads.
 
@@ -178,7 +143,7 @@ class P2PTransport:
         group_for: ``group_for(peer_pp_rank) -> ProcessGroup | None`` (``None``: default group); the group carrying
             traffic with that peer in both directions.
         link_group_for: optional ``(src_pp, dst_pp) -> ProcessGroup | None`` overriding ``group_for`` per
-            direction (needed on NCCL, see the module docstring).
+            direction (needed on NCCL, see :mod:`raymoe.train.p2p_link`).
         timeout_s: bound for every wait (``recv``, ``finish_step``); :class:`P2PTimeout` beyond it.
         device: where received tensors are delivered; default: the link's wire device (CPU for gloo, the current
             CUDA device for NCCL).
@@ -197,8 +162,8 @@ class P2PTransport:
         self.timeout_s, self.tag = float(timeout_s), int(tag)
         self.device = torch.device(device) if device is not None else None
         self._cv = threading.Condition()
-        self._send_links: dict[int, _Link] = {}
-        self._recv_links: dict[int, _Link] = {}
+        self._send_links: dict[int, Link] = {}
+        self._recv_links: dict[int, Link] = {}
         self._await_consume: Counter[RecvKey] = Counter()  # expected, not yet returned by recv
         self._await_arrival: Counter[RecvKey] = Counter()  # expected, not yet arrived (network links only)
         self._arrived: dict[RecvKey, deque[torch.Tensor]] = defaultdict(deque)
@@ -206,6 +171,8 @@ class P2PTransport:
         self._error_where = ""
         self._closed = False
         self._stats = P2PStats()
+        self._hooks = LinkHooks(self._cv, lambda: self._closed, self._admit, self._count_sent, self._deliver,
+                                self._fail)
 
     # -- public API ----------------------------------------------------------------------------------------------
     def expect(self, recvs: Iterable[tuple[Sequence[Any], int]]) -> None:
@@ -237,9 +204,7 @@ class P2PTransport:
                 link.pending += 1
             self._cv.notify_all()
         for link in new_links:
-            link.thread = threading.Thread(target=self._recv_loop, args=(link,), daemon=True,
-                                           name=f"p2p-recv-{link.src}->{link.dst}")
-            link.thread.start()
+            start_receiver(link, self._hooks)
 
     def send(self, channel: Sequence[Any], mb_id: int, tensor: torch.Tensor) -> None:
         """Queue ``tensor`` for the channel's destination; returns without waiting for the network.
@@ -275,10 +240,7 @@ class P2PTransport:
         link = self._send_links.get(ch[1])
         if link is None:
             link = self._send_links[ch[1]] = self._make_link(self.pp_rank, ch[1])
-            link.queue = queue.Queue()
-            link.thread = threading.Thread(target=self._send_loop, args=(link,), daemon=True,
-                                           name=f"p2p-send-{link.src}->{link.dst}")
-            link.thread.start()
+            start_sender(link, self._hooks)
         with self._cv:
             link.pending += 1
             self._stats.send_calls += 1
@@ -430,17 +392,12 @@ class P2PTransport:
         self.close()
 
     # -- internals -----------------------------------------------------------------------------------------------
-    def _make_link(self, src: int, dst: int) -> _Link:
+    def _make_link(self, src: int, dst: int) -> Link:
         peer = dst if src == self.pp_rank else src
         if peer not in self.ranks:
             raise P2PError(f"rank {self.pp_rank}: peer pp rank {peer} is not in the rank map {self.ranks}")
         group = self._link_group_for(src, dst) if self._link_group_for is not None else self._group_for(peer)
-        backend = str(dist.get_backend(group)).lower()
-        if "nccl" in backend:
-            wire = torch.device("cuda", torch.cuda.current_device())  # main thread: the process's device
-        else:
-            wire = torch.device("cpu")
-        return _Link(src, dst, self.ranks[peer], group, wire)
+        return open_link(src, dst, self.ranks[peer], group, self.tag, self.device)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -468,108 +425,22 @@ class P2PTransport:
         return (f"rank {self.pp_rank} (global {self.global_rank}) timed out after {self.timeout_s:g}s waiting for "
                 f"micro-batch {mb_id} on channel {ch} from peer rank {src} (global {self.ranks.get(src)}); {got}")
 
-    @contextlib.contextmanager
-    def _on_wire(self, link: _Link) -> Iterator[None]:
-        """Run the thread's ops on its own CUDA stream (NCCL); nothing to do for CPU links."""
-        if link.wire.type != "cuda":
-            yield
-            return
-        if link.stream is None:
-            torch.cuda.set_device(link.wire)
-            link.stream = torch.cuda.Stream(device=link.wire)
-        with torch.cuda.stream(link.stream):
-            yield
+    # -- link hooks (called by the link threads with self._cv held) ---------------------------------------------
+    def _admit(self, key: RecvKey) -> None:
+        if self._await_arrival[key] <= 0:
+            self._await_arrival.pop(key, None)
+            raise P2PError(f"unexpected message: micro-batch {key[1]} on channel {key[0]} was not announced with "
+                           f"expect() (or arrived twice)")
+        self._await_arrival[key] -= 1
+        if self._await_arrival[key] <= 0:
+            del self._await_arrival[key]
 
-    def _send_loop(self, link: _Link) -> None:
-        assert link.queue is not None
-        while True:
-            item = link.queue.get()
-            if item is None or self._closed:
-                return
-            ch, mb_id, tensor, event = item
-            with self._cv:
-                link.busy = (ch, mb_id)
-            try:
-                t0 = time.perf_counter()
-                nbytes = self._send_one(link, ch, mb_id, tensor, event)
-            except BaseException as e:  # noqa: BLE001 - surfaced to the caller
-                self._fail(e, f"sending micro-batch {mb_id} on channel {ch} to peer rank {link.dst} "
-                              f"(global {link.peer_global})")
-                return
-            with self._cv:
-                link.pending -= 1
-                link.done += 1
-                link.busy = None
-                self._stats.msgs_sent += 1
-                self._stats.bytes_sent += nbytes
-                self._stats.send_thread_s += time.perf_counter() - t0
-                self._cv.notify_all()
+    def _count_sent(self, nbytes: int, seconds: float) -> None:
+        self._stats.msgs_sent += 1
+        self._stats.bytes_sent += nbytes
+        self._stats.send_thread_s += seconds
 
-    def _send_one(self, link: _Link, ch: Channel, mb_id: int, tensor: torch.Tensor,
-                  event: Optional[torch.cuda.Event]) -> int:
-        with self._on_wire(link):
-            if event is not None:  # the caller's copy was queued on its stream: wait for it
-                if link.wire.type == "cuda":
-                    torch.cuda.current_stream().wait_event(event)
-                else:
-                    event.synchronize()
-            if tensor.device != link.wire:
-                tensor = tensor.to(link.wire)
-            header = torch.tensor(encode_header(link.seq, ch, mb_id, tensor), dtype=torch.int64, device=link.wire)
-            dist.send(header, dst=link.peer_global, group=link.group, tag=self.tag)
-            nbytes = tensor.numel() * tensor.element_size()
-            if nbytes:
-                dist.send(tensor.reshape(-1).view(torch.uint8), dst=link.peer_global, group=link.group, tag=self.tag)
-            if link.wire.type == "cuda":
-                torch.cuda.current_stream().synchronize()
-        link.seq += 1
-        return nbytes
-
-    def _recv_loop(self, link: _Link) -> None:
-        while True:
-            with self._cv:
-                while link.pending <= 0 and not self._closed:
-                    self._cv.wait()
-                if self._closed:
-                    return
-            try:
-                key, tensor, nbytes = self._recv_one(link)
-            except BaseException as e:  # noqa: BLE001 - surfaced to the caller
-                self._fail(e, f"receiving message #{link.seq} from peer rank {link.src} (global {link.peer_global})")
-                return
-            with self._cv:
-                self._arrived[key].append(tensor)
-                link.pending -= 1
-                link.done += 1
-                self._stats.msgs_received += 1
-                self._stats.bytes_received += nbytes
-                self._cv.notify_all()
-
-    def _recv_one(self, link: _Link) -> tuple[RecvKey, torch.Tensor, int]:
-        with self._on_wire(link):
-            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=link.wire)
-            dist.recv(header, src=link.peer_global, group=link.group, tag=self.tag)
-            key, dtype, shape, nbytes = decode_header(header.tolist(), link.seq)
-            ch = key[0]
-            link.busy = key
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=link.wire)
-            if nbytes:  # receive the payload before judging the message, so that the sender is never left hanging
-                dist.recv(buf, src=link.peer_global, group=link.group, tag=self.tag)
-            if link.wire.type == "cuda":
-                torch.cuda.current_stream().synchronize()
-            if ch[0] != link.src or ch[1] != link.dst:
-                raise P2PError(f"message for channel {ch} arrived on link {link.src}->{link.dst}")
-            with self._cv:
-                if self._await_arrival[key] <= 0:
-                    self._await_arrival.pop(key, None)
-                    raise P2PError(f"unexpected message: micro-batch {key[1]} on channel {ch} was not announced with "
-                                   f"expect() (or arrived twice)")
-                self._await_arrival[key] -= 1
-                if self._await_arrival[key] <= 0:
-                    del self._await_arrival[key]
-            tensor = buf.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype, device=link.wire)
-            if self.device is not None and tensor.device != self.device:
-                tensor = tensor.to(self.device)
-        link.seq += 1
-        link.busy = None
-        return key, tensor, nbytes
+    def _deliver(self, key: RecvKey, tensor: torch.Tensor, nbytes: int) -> None:
+        self._arrived[key].append(tensor)
+        self._stats.msgs_received += 1
+        self._stats.bytes_received += nbytes

@@ -20,7 +20,8 @@ a channel, order is the send order (a FIFO link); on the receiving side messages
 used: NCCL ignores tags, and labelled messages on one ordered stream per link work the same on every backend. The
 link uses one fixed tag (``DEFAULT_TAG`` unless the transport is given another).
 
-Pure functions of ints and dtypes: nothing here touches ``torch.distributed``.
+Pure functions of ints and dtypes: nothing here touches ``torch.distributed``; the link threads of
+:mod:`raymoe.train.p2p_link` encode, send, receive and decode.
 """
 from __future__ import annotations
 
