@@ -98,6 +98,25 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return autocast_apply(_CausalAttentionFn, q, k, v, scale, chunk)
 
 
+def _isolate_non_finite(scores: torch.Tensor, kv_all: torch.Tensor,
+                        c_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep a non-finite key out of every row that does not see it (the absorbed path with a mask).
+
+    The masked keys of a row are other sequences' latents (packed view), padding or stale slots (row view). The
+    mask *replaces* their scores (``masked_fill``, so a NaN score becomes −inf and gets probability 0), but the value
+    product ``p · c`` still computes ``0 · NaN = NaN`` for every row: one sequence's NaN latent would end all the
+    requests of the step. So the values of non-finite keys become 0 (masked rows: ``0 · 0``, exactly what a finite
+    latent contributes there, so their outputs do not change at all), and their scores become NaN before the mask is
+    applied: a row that does see such a key gets a NaN probability row, hence a non-finite output, as without this
+    function (its request then fails through the engine's per-row ``isfinite`` check). Called only when the caller's
+    one-pass check (``isfinite(kv.sum())``, which any NaN/inf makes non-finite) fires.
+
+    Args: ``scores [B,T,H,S]`` fp32 (before the mask), ``kv_all [B,S,C+R]``, ``c_all [B,S,C]`` (a view of it).
+    Returns: the scores and the value latents to use."""
+    bad_BS = ~torch.isfinite(kv_all).all(dim=-1)
+    return scores.masked_fill(bad_BS[:, None, None, :], float("nan")), c_all.masked_fill(bad_BS[..., None], 0.0)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -243,6 +262,8 @@ class MLA(nn.Module):
         scores = scores.float() * self.softmax_scale
         if masked is not None:  # future keys (and, in a packed batch, other sequences' keys)
             masked = masked if masked.dim() == 3 else masked[None]
+            if not torch.isfinite(kv_all.sum()):  # a non-finite latent (one pass; see _isolate_non_finite)
+                scores, c_all = _isolate_non_finite(scores, kv_all, c_all)
             scores = scores.masked_fill(masked[:, :, None, :], float("-inf"))
         p = scores.softmax(dim=-1).to(c_all.dtype)
         o_lat = torch.einsum("bths,bsc->bthc", p, c_all)
