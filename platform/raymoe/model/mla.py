@@ -20,11 +20,15 @@ Two mathematically identical paths:
 
 The serving engine's prefill steps (a cache view with ``expanded = True``, :class:`raymoe.engine.paged.PrefillBatch`)
 mix the two, as DeepSeek's inference does: prompt chunks attend through the **expanded** keys and values of their
-sequence's cached latents (``kv_b_proj`` over ``[end, C]`` keys, then one causal SDPA per sequence: for a chunk of n
-queries over S keys that is ``n·S·H·(N+R+V)`` multiply-adds in a fused kernel, against ``n·S·H·(2C+R)`` through
-fp32 score tensors absorbed, plus the up-projection ``S·C·H·(N+V)``, which a long chunk amortises), while the
-step's decode tokens stay absorbed (one query would pay the whole up-projection). The cache holds the same latents
-either way.
+sequence's cached latents (``kv_b_proj`` over ``[end, C]`` keys, then a causal SDPA per sequence, one call for all
+the sequences of one chunk shape: for a chunk of n queries over S keys that is ``n·S·H·(N+R+V)`` multiply-adds in a
+fused kernel, against ``n·S·H·(2C+R)`` through fp32 score tensors absorbed, plus the up-projection
+``S·C·H·(N+V)``, which a long chunk amortises), while the step's decode tokens stay absorbed (one query would pay
+the whole up-projection). The cache holds the same latents either way.
+
+Failure isolation. In the absorbed path a row's masked keys can be other sequences' latents (packed view) or padding
+and stale slots (row view); a non-finite one must not reach that row (:func:`_isolate_non_finite`). The expanded
+path reads only the sequence's own keys.
 """
 from __future__ import annotations
 
@@ -272,29 +276,33 @@ class MLA(nn.Module):
     def _paged_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                        cache) -> torch.Tensor:
         """Packed ``[1, N, ...]`` inputs of a prefill step → ``[1, N, H, V]``: the view's long segments through the
-        expanded keys/values (causal SDPA per sequence over its cached prefix + new tokens), its short ones
-        (``cache.short``, rows ``cache.short_rows``) absorbed."""
+        expanded keys/values (causal SDPA per sequence over its cached prefix + new tokens; one call per
+        ``cache.groups`` entry, i.e. per set of segments of one shape ``(n, start, end)`` as ``[B, H, n, end]``), its
+        short ones (``cache.short``, rows ``cache.short_rows``) absorbed.
+
+        Grouping vs a call per segment: the outputs are the same (each batch entry is its own sequence's attention;
+        no padding, so no key of another sequence or a stale slot enters a product). It saves per-call overhead, which
+        pays for many short chunks only; long chunks keep a call each (``PREFILL_GROUP_ROWS`` in
+        :mod:`raymoe.engine.paged`, measured in docs/serving.md §1.1)."""
         _, N, H, _ = q_nope.shape
         out = q_nope.new_empty(N, H, self.v_head_dim)
         keys = cache.gather_expanded(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))  # [ΣS, C+R]
-        if cache.segments:
+        if cache.groups:
             c_all, pe_all = keys.split([self.kv_lora_rank, self.rope_dim], dim=-1)
             kv_up = self.kv_b_proj(c_all).view(-1, H, self.nope_dim + self.v_head_dim)  # [ΣS, H, N+V]
             k_nope, v = kv_up.split([self.nope_dim, self.v_head_dim], dim=-1)
             pad = self.qk_head_dim - self.v_head_dim
             if pad > 0 and v.device.type == "cpu":  # equal head dims let SDPA take its fused (flash) CPU kernel
                 v = F.pad(v, (0, pad))
-            for q0, n, start, k0, end in cache.segments:
-                q = torch.cat([q_nope[0, q0 : q0 + n], q_pe[0, q0 : q0 + n]], dim=-1).transpose(0, 1)  # [H,n,N+R]
-                k = torch.cat([k_nope[k0 : k0 + end], pe_all[k0 : k0 + end, None].expand(end, H, self.rope_dim)],
-                              dim=-1).transpose(0, 1)  # [H,S,N+R]
-                mask = None  # SDPA's is_causal aligns top-left: with a cached prefix the mask is explicit
-                if start > 0:
-                    kp = torch.arange(end, device=q.device)
-                    mask = kp[None, :] <= torch.arange(start, start + n, device=q.device)[:, None]  # [n, S] True=see
-                o = F.scaled_dot_product_attention(q[None], k[None], v[k0 : k0 + end].transpose(0, 1)[None],
-                                                   attn_mask=mask, is_causal=start == 0, scale=self.softmax_scale)
-                out[q0 : q0 + n] = o[0, ..., : self.v_head_dim].transpose(0, 1)
+            k = torch.cat([k_nope, pe_all[:, None].expand(-1, H, self.rope_dim)], dim=-1)  # [ΣS, H, N+R]
+            q = torch.cat([q_nope[0], q_pe[0]], dim=-1)  # [N, H, N+R]
+            for g in cache.groups:
+                kr = slice(g.k0, g.k0 + g.B * g.end)
+                o = F.scaled_dot_product_attention(
+                    q[g.rows].view(g.B, g.n, H, -1).transpose(1, 2),  # [B, H, n, N+R]
+                    k[kr].view(g.B, g.end, H, -1).transpose(1, 2), v[kr].view(g.B, g.end, H, -1).transpose(1, 2),
+                    attn_mask=g.mask, is_causal=g.mask is None, scale=self.softmax_scale)  # [B, H, n, ·]
+                out[g.rows] = o[..., : self.v_head_dim].transpose(1, 2).reshape(g.B * g.n, H, self.v_head_dim)
         if cache.short is not None:
             r = cache.short_rows
             out[r] = self._absorbed(q_nope[0, r, None], q_pe[0, r, None], c_kv[0, r, None], k_pe[0, r, None],
