@@ -32,6 +32,7 @@ path reads only the sequence's own keys.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -113,7 +114,8 @@ def _isolate_non_finite(scores: torch.Tensor, kv_all: torch.Tensor,
     latent contributes there, so their outputs do not change at all), and their scores become NaN before the mask is
     applied: a row that does see such a key gets a NaN probability row, hence a non-finite output, as without this
     function (its request then fails through the engine's per-row ``isfinite`` check). Called only when the caller's
-    one-pass check (``isfinite(kv.sum())``, which any NaN/inf makes non-finite) fires.
+    one-pass check fires: ``isfinite(x.sum())`` of the latents or of the raw scores, whichever is smaller (any NaN/inf
+    latent makes the sum of both non-finite; a NaN query only sends a step here for nothing: the result is the same).
 
     Args: ``scores [B,T,H,S]`` fp32 (before the mask), ``kv_all [B,S,C+R]``, ``c_all [B,S,C]`` (a view of it).
     Returns: the scores and the value latents to use."""
@@ -266,7 +268,8 @@ class MLA(nn.Module):
         scores = scores.float() * self.softmax_scale
         if masked is not None:  # future keys (and, in a packed batch, other sequences' keys)
             masked = masked if masked.dim() == 3 else masked[None]
-            if not torch.isfinite(kv_all.sum()):  # a non-finite latent (one pass; see _isolate_non_finite)
+            # a non-finite latent makes every score against it non-finite too: probe the smaller tensor (one pass)
+            if not math.isfinite((scores if scores.numel() < kv_all.numel() else kv_all).sum().item()):
                 scores, c_all = _isolate_non_finite(scores, kv_all, c_all)
             scores = scores.masked_fill(masked[:, :, None, :], float("-inf"))
         p = scores.softmax(dim=-1).to(c_all.dtype)
