@@ -55,7 +55,8 @@ Three parts, each a table (rich) and a section of the returned JSON; one PNG (``
    same-shape chunks vs one call per chunk (``PagedLatentCache.group_prefill``), outputs checked equal within 1e-5,
    minimum of ``reps`` interleaved rounds.
 
-Choose parts with ``parts=decode,mtp,load,prefix,load_rates,prefill_attn`` (default: the first three); ``threads=1`` (default): intra-op threads for both implementations.
+Choose parts with ``parts=decode,mtp,load,prefix,load_rates,prefill_attn`` (default: the first three); ``threads=1``
+(default): intra-op threads for both implementations.
 Numbers are for the machine they ran on; ratios are measured side by side.
 """
 from __future__ import annotations

@@ -57,9 +57,10 @@ the write) are up-projected by ``kv_b_proj`` into per-head keys and values, and 
 SDPA (query i at position ``start_j + i`` sees keys ``0..start_j + i``), ``O(Σ n_j·end_j)`` with a fused kernel
 instead of the packed ``O(N·S)`` score tensor. Segments of one shape ``(n, start, end)`` (a batch of equal prompts,
 equal chunks after equal prefixes) share one SDPA call ``[B, H, n, end]`` of up to ``PREFILL_GROUP_ROWS`` query rows
-(:class:`PrefillGroup`; their keys are laid out group by group), with no padding: no other sequence's key or stale slot ever enters a product. Its *short* segments (decode tokens, draft verification) keep the
-absorbed path through a :class:`DecodeBatch` over just their tokens (the expanded path would up-project their whole
-context for one query). The latents written are the same in every view: ``kv_a_proj_with_mqa``'s output, at the same
+(:class:`PrefillGroup`; their keys are laid out group by group), with no padding: no other sequence's key or stale
+slot ever enters a product. Its *short* segments (decode tokens, draft verification) keep the absorbed path through
+a :class:`DecodeBatch` over just their tokens (the expanded path would up-project their whole context for one
+query). The latents written are the same in every view: ``kv_a_proj_with_mqa``'s output, at the same
 slots. ``positions(N)`` is the packed one (``[N]``); the model runs on ``x [1, N, D]`` as for a packed batch.
 """
 from __future__ import annotations
