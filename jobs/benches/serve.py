@@ -13,7 +13,9 @@ Three parts, each a table (rich) and a section of the returned JSON; one PNG (``
    **decode steps** after it, each timed directly (ours: the engine's decode-only steps once every prefill finished;
    transformers: the intervals between streamed tokens), and **end to end**; medians over ``reps`` interleaved
    rounds. With ``compare_prefill=1`` (default) our engine also runs with ``engine.expanded_prefill=false`` (prompt
-   chunks through the absorbed MLA path), and its prefill and end-to-end ratios are printed in parentheses. When
+   chunks through the absorbed MLA path), and its prefill and end-to-end ratios are printed in parentheses, and with
+   ``engine.cache.group_prefill = False`` (one SDPA call per prompt chunk instead of one per chunk shape): ``prefill
+   loop/grouped`` is its prefill time over ours. When
    the checkpoint has an MTP module, ours also runs with ``decode_spec`` (default 1; 0 turns it off) MTP drafts per
    step: the same greedy tokens in fewer target forwards. The generated token ids of every implementation are compared and must be
    equal (the bench fails otherwise). Each row also reports the **bandwidth floor** of a decode step: the weights it
@@ -48,7 +50,13 @@ Three parts, each a table (rich) and a section of the returned JSON; one PNG (``
    tokens/s, TTFT and TPOT p50/p99, failures and the prefix-cache hit rate from ``usage``; a table and
    ``rates_plot=`` (default ``bench_results/serve_load_rates.png``). See :mod:`raymoe.jobs.benches.serve_load`.
 
-Choose parts with ``parts=decode,mtp,load,prefix,load_rates`` (default: the first three); ``threads=1`` (default): intra-op threads for both implementations.
+6. **prefill_attn** — one MLA layer of each ``model`` preset (random weights) over a prefill step of B fresh prompts
+   of L tokens (``prefill_shapes=16x256,64x32,64x16``): the expanded prefill attention with one SDPA call for the B
+   same-shape chunks vs one call per chunk (``PagedLatentCache.group_prefill``), outputs checked equal within 1e-5,
+   minimum of ``reps`` interleaved rounds.
+
+Choose parts with ``parts=decode,mtp,load,prefix,load_rates,prefill_attn`` (default: the first three); ``threads=1``
+(default): intra-op threads for both implementations.
 Numbers are for the machine they ran on; ratios are measured side by side.
 """
 from __future__ import annotations
@@ -267,6 +275,8 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
     engines = {"ours": _engine(path, **cfg, num_speculative_tokens=0)}
     if compare_prefill:
         engines["absorbed"] = _engine(path, **cfg, num_speculative_tokens=0, expanded_prefill=False)
+        engines["loop"] = _engine(path, **cfg, num_speculative_tokens=0)
+        engines["loop"].cache.group_prefill = False  # one SDPA call per prompt chunk instead of one per shape
     if spec > 0:
         e = _engine(path, **cfg, num_speculative_tokens=spec)
         if e.num_spec:  # else the checkpoint has no MTP module
@@ -323,6 +333,9 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
             a = med["absorbed"]
             row.update(absorbed_prefill_s=a["prefill_s"], ratio_prefill_absorbed=row["hf_prefill_s"] / a["prefill_s"],
                        ratio_e2e_absorbed=med["hf"]["total_s"] / a["total_s"])
+        if "loop" in med:  # the same engine with one SDPA call per prompt chunk (before PrefillGroup)
+            row.update(loop_prefill_s=med["loop"]["prefill_s"],
+                       prefill_grouped_speedup=med["loop"]["prefill_s"] / row["ours_prefill_s"])
         if "mtp" in med:
             d = runs["mtp"]
             verifies = sum(len(r["steps_s"]) for r in d) * B
@@ -330,6 +343,45 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
                        mtp_tokens_per_forward=sum(r["emitted"] for r in d) / verifies if verifies else 0.0)
             row["ratio_mtp"] = row["ours_mtp_decode_tok_s"] / row["hf_decode_tok_s"]
         rows.append(row)
+    return rows
+
+
+def prefill_attention_bench(name: str, shapes: list[tuple[int, int]], reps: int) -> list[dict[str, Any]]:
+    """One MLA layer (``name`` preset, random weights) over a prefill step of ``B`` fresh prompts of ``L`` tokens
+    (one chunk each): the expanded path with one SDPA call for the B same-shape chunks vs one call per chunk
+    (``group_prefill``), the same view and inputs, outputs checked within 1e-5; minimum over ``reps`` interleaved
+    rounds (the least disturbed run of each on a shared machine)."""
+    from raymoe.config import ModelConfig
+    from raymoe.engine.paged import PagedLatentCache
+    from raymoe.model.mla import MLA
+    from raymoe.model.rope import RotaryEmbedding
+
+    cfg = ModelConfig.preset(name)
+    torch.manual_seed(0)
+    mla, rot = MLA(cfg, 0).eval(), RotaryEmbedding(cfg)
+    rows = []
+    for B, L in shapes:
+        cache = PagedLatentCache(1, B * (L // 16 + 1), 16, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        tables: list[list[int]] = [[] for _ in range(B)]
+        for bt in tables:
+            cache.ensure(bt, L)
+        segments = [(bt, 0, L) for bt in tables]
+        x = torch.randn(1, B * L, cfg.hidden_size)
+        times: dict[bool, list[float]] = {True: [], False: []}
+        outs = {}
+        with torch.no_grad():
+            for _ in range(reps + 1):
+                for grouped in (True, False):
+                    cache.group_prefill = grouped
+                    view = cache.prefill_batch(segments, short_max=1)
+                    cos, sin = rot(view.positions(B * L, "cpu"))
+                    t0 = time.perf_counter()
+                    outs[grouped] = mla(x, cos, sin, view)
+                    times[grouped].append(time.perf_counter() - t0)
+        torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+        g, lp = min(times[True][1:]), min(times[False][1:])
+        rows.append({"model": name, "batch": B, "prompt_len": L, "grouped_ms": 1e3 * g, "loop_ms": 1e3 * lp,
+                     "loop_over_grouped": lp / g})
     return rows
 
 
@@ -660,7 +712,7 @@ def run(args: dict[str, str]) -> dict:
                             f"{torch.get_num_threads()} threads")
             for c in ("model", "batch", "decode ours tok/s", "HF tok/s", "ours/HF", "prefill ours/HF (absorbed)",
                       "e2e ours/HF (absorbed)", "MTP tok/fwd", "ours+MTP/HF", "step ms ours/HF/floor", "ours/floor",
-                      "HF/floor", "equal"):
+                      "HF/floor", "prefill loop/grouped", "equal"):
                 t.add_column(c, justify="right")
             for r in rows:
                 t.add_row(r["model"], str(r["batch"]), f"{r['ours_decode_tok_s']:,.0f}", f"{r['hf_decode_tok_s']:,.0f}",
@@ -673,7 +725,22 @@ def run(args: dict[str, str]) -> dict:
                           f"{r['ratio_mtp']:.2f}x" if "ratio_mtp" in r else "-",
                           f"{r['ours_step_ms']:.1f}/{r['hf_step_ms']:.1f}/{r['floor_step_ms']:.1f}",
                           f"{r['ours_step_over_floor']:.1f}x", f"{r['bandwidth_bound_ratio']:.1f}x",
+                          f"{r['prefill_grouped_speedup']:.2f}x" if "prefill_grouped_speedup" in r else "-",
                           str(r["outputs_equal"]))
+            console.print(t)
+        if "prefill_attn" in parts:
+            shapes = [(int(b), int(n)) for b, n in (x.split("x") for x in
+                                                    args.get("prefill_shapes", "16x256,64x32,64x16").split(","))]
+            rows = []
+            for name in [m for m in args.get("model", "tiny,small").split(",") if m]:
+                rows += prefill_attention_bench(name, shapes, reps)
+            res["prefill_attn"] = rows
+            t = Table(title=f"prefill attention (one MLA layer), grouped vs one call per chunk, min of {reps}")
+            for c in ("model", "prompts x tokens", "grouped ms", "per-chunk ms", "per-chunk/grouped"):
+                t.add_column(c, justify="right")
+            for r in rows:
+                t.add_row(r["model"], f"{r['batch']}x{r['prompt_len']}", f"{r['grouped_ms']:.2f}",
+                          f"{r['loop_ms']:.2f}", f"{r['loop_over_grouped']:.2f}x")
             console.print(t)
         if "prefix" in parts:
             rows = []

@@ -1,6 +1,6 @@
 """``bench serve parts=decode`` at minimal size on the tiny checkpoint: decode steps are timed directly (one per
 generated token after the first, on our side and transformers'), prefill and end to end apart, and a step faster
-than its bandwidth floor fails the bench."""
+than its bandwidth floor fails the bench. ``parts=prefill_attn`` at minimal size."""
 from __future__ import annotations
 
 import pytest
@@ -24,6 +24,18 @@ def test_decode_steps_are_timed_directly(tiny_ckpt) -> None:
     assert r["ratio_prefill"] == pytest.approx(r["hf_prefill_s"] / r["ours_prefill_s"])
     assert r["ours_step_ms"] >= r["floor_step_ms"] and r["hf_step_ms"] >= r["floor_step_ms"]
     assert r["ratio_prefill_absorbed"] > 0 and r["ratio_e2e_absorbed"] > 0
+    assert steps["loop"] == 4 and r["prefill_grouped_speedup"] == pytest.approx(r["loop_prefill_s"] /
+                                                                               r["ours_prefill_s"])
+
+
+def test_prefill_attention_bench_times_grouped_and_per_chunk_calls() -> None:
+    from raymoe.jobs.benches.serve import prefill_attention_bench
+
+    rows = prefill_attention_bench("tiny", [(6, 16), (2, 300)], reps=2)  # outputs compared inside (1e-5)
+    assert [(r["batch"], r["prompt_len"]) for r in rows] == [(6, 16), (2, 300)]
+    for r in rows:
+        assert r["grouped_ms"] > 0 and r["loop_ms"] > 0
+        assert r["loop_over_grouped"] == pytest.approx(r["loop_ms"] / r["grouped_ms"])
 
 
 def test_a_step_faster_than_its_floor_fails_the_bench(tiny_ckpt, monkeypatch) -> None:

@@ -77,8 +77,7 @@ def test_exception_in_one_sequence_ends_only_its_request(tiny_base, spec) -> Non
 def test_nan_logits_end_the_request_not_the_engine(tiny_base, spec, temperature) -> None:
     """A NaN embedding row for one token: the request whose prompt holds it gets NaN logits and ends with an error
     (``multinomial`` never sees them; greedy never emits an arbitrary argmax of NaN); the engine frees its blocks and
-    goes on serving. (It runs alone: in a packed prefill step a NaN latent also reaches the other sequences through
-    ``0 · NaN`` in the attention's value product, so they would fail too — their logits are checked the same way.)"""
+    goes on serving. (Alone here; with other requests in the same step: ``test_engine_nan_isolation.py``.)"""
     model, tok, eos = tiny_base
     prompts = [tok.encode(p).ids for p in PROMPTS]
     poison = next(t for t in range(model.config.vocab_size) if t not in set(prompts[0]))

@@ -20,14 +20,19 @@ Two mathematically identical paths:
 
 The serving engine's prefill steps (a cache view with ``expanded = True``, :class:`raymoe.engine.paged.PrefillBatch`)
 mix the two, as DeepSeek's inference does: prompt chunks attend through the **expanded** keys and values of their
-sequence's cached latents (``kv_b_proj`` over ``[end, C]`` keys, then one causal SDPA per sequence: for a chunk of n
-queries over S keys that is ``n·S·H·(N+R+V)`` multiply-adds in a fused kernel, against ``n·S·H·(2C+R)`` through
-fp32 score tensors absorbed, plus the up-projection ``S·C·H·(N+V)``, which a long chunk amortises), while the
-step's decode tokens stay absorbed (one query would pay the whole up-projection). The cache holds the same latents
-either way.
+sequence's cached latents (``kv_b_proj`` over ``[end, C]`` keys, then a causal SDPA per sequence, one call for all
+the sequences of one chunk shape: for a chunk of n queries over S keys that is ``n·S·H·(N+R+V)`` multiply-adds in a
+fused kernel, against ``n·S·H·(2C+R)`` through fp32 score tensors absorbed, plus the up-projection
+``S·C·H·(N+V)``, which a long chunk amortises), while the step's decode tokens stay absorbed (one query would pay
+the whole up-projection). The cache holds the same latents either way.
+
+Failure isolation. In the absorbed path a row's masked keys can be other sequences' latents (packed view) or padding
+and stale slots (row view); a non-finite one must not reach that row (:func:`_isolate_non_finite`). The expanded
+path reads only the sequence's own keys.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -96,6 +101,26 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                      chunk: int = ATTN_CHUNK) -> torch.Tensor:
     """Causal attention of contiguous ``q, k [BH, T, d_qk]`` and ``v [BH, T, d_v]`` → ``[BH, T, d_v]``."""
     return autocast_apply(_CausalAttentionFn, q, k, v, scale, chunk)
+
+
+def _isolate_non_finite(scores: torch.Tensor, kv_all: torch.Tensor,
+                        c_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep a non-finite key out of every row that does not see it (the absorbed path with a mask).
+
+    The masked keys of a row are other sequences' latents (packed view), padding or stale slots (row view). The
+    mask *replaces* their scores (``masked_fill``, so a NaN score becomes −inf and gets probability 0), but the value
+    product ``p · c`` still computes ``0 · NaN = NaN`` for every row: one sequence's NaN latent would end all the
+    requests of the step. So the values of non-finite keys become 0 (masked rows: ``0 · 0``, exactly what a finite
+    latent contributes there, so their outputs do not change at all), and their scores become NaN before the mask is
+    applied: a row that does see such a key gets a NaN probability row, hence a non-finite output, as without this
+    function (its request then fails through the engine's per-row ``isfinite`` check). Called only when the caller's
+    one-pass check fires: ``isfinite(x.sum())`` of the latents or of the raw scores, whichever is smaller (any NaN/inf
+    latent makes the sum of both non-finite; a NaN query only sends a step here for nothing: the result is the same).
+
+    Args: ``scores [B,T,H,S]`` fp32 (before the mask), ``kv_all [B,S,C+R]``, ``c_all [B,S,C]`` (a view of it).
+    Returns: the scores and the value latents to use."""
+    bad_BS = ~torch.isfinite(kv_all).all(dim=-1)
+    return scores.masked_fill(bad_BS[:, None, None, :], float("nan")), c_all.masked_fill(bad_BS[..., None], 0.0)
 
 
 class MLA(nn.Module):
@@ -243,6 +268,9 @@ class MLA(nn.Module):
         scores = scores.float() * self.softmax_scale
         if masked is not None:  # future keys (and, in a packed batch, other sequences' keys)
             masked = masked if masked.dim() == 3 else masked[None]
+            # a non-finite latent makes every score against it non-finite too: probe the smaller tensor (one pass)
+            if not math.isfinite((scores if scores.numel() < kv_all.numel() else kv_all).sum().item()):
+                scores, c_all = _isolate_non_finite(scores, kv_all, c_all)
             scores = scores.masked_fill(masked[:, :, None, :], float("-inf"))
         p = scores.softmax(dim=-1).to(c_all.dtype)
         o_lat = torch.einsum("bths,bsc->bthc", p, c_all)
@@ -251,29 +279,33 @@ class MLA(nn.Module):
     def _paged_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                        cache) -> torch.Tensor:
         """Packed ``[1, N, ...]`` inputs of a prefill step → ``[1, N, H, V]``: the view's long segments through the
-        expanded keys/values (causal SDPA per sequence over its cached prefix + new tokens), its short ones
-        (``cache.short``, rows ``cache.short_rows``) absorbed."""
+        expanded keys/values (causal SDPA per sequence over its cached prefix + new tokens; one call per
+        ``cache.groups`` entry, i.e. per set of segments of one shape ``(n, start, end)`` as ``[B, H, n, end]``), its
+        short ones (``cache.short``, rows ``cache.short_rows``) absorbed.
+
+        Grouping vs a call per segment: the outputs are the same (each batch entry is its own sequence's attention;
+        no padding, so no key of another sequence or a stale slot enters a product). It saves per-call overhead, which
+        pays for many short chunks only; long chunks keep a call each (``PREFILL_GROUP_ROWS`` in
+        :mod:`raymoe.engine.paged`, measured in docs/serving.md §1.1)."""
         _, N, H, _ = q_nope.shape
         out = q_nope.new_empty(N, H, self.v_head_dim)
         keys = cache.gather_expanded(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))  # [ΣS, C+R]
-        if cache.segments:
+        if cache.groups:
             c_all, pe_all = keys.split([self.kv_lora_rank, self.rope_dim], dim=-1)
             kv_up = self.kv_b_proj(c_all).view(-1, H, self.nope_dim + self.v_head_dim)  # [ΣS, H, N+V]
             k_nope, v = kv_up.split([self.nope_dim, self.v_head_dim], dim=-1)
             pad = self.qk_head_dim - self.v_head_dim
             if pad > 0 and v.device.type == "cpu":  # equal head dims let SDPA take its fused (flash) CPU kernel
                 v = F.pad(v, (0, pad))
-            for q0, n, start, k0, end in cache.segments:
-                q = torch.cat([q_nope[0, q0 : q0 + n], q_pe[0, q0 : q0 + n]], dim=-1).transpose(0, 1)  # [H,n,N+R]
-                k = torch.cat([k_nope[k0 : k0 + end], pe_all[k0 : k0 + end, None].expand(end, H, self.rope_dim)],
-                              dim=-1).transpose(0, 1)  # [H,S,N+R]
-                mask = None  # SDPA's is_causal aligns top-left: with a cached prefix the mask is explicit
-                if start > 0:
-                    kp = torch.arange(end, device=q.device)
-                    mask = kp[None, :] <= torch.arange(start, start + n, device=q.device)[:, None]  # [n, S] True=see
-                o = F.scaled_dot_product_attention(q[None], k[None], v[k0 : k0 + end].transpose(0, 1)[None],
-                                                   attn_mask=mask, is_causal=start == 0, scale=self.softmax_scale)
-                out[q0 : q0 + n] = o[0, ..., : self.v_head_dim].transpose(0, 1)
+            k = torch.cat([k_nope, pe_all[:, None].expand(-1, H, self.rope_dim)], dim=-1)  # [ΣS, H, N+R]
+            q = torch.cat([q_nope[0], q_pe[0]], dim=-1)  # [N, H, N+R]
+            for g in cache.groups:
+                kr = slice(g.k0, g.k0 + g.B * g.end)
+                o = F.scaled_dot_product_attention(
+                    q[g.rows].view(g.B, g.n, H, -1).transpose(1, 2),  # [B, H, n, N+R]
+                    k[kr].view(g.B, g.end, H, -1).transpose(1, 2), v[kr].view(g.B, g.end, H, -1).transpose(1, 2),
+                    attn_mask=g.mask, is_causal=g.mask is None, scale=self.softmax_scale)  # [B, H, n, ·]
+                out[g.rows] = o[..., : self.v_head_dim].transpose(1, 2).reshape(g.B * g.n, H, self.v_head_dim)
         if cache.short is not None:
             r = cache.short_rows
             out[r] = self._absorbed(q_nope[0, r, None], q_pe[0, r, None], c_kv[0, r, None], k_pe[0, r, None],
