@@ -201,3 +201,30 @@ def test_absorbed_attention_keeps_a_non_finite_latent_in_its_sequence(view, bad)
     assert torch.isfinite(ref).all()
     assert not torch.isfinite(got[0]).any()
     assert torch.equal(got[1:], ref[1:])
+
+
+def test_cached_blocks_a_failed_request_read_leave_the_prefix_cache(tiny_base) -> None:
+    """A corrupted cache (every latent NaN) after one request finished: the next request with the same prompt reuses
+    its cached prefix and fails; that failure takes the prefix out of the cache, so the one after recomputes it and
+    gives the first request's greedy text (without that, every later request with this prefix would fail too)."""
+    sp = SamplingParams(max_tokens=GEN, temperature=0.0, ignore_eos=True)
+    rec = Recorder(engine(tiny_base))
+    eng, c = rec.eng, rec.eng.cache
+    rec.eng.add_request("first", PROMPTS[1], sp)
+    rec.run()
+    ref = rec.final["first"]
+    assert ref.error is None and c.allocator.num_cached > 0
+    c.buf[:] = float("nan")
+    hits, cached = eng.metrics()["prefix_cache_hits"], c.allocator.num_cached
+    eng.add_request("reuses", PROMPTS[1], sp)
+    rec.run()
+    reused = eng.metrics()["prefix_cache_hits"] - hits
+    assert reused > 0 and rec.final["reuses"].error == ERROR
+    # the prompt blocks it read are gone (the blocks of the first request's generated tail stay: nobody read them)
+    assert c.allocator.num_cached == cached - reused // c.block_size
+    eng.add_request("again", PROMPTS[1], sp)
+    rec.run()
+    again = rec.final["again"]
+    assert again.error is None and again.num_cached_tokens == 0
+    assert again.outputs[0].token_ids == ref.outputs[0].token_ids and again.outputs[0].text == ref.outputs[0].text
+    assert c.allocator.num_cached > 0 and c.allocator.num_used == 0

@@ -86,6 +86,20 @@ def test_block_pool_refcounts_sharing_and_lru_eviction() -> None:
         a.acquire([2])
 
 
+def test_unregister_makes_blocks_unfindable_in_use_or_evictable() -> None:
+    d = [block_digest(None, [i]) for i in range(3)]
+    a = BlockAllocator(3)
+    x = a.allocate(3)
+    for b, dig in zip(x, d):
+        a.register(b, dig)
+    a.free([x[1]])  # block 1: cached, evictable; blocks 0 and 2 in use
+    assert a.unregister([0, 1, 1]) == 2  # a block without a digest (1, the second time) is skipped
+    assert a.lookup([d[0]]) == [] and a.lookup([d[1]]) == [] and a.lookup([d[2]]) == [2] and a.num_cached == 1
+    assert a.num_free == 1 and a.allocate(1) == [1] and a.num_evictions == 0  # 1 became free, not evictable
+    a.free([0])  # in use when unregistered: freed, not cached
+    assert a.num_cached == 1 and a.allocate(1) == [0] and a.num_evictions == 0
+
+
 def test_block_digest_chains_the_prefix() -> None:
     a, b = block_digest(None, [1, 2, 3]), block_digest(None, [1, 2, 4])
     assert a != b and len(a) == 32

@@ -497,13 +497,18 @@ class LLMEngine:
             self.scheduler.remove(seq)
 
     def _fail(self, group: SequenceGroup, exc: BaseException) -> None:
-        """End ``group``'s request with an error: its sequences leave the scheduler (their blocks are freed)."""
+        """End ``group``'s request with an error: its sequences leave the scheduler (their blocks are freed). A
+        non-finite result (``ArithmeticError``: NaN/inf logits or probabilities) also takes the blocks the request read
+        out of the prefix cache: if the NaN sat in a cached block (a corrupted cache), later requests with the same
+        prefix recompute it instead of failing the same way; if it came from the prompt, they fail again anyway."""
         log.warning("request %s failed: %s: %s", group.request_id, type(exc).__name__, exc)
         self.failed.setdefault(group.request_id, f"{type(exc).__name__}: {exc}")
         for s in group.seqs:
             if not s.finished:
                 s.finish_reason = "error"
             s.drafts, s.draft_probs = [], None
+            if isinstance(exc, ArithmeticError):
+                self.cache.allocator.unregister(s.block_table)
             self.scheduler.remove(s)
 
     def _output(self, group: SequenceGroup) -> RequestOutput:

@@ -202,6 +202,23 @@ class BlockAllocator:
         self._cached[digest] = block
         return True
 
+    def unregister(self, blocks: Sequence[int]) -> int:
+        """Make these blocks unfindable (their contents are suspect: a request that read them produced non-finite
+        logits). A block still in use stays with its sequences and is freed, not cached, when they release it; an
+        evictable one becomes free at once. Returns how many blocks had a digest."""
+        n = 0
+        for b in blocks:
+            d = self._digest[b]
+            if d is None:
+                continue
+            del self._cached[d]
+            self._digest[b] = None
+            if self._ref[b] == 0:
+                del self._evictable[b]
+                self._free.append(b)
+            n += 1
+        return n
+
 
 class PagedLatentCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, values_per_token: int,
