@@ -1,0 +1,129 @@
+"""Serving's fused routed experts (:func:`raymoe.model.moe.fuse_gate_up`): gate/up held as one ``[E, D, 2I]``
+tensor, two GEMMs per touched expert. Checked against the grouped back-end of the same weights (1e-5), through
+shards and in-place weight updates, and end to end: the engine's greedy tokens and logits with and without it."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from raymoe.config import ModelConfig
+from raymoe.engine import EngineConfig, LLMEngine, SamplingParams
+from raymoe.model import DeepSeekV3
+from raymoe.model.moe import RoutedExperts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def experts(E: int = 6, D: int = 16, I: int = 8) -> RoutedExperts:  # noqa: E741
+    g = torch.Generator().manual_seed(0)
+    m = RoutedExperts(E, D, I)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+def grouped_input(counts: list[int], D: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(sum(counts), D, generator=g), torch.tensor(counts)
+
+
+@pytest.mark.parametrize("counts", [[2, 0, 1, 3, 0, 1], [0, 0, 0, 0, 0, 5], [40, 1, 0, 7, 2, 0], [0] * 6])
+def test_fused_equals_grouped(counts: list[int]) -> None:
+    ref_mod = experts()
+    fused = copy.deepcopy(ref_mod)
+    fused.fuse_gate_up()
+    assert fused.fused and not ref_mod.fused
+    assert torch.equal(fused.gate_proj, ref_mod.gate_proj) and torch.equal(fused.up_proj, ref_mod.up_proj)
+    x, c = grouped_input(counts)
+    with torch.no_grad():
+        want = ref_mod.forward_grouped(x, c)
+        got = fused.forward_grouped(x, c)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_follows_in_place_updates_and_shards() -> None:
+    m = experts()
+    m.fuse_gate_up()
+    src = experts()
+    with torch.no_grad():  # what SlotShard.load does when a slot changes expert
+        m.gate_proj[2].copy_(src.gate_proj[4])
+        m.up_proj[2].copy_(src.up_proj[4])
+        m.down_proj[2].copy_(src.down_proj[4])
+    x, c = grouped_input([0, 0, 3, 0, 0, 0])
+    ref = src.shard([4])
+    with torch.no_grad():
+        torch.testing.assert_close(m.forward_grouped(x, c), ref.forward_grouped(x, torch.tensor([3])),
+                                   rtol=1e-5, atol=1e-6)
+    sh = m.shard([2, 5])
+    assert sh.fused
+    x, c = grouped_input([2, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(sh.forward_grouped(x, c), ref_unfused(m, [2, 5]).forward_grouped(x, c),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def ref_unfused(m: RoutedExperts, ids: list[int]) -> RoutedExperts:
+    out = RoutedExperts(len(ids), m.gate_proj.shape[1], m.gate_proj.shape[2])
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(out, name).copy_(getattr(m, name)[ids])
+    return out
+
+
+def test_replaced_weights_are_no_longer_fused_and_training_is_unchanged() -> None:
+    m = experts()
+    m.fuse_gate_up()
+    with torch.no_grad():  # a new gate tensor (as .to() or load_state_dict(assign=True) make): the fused one is stale
+        m.gate_proj = torch.nn.Parameter(m.gate_proj.detach().contiguous() * 2.0)
+    assert not m.fused
+    x, c = grouped_input([1, 2, 0, 0, 1, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(m.forward_grouped(x, c), ref_unfused(m, list(range(6))).forward_grouped(x, c))
+    f = experts()
+    f.fuse_gate_up()
+    y = f.forward_grouped(x, c)  # autograd on: the grouped back-end over the fused halves (views)
+    y.square().sum().backward()
+    r = experts()
+    r.forward_grouped(x, c).square().sum().backward()
+    torch.testing.assert_close(f.gate_proj.grad, r.gate_proj.grad)
+    torch.testing.assert_close(f.up_proj.grad, r.up_proj.grad)
+
+
+def test_engine_greedy_tokens_and_logits_equal_with_and_without_fused_experts() -> None:
+    torch.manual_seed(0)
+    model = DeepSeekV3(ModelConfig.preset("tiny").replace(vocab_size=256)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 9, 17, 30)]
+    outs, logs = {}, {}
+    for fused in (False, True):
+        eng = LLMEngine(copy.deepcopy(model), None, EngineConfig(block_size=4, num_blocks=128, prefill_chunk=64,
+                                                                 fused_experts=fused))
+        routed = [m for m in eng.model.modules() if isinstance(m, RoutedExperts)]
+        assert routed and all(m.fused == fused for m in routed)
+        log: list[torch.Tensor] = []
+        inner = eng._forward
+
+        def forward(ids, segments, logit_rows, inner=inner, log=log):
+            h, logits = inner(ids, segments, logit_rows)
+            log.append(logits.clone())
+            return h, logits
+
+        eng._forward = forward  # type: ignore[method-assign]
+        res = eng.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        outs[fused] = [r.outputs[0].token_ids for r in res]
+        logs[fused] = log
+    assert outs[True] == outs[False]
+    assert len(logs[True]) == len(logs[False])
+    for a, b in zip(logs[True], logs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_config_rejects_a_non_bool_fused_experts() -> None:
+    with pytest.raises(ValueError, match="fused_experts"):
+        EngineConfig(fused_experts="yes")  # type: ignore[arg-type]
