@@ -1,6 +1,7 @@
-"""Serving's fused routed experts (:func:`raymoe.model.moe.fuse_gate_up`): gate/up held as one ``[E, D, 2I]``
-tensor, two GEMMs per touched expert. Checked against the grouped back-end of the same weights (1e-5), through
-shards and in-place weight updates, and end to end: the engine's greedy tokens and logits with and without it."""
+"""Serving's weight layouts: fused routed experts (:func:`raymoe.model.moe.fuse_gate_up`: gate/up held as one
+``[E, 2I, D]`` tensor, two GEMMs per touched expert) and ``[in, out]`` linears (:func:`raymoe.model.layers.use_kn_layout`).
+Checked against the grouped back-end / ``nn.Linear`` of the same weights (1e-5), through shards and in-place weight
+updates, and end to end: the engine's greedy tokens and logits with and without them."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,7 @@ import torch
 from raymoe.config import ModelConfig
 from raymoe.engine import EngineConfig, LLMEngine, SamplingParams
 from raymoe.model import DeepSeekV3
+from raymoe.model.layers import enable_fused_weight_cache, fused_linear, kn_layout, use_kn_layout
 from raymoe.model.moe import RoutedExperts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -93,7 +95,30 @@ def test_replaced_weights_are_no_longer_fused_and_training_is_unchanged() -> Non
     torch.testing.assert_close(f.up_proj.grad, r.up_proj.grad)
 
 
-def test_engine_greedy_tokens_and_logits_equal_with_and_without_fused_experts() -> None:
+def test_kn_linears_keep_values_and_outputs() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict({"up": torch.nn.Linear(8, 24, bias=False), "down": torch.nn.Linear(24, 8, bias=False),
+                               "a": torch.nn.Linear(8, 6, bias=False), "b": torch.nn.Linear(8, 6, bias=False),
+                               "kv_b_proj": torch.nn.Linear(4, 16, bias=False)})
+    ref = copy.deepcopy(net)
+    assert kn_layout(24, 8) and not kn_layout(8, 24) and kn_layout(12, 8)
+    assert use_kn_layout(net, skip=("kv_b_proj",)) == 1  # up only: down has in > out, a and b alone too
+    assert net["up"].weight.stride() == (1, 24) and net["down"].weight.is_contiguous()
+    assert net["kv_b_proj"].weight.is_contiguous()  # skipped by name
+    sd, ref_sd = net.state_dict(), ref.state_dict()
+    assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net["up"](x), ref["up"](x))
+        enable_fused_weight_cache(net, kn=True)
+        got = fused_linear(x, net["a"], net["b"])  # the fused [12, 8] group: kept as [8, 12]
+        assert net["a"]._fused_weight_cache["w"].stride() == (1, 12)
+    for g, w in zip(got, (ref["a"](x), ref["b"](x))):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("fused,kn", [(True, False), (False, True), (True, True)])
+def test_engine_greedy_tokens_and_logits_equal_with_and_without_layouts(fused: bool, kn: bool) -> None:
     torch.manual_seed(0)
     model = DeepSeekV3(ModelConfig.preset("tiny").replace(vocab_size=256)).eval()
     with torch.no_grad():
@@ -101,11 +126,12 @@ def test_engine_greedy_tokens_and_logits_equal_with_and_without_fused_experts() 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 9, 17, 30)]
     outs, logs = {}, {}
-    for fused in (False, True):
+    for on in (False, True):
         eng = LLMEngine(copy.deepcopy(model), None, EngineConfig(block_size=4, num_blocks=128, prefill_chunk=64,
-                                                                 fused_experts=fused))
+                                                                 fused_experts=fused and on, kn_linears=kn and on))
         routed = [m for m in eng.model.modules() if isinstance(m, RoutedExperts)]
-        assert routed and all(m.fused == fused for m in routed)
+        assert routed and all(m.fused == (fused and on) for m in routed)
+        assert (eng.model.lm_head.weight.stride(0) == 1) == (kn and on)
         log: list[torch.Tensor] = []
         inner = eng._forward
 
@@ -116,14 +142,15 @@ def test_engine_greedy_tokens_and_logits_equal_with_and_without_fused_experts() 
 
         eng._forward = forward  # type: ignore[method-assign]
         res = eng.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-        outs[fused] = [r.outputs[0].token_ids for r in res]
-        logs[fused] = log
+        outs[on] = [r.outputs[0].token_ids for r in res]
+        logs[on] = log
     assert outs[True] == outs[False]
     assert len(logs[True]) == len(logs[False])
     for a, b in zip(logs[True], logs[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_engine_config_rejects_a_non_bool_fused_experts() -> None:
-    with pytest.raises(ValueError, match="fused_experts"):
-        EngineConfig(fused_experts="yes")  # type: ignore[arg-type]
+@pytest.mark.parametrize("key", ["fused_experts", "kn_linears"])
+def test_engine_config_rejects_non_bool_layout_switches(key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        EngineConfig(**{key: "yes"})
