@@ -1,9 +1,9 @@
 """`python -m raymoe.jobs.bench decode_parts [model=small] [batch=16] [prompt_len=32] [steps=20] [threads=1]`: where
 the time of one engine decode step goes, part by part, next to each part's own floors.
 
-A random-init checkpoint of the preset (as ``bench serve``'s ``small``) is served by two engines, ``fused`` (the
-default config) and ``unfused`` (``engine.fused_experts=false``: routed experts through the grouped GEMM), each with
-``batch`` greedy requests of ``prompt_len`` random tokens. Once every prefill is done, ``steps`` decode-only steps of
+A random-init checkpoint of the preset (as ``bench serve``'s ``small``) is served by three engines, ``default``,
+``unfused`` (``engine.fused_experts=false``: routed experts through the grouped GEMM) and ``nk`` (``engine.kn_linears=
+false``: every linear in ``nn.Linear``'s ``[out, in]`` layout), each with ``batch`` greedy requests of ``prompt_len`` random tokens. Once every prefill is done, ``steps`` decode-only steps of
 each engine are timed, interleaved (drifts of a shared machine hit both alike), with each part's wall time taken by
 wrappers around its modules:
 
@@ -157,9 +157,10 @@ def run(args: dict[str, str]) -> dict[str, Any]:
         path = _random_checkpoint(model, pathlib.Path(tmp))
         cfg = dict(block_size=16, num_blocks=B * ((P + steps + 16) // 16 + 2) + 8, max_num_seqs=B,
                    max_num_batched_tokens=max(512, B * P), prefill_chunk=max(P, 16), enable_prefix_caching=False)
-        engines = {"fused": LLMEngine.from_pretrained(path, EngineConfig(**cfg)),
-                   "unfused": LLMEngine.from_pretrained(path, EngineConfig(**cfg, fused_experts=False))}
-        m = engines["fused"].model
+        engines = {"default": LLMEngine.from_pretrained(path, EngineConfig(**cfg)),
+                   "unfused": LLMEngine.from_pretrained(path, EngineConfig(**cfg, fused_experts=False)),
+                   "nk": LLMEngine.from_pretrained(path, EngineConfig(**cfg, kn_linears=False))}
+        m = engines["default"].model
         bw, _, _ = streaming_read(m)
         peak = matmul_peak()
         res = profile_steps(engines, B, P, steps, m.config.vocab_size)
@@ -168,7 +169,7 @@ def run(args: dict[str, str]) -> dict[str, Any]:
     for part in PARTS + ("rest",):
         row: dict[str, Any] = {"part": part}
         if part != "rest":
-            nb, fl = _part_costs(m, B, context, res["fused"]["touched"])[part]
+            nb, fl = _part_costs(m, B, context, res["default"]["touched"])[part]
             row.update(mb=nb / 1e6, gflop=fl / 1e9, bw_floor_ms=1e3 * nb / bw, compute_floor_ms=1e3 * fl / peak)
         for name, r in res.items():
             ms = r["ms"].get(part) if part != "rest" else r["mean_step_ms"] - sum(r["ms"].values())
@@ -177,21 +178,22 @@ def run(args: dict[str, str]) -> dict[str, Any]:
     total_mb = sum(r.get("mb", 0.0) for r in rows)
     total_gflop = sum(r.get("gflop", 0.0) for r in rows)
     t = Table(title=f"{model} decode step, batch {B}, prompt {P}, {torch.get_num_threads()} thread(s): stream "
-                    f"{bw / 1e9:.1f} GB/s, matmul {peak / 1e9:.0f} GFLOP/s, {res['fused']['touched']:.1f} experts "
+                    f"{bw / 1e9:.1f} GB/s, matmul {peak / 1e9:.0f} GFLOP/s, {res['default']['touched']:.1f} experts "
                     "touched per layer")
-    for c in ("part", "MB read", "GFLOP", "floor ms bw/compute", "fused ms", "unfused ms", "fused x floor"):
+    for c in ("part", "MB read", "GFLOP", "floor ms bw/compute", "ms", "unfused ms", "nk ms", "x floor"):
         t.add_column(c, justify="left" if c == "part" else "right")
     for r in rows:
         fl = max(r.get("bw_floor_ms", 0.0), r.get("compute_floor_ms", 0.0))
         t.add_row(r["part"], f"{r['mb']:.1f}" if "mb" in r else "-", f"{r['gflop']:.3f}" if "gflop" in r else "-",
                   f"{r['bw_floor_ms']:.2f}/{r['compute_floor_ms']:.2f}" if "mb" in r else "-",
-                  f"{r['fused_ms']:.2f}", f"{r['unfused_ms']:.2f}", f"{r['fused_ms'] / fl:.1f}x" if fl else "-")
+                  f"{r['default_ms']:.2f}", f"{r['unfused_ms']:.2f}", f"{r['nk_ms']:.2f}",
+                  f"{r['default_ms'] / fl:.1f}x" if fl else "-")
     bw_floor, c_floor = 1e3 * total_mb * 1e6 / bw, 1e3 * total_gflop * 1e9 / peak
     t.add_row("step (median)", f"{total_mb:.1f}", f"{total_gflop:.3f}", f"{bw_floor:.2f}/{c_floor:.2f}",
-              f"{res['fused']['step_ms']:.2f}", f"{res['unfused']['step_ms']:.2f}",
-              f"{res['fused']['step_ms'] / max(bw_floor, c_floor):.1f}x")
+              f"{res['default']['step_ms']:.2f}", f"{res['unfused']['step_ms']:.2f}", f"{res['nk']['step_ms']:.2f}",
+              f"{res['default']['step_ms'] / max(bw_floor, c_floor):.1f}x")
     console.print(t)
     return {"model": model, "batch": B, "prompt_len": P, "steps": steps, "threads": torch.get_num_threads(),
-            "stream_gb_s": bw / 1e9, "matmul_gflops": peak / 1e9, "touched_experts_per_layer": res["fused"]["touched"],
+            "stream_gb_s": bw / 1e9, "matmul_gflops": peak / 1e9, "touched_experts_per_layer": res["default"]["touched"],
             "parts": rows, "step_ms": {k: r["step_ms"] for k, r in res.items()},
             "floor_ms": {"bandwidth": bw_floor, "compute": c_floor}}
