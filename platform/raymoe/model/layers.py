@@ -165,9 +165,11 @@ def enable_fused_weight_cache(model: nn.Module, kn: bool = False) -> int:
 
 def kn_layout(out_features: int, in_features: int) -> bool:
     """Whether a serving linear of this shape holds its weight as ``[in, out]`` (used as ``x @ W``) rather than
-    ``nn.Linear``'s ``[out, in]`` (``x @ Wᵀ``): when ``out ≥ in``. On the CPU measured (MKL, 1 and 16 rows, weights
-    streamed from memory; docs/serving.md §1.1) ``x @ W`` read ``[out ≥ in]`` weights 10–30% faster at 16 rows and
-    up to 2× at one row (the lm_head), and the ``[512, 1536]`` FFN down-projection (``in > out``) slower both ways."""
+    ``nn.Linear``'s ``[out, in]`` (``x @ Wᵀ``): when ``out ≥ in``. On the CPU measured (MKL, weights streamed from
+    memory) ``x @ W`` read the lm_head about 2× faster at one row (``bench gemm_read``'s ``mm_kn`` vs ``mm``), and a
+    small model's batch-1 decode step took 10% less (``bench decode_parts``, its ``nk`` column; docs/serving.md
+    §1.1). Weights with ``in > out`` (the FFN down-projection) keep ``[out, in]``, where each output is one
+    contiguous dot product over the long input."""
     return out_features >= in_features
 
 
