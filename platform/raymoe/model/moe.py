@@ -352,7 +352,7 @@ class RoutedExperts(nn.Module):
         self.expert_ids = list(range(num_experts)) if expert_ids is None else list(expert_ids)
         self.impl: Optional[str] = None
         self.fp8: Optional[nn.Module] = None
-        self._gate_up: Optional[torch.Tensor] = None  # [E, D, 2I] behind gate_proj/up_proj (fuse_gate_up)
+        self._gate_up: Optional[torch.Tensor] = None  # [E, 2I, D] behind gate_proj/up_proj (fuse_gate_up)
 
     @property
     def num_experts(self) -> int:
