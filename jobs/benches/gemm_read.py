@@ -10,7 +10,10 @@ Enough copies of every weight are rotated (``pool_mb``, default 256 MB per pass)
 
 Ways (``x`` has ``rows`` rows; experts get ``rows`` rows each):
 
-* ``mm``: ``x @ W.T``, W ``[N, K]`` (the ``nn.Linear`` layout); ``mm_kn``: ``x @ W``, W ``[K, N]``;
+* ``mm``: ``x @ W.T``, W ``[N, K]`` (the ``nn.Linear`` layout); ``mm_kn``: ``x @ W``, W ``[K, N]`` (what the engine's
+  ``kn_linears`` does for ``N ≥ K``);
+* ``W·xᵀ (per expert)``: ``W_e [N, K] @ x_eᵀ`` per expert, the orientation of the engine's fused routed experts
+  (``fuse_gate_up``); with the ``routed gate+up`` shape ``[E, D, 2I]`` the suite times the fused gate/up product;
 * ``mv`` (rows = 1): ``torch.mv``;
 * ``bmm`` (experts): one ``[E, rows, D] @ [E, D, I]``;
 * ``grouped_mm`` (experts): ``torch._grouped_mm`` over the experts' row groups;
@@ -77,6 +80,9 @@ def measure(name: str, shape_WNK: tuple[int, ...], rows: int, reps: int, compile
         E, K, N = shape_WNK
         x = torch.randn(E, rows, K, generator=g)
         add("mm (per expert)", lambda i: [x[e] @ Ws[i][e] for e in range(E)])
+        Wt = [w.transpose(1, 2).contiguous() for w in Ws]
+        add("W·xᵀ (per expert)", lambda i: [torch.mm(Wt[i][e], x[e].t()) for e in range(E)])
+        del Wt
         add("bmm", lambda i: torch.bmm(x, Ws[i]))
         if hasattr(torch, "_grouped_mm"):
             xf = x.reshape(E * rows, K)
@@ -132,6 +138,8 @@ def run(args: dict[str, str]) -> dict[str, Any]:
     shapes = {
         f"routed experts [{cfg.n_routed_experts}, {cfg.hidden_size}, {cfg.moe_intermediate_size}]":
             (cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size),
+        f"routed gate+up [{cfg.n_routed_experts}, {cfg.hidden_size}, {2 * cfg.moe_intermediate_size}]":
+            (cfg.n_routed_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size),
         f"lm_head [{cfg.vocab_size}, {cfg.hidden_size}]": (cfg.vocab_size, cfg.hidden_size),
     }
     rows: list[dict[str, Any]] = []

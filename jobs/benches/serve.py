@@ -23,7 +23,9 @@ Three parts, each a table (rich) and a section of the returned JSON; one PNG (``
    with a forward hook) divided by this machine's streaming read bandwidth, measured in the same run
    (:func:`streaming_read`). ``HF step / floor`` is the largest speed-up over transformers that any implementation
    reading fp32 weights at that bandwidth could reach. A measured step faster than its floor is impossible: the
-   bench raises.
+   bench raises. Next to it, the **compute floor**: the step's flops at this machine's fp32 matmul rate, measured in
+   the same run (a step of B rows does 2·B flops per weight read). With ``compare_experts=1`` (default) our engine
+   also runs with ``engine.fused_experts=false`` (routed experts through the grouped GEMM), its step in parentheses.
 2. **mtp** — speculative decoding with the checkpoint's MTP module (``hf=`` or the tiny checkpoint): greedy
    generations from prompts cut out of **held-out text** (the validation plays of the Shakespeare corpus, the split
    :func:`raymoe.data.corpus.split_documents` makes for training), ``k = 1, 2`` drafts per step (``spec=1,2``):
@@ -171,6 +173,30 @@ def streaming_read(model: torch.nn.Module, reps: int = 5) -> tuple[float, float,
     return total / median_seconds(read, reps, warmup=1), per_expert / 1e6, (total - routed_bytes) / 1e6
 
 
+def matmul_peak(reps: int = 5, n: int = 1024) -> float:
+    """This machine's fp32 matmul rate now (flop/s): the median of ``reps`` ``[n, n] @ [n, n]`` products on the
+    current intra-op threads (the compute roof a decode step's GEMMs run under)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / median_seconds(lambda: a @ b, reps, warmup=1)
+
+
+def decode_flops(model: torch.nn.Module, batch: int, context: float) -> float:
+    """Multiply-add flops (×2) of one decode step of ``batch`` sequences at mean ``context`` keys: every GEMM weight
+    but the token embedding, the norms and the MTP modules once per token (``kv_b_proj`` is W^UK and W^UV absorbed:
+    each value once), each token's ``k`` routed experts (gate, up, down), and the absorbed attention's scores and
+    values over ``C + R`` and ``C`` per key and head."""
+    from raymoe.model.moe import RoutedExperts
+
+    cfg = model.config
+    routed = {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters(recurse=False)}
+    dense = sum(p.numel() for n, p in model.named_parameters()
+                if p.dim() >= 2 and id(p) not in routed and "embed_tokens" not in n and not n.startswith("mtp."))
+    n_moe = sum(1 for n, m in model.named_modules() if isinstance(m, RoutedExperts) and not n.startswith("mtp."))
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    attn = cfg.num_hidden_layers * cfg.num_attention_heads * context * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    return 2.0 * batch * (dense + n_moe * cfg.num_experts_per_tok * expert + attn)
+
+
 def touched_experts(model: torch.nn.Module, tokens: int, fn: Callable[[], Any]) -> tuple[float, Any]:
     """Run ``fn()`` → (mean number of distinct routed experts per MoE layer over the forwards of exactly ``tokens``
     tokens — the decode steps of a batch of ``tokens`` sequences —, 0 when there was none; ``fn()``'s result)."""
@@ -251,10 +277,17 @@ def _timed_hf(hf_model, prompts: torch.Tensor, n: int) -> dict[str, Any]:
 
 
 def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: int, new_tokens: int,
-                 reps: int, spec: int = 1, compare_prefill: bool = True) -> list[dict[str, Any]]:
+                 reps: int, spec: int = 1, compare_prefill: bool = True,
+                 compare_experts: bool = True) -> list[dict[str, Any]]:
     """Rows per batch size: ours (MTP off) and, when the checkpoint has an MTP module and ``spec > 0``, ours with
     ``spec`` MTP drafts per step, vs HF ``generate``; all must give the same greedy token ids. ``compare_prefill``:
-    also ours with ``engine.expanded_prefill=false`` (prefill chunks through the absorbed path), side by side.
+    also ours with ``engine.expanded_prefill=false`` (prefill chunks through the absorbed path), side by side;
+    ``compare_experts``: also ours with ``engine.fused_experts=false`` (routed experts through the grouped GEMM).
+
+    Next to the bandwidth floor each row has a **compute floor**: the step's flops (:func:`decode_flops`) at this
+    machine's fp32 matmul rate measured in the same run (:func:`matmul_peak`). A step of B rows multiplies B rows by
+    every non-routed weight, 2·B flops per 4 bytes read: past ``peak / bandwidth · 2`` rows per weight a step is
+    bound by arithmetic, not by reads, even with perfect kernels.
 
     Every run of ``new_tokens`` tokens is timed in parts: the prefill (until every request has its first token), the
     decode-only steps after it (each timed directly; medians over all steps of all ``reps``), and end to end. A decode
@@ -277,12 +310,15 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
         engines["absorbed"] = _engine(path, **cfg, num_speculative_tokens=0, expanded_prefill=False)
         engines["loop"] = _engine(path, **cfg, num_speculative_tokens=0)
         engines["loop"].cache.group_prefill = False  # one SDPA call per prompt chunk instead of one per shape
+    if compare_experts:
+        engines["unfused"] = _engine(path, **cfg, num_speculative_tokens=0, fused_experts=False)
     if spec > 0:
         e = _engine(path, **cfg, num_speculative_tokens=spec)
         if e.num_spec:  # else the checkpoint has no MTP module
             engines["mtp"] = e
     eng = engines["ours"]
     bandwidth, expert_mb, other_mb = streaming_read(eng.model)
+    peak = matmul_peak()
     n_moe = sum(1 for m in eng.model.layers.modules() if isinstance(m, DispatchedMoE))
     g = torch.Generator().manual_seed(1)
     rows = []
@@ -319,6 +355,9 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
                "touched_experts_per_layer": touched, "read_mb_per_step": other_mb + n_moe * touched * expert_mb,
                "stream_gb_s": bandwidth / 1e9}
         row["floor_step_ms"] = row["read_mb_per_step"] / row["stream_gb_s"]
+        row["matmul_gflops"] = peak / 1e9
+        row["step_gflop"] = decode_flops(eng.model, B, prompt_len + new_tokens / 2) / 1e9
+        row["compute_floor_step_ms"] = 1e3 * row["step_gflop"] / row["matmul_gflops"]
         for k in fns:  # physics: no decode step reads its weights faster than the machine streams them
             st = med[k]["step_s"]
             if st is not None and 1e3 * st < row["floor_step_ms"]:
@@ -329,6 +368,9 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
         row["ratio_prefill"] = row["hf_prefill_s"] / row["ours_prefill_s"]
         row["ours_step_over_floor"] = row["ours_step_ms"] / row["floor_step_ms"]
         row["bandwidth_bound_ratio"] = row["hf_step_ms"] / row["floor_step_ms"]
+        row["ours_step_over_roofline"] = row["ours_step_ms"] / max(row["floor_step_ms"], row["compute_floor_step_ms"])
+        if "unfused" in med:  # the same engine with the routed experts through the grouped GEMM (before fusing)
+            row["unfused_step_ms"] = 1e3 * (med["unfused"]["step_s"] or 0.0)
         if "absorbed" in med:  # the same engine with prefill chunks through the absorbed path (before PrefillBatch)
             a = med["absorbed"]
             row.update(absorbed_prefill_s=a["prefill_s"], ratio_prefill_absorbed=row["hf_prefill_s"] / a["prefill_s"],
@@ -706,13 +748,15 @@ def run(args: dict[str, str]) -> dict:
             rows = []
             for name, path in _checkpoints(args, root).items():
                 rows += decode_bench(name, path, batches, prompt_len, new_tokens, reps, int(args.get("decode_spec", 1)),
-                                     args.get("compare_prefill", "1") not in ("0", "false"))
+                                     args.get("compare_prefill", "1") not in ("0", "false"),
+                                     args.get("compare_experts", "1") not in ("0", "false"))
             res["decode"] = rows
             t = Table(title=f"greedy decode, prompt {prompt_len} + {new_tokens} new tokens, "
                             f"{torch.get_num_threads()} threads")
             for c in ("model", "batch", "decode ours tok/s", "HF tok/s", "ours/HF", "prefill ours/HF (absorbed)",
-                      "e2e ours/HF (absorbed)", "MTP tok/fwd", "ours+MTP/HF", "step ms ours/HF/floor", "ours/floor",
-                      "HF/floor", "prefill loop/grouped", "equal"):
+                      "e2e ours/HF (absorbed)", "MTP tok/fwd", "ours+MTP/HF", "step ms ours (unfused)/HF",
+                      "floor ms bw/compute", "ours/floor", "ours/max floor", "HF/floor", "prefill loop/grouped",
+                      "equal"):
                 t.add_column(c, justify="right")
             for r in rows:
                 t.add_row(r["model"], str(r["batch"]), f"{r['ours_decode_tok_s']:,.0f}", f"{r['hf_decode_tok_s']:,.0f}",
@@ -723,8 +767,12 @@ def run(args: dict[str, str]) -> dict:
                           if "ratio_e2e_absorbed" in r else f"{r['ratio_e2e']:.2f}x",
                           f"{r['mtp_tokens_per_forward']:.2f}" if "ratio_mtp" in r else "-",
                           f"{r['ratio_mtp']:.2f}x" if "ratio_mtp" in r else "-",
-                          f"{r['ours_step_ms']:.1f}/{r['hf_step_ms']:.1f}/{r['floor_step_ms']:.1f}",
-                          f"{r['ours_step_over_floor']:.1f}x", f"{r['bandwidth_bound_ratio']:.1f}x",
+                          f"{r['ours_step_ms']:.1f}"
+                          + (f" ({r['unfused_step_ms']:.1f})" if "unfused_step_ms" in r else "")
+                          + f"/{r['hf_step_ms']:.1f}",
+                          f"{r['floor_step_ms']:.1f}/{r['compute_floor_step_ms']:.1f}",
+                          f"{r['ours_step_over_floor']:.1f}x", f"{r['ours_step_over_roofline']:.1f}x",
+                          f"{r['bandwidth_bound_ratio']:.1f}x",
                           f"{r['prefill_grouped_speedup']:.2f}x" if "prefill_grouped_speedup" in r else "-",
                           str(r["outputs_equal"]))
             console.print(t)

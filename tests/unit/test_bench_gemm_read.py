@@ -10,7 +10,9 @@ def test_gemm_read_tiny_shapes() -> None:
     out = gemm_read.run({"model": "tiny", "rows": "1,4", "reps": "1", "pool_mb": "2"})
     ways = {(r["shape"].split(" [")[0], r["rows"], r["way"]) for r in out["rows"]}
     assert ("lm_head", 1, "mv") in ways and ("lm_head", 4, "mv") not in ways
-    assert {("routed experts", 4, w) for w in ("sum (read)", "mm (per expert)", "bmm", "bf16 bmm")} <= ways
+    assert {("routed experts", 4, w) for w in ("sum (read)", "mm (per expert)", "W·xᵀ (per expert)", "bmm",
+                                                "bf16 bmm")} <= ways
+    assert ("routed gate+up", 1, "W·xᵀ (per expert)") in ways
     for r in out["rows"]:
         if r["ms"] is None:
             continue

@@ -11,7 +11,10 @@
    **Decode fast path**: when every sequence contributes at most ``1 + num_speculative_tokens`` tokens (decode, draft
    verification; ``EngineConfig.fast_decode``), the tokens run instead as ``[N, 1]`` — one batch row per token —
    with a :class:`~raymoe.engine.paged.DecodeBatch`, so each token attends to its own sequence's latents only
-   (``O(Σ len)`` attention instead of the packed ``O(N·Σ len)``); every other op sees the same ``[N, D]`` rows;
+   (``O(Σ len)`` attention instead of the packed ``O(N·Σ len)``); every other op sees the same ``[N, D]`` rows.
+   Routed experts run fused (``EngineConfig.fused_experts``, :func:`raymoe.model.moe.fuse_gate_up`): gate and up
+   in one ``[E, 2I, D]`` tensor, two GEMMs per touched expert; linears with ``out ≥ in`` keep their weight as
+   ``[in, out]`` (``EngineConfig.kn_linears``, :func:`raymoe.model.layers.kn_layout`), the faster GEMM at few rows;
 3. per sequence: sample (prefill's last chunk, decode) or verify drafts (speculative), apply stop conditions; the
    greedy tokens of all sequences come from one ``argmax`` over the step's logits, after one
    :func:`~raymoe.engine.sampling.process_logits` call over the rows of requests with logits processors
@@ -57,7 +60,8 @@ from torch import nn
 
 from raymoe.engine.detokenize import IncrementalDetokenizer
 from raymoe.engine.experts import ExpertBackend, install_expert_backend
-from raymoe.model.layers import enable_fused_weight_cache
+from raymoe.model.layers import enable_fused_weight_cache, use_kn_layout
+from raymoe.model.moe import fuse_gate_up
 from raymoe.engine.paged import DecodeBatch, PackedBatch, PagedLatentCache, PrefillBatch
 from raymoe.engine.sampling import (SamplingParams, probs_from_logits, process_logits, sample_token, speculative_accept,
                                     top_logprobs)
@@ -102,6 +106,8 @@ class EngineConfig:
     expanded_prefill: bool = True  # prefill chunks attend through expanded per-head K/V (PrefillBatch; module doc)
     seed: int = 0  # seeds requests that bring no seed of their own (in order of arrival)
     enable_prefix_caching: bool = True  # share / keep full blocks of common prompt prefixes (module docstring)
+    fused_experts: bool = True  # routed experts' gate/up held as one [E, 2I, D] tensor: 2 GEMMs per touched expert
+    kn_linears: bool = True  # linears with out >= in hold their weight as [in, out] (x @ W; layers.kn_layout)
 
     def __post_init__(self) -> None:
         # each would leave the step loop spinning with nothing schedulable, every request hanging
@@ -116,6 +122,9 @@ class EngineConfig:
                              f"{self.num_speculative_tokens!r}")
         if not isinstance(self.expanded_prefill, bool):
             raise ValueError(f"engine.expanded_prefill must be true or false, got {self.expanded_prefill!r}")
+        for k in ("fused_experts", "kn_linears"):
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"engine.{k} must be true or false, got {getattr(self, k)!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"engine.enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
@@ -193,8 +202,12 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.device = torch.device(cfg.device)
+        if cfg.fused_experts:  # before the backend copies experts into shards (they inherit it)
+            fuse_gate_up(self.model)
         self.expert_backend = install_expert_backend(self.model, expert_backend)
-        enable_fused_weight_cache(self.model)  # the engine never trains: keep fused projection weights
+        enable_fused_weight_cache(self.model, kn=cfg.kn_linears)  # the engine never trains: keep fused weights
+        if cfg.kn_linears:  # kv_b_proj's weight is read per head ([H, N+V, C] views) by the absorbed attention
+            use_kn_layout(self.model, skip=("kv_b_proj",))
         mc = model.config
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
         self.num_spec = cfg.num_speculative_tokens if len(model.mtp) > 0 else 0

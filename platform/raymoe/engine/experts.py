@@ -505,7 +505,7 @@ class DispatchedMoE(nn.Module):
         order = flat.argsort(stable=True)
         inv_order = torch.empty_like(order)
         inv_order[order] = torch.arange(order.numel(), device=order.device)
-        counts = torch.bincount(flat, minlength=self.moe.experts.num_experts)
+        counts = r.counts  # the router's bincount of topk_idx (minlength E): rows per expert in `order`
         x_ND = x_TD.index_select(0, order // K)
         y_ND = self.backend.run(self.layer_key, x_ND, counts)
         y_TKD = y_ND.index_select(0, inv_order).view(B * T, K, D)

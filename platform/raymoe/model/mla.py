@@ -259,12 +259,14 @@ class MLA(nn.Module):
         cache: LatentKVCache,
     ) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
+        C = self.kv_lora_rank
         kv_all, masked = cache.gather(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))  # [B, S, C+R], [(B,) T, S]
-        c_all, pe_all = kv_all.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
+        c_all = kv_all[..., :C]  # [B, S, C] (a view)
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_head_dim, C)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H,N,C], [H,V,C]
-        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
-        scores = torch.einsum("bthc,bsc->bths", q_lat, c_all) + torch.einsum("bthr,bsr->bths", q_pe, pe_all)
+        # q̃ = [q_nope·W^UK ; q_pe] against the cached [c ; k_pe]: one score GEMM over C+R per batch row
+        q_abs = torch.cat([torch.einsum("bthn,hnc->bthc", q_nope, w_uk), q_pe], dim=-1)  # [B,T,H,C+R]
+        scores = torch.bmm(q_abs.view(B, T * H, -1), kv_all.transpose(1, 2)).view(B, T, H, -1)  # [B,T,H,S]
         scores = scores.float() * self.softmax_scale
         if masked is not None:  # future keys (and, in a packed batch, other sequences' keys)
             masked = masked if masked.dim() == 3 else masked[None]
@@ -273,7 +275,7 @@ class MLA(nn.Module):
                 scores, c_all = _isolate_non_finite(scores, kv_all, c_all)
             scores = scores.masked_fill(masked[:, :, None, :], float("-inf"))
         p = scores.softmax(dim=-1).to(c_all.dtype)
-        o_lat = torch.einsum("bths,bsc->bthc", p, c_all)
+        o_lat = torch.bmm(p.view(B, T * H, -1), c_all).view(B, T, H, C)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B,T,H,V]
 
     def _paged_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,

@@ -27,6 +27,12 @@ layer; ``python -m raymoe.jobs.bench model`` measures them and ``grouped_mm`` (`
 
 All but ``bmm`` share one hand-written backward (:class:`_SwiGLUExpertsFn`) that can defer the weight gradients.
 
+Serving (no autograd) can hold each layer's gate and up weights in one ``[E, 2I, D]`` tensor
+(:func:`fuse_gate_up`; ``gate_proj``/``up_proj`` become transposed views of it, no extra memory): every expert with
+rows then runs ``W_gu[e]·xᵀ → silu(g)·u → @ W_down[e]``, two GEMMs instead of three, over touched experts only. At
+decode a batch gives each expert a handful of rows; one CPU GEMM streaming the expert's 2·I rows of D values beats two
+``x @ W`` products over ``[D, I]`` (``python -m raymoe.jobs.bench gemm_read`` times these ways next to a ``sum``).
+
 Experts are separable from their layer: :class:`RoutedExperts` holds stacked weights ``[E, ...]`` and
 ``RoutedExperts.shard(ids)`` builds a shard with a subset of them; ``forward_grouped`` takes tokens already grouped
 by expert plus the per-expert counts — exactly what an expert-shard actor receives after the all-to-all dispatch.
@@ -49,7 +55,7 @@ from raymoe.model.layers import SwiGLU, autocast_apply
 from raymoe.wgrad import WeightGradStore, accumulate_grads
 
 __all__ = ["RouteResult", "route", "Router", "RoutedExperts", "AbsentExperts", "MoE", "seq_aux_loss", "EXPERT_IMPLS",
-           "set_expert_impl"]
+           "set_expert_impl", "fuse_gate_up"]
 
 EXPERT_IMPLS = ("auto", "grouped_mm", "padded", "loop", "bmm")
 PADDED_MAX_WASTE = 1.3  # "auto": pad to one bmm while E·max(count) ≤ this × rows, else grouped_mm
@@ -346,10 +352,51 @@ class RoutedExperts(nn.Module):
         self.expert_ids = list(range(num_experts)) if expert_ids is None else list(expert_ids)
         self.impl: Optional[str] = None
         self.fp8: Optional[nn.Module] = None
+        self._gate_up: Optional[torch.Tensor] = None  # [E, 2I, D] behind gate_proj/up_proj (fuse_gate_up)
 
     @property
     def num_experts(self) -> int:
         return self.gate_proj.shape[0]
+
+    def fuse_gate_up(self) -> None:
+        """Hold gate and up in one ``[E, 2I, D]`` tensor (transformers 5's ``gate_up_proj`` layout): ``gate_proj`` and
+        ``up_proj`` become transposed views of its halves, so nothing is copied twice; forwards without autograd
+        then run the fused per-expert path (module docstring). For serving: the parameters are no longer
+        contiguous, which the training back-ends copy around."""
+        if self.fused:
+            return
+        I = self.gate_proj.shape[-1]  # noqa: E741
+        with torch.no_grad():
+            w = torch.cat([self.gate_proj.transpose(1, 2), self.up_proj.transpose(1, 2)], dim=1).contiguous()
+        self.gate_proj = nn.Parameter(w[:, :I].transpose(1, 2), requires_grad=self.gate_proj.requires_grad)
+        self.up_proj = nn.Parameter(w[:, I:].transpose(1, 2), requires_grad=self.up_proj.requires_grad)
+        self._gate_up = w
+
+    @property
+    def fused(self) -> bool:
+        """Whether gate/up still live in the fused tensor (a later ``.to()`` or parameter swap undoes it)."""
+        w = self._gate_up
+        if w is None:
+            return False
+        I = self.gate_proj.shape[-1]  # noqa: E741
+        return (self.gate_proj.data_ptr() == w.data_ptr()
+                and self.up_proj.data_ptr() == w.data_ptr() + I * w.shape[-1] * w.element_size()
+                and self.gate_proj.stride() == self.up_proj.stride() == (w.stride(0), 1, w.stride(1)))
+
+    def _forward_fused(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Per touched expert ``e`` with rows ``r``: ``[g; u]ᵀ = W_gu[e] · x_rᵀ`` (``[2I, c]``), then
+        ``(silu(g)·u) @ W_down[e]`` (``[c, D]``). This orientation reads fastest at a few rows on the CPU measured
+        (weights as the GEMM's row-major left operand, streamed in rows; docs/serving.md §1.1)."""
+        w_gu, w_down = self._gate_up, self.down_proj
+        I = w_down.shape[1]  # noqa: E741
+        y = x_ND.new_empty(x_ND.shape[0], w_down.shape[-1])
+        row = 0
+        for e, c in enumerate(counts_E.tolist()):
+            if c:
+                gu = torch.mm(w_gu[e], x_ND[row : row + c].t())  # [2I, c]
+                torch.mm(F.silu(gu[:I]).mul_(gu[I:]).t(), w_down[e], out=y[row : row + c])
+                row += c
+        return y
 
     def enable_fp8(self, config, name: str, wgrad_store=None) -> bool:
         """Hook for :func:`raymoe.fp8.convert_to_fp8`: run the expert GEMMs through an FP8 grouped GEMM."""
@@ -364,6 +411,8 @@ class RoutedExperts(nn.Module):
         if self.fp8 is not None:
             h = F.silu(self.fp8(x_ND, self.gate_proj, counts_E)) * self.fp8(x_ND, self.up_proj, counts_E)
             return self.fp8(h, self.down_proj, counts_E)
+        if not torch.is_grad_enabled() and row_bucket(x_ND) == 1 and self.fused:
+            return self._forward_fused(x_ND, counts_E)
         impl = self.impl or DEFAULT_EXPERT_IMPL
         if impl == "auto":
             n, cmax = x_ND.shape[0], int(counts_E.max()) if counts_E.numel() else 0
@@ -396,10 +445,23 @@ class RoutedExperts(nn.Module):
                             [self.expert_ids[i] for i in expert_ids])
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(out, name).copy_(getattr(self, name)[ids])
+        if self.fused:
+            out.fuse_gate_up()
         out.impl = self.impl
         if self.fp8 is not None:
             out.enable_fp8(self.fp8.fp8_config, self.fp8.fp8_name, self.fp8.wgrad_store)
         return out
+
+
+def fuse_gate_up(module: nn.Module) -> int:
+    """:meth:`RoutedExperts.fuse_gate_up` on every :class:`RoutedExperts` inside ``module`` (serving only); returns
+    how many were fused."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, RoutedExperts) and not m.fused:
+            m.fuse_gate_up()
+            n += 1
+    return n
 
 
 class AbsentExperts(nn.Module):
