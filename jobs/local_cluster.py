@@ -47,7 +47,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-__all__ = ["LocalCluster", "LocalS3", "NodeProc", "cluster_env", "free_port"]
+__all__ = ["LocalCluster", "LocalS3", "NodeProc", "ClusterConfigError", "cluster_env", "free_port"]
 
 
 
@@ -112,6 +112,11 @@ def _kill_session(sid: int) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.05)
+
+
+class ClusterConfigError(RuntimeError):
+    """The nodes' environment makes a start impossible (no retry on fresh ports can help): e.g. Ray token
+    authentication inherited by the nodes."""
 
 
 @dataclass
@@ -256,13 +261,16 @@ class LocalCluster:
                 self._wait_dashboard(timeout_s)
                 return
             except (TimeoutError, RuntimeError) as e:
-                failures.append(f"try {attempt + 1}: {e}\n{self._head_logs()}")
+                if not isinstance(e, ClusterConfigError):
+                    failures.append(f"try {attempt + 1}: {e}\n{self._head_logs()}")
                 self.nodes.remove(node)
                 _kill_session(node.pid)
                 proc = self._procs.pop(node.pid, None)
                 if proc is not None:
                     proc.wait(timeout=30)
                 shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(e, ClusterConfigError):
+                    raise
         raise TimeoutError(f"the Ray head on {self.head_ip} did not start {tries} times:\n" + "\n".join(failures))
 
     def _head_logs(self, lines: int = 15) -> str:
@@ -382,14 +390,24 @@ class LocalCluster:
                 return
             except urllib.error.HTTPError as e:
                 if e.code == 401:  # up, but every later call of ours would be refused the same way
-                    raise RuntimeError(f"the Ray dashboard on {self.dashboard} wants a token: the nodes inherited "
-                                       f"RAY_AUTH_MODE={self.env.get('RAY_AUTH_MODE')!r} (an earlier ray.init in "
-                                       "this process sets 'token' when it is unset); a local cluster runs with "
-                                       "RAY_AUTH_MODE=disabled") from None
+                    raise ClusterConfigError(
+                        f"the Ray dashboard on {self.dashboard} wants a token: the nodes inherited "
+                        f"{self._auth_hint()}") from None
                 time.sleep(0.5)
             except Exception:  # noqa: BLE001 - not up yet
-                if not self.nodes[0].alive:
-                    raise RuntimeError(f"ray head exited; see {self.nodes[0].local_dir}/ray-start.log")
+                head = self.nodes[0]
+                proc = self._procs.get(head.pid)
+                if (proc is not None and proc.poll() is not None) or not head.alive:  # `ray start --block` ended
+                    log = pathlib.Path(head.local_dir) / "ray-start.log"
+                    try:
+                        text = log.read_text(errors="replace")
+                    except OSError:
+                        text = ""
+                    if "AuthenticationError" in text:  # token auth on, no token file: `ray start` refuses at once
+                        raise ClusterConfigError(
+                            f"ray start refused the head: token authentication is on and no token was found "
+                            f"(see {log}); the nodes inherited {self._auth_hint()}")
+                    raise RuntimeError(f"ray head exited; see {log}")
                 try:  # the dashboard died at start-up (the head lives on without it): no use waiting
                     died = "Traceback" in err.read_text(errors="replace")
                 except OSError:
@@ -398,6 +416,10 @@ class LocalCluster:
                     raise RuntimeError(f"the Ray dashboard exited at start-up (see {err})")
                 time.sleep(0.5)
         raise TimeoutError(f"Ray dashboard on {self.dashboard} did not come up within {timeout_s:.0f} s")
+
+    def _auth_hint(self) -> str:
+        return (f"RAY_AUTH_MODE={self.env.get('RAY_AUTH_MODE')!r} (an earlier ray.init in this process sets 'token' "
+                "when it is unset); a local cluster runs with RAY_AUTH_MODE=disabled")
 
     def alive_node_ips(self) -> list[str]:
         """IPs of the nodes the GCS reports ALIVE (via the dashboard's state API)."""
