@@ -55,6 +55,7 @@ prompt tokens its engine reused from the prefix cache.
 import asyncio
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -882,8 +883,8 @@ def build_app(args: dict[str, Any]):
         try:
             PrefixAffinity(**kw)  # validate here, not in every handle
         except TypeError as e:
-            raise ValueError(f"prefix_routing: {e} (options: chunk_tokens, chunk_chars, max_chunks, imbalance, "
-                             f"capacity, spill_after)") from None
+            options = ", ".join(inspect.signature(PrefixAffinity).parameters)
+            raise ValueError(f"prefix_routing: {e} (options: {options})") from None
         routing["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER_PATH,
                                                                 request_router_kwargs=kw)
     for key in ("ingress_max_pending_requests", "max_body_bytes"):

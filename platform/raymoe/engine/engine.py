@@ -120,13 +120,9 @@ class EngineConfig:
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 0:
             raise ValueError(f"engine.num_speculative_tokens must be an integer >= 0, got "
                              f"{self.num_speculative_tokens!r}")
-        if not isinstance(self.expanded_prefill, bool):
-            raise ValueError(f"engine.expanded_prefill must be true or false, got {self.expanded_prefill!r}")
-        for k in ("fused_experts", "kn_linears"):
+        for k in ("expanded_prefill", "fused_experts", "kn_linears", "enable_prefix_caching"):
             if not isinstance(getattr(self, k), bool):
                 raise ValueError(f"engine.{k} must be true or false, got {getattr(self, k)!r}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"engine.enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ValueError(f"engine.max_waiting must be an integer >= 0, got {self.max_waiting!r}")
 
