@@ -349,7 +349,7 @@ class PagedLatentCache:
                 short_segs.append((bt, start, n))
                 short_rows.extend(range(q0, q0 + n))
         # keys laid out group by group (each group's [B, end] keys contiguous), in order of first appearance
-        long_segs, groups, k_slot_parts, k0 = [], [], [], 0
+        groups, k_slot_parts, k0 = [], [], 0
         calls = []  # at most PREFILL_GROUP_ROWS query rows per call (at least one segment)
         for members in by_shape.values():
             k = max(1, PREFILL_GROUP_ROWS // segments[members[0][0]][2])
@@ -366,8 +366,7 @@ class PagedLatentCache:
                 mask = (torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]).to(dev)  # [n, S] True=see
             groups.append(PrefillGroup(rows, len(members), n, start, k0, end, mask))
             p = torch.arange(end)
-            for j, q0 in members:
-                long_segs.append((q0, n, start, k0, end))
+            for j, _ in members:
                 k_slot_parts.append(table[j, p // bs] * bs + p % bs)
                 k0 += end
         q_pos = torch.tensor(q_pos_l, dtype=torch.long)
@@ -375,8 +374,8 @@ class PagedLatentCache:
         q_slots = table[q_seq, q_pos // bs] * bs + q_pos % bs
         k_slots = torch.cat(k_slot_parts) if k_slot_parts else torch.zeros(0, dtype=torch.long)
         short = self.decode_batch(short_segs) if short_segs else None
-        return PrefillBatch(self, q_slots.to(dev), q_pos.to(dev), k_slots.to(dev), long_segs, short,
-                            torch.tensor(short_rows, dtype=torch.long, device=dev), groups)
+        return PrefillBatch(self, q_slots.to(dev), q_pos.to(dev), k_slots.to(dev), groups, short,
+                            torch.tensor(short_rows, dtype=torch.long, device=dev))
 
 
 class _TokenSlots:
@@ -473,21 +472,29 @@ class PrefillGroup(NamedTuple):
 class PrefillBatch(_PackedTokens):
     """Cache view of one forward with prefill chunks, packed as ``x [1, N, D]`` (see the module docstring).
 
-    ``segments``: ``(q0, n, start, k0, end)`` per long (expanded) segment: its queries are packed rows ``q0..q0+n-1``
-    at positions ``start..start+n-1``, its keys rows ``k0..k0+end-1`` of :meth:`gather_expanded`'s output (positions
-    ``0..end-1``). ``groups``: the same segments as :class:`PrefillGroup` s (one attention call each). ``short`` (a
-    :class:`DecodeBatch` or None) serves the packed rows ``short_rows`` through the absorbed path. ``advance`` is a
-    no-op: the engine owns lengths."""
+    ``groups``: the long (expanded) segments as :class:`PrefillGroup` s (one attention call each; :attr:`segments`
+    lists them one by one). ``short`` (a :class:`DecodeBatch` or None) serves the packed rows ``short_rows`` through
+    the absorbed path. ``advance`` is a no-op: the engine owns lengths."""
 
     expanded = True  # MLA takes its paged-prefill path for this view
     _what = "prefill batch"
 
     def __init__(self, cache: PagedLatentCache, q_slots: torch.Tensor, q_pos: torch.Tensor, k_slots: torch.Tensor,
-                 segments: list[tuple[int, int, int, int, int]], short: Optional[DecodeBatch],
-                 short_rows: torch.Tensor, groups: list[PrefillGroup]) -> None:
+                 groups: list[PrefillGroup], short: Optional[DecodeBatch], short_rows: torch.Tensor) -> None:
         self.cache = cache
         self.q_slots, self.q_pos, self.k_slots = q_slots, q_pos, k_slots
-        self.segments, self.short, self.short_rows, self.groups = segments, short, short_rows, groups
+        self.groups, self.short, self.short_rows = groups, short, short_rows
+
+    @property
+    def segments(self) -> list[tuple[int, int, int, int, int]]:
+        """``(q0, n, start, k0, end)`` per long segment, in key order: its queries are packed rows ``q0..q0+n-1`` at
+        positions ``start..start+n-1``, its keys rows ``k0..k0+end-1`` of :meth:`gather_expanded`'s output
+        (positions ``0..end-1``)."""
+        out = []
+        for g in self.groups:
+            rows = range(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows.tolist()
+            out += [(rows[b * g.n], g.n, g.start, g.k0 + b * g.end, g.end) for b in range(g.B)]
+        return out
 
     def gather_expanded(self, layer: int, kv_BTC: torch.Tensor) -> torch.Tensor:
         """Write every token's latent ``kv [1, N, C+R]`` into its slot; return the long segments' keys
