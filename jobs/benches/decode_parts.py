@@ -2,9 +2,10 @@
 the time of one engine decode step goes, part by part, next to each part's own floors.
 
 A random-init checkpoint of the preset (as ``bench serve``'s ``small``) is served by three engines, ``default``,
-``unfused`` (``engine.fused_experts=false``: routed experts through the grouped GEMM) and ``nk`` (``engine.kn_linears=
-false``: every linear in ``nn.Linear``'s ``[out, in]`` layout), each with ``batch`` greedy requests of ``prompt_len`` random tokens. Once every prefill is done, ``steps`` decode-only steps of
-each engine are timed, interleaved (drifts of a shared machine hit both alike), with each part's wall time taken by
+``unfused`` (``engine.fused_experts=false``: routed experts through the grouped GEMM) and ``nk``
+(``engine.kn_linears=false``: every linear in ``nn.Linear``'s ``[out, in]`` layout), each with ``batch`` greedy
+requests of ``prompt_len`` random tokens. Once every prefill is done, ``steps`` decode-only steps of each engine are
+timed, interleaved (drifts of a shared machine hit both alike), with each part's wall time taken by
 wrappers around its modules:
 
 * ``attention``: every MLA (projections, RoPE, cache write and gather, absorbed attention);
@@ -13,10 +14,10 @@ wrappers around its modules:
 * ``rest``: the step minus the parts (MoE dispatch/combine, norms, residuals, embedding, the engine's scheduling,
   cache view and sampling).
 
-Each part's **bandwidth floor** is the weight bytes it reads (routed: the experts the step touched, counted from the
-routing) over the streaming read rate (a ``sum`` over all weights, as ``bench serve``), its **compute floor** its
-flops (2 per weight and row; routed: each row's ``k`` experts) over the fp32 matmul rate (``[1024, 1024]²``), both
-measured in the same run. ``x floor`` is the part's time over the larger of the two.
+Each part's **bandwidth floor** is the weight bytes it reads (``bench serve``'s ``decode_part_costs``; routed: the
+experts the step touched, counted from the routing) over the streaming read rate (a ``sum`` over all weights, as
+``bench serve``), its **compute floor** its flops (2 per weight and row; routed: each row's ``k`` experts) over the
+fp32 matmul rate (``[1024, 1024]²``), both measured in the same run. ``x floor`` is the part's time over the larger of the two.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -82,39 +83,6 @@ def _instrument(eng) -> tuple[dict[str, float], list[int]]:
     return acc, touched
 
 
-def _part_costs(model: torch.nn.Module, batch: int, context: float, touched_per_layer: float) -> dict[str, tuple]:
-    """``{part: (bytes, flops)}`` of one decode step of ``batch`` rows."""
-    from raymoe.engine.experts import DispatchedMoE
-
-    cfg = model.config
-
-    def nbytes(mod: torch.nn.Module) -> int:
-        return sum(p.numel() * p.element_size() for p in mod.parameters() if p.dim() >= 2)
-
-    def nparams(mod: torch.nn.Module) -> int:
-        return sum(p.numel() for p in mod.parameters() if p.dim() >= 2)
-
-    moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, DispatchedMoE)]
-    dense = [layer.mlp for layer in model.layers if not isinstance(layer.mlp, DispatchedMoE)]
-    attn = [layer.self_attn for layer in model.layers]
-    H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    core = len(attn) * H * context * (2 * C + R)
-    expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    esize = next(model.parameters()).element_size()
-    out = {
-        "attention": (sum(nbytes(a) for a in attn), 2 * batch * (sum(nparams(a) for a in attn) + core)),
-        "routed experts": (len(moes) * touched_per_layer * expert_params * esize,
-                           2 * batch * len(moes) * cfg.num_experts_per_tok * expert_params),
-        "shared experts": (sum(nbytes(m.moe.shared_experts) for m in moes if m.moe.shared_experts is not None),
-                           2 * batch * sum(nparams(m.moe.shared_experts) for m in moes
-                                           if m.moe.shared_experts is not None)),
-        "dense FFN": (sum(nbytes(d) for d in dense), 2 * batch * sum(nparams(d) for d in dense)),
-        "router": (sum(nbytes(m.moe.router) for m in moes), 2 * batch * sum(nparams(m.moe.router) for m in moes)),
-        "lm_head": (nbytes(model.lm_head), 2 * batch * nparams(model.lm_head)),
-    }
-    return out
-
-
 def profile_steps(engines: dict[str, Any], batch: int, prompt_len: int, steps: int,
                   vocab: int) -> dict[str, dict[str, Any]]:
     """Drive every engine to decode-only with the same prompts, then time ``steps`` steps of each, interleaved.
@@ -139,16 +107,16 @@ def profile_steps(engines: dict[str, Any], batch: int, prompt_len: int, steps: i
             state[name][2].append(time.perf_counter() - t0)
     out = {}
     for name, (acc, touched, ts) in state.items():
-        n_moe = max(1, sum(1 for layer in engines[name].model.layers if getattr(layer, "is_moe", False)))
         out[name] = {"step_ms": 1e3 * statistics.median(ts), "mean_step_ms": 1e3 * sum(ts) / len(ts),
                      "ms": {k: 1e3 * acc[k] / len(ts) for k in PARTS},
-                     "touched": sum(touched) / max(1, len(touched)), "moe_layers": n_moe}
+                     "touched": sum(touched) / max(1, len(touched))}
     return out
 
 
 def run(args: dict[str, str]) -> dict[str, Any]:
     from raymoe.engine import EngineConfig, LLMEngine
-    from raymoe.jobs.benches.serve import _random_checkpoint, matmul_peak, streaming_read
+    from raymoe.jobs.benches import matmul_peak
+    from raymoe.jobs.benches.serve import _random_checkpoint, decode_part_costs, streaming_read
 
     model = args.get("model", "small")
     B, P, steps = int(args.get("batch", 16)), int(args.get("prompt_len", 32)), int(args.get("steps", 20))
@@ -162,14 +130,14 @@ def run(args: dict[str, str]) -> dict[str, Any]:
                    "nk": LLMEngine.from_pretrained(path, EngineConfig(**cfg, kn_linears=False))}
         m = engines["default"].model
         bw, _, _ = streaming_read(m)
-        peak = matmul_peak()
+        peak = matmul_peak(n=1024, warmup=1)
         res = profile_steps(engines, B, P, steps, m.config.vocab_size)
-    context = P + steps / 2
+    costs = decode_part_costs(m, B, P + steps / 2, res["default"]["touched"])
     rows = []
     for part in PARTS + ("rest",):
         row: dict[str, Any] = {"part": part}
         if part != "rest":
-            nb, fl = _part_costs(m, B, context, res["default"]["touched"])[part]
+            nb, fl = costs[part]
             row.update(mb=nb / 1e6, gflop=fl / 1e9, bw_floor_ms=1e3 * nb / bw, compute_floor_ms=1e3 * fl / peak)
         for name, r in res.items():
             ms = r["ms"].get(part) if part != "rest" else r["mean_step_ms"] - sum(r["ms"].values())
@@ -194,6 +162,6 @@ def run(args: dict[str, str]) -> dict[str, Any]:
               f"{res['default']['step_ms'] / max(bw_floor, c_floor):.1f}x")
     console.print(t)
     return {"model": model, "batch": B, "prompt_len": P, "steps": steps, "threads": torch.get_num_threads(),
-            "stream_gb_s": bw / 1e9, "matmul_gflops": peak / 1e9, "touched_experts_per_layer": res["default"]["touched"],
-            "parts": rows, "step_ms": {k: r["step_ms"] for k, r in res.items()},
+            "stream_gb_s": bw / 1e9, "matmul_gflops": peak / 1e9,
+            "touched_experts_per_layer": res["default"]["touched"], "parts": rows, "step_ms": {k: r["step_ms"] for k, r in res.items()},
             "floor_ms": {"bandwidth": bw_floor, "compute": c_floor}}

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raymoe.config import ModelConfig
-from raymoe.jobs.benches import median_seconds
+from raymoe.jobs.benches import matmul_peak
 from raymoe.model import DeepSeekV3
 from raymoe.model import hf as hf_io
 from raymoe.model.moe import DEFAULT_EXPERT_IMPL, EXPERT_IMPLS, set_expert_impl
@@ -60,12 +60,6 @@ def _with_impl(model: torch.nn.Module, impl: str, step: Callable[[], None]) -> C
         step()
 
     return run
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    t = median_seconds(lambda: a @ b, iters=5, warmup=2)
-    return 2 * n**3 / t
 
 
 class BatchStream:

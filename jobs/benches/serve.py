@@ -82,7 +82,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from raymoe.jobs.benches import median_seconds  # noqa: E402
+from raymoe.jobs.benches import matmul_peak, median_seconds  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=160)  # logs/pipes: no 80-column squeeze
 
@@ -173,28 +173,46 @@ def streaming_read(model: torch.nn.Module, reps: int = 5) -> tuple[float, float,
     return total / median_seconds(read, reps, warmup=1), per_expert / 1e6, (total - routed_bytes) / 1e6
 
 
-def matmul_peak(reps: int = 5, n: int = 1024) -> float:
-    """This machine's fp32 matmul rate now (flop/s): the median of ``reps`` ``[n, n] @ [n, n]`` products on the
-    current intra-op threads (the compute roof a decode step's GEMMs run under)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / median_seconds(lambda: a @ b, reps, warmup=1)
+def decode_part_costs(model: torch.nn.Module, batch: int, context: float,
+                      touched_per_layer: float = 0.0) -> dict[str, tuple[float, float]]:
+    """``{part: (weight bytes read, flops)}`` of one decode step of ``batch`` sequences at mean ``context`` keys, for
+    the parts ``attention`` (every MLA: its projections once per token — ``kv_b_proj`` is W^UK and W^UV absorbed, each
+    value once — plus the absorbed scores and values over ``C + R`` and ``C`` per key and head), ``routed experts``
+    (bytes: ``touched_per_layer`` experts per MoE layer; flops: each token's ``k`` experts, gate, up and down),
+    ``shared experts``, ``dense FFN``, ``router`` and ``lm_head``. The token embedding, the norms and the MTP modules
+    are not counted. ``model``: the training model or the engine's (MoE layers wrapped in ``DispatchedMoE``)."""
+    cfg = model.config
+
+    def nbytes(mod: torch.nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in mod.parameters() if p.dim() >= 2)
+
+    def nparams(mod: torch.nn.Module) -> int:
+        return sum(p.numel() for p in mod.parameters() if p.dim() >= 2)
+
+    moes = [getattr(layer.mlp, "moe", layer.mlp) for layer in model.layers if layer.is_moe]
+    shared = [m.shared_experts for m in moes if m.shared_experts is not None]
+    dense = [layer.mlp for layer in model.layers if not layer.is_moe]
+    attn = [layer.self_attn for layer in model.layers]
+    H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    core = len(attn) * H * context * (2 * C + R)
+    expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    esize = next(model.parameters()).element_size()
+    return {
+        "attention": (sum(nbytes(a) for a in attn), 2 * batch * (sum(nparams(a) for a in attn) + core)),
+        "routed experts": (len(moes) * touched_per_layer * expert_params * esize,
+                           2 * batch * len(moes) * cfg.num_experts_per_tok * expert_params),
+        "shared experts": (sum(nbytes(m) for m in shared), 2 * batch * sum(nparams(m) for m in shared)),
+        "dense FFN": (sum(nbytes(d) for d in dense), 2 * batch * sum(nparams(d) for d in dense)),
+        "router": (sum(nbytes(m.router) for m in moes), 2 * batch * sum(nparams(m.router) for m in moes)),
+        "lm_head": (nbytes(model.lm_head), 2 * batch * nparams(model.lm_head)),
+    }
 
 
 def decode_flops(model: torch.nn.Module, batch: int, context: float) -> float:
-    """Multiply-add flops (×2) of one decode step of ``batch`` sequences at mean ``context`` keys: every GEMM weight
-    but the token embedding, the norms and the MTP modules once per token (``kv_b_proj`` is W^UK and W^UV absorbed:
-    each value once), each token's ``k`` routed experts (gate, up, down), and the absorbed attention's scores and
-    values over ``C + R`` and ``C`` per key and head."""
-    from raymoe.model.moe import RoutedExperts
-
-    cfg = model.config
-    routed = {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters(recurse=False)}
-    dense = sum(p.numel() for n, p in model.named_parameters()
-                if p.dim() >= 2 and id(p) not in routed and "embed_tokens" not in n and not n.startswith("mtp."))
-    n_moe = sum(1 for n, m in model.named_modules() if isinstance(m, RoutedExperts) and not n.startswith("mtp."))
-    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    attn = cfg.num_hidden_layers * cfg.num_attention_heads * context * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    return 2.0 * batch * (dense + n_moe * cfg.num_experts_per_tok * expert + attn)
+    """Multiply-add flops (×2) of one decode step of ``batch`` sequences at mean ``context`` keys: the sum over
+    :func:`decode_part_costs` (every GEMM weight but the token embedding and the MTP modules once per token, each
+    token's ``k`` routed experts, the absorbed attention's scores and values)."""
+    return float(sum(flops for _, flops in decode_part_costs(model, batch, context).values()))
 
 
 def touched_experts(model: torch.nn.Module, tokens: int, fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -285,9 +303,9 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
     ``compare_experts``: also ours with ``engine.fused_experts=false`` (routed experts through the grouped GEMM).
 
     Next to the bandwidth floor each row has a **compute floor**: the step's flops (:func:`decode_flops`) at this
-    machine's fp32 matmul rate measured in the same run (:func:`matmul_peak`). A step of B rows multiplies B rows by
-    every non-routed weight, 2·B flops per 4 bytes read: past ``peak / bandwidth · 2`` rows per weight a step is
-    bound by arithmetic, not by reads, even with perfect kernels.
+    machine's fp32 matmul rate measured in the same run (:func:`raymoe.jobs.benches.matmul_peak`). A step of B rows
+    multiplies B rows by every non-routed weight, 2·B flops per 4 bytes read: past ``peak / bandwidth · 2`` rows per
+    weight a step is bound by arithmetic, not by reads, even with perfect kernels.
 
     Every run of ``new_tokens`` tokens is timed in parts: the prefill (until every request has its first token), the
     decode-only steps after it (each timed directly; medians over all steps of all ``reps``), and end to end. A decode
@@ -318,7 +336,7 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
             engines["mtp"] = e
     eng = engines["ours"]
     bandwidth, expert_mb, other_mb = streaming_read(eng.model)
-    peak = matmul_peak()
+    peak = matmul_peak(n=1024, warmup=1)
     n_moe = sum(1 for m in eng.model.layers.modules() if isinstance(m, DispatchedMoE))
     g = torch.Generator().manual_seed(1)
     rows = []
