@@ -7,7 +7,6 @@ Rows are checked equal to what hf.load stacks (per-expert and transformers-5 fus
 S3 URI), and the bytes read are exactly those rows' bytes (plus the headers read once)."""
 from __future__ import annotations
 
-import logging
 import pathlib
 import shutil
 import signal
@@ -22,6 +21,7 @@ from raymoe.engine.experts import param_summary
 from raymoe.engine.remote import RemoteShard, ShardServer, ShardUnavailable, spawn_shard_processes
 from raymoe.model import hf
 from raymoe.model.moe import AbsentExperts, RoutedExperts
+from s3_env import local_s3
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = ["The river runs past", "She counted the stars: one, two", "Every expert in the layer reads"]
@@ -103,21 +103,8 @@ def test_fused_layout_reads_one_row_per_expert_run(tiny_ckpt, full, tmp_path) ->
 
 @pytest.fixture(scope="module")
 def s3():
-    from raymoe.jobs.local_cluster import LocalS3
-
-    level = logging.getLogger("werkzeug").level
-    server = LocalS3("raymoe-ckpt-experts").start()
-    mp = pytest.MonkeyPatch()
-    for k, v in server.env.items():
-        mp.setenv(k, v)
-    for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
-        mp.delenv(k, raising=False)
-    try:
+    with local_s3("raymoe-ckpt-experts") as server:
         yield server
-    finally:
-        mp.undo()
-        server.stop()
-        logging.getLogger("werkzeug").setLevel(level)
 
 
 def test_rows_from_an_s3_checkpoint(tiny_ckpt, full, s3) -> None:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from raymoe.config import BalanceConfig, DataConfig, LoggerConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
 from raymoe.jobs.local_cluster import free_port
 from raymoe.model import DeepSeekV3, hf
+from s3_env import local_s3
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore")
@@ -146,24 +147,8 @@ def test_deepspeed_checkpoint_exports(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def s3():
-    import logging
-
-    from raymoe.jobs.local_cluster import LocalS3
-
-    werkzeug = logging.getLogger("werkzeug")
-    level = werkzeug.level
-    server = LocalS3("weights").start()
-    mp = pytest.MonkeyPatch()
-    for k, v in server.env.items():
-        mp.setenv(k, v)
-    for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
-        mp.delenv(k, raising=False)
-    try:
+    with local_s3("weights"):
         yield "s3://weights"
-    finally:
-        mp.undo()
-        server.stop()
-        werkzeug.setLevel(level)
 
 
 def test_export_from_object_storage_and_init_from_a_uri(native_run, s3, tmp_path) -> None:

@@ -34,6 +34,7 @@ import torch
 from raymoe import checkpoint as ckpt
 from raymoe.config import ConfigError, ModelConfig, TrainConfig
 from raymoe.storage import Storage, file_meta, stage_and_put
+from s3_env import local_s3
 
 BUCKET = "raymoe-test"
 TINY = ModelConfig.preset("tiny")
@@ -42,22 +43,8 @@ TINY = ModelConfig.preset("tiny")
 # ---------------------------------------------------------------------- fixtures: a real S3 server, two backends
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, Any]]:
-    from raymoe.jobs.local_cluster import LocalS3
-
-    werkzeug = logging.getLogger("werkzeug")  # LocalS3 quiets its one INFO line per request
-    level = werkzeug.level
-    server = LocalS3(BUCKET).start()  # the one bucket creation
-    mp = pytest.MonkeyPatch()
-    for k, v in server.env.items():
-        mp.setenv(k, v)
-    for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
-        mp.delenv(k, raising=False)
-    try:
+    with local_s3(BUCKET) as server:  # the one bucket creation
         yield {"endpoint": server.env["AWS_ENDPOINT_URL"], "bucket": BUCKET}
-    finally:
-        mp.undo()
-        server.stop()
-        werkzeug.setLevel(level)
 
 
 @pytest.fixture(params=["local", "s3"])
