@@ -4,7 +4,9 @@ replicas keeping >= 90% of one engine's hit rate on a shared-prefix trace, each 
 from __future__ import annotations
 
 import random
+import time
 import warnings
+from typing import Optional
 
 import pytest
 
@@ -40,7 +42,44 @@ def server(ckpt):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    c = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    wait_until_the_router_uses_both_replicas(c)
+    return c
+
+
+def wait_until_the_router_uses_both_replicas(client, timeout_s: float = 120) -> None:
+    """``start_server`` returns once ``/health`` answers 200, i.e. once *one* engine replica is up; the second may
+    still be loading, and the router only offers it once Serve has told it about it. Requests meant for it go to the
+    other one until then, which the exact-routing check below would count against the policy. So: for each replica,
+    fresh warm-up prompts that the policy sends to it (never sharing a chunk with the trace), until one arrives there
+    (its prefix-cache query counter grows)."""
+    deadline = time.time() + timeout_s
+    pending: Optional[set[str]] = None
+    k = 0
+    while time.time() < deadline:
+        try:
+            stats = replica_stats()
+        except Exception:  # noqa: BLE001 - a replica whose constructor has not finished cannot answer yet
+            stats = {}
+        ids = sorted(name.split("#")[-1] for name in stats)
+        if len(ids) == 2:
+            pending = set(ids) if pending is None else pending
+            if not pending:
+                return
+            target = sorted(pending)[0]
+            while True:  # a prompt whose new prefix the policy puts on `target`
+                k += 1
+                prompt = f"warm-up {k}: " + " ".join(WORDS[(k * 7 + i) % len(WORDS)] for i in range(12))
+                if PrefixAffinity().rank(prompt, ids, {})[0][0] == target:
+                    break
+            before = {n.split("#")[-1]: v["prefix_cache_queries"] for n, v in stats.items()}
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+            after = {n.split("#")[-1]: v["prefix_cache_queries"] for n, v in replica_stats().items()}
+            if after[target] > before[target]:
+                pending.discard(target)
+            continue
+        time.sleep(0.5)
+    raise AssertionError(f"the router did not send a request to each of the 2 engine replicas within {timeout_s} s")
 
 
 def trace(n_groups: int = 10, per_group: int = 3) -> list[str]:
