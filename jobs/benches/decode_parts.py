@@ -1,15 +1,17 @@
 """`python -m raymoe.jobs.bench decode_parts [model=small] [batch=16] [prompt_len=32] [steps=20] [threads=1]`: where
 the time of one engine decode step goes, part by part, next to each part's own floors.
 
-A random-init checkpoint of the preset (as ``bench serve``'s ``small``) is served by three engines, ``default``,
-``unfused`` (``engine.fused_experts=false``: routed experts through the grouped GEMM) and ``nk``
-(``engine.kn_linears=false``: every linear in ``nn.Linear``'s ``[out, in]`` layout), each with ``batch`` greedy
-requests of ``prompt_len`` random tokens. Once every prefill is done, ``steps`` decode-only steps of each engine are
-timed, interleaved (drifts of a shared machine hit both alike), with each part's wall time taken by
+A random-init checkpoint of the preset (as ``bench serve``'s ``small``) is served by three engines, ``default``
+(few-row products through :mod:`raymoe.model.cpu_kernels` where they are built), ``torch`` (``engine.cpu_kernels=off``:
+every product through torch's BLAS, fused routed experts and ``[in, out]`` linears as before those kernels) and
+``unfused`` (``cpu_kernels=off``, ``fused_experts=false``: routed experts through the grouped GEMM), each with
+``batch`` greedy requests of ``prompt_len`` random tokens. Once every prefill is done, ``steps`` decode-only steps of
+each engine are timed, interleaved (drifts of a shared machine hit all alike), with each part's wall time taken by
 wrappers around its modules:
 
 * ``attention``: every MLA (projections, RoPE, cache write and gather, absorbed attention);
-* ``routed experts``: the expert back-end's ``run`` (the experts' GEMMs over the rows they were sent);
+* ``routed experts``: the expert back-end's ``run`` (the experts' GEMMs over the rows they were sent) or
+  ``run_routed`` (with the CPU kernels: dispatch, experts and combine in one call);
 * ``shared experts``, ``dense FFN``, ``router`` (gate GEMM + group-limited top-k), ``lm_head``;
 * ``rest``: the step minus the parts (MoE dispatch/combine, norms, residuals, embedding, the engine's scheduling,
   cache view and sampling).
@@ -80,6 +82,17 @@ def _instrument(eng) -> tuple[dict[str, float], list[int]]:
         return out
 
     backend.run = routed
+    run_routed = getattr(backend, "run_routed", None)
+    if run_routed is not None:  # the one-call path (dispatch + experts + combine; None: it fell back to run)
+        def routed_fast(key, x, idx, w, counts):
+            t0 = time.perf_counter()
+            out = run_routed(key, x, idx, w, counts)
+            if out is not None:
+                acc["routed experts"] += time.perf_counter() - t0
+                touched.append(int((counts > 0).sum()))
+            return out
+
+        backend.run_routed = routed_fast
     return acc, touched
 
 
@@ -126,8 +139,9 @@ def run(args: dict[str, str]) -> dict[str, Any]:
         cfg = dict(block_size=16, num_blocks=B * ((P + steps + 16) // 16 + 2) + 8, max_num_seqs=B,
                    max_num_batched_tokens=max(512, B * P), prefill_chunk=max(P, 16), enable_prefix_caching=False)
         engines = {"default": LLMEngine.from_pretrained(path, EngineConfig(**cfg)),
-                   "unfused": LLMEngine.from_pretrained(path, EngineConfig(**cfg, fused_experts=False)),
-                   "nk": LLMEngine.from_pretrained(path, EngineConfig(**cfg, kn_linears=False))}
+                   "torch": LLMEngine.from_pretrained(path, EngineConfig(**cfg, cpu_kernels="off")),
+                   "unfused": LLMEngine.from_pretrained(path, EngineConfig(**cfg, cpu_kernels="off",
+                                                                           fused_experts=False))}
         m = engines["default"].model
         bw, _, _ = streaming_read(m)
         peak = matmul_peak(n=1024, warmup=1)
@@ -148,17 +162,17 @@ def run(args: dict[str, str]) -> dict[str, Any]:
     t = Table(title=f"{model} decode step, batch {B}, prompt {P}, {torch.get_num_threads()} thread(s): stream "
                     f"{bw / 1e9:.1f} GB/s, matmul {peak / 1e9:.0f} GFLOP/s, {res['default']['touched']:.1f} experts "
                     "touched per layer")
-    for c in ("part", "MB read", "GFLOP", "floor ms bw/compute", "ms", "unfused ms", "nk ms", "x floor"):
+    for c in ("part", "MB read", "GFLOP", "floor ms bw/compute", "ms", "torch ms", "unfused ms", "x floor"):
         t.add_column(c, justify="left" if c == "part" else "right")
     for r in rows:
         fl = max(r.get("bw_floor_ms", 0.0), r.get("compute_floor_ms", 0.0))
         t.add_row(r["part"], f"{r['mb']:.1f}" if "mb" in r else "-", f"{r['gflop']:.3f}" if "gflop" in r else "-",
                   f"{r['bw_floor_ms']:.2f}/{r['compute_floor_ms']:.2f}" if "mb" in r else "-",
-                  f"{r['default_ms']:.2f}", f"{r['unfused_ms']:.2f}", f"{r['nk_ms']:.2f}",
+                  f"{r['default_ms']:.2f}", f"{r['torch_ms']:.2f}", f"{r['unfused_ms']:.2f}",
                   f"{r['default_ms'] / fl:.1f}x" if fl else "-")
     bw_floor, c_floor = 1e3 * total_mb * 1e6 / bw, 1e3 * total_gflop * 1e9 / peak
     t.add_row("step (median)", f"{total_mb:.1f}", f"{total_gflop:.3f}", f"{bw_floor:.2f}/{c_floor:.2f}",
-              f"{res['default']['step_ms']:.2f}", f"{res['unfused']['step_ms']:.2f}", f"{res['nk']['step_ms']:.2f}",
+              f"{res['default']['step_ms']:.2f}", f"{res['torch']['step_ms']:.2f}", f"{res['unfused']['step_ms']:.2f}",
               f"{res['default']['step_ms'] / max(bw_floor, c_floor):.1f}x")
     console.print(t)
     return {"model": model, "batch": B, "prompt_len": P, "steps": steps, "threads": torch.get_num_threads(),

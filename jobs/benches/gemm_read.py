@@ -18,6 +18,8 @@ Ways (``x`` has ``rows`` rows; experts get ``rows`` rows each):
 * ``bmm`` (experts): one ``[E, rows, D] @ [E, D, I]``;
 * ``grouped_mm`` (experts): ``torch._grouped_mm`` over the experts' row groups;
 * ``mkl``: ``torch.ops.mkl._mkl_linear`` on MKL-packed weights (fp32 builds with MKL);
+* ``native``: raymoe's own kernel (:func:`raymoe.model.cpu_kernels.linear`, what the engine runs at few rows), on the
+  ``[N, K]`` weight; for experts one call per expert on ``W_eᵀ`` (the engine runs a whole layer in one call);
 * ``chunks`` (lm_head): the product in 1024-column slices;
 * ``bf16``: ``mm`` in bfloat16;
 * ``compiled`` (``compile=1``): ``torch.compile`` of ``mm`` (its compile time is reported).
@@ -37,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raymoe.config import ModelConfig
+from raymoe.model import cpu_kernels as ck
 from raymoe.jobs.benches import median_seconds
 
 console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -82,6 +85,8 @@ def measure(name: str, shape_WNK: tuple[int, ...], rows: int, reps: int, compile
         add("mm (per expert)", lambda i: [x[e] @ Ws[i][e] for e in range(E)])
         Wt = [w.transpose(1, 2).contiguous() for w in Ws]
         add("W·xᵀ (per expert)", lambda i: [torch.mm(Wt[i][e], x[e].t()) for e in range(E)])
+        if ck.available():
+            add("native (per expert)", lambda i: [ck.linear(x[e], Wt[i][e], max_rows=rows) for e in range(E)])
         del Wt
         add("bmm", lambda i: torch.bmm(x, Ws[i]))
         if hasattr(torch, "_grouped_mm"):
@@ -105,6 +110,8 @@ def measure(name: str, shape_WNK: tuple[int, ...], rows: int, reps: int, compile
     if rows == 1:
         v = x[0]
         add("mv", lambda i: torch.mv(Ws[i], v))
+    if ck.available():
+        add("native", lambda i: ck.linear(x, Ws[i], max_rows=rows))
     add("chunks of 1024 cols", lambda i: torch.cat([x @ w.T for w in Ws[i].split(1024)], dim=-1))
     if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
         try:

@@ -24,8 +24,9 @@ Three parts, each a table (rich) and a section of the returned JSON; one PNG (``
    (:func:`streaming_read`). ``HF step / floor`` is the largest speed-up over transformers that any implementation
    reading fp32 weights at that bandwidth could reach. A measured step faster than its floor is impossible: the
    bench raises. Next to it, the **compute floor**: the step's flops at this machine's fp32 matmul rate, measured in
-   the same run (a step of B rows does 2·B flops per weight read). With ``compare_experts=1`` (default) our engine
-   also runs with ``engine.fused_experts=false`` (routed experts through the grouped GEMM), its step in parentheses.
+   the same run (a step of B rows does 2·B flops per weight read). With ``compare_kernels=1`` (default) our engine
+   also runs with ``engine.cpu_kernels=off`` (every product through torch's BLAS instead of
+   :mod:`raymoe.model.cpu_kernels`), its step in parentheses.
 2. **mtp** — speculative decoding with the checkpoint's MTP module (``hf=`` or the tiny checkpoint): greedy
    generations from prompts cut out of **held-out text** (the validation plays of the Shakespeare corpus, the split
    :func:`raymoe.data.corpus.split_documents` makes for training), ``k = 1, 2`` drafts per step (``spec=1,2``):
@@ -296,11 +297,11 @@ def _timed_hf(hf_model, prompts: torch.Tensor, n: int) -> dict[str, Any]:
 
 def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: int, new_tokens: int,
                  reps: int, spec: int = 1, compare_prefill: bool = True,
-                 compare_experts: bool = True) -> list[dict[str, Any]]:
+                 compare_kernels: bool = True) -> list[dict[str, Any]]:
     """Rows per batch size: ours (MTP off) and, when the checkpoint has an MTP module and ``spec > 0``, ours with
     ``spec`` MTP drafts per step, vs HF ``generate``; all must give the same greedy token ids. ``compare_prefill``:
     also ours with ``engine.expanded_prefill=false`` (prefill chunks through the absorbed path), side by side;
-    ``compare_experts``: also ours with ``engine.fused_experts=false`` (routed experts through the grouped GEMM).
+    ``compare_kernels``: also ours with ``engine.cpu_kernels=off`` (torch's GEMMs instead of raymoe's CPU kernels).
 
     Next to the bandwidth floor each row has a **compute floor**: the step's flops (:func:`decode_flops`) at this
     machine's fp32 matmul rate measured in the same run (:func:`raymoe.jobs.benches.matmul_peak`). A step of B rows
@@ -328,8 +329,8 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
         engines["absorbed"] = _engine(path, **cfg, num_speculative_tokens=0, expanded_prefill=False)
         engines["loop"] = _engine(path, **cfg, num_speculative_tokens=0)
         engines["loop"].cache.group_prefill = False  # one SDPA call per prompt chunk instead of one per shape
-    if compare_experts:
-        engines["unfused"] = _engine(path, **cfg, num_speculative_tokens=0, fused_experts=False)
+    if compare_kernels:
+        engines["torch"] = _engine(path, **cfg, num_speculative_tokens=0, cpu_kernels="off")
     if spec > 0:
         e = _engine(path, **cfg, num_speculative_tokens=spec)
         if e.num_spec:  # else the checkpoint has no MTP module
@@ -387,8 +388,8 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
         row["ours_step_over_floor"] = row["ours_step_ms"] / row["floor_step_ms"]
         row["bandwidth_bound_ratio"] = row["hf_step_ms"] / row["floor_step_ms"]
         row["ours_step_over_roofline"] = row["ours_step_ms"] / max(row["floor_step_ms"], row["compute_floor_step_ms"])
-        if "unfused" in med:  # the same engine with the routed experts through the grouped GEMM (before fusing)
-            row["unfused_step_ms"] = 1e3 * (med["unfused"]["step_s"] or 0.0)
+        if "torch" in med:  # the same engine with torch's GEMMs (before raymoe.model.cpu_kernels)
+            row["torch_gemm_step_ms"] = 1e3 * (med["torch"]["step_s"] or 0.0)
         if "absorbed" in med:  # the same engine with prefill chunks through the absorbed path (before PrefillBatch)
             a = med["absorbed"]
             row.update(absorbed_prefill_s=a["prefill_s"], ratio_prefill_absorbed=row["hf_prefill_s"] / a["prefill_s"],
@@ -767,12 +768,12 @@ def run(args: dict[str, str]) -> dict:
             for name, path in _checkpoints(args, root).items():
                 rows += decode_bench(name, path, batches, prompt_len, new_tokens, reps, int(args.get("decode_spec", 1)),
                                      args.get("compare_prefill", "1") not in ("0", "false"),
-                                     args.get("compare_experts", "1") not in ("0", "false"))
+                                     args.get("compare_kernels", "1") not in ("0", "false"))
             res["decode"] = rows
             t = Table(title=f"greedy decode, prompt {prompt_len} + {new_tokens} new tokens, "
                             f"{torch.get_num_threads()} threads")
             for c in ("model", "batch", "decode ours tok/s", "HF tok/s", "ours/HF", "prefill ours/HF (absorbed)",
-                      "e2e ours/HF (absorbed)", "MTP tok/fwd", "ours+MTP/HF", "step ms ours (unfused)/HF",
+                      "e2e ours/HF (absorbed)", "MTP tok/fwd", "ours+MTP/HF", "step ms ours (torch GEMMs)/HF",
                       "floor ms bw/compute", "ours/floor", "ours/max floor", "HF/floor", "prefill loop/grouped",
                       "equal"):
                 t.add_column(c, justify="right")
@@ -786,7 +787,7 @@ def run(args: dict[str, str]) -> dict:
                           f"{r['mtp_tokens_per_forward']:.2f}" if "ratio_mtp" in r else "-",
                           f"{r['ratio_mtp']:.2f}x" if "ratio_mtp" in r else "-",
                           f"{r['ours_step_ms']:.1f}"
-                          + (f" ({r['unfused_step_ms']:.1f})" if "unfused_step_ms" in r else "")
+                          + (f" ({r['torch_gemm_step_ms']:.1f})" if "torch_gemm_step_ms" in r else "")
                           + f"/{r['hf_step_ms']:.1f}",
                           f"{r['floor_step_ms']:.1f}/{r['compute_floor_step_ms']:.1f}",
                           f"{r['ours_step_over_floor']:.1f}x", f"{r['ours_step_over_roofline']:.1f}x",

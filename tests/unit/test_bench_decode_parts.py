@@ -13,7 +13,7 @@ def test_decode_parts_tiny() -> None:
     out = decode_parts.run({"model": "tiny", "batch": "3", "prompt_len": "8", "steps": "3"})
     parts = {r["part"]: r for r in out["parts"]}
     assert set(parts) == set(decode_parts.PARTS) | {"rest"}
-    for name in ("default", "unfused", "nk"):
+    for name in ("default", "torch", "unfused"):
         assert all(parts[p][f"{name}_ms"] > 0 for p in decode_parts.PARTS), name
         assert parts["rest"][f"{name}_ms"] >= 0
     for p in decode_parts.PARTS:

@@ -17,7 +17,7 @@ import torch
 from raymoe.config import ModelConfig
 from raymoe.engine import EngineConfig, LLMEngine, SamplingParams
 from raymoe.engine.paged import PagedLatentCache
-from raymoe.model import DeepSeekV3
+from raymoe.model import DeepSeekV3, cpu_kernels
 
 warnings.filterwarnings("ignore")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -98,15 +98,20 @@ def assert_others_finish_as_clean(clean: Recorder, bad: Recorder, victim: str) -
     assert bad.eng.cache.allocator.num_used == 0 and not bad.eng.groups
 
 
+@pytest.mark.parametrize("kernels", ["off", "on"])
 @pytest.mark.parametrize("view", list(VIEWS))
-def test_nan_latents_in_one_sequences_cache_blocks_stay_in_that_sequence(tiny_base, view) -> None:
+def test_nan_latents_in_one_sequences_cache_blocks_stay_in_that_sequence(tiny_base, view, kernels) -> None:
     """After every prompt is prefilled, NaN is written over the whole blocks of the request that owns block 0 (the
     padding block of the row view), every layer; the next step (a decode step in the view under test; for
-    ``prefill_short_rows`` a late prompt's chunk joins it, so the decode rows run as a prefill step's short rows)."""
+    ``prefill_short_rows`` a late prompt's chunk joins it, so the decode rows run as a prefill step's short rows).
+    ``kernels``: ``engine.cpu_kernels`` (on: the decode rows attend through the native kernel, in place)."""
+    if kernels == "on" and not cpu_kernels.available():
+        pytest.skip(f"CPU kernels unavailable here: {cpu_kernels.why_unavailable()}")
     sp = SamplingParams(max_tokens=GEN, temperature=0.0, ignore_eos=True)
     runs = []
     for poison in (False, True):
-        rec = Recorder(engine(tiny_base, **VIEWS[view]))
+        rec = Recorder(engine(tiny_base, **VIEWS[view], cpu_kernels=kernels))
+        assert rec.eng.cache.cpu_kernels == (kernels == "on")
         for i, p in enumerate(PROMPTS):
             rec.eng.add_request(f"r{i}", p, sp)
         rec.step()  # every prompt prefilled (one step: chunk 64, budget 256)
@@ -168,11 +173,17 @@ def test_nan_prompt_in_a_multi_prompt_prefill_step_ends_only_its_request(tiny_ba
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("view", ["packed", "decode"])
-def test_absorbed_attention_keeps_a_non_finite_latent_in_its_sequence(view, bad) -> None:
+@pytest.mark.parametrize("view", ["packed", "decode", "decode_native"])
+def test_absorbed_attention_keeps_a_non_finite_latent_in_its_sequence(view, bad, monkeypatch) -> None:
     """One MLA layer over a cache view: one cached latent value of sequence 0 (which owns block 0, the row view's
     padding block) made NaN / ±inf. Every row of sequence 0 is non-finite; every other row is exactly the output
-    without it (same shapes, same kernels: the masked key contributes 0 either way)."""
+    without it (same shapes, same kernels: the masked key contributes 0 either way; ``decode_native``: the native
+    kernel reads no key a row does not see)."""
+    if view == "decode_native" and not cpu_kernels.available():
+        pytest.skip(f"CPU kernels unavailable here: {cpu_kernels.why_unavailable()}")
+    calls = []
+    native = cpu_kernels.mla_decode_absorbed
+    monkeypatch.setattr(cpu_kernels, "mla_decode_absorbed", lambda *a: calls.append(1) or native(*a))
     torch.manual_seed(0)
     m = DeepSeekV3(ModelConfig.preset("tiny").replace(vocab_size=256)).eval()
     mla = m.layers[0].self_attn
@@ -182,6 +193,7 @@ def test_absorbed_attention_keeps_a_non_finite_latent_in_its_sequence(view, bad)
         assert c.ensure(bt, n)
     assert tables[0][0] == 0
     c.buf.normal_()
+    c.cpu_kernels = view == "decode_native"
     clean = c.buf.clone()
     # decode tokens at 5 and 2, a 3-token draft verification at 8..10
     segments = [(tables[0], 5, 1), (tables[1], 8, 3), (tables[2], 2, 1)]
@@ -198,6 +210,7 @@ def test_absorbed_attention_keeps_a_non_finite_latent_in_its_sequence(view, bad)
             o = mla(xs, cos, sin, v)
         outs.append(o[0] if view == "packed" else o[:, 0])
     ref, got = outs
+    assert len(calls) == (2 if view == "decode_native" else 0)  # the native kernel served both runs (or none)
     assert torch.isfinite(ref).all()
     assert not torch.isfinite(got[0]).any()
     assert torch.equal(got[1:], ref[1:])

@@ -1,7 +1,8 @@
 """Serving's weight layouts: fused routed experts (:func:`raymoe.model.moe.fuse_gate_up`: gate/up held as one
 ``[E, 2I, D]`` tensor, two GEMMs per touched expert) and ``[in, out]`` linears (:func:`raymoe.model.layers.use_kn_layout`).
 Checked against the grouped back-end / ``nn.Linear`` of the same weights (1e-5), through shards and in-place weight
-updates, and end to end: the engine's greedy tokens and logits with and without them."""
+updates, and end to end: the engine's greedy tokens and logits with and without them, and with the few-row CPU
+kernels (``engine.cpu_kernels``, :mod:`raymoe.model.cpu_kernels`)."""
 from __future__ import annotations
 
 import copy
@@ -117,8 +118,10 @@ def test_kn_linears_keep_values_and_outputs() -> None:
         torch.testing.assert_close(g, w)
 
 
-@pytest.mark.parametrize("fused,kn", [(True, False), (False, True), (True, True)])
-def test_engine_greedy_tokens_and_logits_equal_with_and_without_layouts(fused: bool, kn: bool) -> None:
+# (fused_experts, kn_linears, cpu_kernels) of the "on" engine; the "off" engine has none of them
+@pytest.mark.parametrize("fused,kn,native", [(True, False, False), (False, True, False), (True, True, False),
+                                             (True, False, True), (False, False, True)])
+def test_engine_greedy_tokens_and_logits_equal_with_and_without_layouts(fused: bool, kn: bool, native: bool) -> None:
     torch.manual_seed(0)
     model = DeepSeekV3(ModelConfig.preset("tiny").replace(vocab_size=256)).eval()
     with torch.no_grad():
@@ -127,11 +130,14 @@ def test_engine_greedy_tokens_and_logits_equal_with_and_without_layouts(fused: b
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 9, 17, 30)]
     outs, logs = {}, {}
     for on in (False, True):
-        eng = LLMEngine(copy.deepcopy(model), None, EngineConfig(block_size=4, num_blocks=128, prefill_chunk=64,
-                                                                 fused_experts=fused and on, kn_linears=kn and on))
+        eng = LLMEngine(copy.deepcopy(model), None, EngineConfig(
+            block_size=4, num_blocks=128, prefill_chunk=64, fused_experts=fused and on, kn_linears=kn and on,
+            cpu_kernels="on" if native and on else "off"))
         routed = [m for m in eng.model.modules() if isinstance(m, RoutedExperts)]
         assert routed and all(m.fused == (fused and on) for m in routed)
+        assert all(m.native == (fused and native and on) for m in routed)
         assert (eng.model.lm_head.weight.stride(0) == 1) == (kn and on)
+        assert ("forward" in eng.model.lm_head.__dict__) == (native and on)  # the few-row linear of cpu_kernels
         log: list[torch.Tensor] = []
         inner = eng._forward
 
@@ -154,3 +160,15 @@ def test_engine_greedy_tokens_and_logits_equal_with_and_without_layouts(fused: b
 def test_engine_config_rejects_non_bool_layout_switches(key: str) -> None:
     with pytest.raises(ValueError, match=key):
         EngineConfig(**{key: "yes"})
+
+
+def test_engine_cpu_kernels_option() -> None:
+    with pytest.raises(ValueError, match="engine.cpu_kernels must be one of auto, on, off; got 'fast'"):
+        EngineConfig(cpu_kernels="fast")
+    assert EngineConfig(cpu_kernels=False).cpu_kernels == "off"  # YAML's bare off
+    assert EngineConfig(cpu_kernels=True).cpu_kernels == "on"
+    model = DeepSeekV3(ModelConfig.preset("tiny").replace(vocab_size=256)).to(torch.bfloat16).eval()
+    with pytest.raises(ValueError, match=r"cpu_kernels=on, but .*fp32 CPU models only \(this engine: torch.bfloat16"):
+        LLMEngine(model, None, EngineConfig(block_size=4, num_blocks=16, cpu_kernels="on"))
+    eng = LLMEngine(model, None, EngineConfig(block_size=4, num_blocks=16))  # auto: quietly the torch path
+    assert not eng.cpu_kernels and not any(getattr(m, "native", False) for m in eng.model.modules())

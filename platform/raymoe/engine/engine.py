@@ -60,7 +60,7 @@ from torch import nn
 
 from raymoe.engine.detokenize import IncrementalDetokenizer
 from raymoe.engine.experts import ExpertBackend, install_expert_backend
-from raymoe.model.layers import enable_fused_weight_cache, use_kn_layout
+from raymoe.model.layers import enable_fused_weight_cache, use_kn_layout, use_native_linears
 from raymoe.model.moe import fuse_gate_up
 from raymoe.engine.paged import DecodeBatch, PackedBatch, PagedLatentCache, PrefillBatch
 from raymoe.engine.sampling import (SamplingParams, probs_from_logits, process_logits, sample_token, speculative_accept,
@@ -108,6 +108,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share / keep full blocks of common prompt prefixes (module docstring)
     fused_experts: bool = True  # routed experts' gate/up held as one [E, 2I, D] tensor: 2 GEMMs per touched expert
     kn_linears: bool = True  # linears with out >= in hold their weight as [in, out] (x @ W; layers.kn_layout)
+    # few-row products (decode) through raymoe.model.cpu_kernels: "auto" when built and the model is fp32 on CPU
+    # (kn_linears then does not apply), "on" (an error if they cannot be used), "off"
+    cpu_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         # each would leave the step loop spinning with nothing schedulable, every request hanging
@@ -123,6 +126,10 @@ class EngineConfig:
         for k in ("expanded_prefill", "fused_experts", "kn_linears", "enable_prefix_caching"):
             if not isinstance(getattr(self, k), bool):
                 raise ValueError(f"engine.{k} must be true or false, got {getattr(self, k)!r}")
+        if isinstance(self.cpu_kernels, bool):  # YAML 1.1 reads a bare on / off as a boolean
+            self.cpu_kernels = "on" if self.cpu_kernels else "off"
+        if self.cpu_kernels not in ("auto", "on", "off"):
+            raise ValueError(f"engine.cpu_kernels must be one of auto, on, off; got {self.cpu_kernels!r}")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ValueError(f"engine.max_waiting must be an integer >= 0, got {self.max_waiting!r}")
 
@@ -198,11 +205,15 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.device = torch.device(cfg.device)
+        self.cpu_kernels = self._use_cpu_kernels(cfg)
         if cfg.fused_experts:  # before the backend copies experts into shards (they inherit it)
-            fuse_gate_up(self.model)
+            fuse_gate_up(self.model, native=self.cpu_kernels)
         self.expert_backend = install_expert_backend(self.model, expert_backend)
-        enable_fused_weight_cache(self.model, kn=cfg.kn_linears)  # the engine never trains: keep fused weights
-        if cfg.kn_linears:  # kv_b_proj's weight is read per head ([H, N+V, C] views) by the absorbed attention
+        # the engine never trains: keep fused weights
+        enable_fused_weight_cache(self.model, kn=cfg.kn_linears, native=self.cpu_kernels)
+        if self.cpu_kernels:
+            use_native_linears(self.model)
+        elif cfg.kn_linears:  # kv_b_proj's weight is read per head ([H, N+V, C] views) by the absorbed attention
             use_kn_layout(self.model, skip=("kv_b_proj",))
         mc = model.config
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
@@ -213,6 +224,7 @@ class LLMEngine:
         n_layers = mc.num_hidden_layers + (1 if self.num_spec else 0)
         self.cache = PagedLatentCache(n_layers, cfg.num_blocks, cfg.block_size, mc.kv_lora_rank + mc.qk_rope_head_dim,
                                       dtype=next(model.parameters()).dtype, device=self.device)
+        self.cache.cpu_kernels = self.cpu_kernels  # decode attention reads the cache in place (paged.DecodeBatch)
         # with MTP drafting the MTP layer's latent at a block's last slot depends on the next block's first token
         self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.prefill_chunk,
                                    prefix_caching=cfg.enable_prefix_caching, lookahead=1 if self.num_spec else 0)
@@ -231,6 +243,22 @@ class LLMEngine:
         # a seam for tests: called with each sequence before its per-sequence step work (an exception there is
         # that sequence's failure, handled as any other per-sequence error)
         self.fault_hook: Optional[Callable[[Sequence], None]] = None
+
+    def _use_cpu_kernels(self, cfg: EngineConfig) -> bool:
+        """Whether few-row products go through :mod:`raymoe.model.cpu_kernels` (``EngineConfig.cpu_kernels``)."""
+        if cfg.cpu_kernels == "off":
+            return False
+        from raymoe.model import cpu_kernels
+
+        dtype = next(self.model.parameters()).dtype
+        why = None
+        if self.device.type != "cpu" or dtype != torch.float32:
+            why = f"they run fp32 CPU models only (this engine: {dtype} on {self.device})"
+        elif not cpu_kernels.available():
+            why = cpu_kernels.why_unavailable()
+        if why is not None and cfg.cpu_kernels == "on":
+            raise ValueError(f"engine.cpu_kernels=on, but the CPU kernels cannot be used: {why} (use auto or off)")
+        return why is None
 
     # ------------------------------------------------------------------ construction
     @classmethod

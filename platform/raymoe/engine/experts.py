@@ -54,6 +54,12 @@ class LocalExperts:
     def run(self, layer_key: str, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return self.experts[layer_key].forward_grouped(x_ND, counts_E)
 
+    def run_routed(self, layer_key: str, x_TD: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                   counts_E: torch.Tensor) -> Optional[torch.Tensor]:
+        """Optional fast path of a backend: the weighted sum of every token's experts ``[T, D]`` in one call
+        (:meth:`RoutedExperts.forward_routed_native`), or None: the caller dispatches and calls :meth:`run`."""
+        return self.experts[layer_key].forward_routed_native(x_TD, topk_idx, topk_weight, counts_E)
+
 
 class ShardedExperts:
     """Experts split into ``num_shards`` contiguous shards (``RoutedExperts.shard``), each run on its own rows: the
@@ -500,6 +506,13 @@ class DispatchedMoE(nn.Module):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         r = self.moe.router(x_TD)
+        fast = getattr(self.backend, "run_routed", None)
+        y_TD = None if fast is None else fast(self.layer_key, x_TD, r.topk_idx, r.topk_weight, r.counts)
+        if y_TD is not None:  # dispatch, experts and combine in one call (LocalExperts on the CPU kernels)
+            y = y_TD.view(B, T, D)
+            if self.moe.shared_experts is not None:
+                y = y + self.moe.shared_experts(x_BTD)
+            return y, r, None
         K = r.topk_idx.shape[1]
         flat = r.topk_idx.reshape(-1)
         order = flat.argsort(stable=True)

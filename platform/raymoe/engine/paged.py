@@ -234,6 +234,9 @@ class PagedLatentCache:
         # prefill views batch long segments of one shape into one attention call; False: one call per segment (the
         # reference the tests and the serve bench's prefill comparison hold the grouped calls to)
         self.group_prefill = True
+        # decode views attend through raymoe.model.cpu_kernels.mla_decode, reading keys in place (the engine sets it
+        # with engine.cpu_kernels); False: gather the keys, then torch's bmm/softmax
+        self.cpu_kernels = False
 
     @property
     def num_blocks(self) -> int:
@@ -451,6 +454,25 @@ class DecodeBatch(_TokenSlots):
         buf = self.cache.buf[layer]
         buf.index_copy_(0, self.q_slots, kv_BTC[:, 0].to(buf.dtype))
         return buf.index_select(0, self._k_flat).view(N, S, buf.shape[-1]), self.masked
+
+    def attend_absorbed(self, layer: int, kv_BTC: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                        w_uk_t: torch.Tensor, w_uv: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+        """The absorbed attention of every row in native calls (``cache.cpu_kernels``): write ``kv [N, 1, C+R]`` into
+        the token slots, then attend ``q_nope [N, 1, H, Dn]`` / ``q_pe [N, 1, H, R]`` (through ``w_uk_t [H, C, Dn]``
+        and ``w_uv [H, V, C]``) to each row's own keys ``0..q_pos`` where they lie in the cache
+        (:func:`raymoe.model.cpu_kernels.mla_decode_absorbed`) → ``[N, 1, H, V]``. None (nothing written) when the
+        kernels are off or do not fit: the caller gathers instead."""
+        buf = self.cache.buf[layer]
+        N = self.k_slots_NS.shape[0]
+        if (not self.cache.cpu_kernels or buf.dtype != torch.float32 or kv_BTC.shape[:2] != (N, 1)
+                or q_nope.shape[:2] != (N, 1)):
+            return None
+        from raymoe.model import cpu_kernels
+
+        buf.index_copy_(0, self.q_slots, kv_BTC[:, 0].to(buf.dtype))
+        out = cpu_kernels.mla_decode_absorbed(q_nope[:, 0], q_pe[:, 0], w_uk_t, w_uv, buf, self.k_slots_NS,
+                                              self.q_pos + 1, scale)
+        return None if out is None else out[:, None]
 
 
 class PrefillGroup(NamedTuple):

@@ -1,12 +1,14 @@
 """Small building blocks shared by attention, MoE and MTP: RMSNorm (fp32 math) and the SwiGLU FFN."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["RMSNorm", "SwiGLU", "cross_entropy", "autocast_apply", "fused_linear", "enable_fused_weight_cache",
-           "kn_layout", "use_kn_layout"]
+           "kn_layout", "use_kn_layout", "use_native_linears"]
 
 
 def autocast_apply(fn: type, *args):
@@ -113,10 +115,17 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.native = False  # serving on CPU: one raymoe.model.cpu_kernels.rms_norm call (use_native_linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _RMSNormFn.apply(x, self.weight, self.eps)
+        if self.native:
+            from raymoe.model import cpu_kernels
+
+            y = cpu_kernels.rms_norm(x, self.weight, self.eps)
+            if y is not None:
+                return y
         return _rms_norm(x, self.weight, self.eps)[0]
 
     def extra_repr(self) -> str:
@@ -135,30 +144,64 @@ def fused_linear(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ..
         # inference (opted in by enable_fused_weight_cache): keep the concatenated weight while no weight changed
         # (an in-place update bumps _version, a moved tensor changes data_ptr)
         key = tuple((id(m), m.weight.data_ptr(), m.weight._version) for m in linears)
+        if cache.get("native"):  # few rows: one packed product of the group (cpu_kernels); else each module's own
+            y = _native_group(x, linears, cache, key)
+            return y.split([m.out_features for m in linears], dim=-1) if y is not None else tuple(m(x) for m in linears)
         if cache.get("key") != key:
             out, inp = sum(m.out_features for m in linears), linears[0].in_features
-            if cache.get("kn") and kn_layout(out, inp):  # [in, Σout] contiguous, used through its transpose
+            if cache.get("kn") and not cache.get("native") and kn_layout(out, inp):  # [in, Σout] contiguous, used through its transpose
                 w = torch.cat([m.weight.t() for m in linears], dim=1).t()
             else:
                 w = torch.cat([m.weight for m in linears])
             cache["key"], cache["w"] = key, w
-        w = cache["w"]
+        y = F.linear(x, cache["w"])
     else:
-        w = torch.cat([m.weight for m in linears])
-    y = F.linear(x, w)
+        y = F.linear(x, torch.cat([m.weight for m in linears]))
     return y.split([m.out_features for m in linears], dim=-1)
 
 
-def enable_fused_weight_cache(model: nn.Module, kn: bool = False) -> int:
+def _packed(holder: dict, key: tuple, weight: Callable[[], torch.Tensor]):
+    """The packed copy of ``weight()`` kept in ``holder`` while ``key`` (data pointers and versions) holds."""
+    from raymoe.model import cpu_kernels  # lazy: builds the kernels on first use
+
+    if holder.get("packed_key") != key:
+        holder["packed"], holder["packed_key"] = cpu_kernels.pack(weight()), key
+    return holder["packed"]
+
+
+def _native_group(x: torch.Tensor, linears: tuple[nn.Module, ...], cache: dict, key: tuple) -> Optional[torch.Tensor]:
+    from raymoe.model import cpu_kernels
+
+    pw = _packed(cache, key, lambda: torch.cat([m.weight for m in linears]))
+    return None if pw is None else cpu_kernels.linear_packed(x, pw)
+
+
+def _native_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` of a serving linear marked by :func:`use_native_linears`: few rows through its packed
+    copy, everything else (and autograd) through ``F.linear``."""
+    if not torch.is_grad_enabled():
+        from raymoe.model import cpu_kernels
+
+        pw = _packed(self.__dict__.setdefault("_native_pack", {}), (self.weight.data_ptr(), self.weight._version),
+                     lambda: self.weight)
+        y = None if pw is None else cpu_kernels.linear_packed(x, pw)
+        if y is not None:
+            return y
+    return F.linear(x, self.weight)
+
+
+def enable_fused_weight_cache(model: nn.Module, kn: bool = False, native: bool = False) -> int:
     """Serving: let :func:`fused_linear` keep each fused group's concatenated weight between calls made without
     autograd (one extra copy of those weights — the MLA down-projections, dense and shared-expert gate/up — in
     exchange for a concatenation per call: ~10% of a small model's batch-1 decode step on CPU). Training never turns
     it on. ``kn``: a group whose :func:`kn_layout` holds keeps its weight as ``[in, Σout]`` (see there). Returns the
-    number of linears marked."""
+    number of linears marked. ``native``: a group keeps no concatenated weight but a packed one, for few-row products
+    through :func:`raymoe.model.cpu_kernels.linear_packed`; more rows run each linear alone (``kn`` is then ignored;
+    see :func:`use_native_linears`)."""
     n = 0
     for m in model.modules():
         if type(m) is nn.Linear and not hasattr(m, "_fused_weight_cache"):
-            m._fused_weight_cache = {"kn": kn}
+            m._fused_weight_cache = {"kn": kn, "native": native}
             n += 1
     return n
 
@@ -191,6 +234,29 @@ def use_kn_layout(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
         with torch.no_grad():
             w_kn = m.weight.t().contiguous()
         m.weight = nn.Parameter(w_kn.t(), requires_grad=m.weight.requires_grad)
+        n += 1
+    return n
+
+
+def use_native_linears(model: nn.Module) -> int:
+    """Serving on CPU: every bias-free :class:`nn.Linear` runs its few-row products (decode: one row per sequence)
+    through :func:`raymoe.model.cpu_kernels.linear_packed` on a copy of its weight packed in column panels (made on
+    first use, remade when the weight changes), which streams the weight in order with no horizontal sums; more rows
+    (prefill), autograd, or kernels unavailable: ``F.linear`` on the weight as before. Costs one extra copy of each such
+    weight. A weight stored ``[in, out]`` (:func:`use_kn_layout`) is re-stored contiguous ``[out, in]`` first. Every
+    :class:`RMSNorm` without autograd runs as one :func:`raymoe.model.cpu_kernels.rms_norm` call too. Values unchanged
+    up to rounding. Returns the number of linears changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.native = True  # and its norms: one kernel call each instead of seven ops
+            continue
+        if type(m) is not nn.Linear or m.bias is not None or "forward" in m.__dict__:
+            continue
+        if not m.weight.is_contiguous():
+            with torch.no_grad():
+                m.weight = nn.Parameter(m.weight.contiguous(), requires_grad=m.weight.requires_grad)
+        m.forward = _native_forward.__get__(m)
         n += 1
     return n
 

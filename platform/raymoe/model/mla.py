@@ -260,12 +260,18 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
         C = self.kv_lora_rank
-        kv_all, masked = cache.gather(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))  # [B, S, C+R], [(B,) T, S]
-        c_all = kv_all[..., :C]  # [B, S, C] (a view)
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_head_dim, C)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H,N,C], [H,V,C]
+        kv_new = torch.cat([c_kv, k_pe], dim=-1)
+        attend = getattr(cache, "attend_absorbed", None)  # a view that attends in place (native CPU kernels)
+        if attend is not None and not torch.is_grad_enabled():
+            out = attend(self.layer_idx, kv_new, q_nope, q_pe, self._w_uk_t(w_uk), w_uv, self.softmax_scale)
+            if out is not None:
+                return out  # [B,T,H,V]
         # q̃ = [q_nope·W^UK ; q_pe] against the cached [c ; k_pe]: one score GEMM over C+R per batch row
         q_abs = torch.cat([torch.einsum("bthn,hnc->bthc", q_nope, w_uk), q_pe], dim=-1)  # [B,T,H,C+R]
+        kv_all, masked = cache.gather(self.layer_idx, kv_new)  # [B, S, C+R], [(B,) T, S]
+        c_all = kv_all[..., :C]  # [B, S, C] (a view)
         scores = torch.bmm(q_abs.view(B, T * H, -1), kv_all.transpose(1, 2)).view(B, T, H, -1)  # [B,T,H,S]
         scores = scores.float() * self.softmax_scale
         if masked is not None:  # future keys (and, in a packed batch, other sequences' keys)
@@ -277,6 +283,17 @@ class MLA(nn.Module):
         p = scores.softmax(dim=-1).to(c_all.dtype)
         o_lat = torch.bmm(p.view(B, T * H, -1), c_all).view(B, T, H, C)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B,T,H,V]
+
+    def _w_uk_t(self, w_uk: torch.Tensor) -> torch.Tensor:
+        """``W^UK`` as a contiguous ``[H, C, N]`` (the layout the native decode attention reads), kept while
+        ``kv_b_proj``'s weight is unchanged (serving)."""
+        wt = self.kv_b_proj.weight
+        key = (wt.data_ptr(), wt._version)
+        cached = self.__dict__.get("_w_uk_t_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, w_uk.transpose(1, 2).contiguous())
+            self.__dict__["_w_uk_t_cache"] = cached
+        return cached[1]
 
     def _paged_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                        cache) -> torch.Tensor:

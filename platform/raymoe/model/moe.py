@@ -125,6 +125,7 @@ class Router(nn.Module):
             cfg.routed_scaling_factor,
             cfg.norm_topk_prob,
         )
+        self.native = False  # serving: choose experts with raymoe.model.cpu_kernels.route (the engine sets it)
 
     def _apply(self, fn, recurse: bool = True):  # keep the bias fp32 through .to(bfloat16) / .half()
         super()._apply(fn, recurse)
@@ -134,6 +135,14 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> RouteResult:
         logits = F.linear(x_TD.float(), self.weight.float())
+        if self.native and not torch.is_grad_enabled():  # serving on CPU: the selection in one native call
+            from raymoe.model import cpu_kernels
+
+            scores = logits.sigmoid()
+            res = cpu_kernels.route(scores, self.expert_bias, self.n_group, self.topk_group, self.top_k,
+                                    self.route_scale, self.norm_topk_prob)
+            if res is not None:
+                return RouteResult(topk_idx=res[0], topk_weight=res[1], scores=scores, counts=res[2])
         return route(logits, self.expert_bias, self.n_group, self.topk_group, self.top_k, self.route_scale,
                      self.norm_topk_prob)
 
@@ -353,24 +362,40 @@ class RoutedExperts(nn.Module):
         self.impl: Optional[str] = None
         self.fp8: Optional[nn.Module] = None
         self._gate_up: Optional[torch.Tensor] = None  # [E, 2I, D] behind gate_proj/up_proj (fuse_gate_up)
+        self._down_nk: Optional[torch.Tensor] = None  # [E, D, I] behind down_proj (fuse_gate_up(native=True))
+        self.native = False  # serving: the fused path runs cpu_kernels.experts (fuse_gate_up(native=True))
 
     @property
     def num_experts(self) -> int:
         return self.gate_proj.shape[0]
 
-    def fuse_gate_up(self) -> None:
+    def fuse_gate_up(self, native: bool = False) -> None:
         """Hold gate and up in one ``[E, 2I, D]`` tensor (transformers 5's ``gate_up_proj`` layout): ``gate_proj`` and
         ``up_proj`` become transposed views of its halves, so nothing is copied twice; forwards without autograd
         then run the fused per-expert path (module docstring). For serving: the parameters are no longer
-        contiguous, which the training back-ends copy around."""
-        if self.fused:
-            return
-        I = self.gate_proj.shape[-1]  # noqa: E741
-        with torch.no_grad():
-            w = torch.cat([self.gate_proj.transpose(1, 2), self.up_proj.transpose(1, 2)], dim=1).contiguous()
-        self.gate_proj = nn.Parameter(w[:, :I].transpose(1, 2), requires_grad=self.gate_proj.requires_grad)
-        self.up_proj = nn.Parameter(w[:, I:].transpose(1, 2), requires_grad=self.up_proj.requires_grad)
-        self._gate_up = w
+        contiguous, which the training back-ends copy around.
+
+        ``native``: also hold ``down_proj`` as a transposed view of a contiguous ``[E, D, I]`` tensor (each output's
+        ``I`` weights contiguous, the layout :func:`raymoe.model.cpu_kernels.experts` streams) and run the fused path
+        through that kernel when it is available (fp32 CPU; else the torch loop, same values to rounding)."""
+        if not self.fused:
+            I = self.gate_proj.shape[-1]  # noqa: E741
+            with torch.no_grad():
+                w = torch.cat([self.gate_proj.transpose(1, 2), self.up_proj.transpose(1, 2)], dim=1).contiguous()
+            self.gate_proj = nn.Parameter(w[:, :I].transpose(1, 2), requires_grad=self.gate_proj.requires_grad)
+            self.up_proj = nn.Parameter(w[:, I:].transpose(1, 2), requires_grad=self.up_proj.requires_grad)
+            self._gate_up = w
+        if native and not self._down_is_nk():
+            with torch.no_grad():
+                d = self.down_proj.transpose(1, 2).contiguous()  # [E, D, I]
+            self.down_proj = nn.Parameter(d.transpose(1, 2), requires_grad=self.down_proj.requires_grad)
+            self._down_nk = d
+        self.native = native
+
+    def _down_is_nk(self) -> bool:
+        d = self._down_nk
+        return d is not None and self.down_proj.data_ptr() == d.data_ptr() and self.down_proj.stride() == (
+            d.stride(0), 1, d.stride(1))
 
     @property
     def fused(self) -> bool:
@@ -386,17 +411,40 @@ class RoutedExperts(nn.Module):
     def _forward_fused(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Per touched expert ``e`` with rows ``r``: ``[g; u]ᵀ = W_gu[e] · x_rᵀ`` (``[2I, c]``), then
         ``(silu(g)·u) @ W_down[e]`` (``[c, D]``). This orientation reads fastest at a few rows on the CPU measured
-        (weights as the GEMM's row-major left operand, streamed in rows; docs/serving.md §1.1)."""
+        (weights as the GEMM's row-major left operand, streamed in rows; docs/serving.md §1.1). With ``native``
+        (:meth:`fuse_gate_up`) the whole layer is one :func:`raymoe.model.cpu_kernels.experts` call."""
         w_gu, w_down = self._gate_up, self.down_proj
+        counts = counts_E.tolist()
+        todo = range(len(counts))
+        y = None
+        if self.native and self._down_is_nk():
+            from raymoe.model import cpu_kernels
+
+            res = cpu_kernels.experts(x_ND, counts_E, w_gu, self._down_nk)
+            if res is not None:
+                y, todo = res  # the kernel leaves experts with many rows (compute-bound) to the BLAS below
+        if y is None:
+            y = x_ND.new_empty(x_ND.shape[0], w_down.shape[-1])
         I = w_down.shape[1]  # noqa: E741
-        y = x_ND.new_empty(x_ND.shape[0], w_down.shape[-1])
-        row = 0
-        for e, c in enumerate(counts_E.tolist()):
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        for e in todo:
+            r, c = starts[e], counts[e]
             if c:
-                gu = torch.mm(w_gu[e], x_ND[row : row + c].t())  # [2I, c]
-                torch.mm(F.silu(gu[:I]).mul_(gu[I:]).t(), w_down[e], out=y[row : row + c])
-                row += c
+                gu = torch.mm(w_gu[e], x_ND[r : r + c].t())  # [2I, c]
+                torch.mm(F.silu(gu[:I]).mul_(gu[I:]).t(), w_down[e], out=y[r : r + c])
         return y
+
+    def forward_routed_native(self, x_TD: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                              counts_E: torch.Tensor) -> Optional[torch.Tensor]:
+        """Serving: dispatch, experts and weighted combine in one :func:`raymoe.model.cpu_kernels.moe_routed` call
+        (``native`` and fused, no autograd, every expert within the kernel's row limit); None otherwise."""
+        if not (self.native and self.fused and self._down_is_nk()) or torch.is_grad_enabled():
+            return None
+        from raymoe.model import cpu_kernels
+
+        return cpu_kernels.moe_routed(x_TD, topk_idx, topk_weight, counts_E, self._gate_up, self._down_nk)
 
     def enable_fp8(self, config, name: str, wgrad_store=None) -> bool:
         """Hook for :func:`raymoe.fp8.convert_to_fp8`: run the expert GEMMs through an FP8 grouped GEMM."""
@@ -446,20 +494,23 @@ class RoutedExperts(nn.Module):
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(out, name).copy_(getattr(self, name)[ids])
         if self.fused:
-            out.fuse_gate_up()
+            out.fuse_gate_up(native=self.native)
         out.impl = self.impl
         if self.fp8 is not None:
             out.enable_fp8(self.fp8.fp8_config, self.fp8.fp8_name, self.fp8.wgrad_store)
         return out
 
 
-def fuse_gate_up(module: nn.Module) -> int:
-    """:meth:`RoutedExperts.fuse_gate_up` on every :class:`RoutedExperts` inside ``module`` (serving only); returns
-    how many were fused."""
+def fuse_gate_up(module: nn.Module, native: bool = False) -> int:
+    """:meth:`RoutedExperts.fuse_gate_up` on every :class:`RoutedExperts` inside ``module`` (serving only; ``native``:
+    through the CPU kernels, see there, and every :class:`Router` choosing experts with
+    :func:`raymoe.model.cpu_kernels.route`); returns how many experts modules were changed."""
     n = 0
     for m in module.modules():
-        if isinstance(m, RoutedExperts) and not m.fused:
-            m.fuse_gate_up()
+        if isinstance(m, Router):
+            m.native = native
+        if isinstance(m, RoutedExperts) and not (m.fused and m.native == native and (m._down_is_nk() or not native)):
+            m.fuse_gate_up(native=native)
             n += 1
     return n
 

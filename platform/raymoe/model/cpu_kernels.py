@@ -1,0 +1,421 @@
+"""Native CPU kernels for decode-shaped products (``cpu_kernels.c``), built on first use for the host that runs them.
+
+Why: a decode step multiplies a few rows (one per sequence, ~2 per routed expert) by weights that must be streamed
+from memory. At 1–4 rows the BLAS torch calls (MKL/oneDNN) reads those weights at a fraction of the machine's
+streaming read rate: on the 2-core AMD EPYC dev host 5–10 GB/s against 20–23 GB/s for a ``sum`` over the same
+tensors (``python -m raymoe.jobs.bench gemm_read``, its ``native`` rows), because it packs or walks several panels
+of the weight at once. ``rm_linear`` reads one weight row at a time against all the rows of ``x`` (one sequential
+stream; 16–22 GB/s there at 1–2 rows), and switches to 4×4 register tiles from 8 rows on, where the product is
+compute-bound (on par with MKL at 16 rows). ``rm_experts`` runs a layer's routed SwiGLU experts over rows grouped by
+expert in one call (no per-expert Python), so a step's routed experts cost about their bytes over the read rate.
+
+Build: ``$CC`` (else ``cc``/``gcc``) with ``-O3 -march=native -shared -fPIC -std=gnu11 -ffp-contract=fast``, into
+``$RAYMOE_KERNEL_CACHE`` (else ``$XDG_CACHE_HOME/raymoe/kernels`` or ``~/.cache/raymoe/kernels``), one file per
+(source, compiler, flags, CPU flags) so a
+cluster's nodes and a shared home directory never mix builds; written to a temporary name and renamed, so concurrent
+builds (several replicas on one node) are safe. About 0.5 s; nothing is downloaded. No compiler, a non-x86-64 or
+non-Linux host, or a failed build: :func:`available` is False, :func:`why_unavailable` says why, and every caller
+keeps its torch path (``engine.cpu_kernels: on`` makes that an error instead).
+
+Scope and numerics: fp32, contiguous weights, CPU tensors, no autograd (serving only). The kernels run on the
+calling thread; with more than one intra-op thread the BLAS parallelises and the kernels are used only where they
+are memory-bound (:func:`row_limit`). Sums are accumulated in another order than the BLAS: results agree to
+rounding (tested against ``F.linear`` and the torch expert path), not bit for bit.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import pathlib
+import platform as _platform  # the stdlib module (this package's own platform/ folder is not a package)
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["available", "why_unavailable", "linear", "experts", "moe_routed", "route", "rms_norm", "mla_decode", "mla_decode_absorbed", "PackedWeight", "pack", "linear_packed", "row_limit", "library_path", "ROW_LIMIT",
+           "EXPERT_ROW_LIMIT", "MEMORY_BOUND_ROWS"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.c")
+ABI_VERSION = 7
+# Rows up to which rm_linear replaces F.linear on one intra-op thread. Time of MKL's F.linear over ours on the dev host
+# (weights rotated through 256 MB so they stream from memory, as in `bench gemm_read`): 1.5-2.0x at 1 row, 2.1-4.3x at 2,
+# 1.6-2.3x at 4, 1.0-1.2x at 8, 0.97-1.2x at 16 (decode-step shapes of the small model and its lm_head).
+ROW_LIMIT = 16
+# The same for one routed expert's rows inside rm_experts (which also saves a Python call per expert).
+EXPERT_ROW_LIMIT = 16
+MEMORY_BOUND_ROWS = 2  # with several intra-op threads: only products this small (the BLAS parallelises the rest)
+# gnu11, not c11: ISO mode turns floating-point contraction off, and the products need fused multiply-adds
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast")
+
+
+def _march() -> str:
+    """``-march`` of the build: ``$RAYMOE_KERNEL_MARCH`` (e.g. ``x86-64-v3`` for an AVX2 build on an AVX-512 host, as
+    the tests do to cover every vector path), else ``native``."""
+    return os.environ.get("RAYMOE_KERNEL_MARCH") or "native"
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_error: Optional[str] = None
+_tried = False
+
+
+def _cache_dir() -> pathlib.Path:
+    d = os.environ.get("RAYMOE_KERNEL_CACHE")
+    if d:
+        return pathlib.Path(d)
+    base = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
+    return pathlib.Path(base) / "raymoe" / "kernels"
+
+
+def _compiler() -> Optional[str]:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc) or cc
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return _platform.processor()
+
+
+def library_path() -> pathlib.Path:
+    """Where this host's build lives (whether or not it exists yet)."""
+    cc = _compiler() or "none"
+    try:
+        ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        ver = ""
+    h = hashlib.sha256()
+    flags = " ".join((*FLAGS, f"-march={_march()}"))
+    for part in (SOURCE.read_bytes(), cc.encode(), ver.encode(), flags.encode(), _cpu_flags().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return _cache_dir() / f"raymoe_cpu_kernels-{h.hexdigest()[:20]}.so"
+
+
+def _build(out: pathlib.Path) -> None:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install cc/gcc)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, f"-march={_march()}", str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                           text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-800:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _error, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            if not sys.platform.startswith("linux") or _platform.machine() not in ("x86_64", "AMD64"):
+                raise RuntimeError(f"built for x86-64 Linux only, this is {sys.platform}/{_platform.machine()}")
+            path = library_path()
+            if not path.exists():
+                _build(path)
+            lib = ctypes.CDLL(str(path))
+            if lib.rm_abi_version() != ABI_VERSION:
+                raise RuntimeError(f"{path} has ABI {lib.rm_abi_version()}, expected {ABI_VERSION}")
+            L, P = ctypes.c_long, ctypes.c_void_p
+            lib.rm_linear.argtypes = [P, L, L, L, P, L, P, L]
+            lib.rm_linear.restype = None
+            lib.rm_experts.argtypes = [P, P, L, L, L, P, P, P, P, L]
+            lib.rm_experts.restype = None
+            lib.rm_mla_decode.argtypes = [P, L, L, L, L, P, P, L, P, ctypes.c_float, P, P]
+            lib.rm_mla_decode.restype = None
+            lib.rm_linear_packed.argtypes = [P, L, L, L, P, L, P, L]
+            lib.rm_linear_packed.restype = None
+            lib.rm_per_head.argtypes = [P, L, L, L, L, L, P, L, L, P, L, L]
+            lib.rm_per_head.restype = None
+            lib.rm_route.argtypes = [P, P, L, L, L, L, L, ctypes.c_float, ctypes.c_int, P, P, P]
+            lib.rm_route.restype = None
+            lib.rm_moe_routed.argtypes = [P, L, L, P, P, L, P, L, L, P, P, P, P]
+            lib.rm_moe_routed.restype = None
+            lib.rm_rms_norm.argtypes = [P, L, L, L, P, ctypes.c_float, P]
+            lib.rm_rms_norm.restype = None
+            _lib = lib
+        except Exception as e:  # noqa: BLE001 - any failure means: keep the torch path, say why
+            _error = f"{type(e).__name__}: {e}"
+            log.warning("raymoe CPU kernels unavailable, using torch's GEMMs: %s", _error)
+        _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (builds them on the first call)."""
+    return _load() is not None
+
+
+def why_unavailable() -> Optional[str]:
+    """None when :func:`available`, else the reason."""
+    _load()
+    return _error
+
+
+def vector_width() -> int:
+    """Floats per SIMD vector the build uses (16 with AVX-512, 8 with AVX2)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {_error}")
+    return int(lib.rm_vector_width())
+
+
+def row_limit(experts: bool = False) -> int:
+    """The most rows :func:`linear` (``experts``: one expert in :func:`experts`) takes under the current intra-op
+    thread count: ``ROW_LIMIT`` (``EXPERT_ROW_LIMIT``) on one thread, ``MEMORY_BOUND_ROWS`` on several, where the
+    BLAS parallelises the compute-bound products."""
+    if torch.get_num_threads() != 1:
+        return MEMORY_BOUND_ROWS
+    return EXPERT_ROW_LIMIT if experts else ROW_LIMIT
+
+
+def _eligible(*ts: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, max_rows: Optional[int] = None) -> Optional[torch.Tensor]:
+    """``F.linear(x, w)`` (``x [..., K]``, ``w [N, K]`` contiguous) through ``rm_linear`` when ``x`` has at most
+    ``max_rows`` (default :func:`row_limit`) rows and both are fp32 CPU tensors; None otherwise (the caller runs its
+    own path). No autograd: call it under ``torch.no_grad()`` / inference."""
+    lib = _load()
+    K = x.shape[-1]
+    if lib is None or w.dim() != 2 or w.shape[1] != K or not w.is_contiguous() or not _eligible(x, w):
+        return None
+    x2 = x.reshape(-1, K)
+    M, N = x2.shape[0], w.shape[0]
+    if M == 0 or M > (row_limit() if max_rows is None else max_rows):
+        return None
+    if x2.stride(-1) != 1 or (M > 1 and x2.stride(0) < K):
+        x2 = x2.contiguous()
+    y = torch.empty(M, N, dtype=torch.float32)
+    lib.rm_linear(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, w.data_ptr(), N, y.data_ptr(), N)
+    return y.view(*x.shape[:-1], N)
+
+
+class PackedWeight(NamedTuple):
+    """A linear's ``[N, K]`` weight in column panels ``[ceil(N / w), K, w]`` (``w`` = :func:`panel_width`, the last
+    panel zero-padded): the layout ``rm_linear_packed`` streams."""
+
+    panels: torch.Tensor
+    N: int
+    K: int
+
+
+def panel_width() -> int:
+    """Columns per panel of :func:`pack` in this build (two SIMD vectors: 32 with AVX-512, 16 with AVX2)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {_error}")
+    return int(lib.rm_panel_width())
+
+
+def pack(w: torch.Tensor) -> Optional[PackedWeight]:
+    """``w [N, K]`` (fp32, CPU) → :class:`PackedWeight` (a copy), or None when the kernels or the tensor do not fit."""
+    if _load() is None or w.dim() != 2 or not _eligible(w):
+        return None
+    N, K = w.shape
+    nr = panel_width()
+    n_pad = -(-N // nr) * nr
+    with torch.no_grad():
+        wp = w.detach()
+        if n_pad != N:
+            wp = torch.cat([wp, wp.new_zeros(n_pad - N, K)])
+        panels = wp.reshape(n_pad // nr, nr, K).transpose(1, 2).contiguous()
+    return PackedWeight(panels, N, K)
+
+
+def linear_packed(x: torch.Tensor, pw: PackedWeight, max_rows: Optional[int] = None) -> Optional[torch.Tensor]:
+    """``F.linear(x, w)`` for the weight packed as ``pw`` (:func:`pack`), through ``rm_linear_packed``, when ``x``
+    (``[..., K]``, fp32 CPU) has at most ``max_rows`` (default :func:`row_limit`) rows; None otherwise."""
+    lib = _load()
+    K = pw.K
+    if lib is None or x.shape[-1] != K or not _eligible(x):
+        return None
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M == 0 or M > (row_limit() if max_rows is None else max_rows):
+        return None
+    if x2.stride(-1) != 1 or (M > 1 and x2.stride(0) < K):
+        x2 = x2.contiguous()
+    y = torch.empty(M, pw.N, dtype=torch.float32)
+    lib.rm_linear_packed(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, pw.panels.data_ptr(), pw.N, y.data_ptr(),
+                         pw.N)
+    return y.view(*x.shape[:-1], pw.N)
+
+
+def experts(x_ND: torch.Tensor, counts_E: torch.Tensor, w_gu: torch.Tensor, w_dn: torch.Tensor,
+            max_rows: Optional[int] = None) -> Optional[tuple[torch.Tensor, list[int]]]:
+    """Routed SwiGLU experts over rows grouped by expert (``counts_E[e]`` consecutive rows for expert ``e``):
+    ``w_gu [E, 2I, D]`` (gate rows, then up rows), ``w_dn [E, D, I]``, both contiguous fp32. Returns ``y [N, D]``
+    (unweighted) and the experts it left to the caller: those with more than ``max_rows`` rows (default
+    :func:`row_limit`), whose rows of ``y`` are uninitialised. None when the kernels are unavailable or the tensors
+    do not fit (the caller runs its own path)."""
+    lib = _load()
+    if lib is None or not _eligible(x_ND, w_gu, w_dn) or not (w_gu.is_contiguous() and w_dn.is_contiguous()):
+        return None
+    E, D, I = w_dn.shape  # noqa: E741
+    if w_gu.shape != (E, 2 * I, D) or x_ND.dim() != 2 or x_ND.shape[1] != D or counts_E.numel() != E:
+        return None
+    limit = row_limit(experts=True) if max_rows is None else max_rows
+    x = x_ND.contiguous()
+    counts = counts_E.to(device="cpu", dtype=torch.int64).contiguous()
+    cl = counts.tolist()
+    if sum(cl) != x.shape[0] or any(c < 0 for c in cl):
+        raise ValueError(f"expert row counts {cl} do not add up to x's {x.shape[0]} rows")
+    y = torch.empty(x.shape[0], D, dtype=torch.float32)
+    done = [c for c in cl if c <= limit]
+    if any(done):
+        scratch = torch.empty(max(done) * 3 * I, dtype=torch.float32)
+        lib.rm_experts(x.data_ptr(), counts.data_ptr(), E, D, I, w_gu.data_ptr(), w_dn.data_ptr(), y.data_ptr(),
+                       scratch.data_ptr(), limit)
+    return y, [e for e, c in enumerate(cl) if c > limit]
+
+
+def route(scores_TE: torch.Tensor, bias_E: torch.Tensor, n_group: int, topk_group: int, top_k: int, scale: float,
+          norm: bool) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The expert choice of :func:`raymoe.model.moe.route` from its sigmoid scores ``[T, E]`` (fp32): ``(topk_idx
+    [T, k] int64, topk_weight [T, k], counts [E] int64)``, the chosen experts in descending biased score. Same sets
+    as torch's ``topk`` (on equal scores the lower expert id wins; torch leaves that order unspecified) and the same
+    gates up to the order of one k-term sum. None when the kernels or the shapes do not fit."""
+    lib = _load()
+    if lib is None or not _eligible(scores_TE, bias_E) or scores_TE.dim() != 2:
+        return None
+    T, E = scores_TE.shape
+    if (E > 1024 or n_group < 1 or E % n_group or bias_E.numel() != E
+            or not 1 <= top_k <= (topk_group if n_group > 1 and topk_group < n_group else n_group) * (E // n_group)):
+        return None
+    sc, b = scores_TE.contiguous(), bias_E.contiguous()
+    idx = torch.empty(T, top_k, dtype=torch.int64)
+    w = torch.empty(T, top_k, dtype=torch.float32)
+    counts = torch.empty(E, dtype=torch.int64)
+    lib.rm_route(sc.data_ptr(), b.data_ptr(), T, E, n_group, topk_group, top_k, float(scale), int(bool(norm)),
+                 idx.data_ptr(), w.data_ptr(), counts.data_ptr())
+    return idx, w, counts
+
+
+def moe_routed(x_TD: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, counts_E: torch.Tensor,
+               w_gu: torch.Tensor, w_dn: torch.Tensor, max_rows: Optional[int] = None) -> Optional[torch.Tensor]:
+    """A MoE layer's routed part in one call: ``y[t] = Σ_k topk_weight[t, k] · expert_{topk_idx[t, k]}(x[t])``
+    (dispatch, :func:`experts`, weighted combine), ``w_gu [E, 2I, D]``, ``w_dn [E, D, I]`` contiguous fp32.
+    ``counts_E`` must be the routing's tokens per expert. None when the kernels or the tensors do not fit, or when an
+    expert has more than ``max_rows`` (default :func:`row_limit` for experts) rows: the caller's grouped path then
+    runs it (the BLAS is faster on many rows)."""
+    lib = _load()
+    if lib is None or not _eligible(x_TD, topk_weight, w_gu, w_dn) or not (w_gu.is_contiguous() and w_dn.is_contiguous()):
+        return None
+    E, D, I = w_dn.shape  # noqa: E741
+    T, K = topk_idx.shape
+    if w_gu.shape != (E, 2 * I, D) or x_TD.shape != (T, D) or topk_weight.shape != (T, K) or counts_E.numel() != E:
+        return None
+    counts = counts_E.to(dtype=torch.int64).contiguous()
+    cl = counts.tolist()
+    if sum(cl) != T * K:
+        raise ValueError(f"expert counts add up to {sum(cl)}, the routing has {T * K} (token, expert) pairs")
+    cmax = max(cl, default=0)
+    if cmax > (row_limit(experts=True) if max_rows is None else max_rows):
+        return None
+    idx = topk_idx.to(dtype=torch.int64).contiguous()
+    if T * K and (int(idx.min()) < 0 or int(idx.max()) >= E):
+        raise ValueError(f"expert ids must be in 0..{E - 1}")
+    x, w = x_TD.contiguous(), topk_weight.to(torch.float32).contiguous()
+    y = torch.empty(T, D, dtype=torch.float32)
+    scratch = torch.empty(T * K * D + cmax * (2 * D + 3 * I) + 1, dtype=torch.float32)
+    lib.rm_moe_routed(x.data_ptr(), T, D, idx.data_ptr(), w.data_ptr(), K, counts.data_ptr(), E, I, w_gu.data_ptr(),
+                      w_dn.data_ptr(), y.data_ptr(), scratch.data_ptr())
+    return y
+
+
+def mla_decode(q_NHK: torch.Tensor, buf: torch.Tensor, slots_NS: torch.Tensor, lens_N: torch.Tensor, scale: float,
+               C: int) -> Optional[torch.Tensor]:
+    """Absorbed MLA decode attention read straight from a paged latent cache: row ``i``'s ``H`` queries
+    ``q [N, H, C+R]`` against the keys in cache rows ``slots[i, :lens[i]]`` of ``buf [*, C+R]`` (its own sequence's
+    positions ``0..lens[i]-1``), values their first ``C`` floats → ``[N, H, C]`` = ``softmax(scale·q·kᵀ)·c``. Only a
+    row's visible keys are read (no gathered copy, no mask), so a non-finite latent reaches only the rows that see it
+    (their output is NaN, as torch's softmax makes it). None when the kernels or the tensors do not fit."""
+    lib = _load()
+    if lib is None or not _eligible(q_NHK, buf) or not buf.is_contiguous() or q_NHK.dim() != 3:
+        return None
+    N, H, Dk = q_NHK.shape
+    if buf.dim() != 2 or buf.shape[1] != Dk or not 0 < C <= Dk or slots_NS.dim() != 2 or slots_NS.shape[0] != N:
+        return None
+    S = slots_NS.shape[1]
+    slots = slots_NS.to(dtype=torch.int64).contiguous()
+    lens = lens_N.to(dtype=torch.int64).contiguous()
+    if N and (int(lens.min()) < 1 or int(lens.max()) > S):
+        raise ValueError(f"mla_decode: every row must see 1..{S} keys, got lengths {lens.tolist()}")
+    q = q_NHK.contiguous()
+    out = torch.empty(N, H, C, dtype=torch.float32)
+    scratch = torch.empty(max(H * S, 1), dtype=torch.float32)
+    lib.rm_mla_decode(q.data_ptr(), N, H, Dk, C, buf.data_ptr(), slots.data_ptr(), S, lens.data_ptr(), float(scale),
+                      out.data_ptr(), scratch.data_ptr())
+    return out
+
+
+def mla_decode_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor, w_uv: torch.Tensor,
+                        buf: torch.Tensor, slots_NS: torch.Tensor, lens_N: torch.Tensor,
+                        scale: float) -> Optional[torch.Tensor]:
+    """The whole absorbed MLA decode attention of ``N`` query rows: ``q̃ = [q_nope·W^UK ; q_pe]`` per head, then
+    :func:`mla_decode`, then the per-head ``W^UV`` up-projection → ``[N, H, V]``. ``q_nope [N, H, Dn]``,
+    ``q_pe [N, H, R]``, ``w_uk_t [H, C, Dn]`` (W^UK transposed, contiguous), ``w_uv [H, V, C]`` (each head's ``V×C``
+    block contiguous; heads any stride). None when the kernels or the tensors do not fit."""
+    lib = _load()
+    if lib is None or not _eligible(q_nope, q_pe, w_uk_t, w_uv) or not w_uk_t.is_contiguous():
+        return None
+    N, H, Dn = q_nope.shape
+    C, R, V = w_uk_t.shape[1], q_pe.shape[-1], w_uv.shape[1]
+    if (w_uk_t.shape != (H, C, Dn) or w_uv.shape != (H, V, C) or w_uv.stride()[1:] != (C, 1)
+            or q_pe.shape[:2] != (N, H) or buf.dim() != 2 or buf.shape[1] != C + R):
+        return None
+    qn = q_nope.contiguous()
+    q_abs = torch.empty(N, H, C + R, dtype=torch.float32)
+    q_abs[..., C:] = q_pe
+    lib.rm_per_head(qn.data_ptr(), N, H, Dn, H * Dn, Dn, w_uk_t.data_ptr(), C * Dn, C, q_abs.data_ptr(),
+                    H * (C + R), C + R)
+    o_lat = mla_decode(q_abs, buf, slots_NS, lens_N, scale, C)
+    if o_lat is None:
+        return None
+    out = torch.empty(N, H, V, dtype=torch.float32)
+    lib.rm_per_head(o_lat.data_ptr(), N, H, C, H * C, C, w_uv.data_ptr(), w_uv.stride(0), V, out.data_ptr(), H * V, V)
+    return out
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
+    """``w · x / sqrt(mean(x², -1) + eps)`` for fp32 ``x [..., D]`` and ``w [D]`` (raymoe.model.layers.RMSNorm's
+    forward, serving), in one pass per row; None when the kernels or the tensors do not fit."""
+    lib = _load()
+    D = x.shape[-1]
+    if lib is None or not _eligible(x, w) or w.shape != (D,) or not w.is_contiguous() or x.numel() == 0:
+        return None
+    x2 = x.reshape(-1, D)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, D, dtype=torch.float32)
+    lib.rm_rms_norm(x2.data_ptr(), M, D, x2.stride(0) if M > 1 else D, w.data_ptr(), float(eps), y.data_ptr())
+    return y.view(x.shape)
