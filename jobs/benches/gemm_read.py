@@ -18,8 +18,9 @@ Ways (``x`` has ``rows`` rows; experts get ``rows`` rows each):
 * ``bmm`` (experts): one ``[E, rows, D] @ [E, D, I]``;
 * ``grouped_mm`` (experts): ``torch._grouped_mm`` over the experts' row groups;
 * ``mkl``: ``torch.ops.mkl._mkl_linear`` on MKL-packed weights (fp32 builds with MKL);
-* ``native``: raymoe's own kernel (:func:`raymoe.model.cpu_kernels.linear`, what the engine runs at few rows), on the
-  ``[N, K]`` weight; for experts one call per expert on ``W_eᵀ`` (the engine runs a whole layer in one call);
+* ``native``: raymoe's row-streaming kernel (:func:`raymoe.model.cpu_kernels.linear`) on the ``[N, K]`` weight; for
+  experts one call per expert on ``W_eᵀ`` (the engine runs a whole layer in one call); ``native packed``: the
+  panel-packed kernel the engine runs its dense linears through (:func:`raymoe.model.cpu_kernels.linear_packed`);
 * ``chunks`` (lm_head): the product in 1024-column slices;
 * ``bf16``: ``mm`` in bfloat16;
 * ``compiled`` (``compile=1``): ``torch.compile`` of ``mm`` (its compile time is reported).
@@ -112,6 +113,9 @@ def measure(name: str, shape_WNK: tuple[int, ...], rows: int, reps: int, compile
         add("mv", lambda i: torch.mv(Ws[i], v))
     if ck.available():
         add("native", lambda i: ck.linear(x, Ws[i], max_rows=rows))
+        packed = [ck.pack(w) for w in Ws]
+        add("native packed", lambda i: ck.linear_packed(x, packed[i], max_rows=rows))
+        del packed
     add("chunks of 1024 cols", lambda i: torch.cat([x @ w.T for w in Ws[i].split(1024)], dim=-1))
     if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from raymoe.jobs.benches import gemm_read
+from raymoe.model import cpu_kernels
 
 
 def test_gemm_read_tiny_shapes() -> None:
@@ -13,6 +14,9 @@ def test_gemm_read_tiny_shapes() -> None:
     assert {("routed experts", 4, w) for w in ("sum (read)", "mm (per expert)", "W·xᵀ (per expert)", "bmm",
                                                 "bf16 bmm")} <= ways
     assert ("routed gate+up", 1, "W·xᵀ (per expert)") in ways
+    if cpu_kernels.available():  # raymoe's own kernels beside torch's
+        assert {("lm_head", 4, "native"), ("lm_head", 4, "native packed"),
+                ("routed experts", 1, "native (per expert)")} <= ways
     for r in out["rows"]:
         if r["ms"] is None:
             continue

@@ -310,3 +310,31 @@ def test_unavailable_compiler_is_reported_and_torch_path_kept(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "why: " in r.stdout and "no-such-cc" in r.stdout
+
+
+@pytest.mark.usefixtures("one_torch_thread")  # the row limit of one intra-op thread
+def test_native_linears_pack_on_first_few_row_product_and_follow_weight_changes():
+    from raymoe.model.layers import RMSNorm, use_native_linears
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=False), RMSNorm(48))
+    ref = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=False), RMSNorm(48))
+    ref.load_state_dict(net.state_dict())
+    assert use_native_linears(net) == 1 and net[1].native
+    lin = net[0]
+    with torch.no_grad():
+        big = torch.randn(ck.ROW_LIMIT + 4, 32)
+        _close(net(big), ref(big))  # many rows: F.linear, nothing packed
+        assert "_native_pack" not in lin.__dict__
+        x = torch.randn(3, 32)
+        _close(net(x), ref(x))
+        first = lin._native_pack["packed"]
+        net(x)
+        assert lin._native_pack["packed"] is first  # kept while the weight is unchanged
+        lin.weight.mul_(2.0)  # an in-place update (as a weight reload would do): repacked
+        ref[0].weight.mul_(2.0)
+        _close(net(x), ref(x))
+        assert lin._native_pack["packed"] is not first
+    y = net(x)  # autograd on: the torch path, gradients flow
+    y.sum().backward()
+    assert lin.weight.grad is not None

@@ -14,7 +14,11 @@
    (``O(Σ len)`` attention instead of the packed ``O(N·Σ len)``); every other op sees the same ``[N, D]`` rows.
    Routed experts run fused (``EngineConfig.fused_experts``, :func:`raymoe.model.moe.fuse_gate_up`): gate and up
    in one ``[E, 2I, D]`` tensor, two GEMMs per touched expert; linears with ``out ≥ in`` keep their weight as
-   ``[in, out]`` (``EngineConfig.kn_linears``, :func:`raymoe.model.layers.kn_layout`), the faster GEMM at few rows;
+   ``[in, out]`` (``EngineConfig.kn_linears``, :func:`raymoe.model.layers.kn_layout`), the faster GEMM at few rows.
+   On an fp32 CPU model ``EngineConfig.cpu_kernels`` (``auto``, default) replaces the few-row products instead with
+   :mod:`raymoe.model.cpu_kernels`: dense linears through panel-packed copies, each MoE layer's routing, dispatch,
+   experts and combine in one call, the absorbed decode attention read in place from the paged cache
+   (:meth:`~raymoe.engine.paged.DecodeBatch.attend_absorbed`), RMSNorm; prefill-sized products keep torch's GEMMs;
 3. per sequence: sample (prefill's last chunk, decode) or verify drafts (speculative), apply stop conditions; the
    greedy tokens of all sequences come from one ``argmax`` over the step's logits, after one
    :func:`~raymoe.engine.sampling.process_logits` call over the rows of requests with logits processors

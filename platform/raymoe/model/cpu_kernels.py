@@ -1,26 +1,37 @@
 """Native CPU kernels for decode-shaped products (``cpu_kernels.c``), built on first use for the host that runs them.
 
 Why: a decode step multiplies a few rows (one per sequence, ~2 per routed expert) by weights that must be streamed
-from memory. At 1–4 rows the BLAS torch calls (MKL/oneDNN) reads those weights at a fraction of the machine's
-streaming read rate: on the 2-core AMD EPYC dev host 5–10 GB/s against 20–23 GB/s for a ``sum`` over the same
-tensors (``python -m raymoe.jobs.bench gemm_read``, its ``native`` rows), because it packs or walks several panels
-of the weight at once. ``rm_linear`` reads one weight row at a time against all the rows of ``x`` (one sequential
-stream; 16–22 GB/s there at 1–2 rows), and switches to 4×4 register tiles from 8 rows on, where the product is
-compute-bound (on par with MKL at 16 rows). ``rm_experts`` runs a layer's routed SwiGLU experts over rows grouped by
-expert in one call (no per-expert Python), so a step's routed experts cost about their bytes over the read rate.
+from memory, in dozens of small ops per layer. At 1–4 rows the BLAS torch calls (MKL) reads those weights at a
+fraction of the machine's streaming read rate (5–10 GB/s against 20–23 GB/s for a ``sum`` over the same tensors on
+the 2-core AMD EPYC dev host; ``python -m raymoe.jobs.bench gemm_read``, its ``native`` rows), and at 16 rows it
+runs at 25–44 GFLOP/s of a 95–99 GFLOP/s peak. The kernels:
 
-Build: ``$CC`` (else ``cc``/``gcc``) with ``-O3 -march=native -shared -fPIC -std=gnu11 -ffp-contract=fast``, into
-``$RAYMOE_KERNEL_CACHE`` (else ``$XDG_CACHE_HOME/raymoe/kernels`` or ``~/.cache/raymoe/kernels``), one file per
-(source, compiler, flags, CPU flags) so a
-cluster's nodes and a shared home directory never mix builds; written to a temporary name and renamed, so concurrent
-builds (several replicas on one node) are safe. About 0.5 s; nothing is downloaded. No compiler, a non-x86-64 or
-non-Linux host, or a failed build: :func:`available` is False, :func:`why_unavailable` says why, and every caller
-keeps its torch path (``engine.cpu_kernels: on`` makes that an error instead).
+* ``rm_linear`` (:func:`linear`): ``x · Wᵀ`` for ``W [N, K]``, one weight row at a time against all the rows of ``x``
+  (one sequential stream: 16–22 GB/s at 1–2 rows), 4×4 register tiles from 8 rows on;
+* ``rm_linear_packed`` (:func:`pack`, :func:`linear_packed`): the same product on a copy of ``W`` packed in column
+  panels ``[⌈N/w⌉, K, w]`` (``w`` = 2 vectors), 8 rows (6 with AVX2) broadcast against each panel, no horizontal
+  sums: 55–70 GFLOP/s at 16 rows with the weights streamed from memory;
+* ``rm_experts`` (:func:`experts`) / ``rm_moe_routed`` (:func:`moe_routed`): a layer's routed SwiGLU experts over
+  their grouped rows (or with dispatch and weighted combine) in one call, skipping untouched experts;
+* ``rm_route`` (:func:`route`): DeepSeek-V3's group-limited top-k selection from the sigmoid scores;
+* ``rm_mla_decode`` (:func:`mla_decode`, :func:`mla_decode_absorbed`): absorbed MLA decode attention of each row
+  against its own keys where they lie in a paged latent cache (no gathered copy, no mask);
+* ``rm_rms_norm`` (:func:`rms_norm`).
 
-Scope and numerics: fp32, contiguous weights, CPU tensors, no autograd (serving only). The kernels run on the
-calling thread; with more than one intra-op thread the BLAS parallelises and the kernels are used only where they
-are memory-bound (:func:`row_limit`). Sums are accumulated in another order than the BLAS: results agree to
-rounding (tested against ``F.linear`` and the torch expert path), not bit for bit.
+Build: ``$CC`` (else ``cc``/``gcc``) with ``-O3 -march=native -shared -fPIC -std=gnu11 -ffp-contract=fast`` (gnu11:
+ISO C mode turns off the fused multiply-adds the products rely on), into ``$RAYMOE_KERNEL_CACHE`` (else
+``$XDG_CACHE_HOME/raymoe/kernels`` or ``~/.cache/raymoe/kernels``), one file per (source, compiler, flags, CPU flags)
+so a cluster's nodes and a shared home directory never mix builds; written to a temporary name and renamed, so
+concurrent builds (several replicas on one node) are safe. Under a second; nothing is downloaded.
+``$RAYMOE_KERNEL_MARCH`` overrides ``-march`` (the tests build ``x86-64-v3`` and ``x86-64-v2`` to cover the AVX2 and
+SSE paths on an AVX-512 host). No compiler, a non-x86-64 or non-Linux host, or a failed build: :func:`available` is
+False, :func:`why_unavailable` says why (logged once), and every caller keeps its torch path
+(``engine.cpu_kernels: on`` makes that an error instead).
+
+Scope and numerics: fp32, CPU tensors, no autograd (serving only). The kernels run on the calling thread; with more
+than one intra-op thread the BLAS parallelises and the kernels take only products it cannot speed up
+(:func:`row_limit`). Sums are accumulated in another order than the BLAS: results agree to rounding (each kernel is
+tested against torch), not bit for bit.
 """
 from __future__ import annotations
 
@@ -39,16 +50,18 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["available", "why_unavailable", "linear", "experts", "moe_routed", "route", "rms_norm", "mla_decode", "mla_decode_absorbed", "PackedWeight", "pack", "linear_packed", "row_limit", "library_path", "ROW_LIMIT",
-           "EXPERT_ROW_LIMIT", "MEMORY_BOUND_ROWS"]
+__all__ = ["available", "why_unavailable", "vector_width", "row_limit", "library_path", "linear", "PackedWeight",
+           "pack", "panel_width", "linear_packed", "experts", "moe_routed", "route", "rms_norm", "mla_decode",
+           "mla_decode_absorbed", "ROW_LIMIT", "EXPERT_ROW_LIMIT", "MEMORY_BOUND_ROWS"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.c")
 ABI_VERSION = 7
-# Rows up to which rm_linear replaces F.linear on one intra-op thread. Time of MKL's F.linear over ours on the dev host
-# (weights rotated through 256 MB so they stream from memory, as in `bench gemm_read`): 1.5-2.0x at 1 row, 2.1-4.3x at 2,
-# 1.6-2.3x at 4, 1.0-1.2x at 8, 0.97-1.2x at 16 (decode-step shapes of the small model and its lm_head).
+# Rows up to which the kernels replace F.linear on one intra-op thread. Time of MKL's F.linear over rm_linear's on the
+# dev host (weights rotated through 256 MB so they stream from memory, as in `bench gemm_read`): 1.5-2.0x at 1 row,
+# 2.1-4.3x at 2, 1.6-2.3x at 4, 1.0-1.2x at 8, 0.97-1.2x at 16 (decode shapes of the small model and its lm_head);
+# rm_linear_packed, which dense linears use, is 1.4-2.8x rm_linear at 8-16 rows.
 ROW_LIMIT = 16
 # The same for one routed expert's rows inside rm_experts (which also saves a Python call per expert).
 EXPERT_ROW_LIMIT = 16
@@ -236,7 +249,7 @@ def panel_width() -> int:
 
 
 def pack(w: torch.Tensor) -> Optional[PackedWeight]:
-    """``w [N, K]`` (fp32, CPU) → :class:`PackedWeight` (a copy), or None when the kernels or the tensor do not fit."""
+    """``w [N, K]`` (fp32, CPU) → :class:`PackedWeight` (a copy); None when the kernels or the tensor do not fit."""
     if _load() is None or w.dim() != 2 or not _eligible(w):
         return None
     N, K = w.shape
@@ -327,7 +340,8 @@ def moe_routed(x_TD: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
     expert has more than ``max_rows`` (default :func:`row_limit` for experts) rows: the caller's grouped path then
     runs it (the BLAS is faster on many rows)."""
     lib = _load()
-    if lib is None or not _eligible(x_TD, topk_weight, w_gu, w_dn) or not (w_gu.is_contiguous() and w_dn.is_contiguous()):
+    if (lib is None or not _eligible(x_TD, topk_weight, w_gu, w_dn)
+            or not (w_gu.is_contiguous() and w_dn.is_contiguous())):
         return None
     E, D, I = w_dn.shape  # noqa: E741
     T, K = topk_idx.shape

@@ -149,7 +149,7 @@ def fused_linear(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ..
             return y.split([m.out_features for m in linears], dim=-1) if y is not None else tuple(m(x) for m in linears)
         if cache.get("key") != key:
             out, inp = sum(m.out_features for m in linears), linears[0].in_features
-            if cache.get("kn") and not cache.get("native") and kn_layout(out, inp):  # [in, Σout] contiguous, used through its transpose
+            if cache.get("kn") and kn_layout(out, inp):  # [in, Σout] contiguous, used through its transpose
                 w = torch.cat([m.weight.t() for m in linears], dim=1).t()
             else:
                 w = torch.cat([m.weight for m in linears])
@@ -169,17 +169,28 @@ def _packed(holder: dict, key: tuple, weight: Callable[[], torch.Tensor]):
     return holder["packed"]
 
 
+def _few_rows(x: torch.Tensor) -> bool:
+    """Whether ``x [..., K]`` has few enough rows for the CPU kernels (packing is deferred until a product has)."""
+    from raymoe.model import cpu_kernels
+
+    rows = x.numel() // max(x.shape[-1], 1)
+    return 0 < rows <= cpu_kernels.row_limit()
+
+
 def _native_group(x: torch.Tensor, linears: tuple[nn.Module, ...], cache: dict, key: tuple) -> Optional[torch.Tensor]:
     from raymoe.model import cpu_kernels
 
+    if not _few_rows(x):
+        return None
     pw = _packed(cache, key, lambda: torch.cat([m.weight for m in linears]))
     return None if pw is None else cpu_kernels.linear_packed(x, pw)
 
 
 def _native_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward`` of a serving linear marked by :func:`use_native_linears`: few rows through its packed
-    copy, everything else (and autograd) through ``F.linear``."""
-    if not torch.is_grad_enabled():
+    copy (made on the first few-row product, so a linear only prefill uses never gets one), everything else (and
+    autograd) through ``F.linear``."""
+    if not torch.is_grad_enabled() and _few_rows(x):
         from raymoe.model import cpu_kernels
 
         pw = _packed(self.__dict__.setdefault("_native_pack", {}), (self.weight.data_ptr(), self.weight._version),
