@@ -209,6 +209,18 @@ def test_rms_norm_matches_the_torch_norm(D):
     _close(ck.rms_norm(xs, w, 1e-6), _rms_norm(xs, w, 1e-6)[0])
 
 
+def test_rope_matches_apply_rope_for_decode_rows():
+    from raymoe.model.rope import apply_rope
+
+    g = torch.Generator().manual_seed(5)
+    cos, sin = torch.randn(5, 1, 16, generator=g), torch.randn(5, 1, 16, generator=g)
+    q_pe = torch.randn(5, 1, 8, 96, generator=g)[..., 64:]  # a strided slice, as MLA's split gives
+    _close(ck.rope(q_pe, cos, sin), apply_rope(q_pe, cos, sin))
+    k_pe = torch.randn(5, 1, 160, generator=g)[..., 128:].unsqueeze(2)
+    _close(ck.rope(k_pe, cos, sin), apply_rope(k_pe, cos, sin))
+    assert ck.rope(torch.randn(2, 3, 8, 32), torch.randn(3, 16), torch.randn(3, 16)) is None  # prefill: torch's
+
+
 def _paged(N, S, Dk, bs=16, seed=0):
     """A cache of random latents and each row's slots: whole blocks in a shuffled order (runs of ``bs`` rows)."""
     g = torch.Generator().manual_seed(seed)

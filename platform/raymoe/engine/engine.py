@@ -65,6 +65,7 @@ from torch import nn
 from raymoe.engine.detokenize import IncrementalDetokenizer
 from raymoe.engine.experts import ExpertBackend, install_expert_backend
 from raymoe.model.layers import enable_fused_weight_cache, use_kn_layout, use_native_linears
+from raymoe.model.mla import MLA
 from raymoe.model.moe import fuse_gate_up
 from raymoe.engine.paged import DecodeBatch, PackedBatch, PagedLatentCache, PrefillBatch
 from raymoe.engine.sampling import (SamplingParams, probs_from_logits, process_logits, sample_token, speculative_accept,
@@ -217,6 +218,9 @@ class LLMEngine:
         enable_fused_weight_cache(self.model, kn=cfg.kn_linears, native=self.cpu_kernels)
         if self.cpu_kernels:
             use_native_linears(self.model)
+            for m in self.model.modules():
+                if isinstance(m, MLA):
+                    m.native = True  # decode rows' RoPE in one kernel call
         elif cfg.kn_linears:  # kv_b_proj's weight is read per head ([H, N+V, C] views) by the absorbed attention
             use_kn_layout(self.model, skip=("kv_b_proj",))
         mc = model.config

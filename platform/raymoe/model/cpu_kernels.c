@@ -60,7 +60,7 @@ static inline __m128 hsum4(vf a, vf b, vf c, vf d) {
 
 static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 
-int rm_abi_version(void) { return 7; }
+int rm_abi_version(void) { return 8; }
 int rm_vector_width(void) { return VW; }
 
 /* one weight row r [K] against MB rows of x (row stride ldx): y[b * ldy] = <x_b, r>; U independent chains over k */
@@ -479,5 +479,24 @@ void rm_rms_norm(const float *x, long M, long D, long ldx, const float *w, float
       memcpy(yr + d, &o, sizeof o);
     }
     for (; d < D; d++) yr[d] = w[d] * (xr[d] * r);
+  }
+}
+
+/* RoPE on interleaved pairs, de-interleaved output (raymoe.model.rope.apply_rope): for row n and head h,
+ * x = in[n * lrow + h * lhead + 0 .. 2R), out[n, h, 0..R) = x_even * cos - x_odd * sin, out[n, h, R..2R) =
+ * x_odd * cos + x_even * sin, with cos/sin [N, R] per row; out contiguous [N, H, 2R]. */
+void rm_rope(const float *in, long N, long H, long lrow, long lhead, long R, const float *cos_, const float *sin_,
+             float *out) {
+  for (long n = 0; n < N; n++) {
+    const float *c = cos_ + n * R, *s = sin_ + n * R;
+    for (long h = 0; h < H; h++) {
+      const float *x = in + n * lrow + h * lhead;
+      float *o = out + (n * H + h) * 2 * R;
+      for (long i = 0; i < R; i++) {
+        float a = x[2 * i], b = x[2 * i + 1];
+        o[i] = a * c[i] - b * s[i];
+        o[R + i] = b * c[i] + a * s[i];
+      }
+    }
   }
 }

@@ -16,7 +16,7 @@ runs at 25–44 GFLOP/s of a 95–99 GFLOP/s peak. The kernels:
 * ``rm_route`` (:func:`route`): DeepSeek-V3's group-limited top-k selection from the sigmoid scores;
 * ``rm_mla_decode`` (:func:`mla_decode`, :func:`mla_decode_absorbed`): absorbed MLA decode attention of each row
   against its own keys where they lie in a paged latent cache (no gathered copy, no mask);
-* ``rm_rms_norm`` (:func:`rms_norm`).
+* ``rm_rms_norm`` (:func:`rms_norm`), ``rm_rope`` (:func:`rope`: a decode batch's RoPE).
 
 Build: ``$CC`` (else ``cc``/``gcc``) with ``-O3 -march=native -shared -fPIC -std=gnu11 -ffp-contract=fast`` (gnu11:
 ISO C mode turns off the fused multiply-adds the products rely on), into ``$RAYMOE_KERNEL_CACHE`` (else
@@ -51,13 +51,13 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["available", "why_unavailable", "vector_width", "row_limit", "library_path", "linear", "PackedWeight",
-           "pack", "panel_width", "linear_packed", "experts", "moe_routed", "route", "rms_norm", "mla_decode",
+           "pack", "panel_width", "linear_packed", "experts", "moe_routed", "route", "rms_norm", "rope", "mla_decode",
            "mla_decode_absorbed", "ROW_LIMIT", "EXPERT_ROW_LIMIT", "MEMORY_BOUND_ROWS"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.c")
-ABI_VERSION = 7
+ABI_VERSION = 8
 # Rows up to which the kernels replace F.linear on one intra-op thread. Time of MKL's F.linear over rm_linear's on the
 # dev host (weights rotated through 256 MB so they stream from memory, as in `bench gemm_read`): 1.5-2.0x at 1 row,
 # 2.1-4.3x at 2, 1.6-2.3x at 4, 1.0-1.2x at 8, 0.97-1.2x at 16 (decode shapes of the small model and its lm_head);
@@ -172,6 +172,8 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.rm_moe_routed.restype = None
             lib.rm_rms_norm.argtypes = [P, L, L, L, P, ctypes.c_float, P]
             lib.rm_rms_norm.restype = None
+            lib.rm_rope.argtypes = [P, L, L, L, L, L, P, P, P]
+            lib.rm_rope.restype = None
             _lib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: keep the torch path, say why
             _error = f"{type(e).__name__}: {e}"
@@ -433,3 +435,20 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> Optional[torch.Ten
     y = torch.empty(M, D, dtype=torch.float32)
     lib.rm_rms_norm(x2.data_ptr(), M, D, x2.stride(0) if M > 1 else D, w.data_ptr(), float(eps), y.data_ptr())
     return y.view(x.shape)
+
+
+def rope(x: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> Optional[torch.Tensor]:
+    """:func:`raymoe.model.rope.apply_rope` for a decode batch: ``x [N, 1, H, 2R]`` (any strides with unit stride on
+    the last dim) rotated by one ``cos/sin`` row per batch row (``[N, 1, R]`` or ``[N, R]``) → contiguous
+    ``[N, 1, H, 2R]``. None when the kernels or the shapes do not fit."""
+    lib = _load()
+    if lib is None or not _eligible(x, cos_TR, sin_TR) or x.dim() != 4 or x.shape[1] != 1 or x.stride(-1) != 1:
+        return None
+    N, _, H, R2 = x.shape
+    R = R2 // 2
+    if R2 % 2 or cos_TR.numel() != N * R or sin_TR.numel() != N * R:
+        return None
+    c, s = cos_TR.reshape(N, R).contiguous(), sin_TR.reshape(N, R).contiguous()
+    out = torch.empty(N, 1, H, R2, dtype=torch.float32)
+    lib.rm_rope(x.data_ptr(), N, H, x.stride(0), x.stride(2), R, c.data_ptr(), s.data_ptr(), out.data_ptr())
+    return out

@@ -148,6 +148,7 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
         self.attn_impl: Optional[str] = None  # one of ATTN_IMPLS (naive path only); None: chunked on CPU, sdpa else
         self.recompute_up_proj = False  # train.recompute=selective (raymoe.model.recompute)
+        self.native = False  # serving on CPU: decode rows' RoPE through raymoe.model.cpu_kernels.rope (the engine)
 
     # ------------------------------------------------------------------ parts
     def _queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,13 +158,22 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(B, T, self.n_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin)  # [B,T,H,N], [B,T,H,R]
+        return q_nope, self._rope(q_pe, cos, sin)  # [B,T,H,N], [B,T,H,R]
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.native and not torch.is_grad_enabled():  # one kernel call for a decode batch's rows
+            from raymoe.model import cpu_kernels
+
+            y = cpu_kernels.rope(x, cos, sin)
+            if y is not None:
+                return y
+        return apply_rope(x, cos, sin)
 
     def _latent(self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``kv`` is the output of ``kv_a_proj_with_mqa``: the latent ``c_kv`` and the shared RoPE key."""
         c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B,T,C]
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # [B,T,R]
+        k_pe = self._rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # [B,T,R]
         return c_kv, k_pe
 
     # ------------------------------------------------------------------ forward
