@@ -134,11 +134,10 @@ class NodeProc:
 
     @property
     def alive(self) -> bool:
-        try:
-            os.killpg(self.pid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
+        """Whether any process of the node's session still runs. Zombies do not count: right after
+        :meth:`LocalCluster.kill_node` the killed workers can linger as zombies until init reaps them, and a
+        ``killpg(pid, 0)`` probe (what this was) still found them, so a killed node could read alive for a moment."""
+        return bool(_session_pids(self.pid))
 
 
 class LocalCluster:
