@@ -508,21 +508,18 @@ class DispatchedMoE(nn.Module):
         r = self.moe.router(x_TD)
         fast = getattr(self.backend, "run_routed", None)
         y_TD = None if fast is None else fast(self.layer_key, x_TD, r.topk_idx, r.topk_weight, r.counts)
-        if y_TD is not None:  # dispatch, experts and combine in one call (LocalExperts on the CPU kernels)
-            y = y_TD.view(B, T, D)
-            if self.moe.shared_experts is not None:
-                y = y + self.moe.shared_experts(x_BTD)
-            return y, r, None
-        K = r.topk_idx.shape[1]
-        flat = r.topk_idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        inv_order = torch.empty_like(order)
-        inv_order[order] = torch.arange(order.numel(), device=order.device)
-        counts = r.counts  # the router's bincount of topk_idx (minlength E): rows per expert in `order`
-        x_ND = x_TD.index_select(0, order // K)
-        y_ND = self.backend.run(self.layer_key, x_ND, counts)
-        y_TKD = y_ND.index_select(0, inv_order).view(B * T, K, D)
-        y = torch.bmm(r.topk_weight.to(y_ND.dtype).unsqueeze(1), y_TKD).squeeze(1).view(B, T, D)
+        if y_TD is None:  # else dispatch, experts and combine ran in one call (LocalExperts on the CPU kernels)
+            K = r.topk_idx.shape[1]
+            flat = r.topk_idx.reshape(-1)
+            order = flat.argsort(stable=True)
+            inv_order = torch.empty_like(order)
+            inv_order[order] = torch.arange(order.numel(), device=order.device)
+            counts = r.counts  # the router's bincount of topk_idx (minlength E): rows per expert in `order`
+            x_ND = x_TD.index_select(0, order // K)
+            y_ND = self.backend.run(self.layer_key, x_ND, counts)
+            y_TKD = y_ND.index_select(0, inv_order).view(B * T, K, D)
+            y_TD = torch.bmm(r.topk_weight.to(y_ND.dtype).unsqueeze(1), y_TKD).squeeze(1)
+        y = y_TD.view(B, T, D)
         if self.moe.shared_experts is not None:
             y = y + self.moe.shared_experts(x_BTD)
         return y, r, None

@@ -451,9 +451,14 @@ class DecodeBatch(_TokenSlots):
         N, S = self.k_slots_NS.shape
         if kv_BTC.shape[0] != N or kv_BTC.shape[1] != 1:
             raise ValueError(f"decode batch expects [{N}, 1, C+R], got {tuple(kv_BTC.shape)}")
+        buf = self._write(layer, kv_BTC)
+        return buf.index_select(0, self._k_flat).view(N, S, buf.shape[-1]), self.masked
+
+    def _write(self, layer: int, kv_BTC: torch.Tensor) -> torch.Tensor:
+        """Write every row's latent ``kv [N, 1, C+R]`` into its token slot; returns the layer's cache rows."""
         buf = self.cache.buf[layer]
         buf.index_copy_(0, self.q_slots, kv_BTC[:, 0].to(buf.dtype))
-        return buf.index_select(0, self._k_flat).view(N, S, buf.shape[-1]), self.masked
+        return buf
 
     def attend_absorbed(self, layer: int, kv_BTC: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
                         w_uk_t: torch.Tensor, w_uv: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
@@ -469,7 +474,7 @@ class DecodeBatch(_TokenSlots):
             return None
         from raymoe.model import cpu_kernels
 
-        buf.index_copy_(0, self.q_slots, kv_BTC[:, 0].to(buf.dtype))
+        self._write(layer, kv_BTC)
         out = cpu_kernels.mla_decode_absorbed(q_nope[:, 0], q_pe[:, 0], w_uk_t, w_uv, buf, self.k_slots_NS,
                                               self.q_pos + 1, scale)
         return None if out is None else out[:, None]

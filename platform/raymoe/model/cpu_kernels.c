@@ -195,22 +195,28 @@ void rm_linear_packed(const float *x, long M, long K, long ldx, const float *P, 
  * w_gu [E, 2I, D] (gate rows then up rows, each D contiguous floats), w_dn [E, D, I] (each output row I floats).
  * scratch holds min(max(counts), max_rows) * 3I floats. Experts with no rows are skipped (their weights are never
  * read), and so are experts with more than max_rows rows: their rows of y are left to the caller. */
+/* One SwiGLU expert over c contiguous rows: y [c, D] = (silu(x·W_gateᵀ) ⊙ x·W_upᵀ) · W_downᵀ, with its gate/up
+ * rows wgu [2I, D] and down rows wdn [D, I]; scratch: c * 3I floats. */
+static void swiglu_rows(const float *x, long c, long D, long I, const float *wgu, const float *wdn, float *y,
+                        float *scratch) {
+  float *gu = scratch, *h = scratch + c * 2 * I;
+  rm_linear(x, c, D, D, wgu, 2 * I, gu, 2 * I);
+  for (long r = 0; r < c; r++)
+    for (long i = 0; i < I; i++) {
+      float g = gu[r * 2 * I + i], u = gu[r * 2 * I + I + i];
+      h[r * I + i] = g / (1.0f + expf(-g)) * u;
+    }
+  rm_linear(h, c, I, I, wdn, D, y, D);
+}
+
 void rm_experts(const float *x, const int64_t *counts, long E, long D, long I, const float *w_gu,
                 const float *w_dn, float *y, float *scratch, long max_rows) {
   long row = 0;
   for (long e = 0; e < E; e++) {
     long c = (long)counts[e];
-    if (c <= 0) continue;
-    if (c > max_rows) { row += c; continue; }
-    float *gu = scratch, *h = scratch + c * 2 * I;
-    rm_linear(x + row * D, c, D, D, w_gu + e * 2 * I * D, 2 * I, gu, 2 * I);
-    for (long r = 0; r < c; r++)
-      for (long i = 0; i < I; i++) {
-        float g = gu[r * 2 * I + i], u = gu[r * 2 * I + I + i];
-        h[r * I + i] = g / (1.0f + expf(-g)) * u;
-      }
-    rm_linear(h, c, I, I, w_dn + e * D * I, D, y + row * D, D);
-    row += c;
+    if (c > 0 && c <= max_rows)
+      swiglu_rows(x + row * D, c, D, I, w_gu + e * 2 * I * D, w_dn + e * D * I, y + row * D, scratch);
+    if (c > 0) row += c;
   }
 }
 
@@ -432,18 +438,12 @@ void rm_moe_routed(const float *x, long T, long D, const int64_t *idx, const flo
   long *fill = (long *)malloc((size_t)(E ? E : 1) * sizeof(long));
   for (long e = 0; e < E; e++) fill[e] = start[e];
   for (long p = 0; p < n; p++) order[fill[idx[p]]++] = p;
-  float *xg = scratch + n * D, *yg = xg + cmax * D, *gu = yg + cmax * D, *h = gu + cmax * 2 * I;
+  float *xg = scratch + n * D, *yg = xg + cmax * D, *sw = yg + cmax * D;
   for (long e = 0; e < E; e++) {
     long c = start[e + 1] - start[e];
     if (!c) continue;
     for (long r = 0; r < c; r++) memcpy(xg + r * D, x + (order[start[e] + r] / K) * D, (size_t)D * sizeof(float));
-    rm_linear(xg, c, D, D, w_gu + e * 2 * I * D, 2 * I, gu, 2 * I);
-    for (long r = 0; r < c; r++)
-      for (long i = 0; i < I; i++) {
-        float g = gu[r * 2 * I + i], u = gu[r * 2 * I + I + i];
-        h[r * I + i] = g / (1.0f + expf(-g)) * u;
-      }
-    rm_linear(h, c, I, I, w_dn + e * D * I, D, yg, D);
+    swiglu_rows(xg, c, D, I, w_gu + e * 2 * I * D, w_dn + e * D * I, yg, sw);
     for (long r = 0; r < c; r++) memcpy(ypair + order[start[e] + r] * D, yg + r * D, (size_t)D * sizeof(float));
   }
   for (long t = 0; t < T; t++) {

@@ -214,6 +214,18 @@ def _eligible(*ts: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
 
 
+def _rows(x: torch.Tensor, K: int, max_rows: Optional[int]) -> Optional[tuple[torch.Tensor, int, int]]:
+    """``x [..., K]`` as ``(rows [M, K] with unit column stride, M, row stride)`` for a few-row kernel, or None when
+    it has no rows or more than ``max_rows`` (default :func:`row_limit`)."""
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M == 0 or M > (row_limit() if max_rows is None else max_rows):
+        return None
+    if x2.stride(-1) != 1 or (M > 1 and x2.stride(0) < K):
+        x2 = x2.contiguous()
+    return x2, M, x2.stride(0) if M > 1 else K
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, max_rows: Optional[int] = None) -> Optional[torch.Tensor]:
     """``F.linear(x, w)`` (``x [..., K]``, ``w [N, K]`` contiguous) through ``rm_linear`` when ``x`` has at most
     ``max_rows`` (default :func:`row_limit`) rows and both are fp32 CPU tensors; None otherwise (the caller runs its
@@ -222,14 +234,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, max_rows: Optional[int] = None) -> 
     K = x.shape[-1]
     if lib is None or w.dim() != 2 or w.shape[1] != K or not w.is_contiguous() or not _eligible(x, w):
         return None
-    x2 = x.reshape(-1, K)
-    M, N = x2.shape[0], w.shape[0]
-    if M == 0 or M > (row_limit() if max_rows is None else max_rows):
+    rows = _rows(x, K, max_rows)
+    if rows is None:
         return None
-    if x2.stride(-1) != 1 or (M > 1 and x2.stride(0) < K):
-        x2 = x2.contiguous()
+    x2, M, ldx = rows
+    N = w.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
-    lib.rm_linear(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, w.data_ptr(), N, y.data_ptr(), N)
+    lib.rm_linear(x2.data_ptr(), M, K, ldx, w.data_ptr(), N, y.data_ptr(), N)
     return y.view(*x.shape[:-1], N)
 
 
@@ -272,15 +283,12 @@ def linear_packed(x: torch.Tensor, pw: PackedWeight, max_rows: Optional[int] = N
     K = pw.K
     if lib is None or x.shape[-1] != K or not _eligible(x):
         return None
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    if M == 0 or M > (row_limit() if max_rows is None else max_rows):
+    rows = _rows(x, K, max_rows)
+    if rows is None:
         return None
-    if x2.stride(-1) != 1 or (M > 1 and x2.stride(0) < K):
-        x2 = x2.contiguous()
+    x2, M, ldx = rows
     y = torch.empty(M, pw.N, dtype=torch.float32)
-    lib.rm_linear_packed(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K, pw.panels.data_ptr(), pw.N, y.data_ptr(),
-                         pw.N)
+    lib.rm_linear_packed(x2.data_ptr(), M, K, ldx, pw.panels.data_ptr(), pw.N, y.data_ptr(), pw.N)
     return y.view(*x.shape[:-1], pw.N)
 
 

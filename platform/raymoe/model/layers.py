@@ -1,14 +1,14 @@
 """Small building blocks shared by attention, MoE and MTP: RMSNorm (fp32 math) and the SwiGLU FFN."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["RMSNorm", "SwiGLU", "cross_entropy", "autocast_apply", "fused_linear", "enable_fused_weight_cache",
-           "kn_layout", "use_kn_layout", "use_native_linears"]
+           "kn_layout", "use_kn_layout", "use_native_linears", "derived_weight"]
 
 
 def autocast_apply(fn: type, *args):
@@ -160,13 +160,21 @@ def fused_linear(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ..
     return y.split([m.out_features for m in linears], dim=-1)
 
 
+def derived_weight(holder: dict, name: str, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, kept in ``holder[name]`` while ``key`` (the source weights' data pointers and versions: an in-place
+    update bumps ``_version``, a moved tensor changes ``data_ptr``) holds: a serving copy of a weight in another
+    layout, remade after the weight changes."""
+    cached = holder.get(name)
+    if cached is None or cached[0] != key:
+        cached = holder[name] = (key, make())
+    return cached[1]
+
+
 def _packed(holder: dict, key: tuple, weight: Callable[[], torch.Tensor]):
-    """The packed copy of ``weight()`` kept in ``holder`` while ``key`` (data pointers and versions) holds."""
+    """The packed copy of ``weight()`` (:func:`raymoe.model.cpu_kernels.pack`), kept while ``key`` holds."""
     from raymoe.model import cpu_kernels  # lazy: builds the kernels on first use
 
-    if holder.get("packed_key") != key:
-        holder["packed"], holder["packed_key"] = cpu_kernels.pack(weight()), key
-    return holder["packed"]
+    return derived_weight(holder, "packed", key, lambda: cpu_kernels.pack(weight()))
 
 
 def _few_rows(x: torch.Tensor) -> bool:

@@ -41,7 +41,7 @@ from torch import nn
 
 from raymoe.config import ModelConfig
 from raymoe.model.cache import LatentKVCache
-from raymoe.model.layers import RMSNorm, autocast_apply, fused_linear
+from raymoe.model.layers import RMSNorm, autocast_apply, derived_weight, fused_linear
 from raymoe.model.rope import apply_rope
 
 __all__ = ["MLA", "causal_attention", "ATTN_IMPLS"]
@@ -298,12 +298,8 @@ class MLA(nn.Module):
         """``W^UK`` as a contiguous ``[H, C, N]`` (the layout the native decode attention reads), kept while
         ``kv_b_proj``'s weight is unchanged (serving)."""
         wt = self.kv_b_proj.weight
-        key = (wt.data_ptr(), wt._version)
-        cached = self.__dict__.get("_w_uk_t_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, w_uk.transpose(1, 2).contiguous())
-            self.__dict__["_w_uk_t_cache"] = cached
-        return cached[1]
+        return derived_weight(self.__dict__, "_w_uk_t_cache", (wt.data_ptr(), wt._version),
+                              lambda: w_uk.transpose(1, 2).contiguous())
 
     def _paged_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                        cache) -> torch.Tensor:
