@@ -71,12 +71,81 @@ def test_linear_declines_what_it_does_not_run():
 
 
 def test_row_limit_follows_thread_count():
+    """Threaded kernels (an OpenMP build, as here) take every few-row product at any thread count; a
+    single-threaded build leaves the compute-bound ones to the parallel BLAS under several threads (a subprocess
+    builds one, with $RAYMOE_KERNEL_OPENMP=0)."""
+    assert ck.threaded()
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert ck.row_limit() == ck.ROW_LIMIT and ck.row_limit(experts=True) == ck.EXPERT_ROW_LIMIT
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_single_threaded_build_when_asked(tmp_path):
+    code = textwrap.dedent("""
+        import torch, torch.nn.functional as F
+        from raymoe.model import cpu_kernels as ck
+        assert ck.available() and not ck.threaded()
+        torch.set_num_threads(2)
+        assert ck.row_limit() == ck.row_limit(experts=True) == ck.MEMORY_BOUND_ROWS
+        torch.set_num_threads(1)
+        assert ck.row_limit() == ck.ROW_LIMIT
+        w, x = torch.randn(70, 64), torch.randn(5, 64)
+        assert (ck.linear_packed(x, ck.pack(w)) - F.linear(x, w)).abs().max().item() < 1e-4
+        print("ok")
+    """)
+    env = dict(os.environ, RAYMOE_KERNEL_OPENMP="0", RAYMOE_KERNEL_CACHE=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ok" in r.stdout
+    so = list(pathlib.Path(tmp_path).glob("raymoe_cpu_kernels-*.so"))
+    assert len(so) == 1 and "libgomp" not in subprocess.run(["readelf", "-d", str(so[0])], capture_output=True,
+                                                            text=True).stdout
+
+
+def test_threads_split_the_work_not_the_sums():
+    """Under 2 or 3 threads each output is still computed by one thread in the same order: results equal the
+    single-threaded ones bit for bit (the split is over panels, experts, rows and heads)."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(300, 96, generator=g)
+    pw = ck.pack(w)
+    xs = [torch.randn(M, 96, generator=g) for M in range(1, 18)]
+    E, D, I, T, K = 9, 64, 32, 16, 4  # noqa: E741
+    w_gu, w_dn = torch.randn(E, 2 * I, D, generator=g) / 8, torch.randn(E, D, I, generator=g) / 6
+    xt = torch.randn(T, D, generator=g)
+    idx = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(T)])
+    idx[idx >= 5] += 1  # expert 5: chosen by no token
+    tw = torch.rand(T, K, generator=g)
+    counts = torch.bincount(idx.flatten(), minlength=E)
+    xe = torch.randn(int(counts.sum()), D, generator=g)
+    N, H, Dn, R, C, V, S = 7, 4, 16, 8, 32, 16, 40
+    buf, slots, _ = _paged(N, S, C + R, bs=8, seed=2)
+    lens = torch.randint(1, S + 1, (N,), generator=g)
+    q_nope, q_pe = torch.randn(N, H, Dn, generator=g), torch.randn(N, H, R, generator=g)
+    wk = torch.randn(H, Dn + V, C, generator=g) / 4
+
+    def run():
+        return ([ck.linear_packed(x, pw, max_rows=64) for x in xs]
+                + [ck.experts(xe, counts, w_gu, w_dn, max_rows=8)[0], ck.moe_routed(xt, idx, tw, counts, w_gu, w_dn,
+                                                                                      max_rows=64),
+                   ck.mla_decode_absorbed(q_nope, q_pe, wk[:, :Dn].transpose(1, 2).contiguous(), wk[:, Dn:], buf,
+                                          slots, lens, 0.3)])
+
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert ck.row_limit() == ck.ROW_LIMIT and ck.row_limit(experts=True) == ck.EXPERT_ROW_LIMIT
-        torch.set_num_threads(2)
-        assert ck.row_limit() == ck.row_limit(experts=True) == ck.MEMORY_BOUND_ROWS
+        ref = run()
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            got = run()
+            for i, (a, b) in enumerate(zip(got, ref)):
+                if i == len(xs):  # experts over max_rows were left to the caller: uninitialised rows
+                    keep = torch.repeat_interleave(counts <= 8, counts)
+                    a, b = a[keep], b[keep]
+                assert torch.equal(a, b), (threads, i)
     finally:
         torch.set_num_threads(n)
 

@@ -16,6 +16,27 @@
 #include <stdlib.h>
 #include <string.h>
 #include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_NUM() omp_get_thread_num()
+#else
+#define THREAD_NUM() 0
+#endif
+
+/* Threads: the kernels split their outer loop (panels, experts, rows, heads) over g_threads OpenMP threads (set by
+ * rm_set_threads: the caller's torch intra-op thread count). The build links the OpenMP runtime torch itself loaded
+ * (same soname), so both use one thread pool. Built without OpenMP, every loop runs on the calling thread. */
+static int g_threads = 1;
+void rm_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
+int rm_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+#define PRAGMA_(x) _Pragma(#x)
+#define PARALLEL_FOR(n) PRAGMA_(omp parallel for num_threads(g_threads) schedule(static) if(g_threads > 1 && (n) > 1))
 
 #if defined(__AVX512F__)
 typedef float vf __attribute__((vector_size(64)));
@@ -60,7 +81,7 @@ static inline __m128 hsum4(vf a, vf b, vf c, vf d) {
 
 static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 
-int rm_abi_version(void) { return 8; }
+int rm_abi_version(void) { return 10; }
 int rm_vector_width(void) { return VW; }
 
 /* one weight row r [K] against MB rows of x (row stride ldx): y[b * ldy] = <x_b, r>; U independent chains over k */
@@ -132,62 +153,123 @@ void rm_linear(const float *x, long M, long K, long ldx, const float *w, long N,
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
- * y = x · Wᵀ with W pre-packed in column panels: P [ceil(N / NR)][K][NR], NR = 2 vectors (the last panel zero-padded).
- * Each panel is one contiguous stream; per k, MR rows of x are broadcast against the panel's NR columns into MR x 2
- * vector accumulators: no horizontal sums, and the weights are read strictly in order whatever the row count. This is
- * the serving layout of dense linears (cpu_kernels.pack); 1.4-2.8x the row kernel's speed at 8-16 rows. */
+ * y = x · Wᵀ with W pre-packed in column panels: P [ceil(N / NR)][K][NR] (the last panel zero-padded), NR = NV
+ * vectors. Each panel is one contiguous stream (and the panels follow each other: the whole weight is read strictly
+ * in order); per k, up to MR rows of x are broadcast against the panel's NR columns into MR x NV vector accumulators:
+ * no horizontal sums. The serving layout of dense linears (cpu_kernels.pack).
+ *
+ * Why MR x NV as below: at a decode batch's 16 rows every row must be multiplied in the same pass over a panel. Two
+ * passes of 8 rows (the second from L2) leave the first pass wanting 8 bytes of weights per cycle (128 B per 16
+ * FMAs), more than one core streams from memory, so it stalls on reads while the second computes: 53 GFLOP/s with
+ * weights from memory on the dev host against 90 with them cached. With AVX-512 (32 registers) all 16 rows go in one
+ * pass against one vector of columns (16 accumulators, 4 B of weights per FMA cycle); AVX2 (16 registers) keeps
+ * 6 x 2 vectors, SSE 4 x 2. Leftover rows take the 8/4/2/1-row kernels. */
 #if defined(__AVX512F__)
-#define MR 8
+#define MR 16
+#define NV 1
 #elif defined(__AVX__)
 #define MR 6
+#define NV 2
 #else
 #define MR 4
+#define NV 2
 #endif
-#define NR (2 * VW)
+#define NR (NV * VW)
 
 int rm_panel_width(void) { return NR; }
 
-static inline void panel_store(float *y, long cols, vf a0, vf a1) {
-  if (cols == NR) { memcpy(y, &a0, sizeof a0); memcpy(y + VW, &a1, sizeof a1); return; }
+/* rows m .. m+R-1 of y (only the panel's `cols` valid columns) from one panel pp [K][NR] */
+#define PANEL(R)                                                                                                  \
+  static inline void panel_##R(const float *x, long ldx, long ldk, const float *pp, long K, float *y, long ldy,   \
+                               long cols) {                                                                       \
+    vf a[R][NV];                                                                                                  \
+    for (int i = 0; i < R; i++)                                                                                   \
+      for (int v = 0; v < NV; v++) a[i][v] = (vf){0};                                                             \
+    for (long k = 0; k < K; k++) {                                                                                \
+      vf w[NV];                                                                                                   \
+      for (int v = 0; v < NV; v++) w[v] = ld(pp + k * NR + v * VW);                                               \
+      __builtin_prefetch(pp + (k + 32 / NV) * NR, 0, 3);                                                          \
+      for (int i = 0; i < R; i++) {                                                                               \
+        float xv = x[i * ldx + k * ldk];                                                                          \
+        for (int v = 0; v < NV; v++) a[i][v] += xv * w[v];                                                        \
+      }                                                                                                           \
+    }                                                                                                             \
+    for (int i = 0; i < R; i++) {                                                                                 \
+      float *yr = y + i * ldy;                                                                                    \
+      if (cols == NR) {                                                                                           \
+        for (int v = 0; v < NV; v++) memcpy(yr + v * VW, &a[i][v], sizeof(vf));                                   \
+      } else {                                                                                                    \
+        float t[NR];                                                                                              \
+        for (int v = 0; v < NV; v++) memcpy(t + v * VW, &a[i][v], sizeof(vf));                                   \
+        memcpy(yr, t, (size_t)cols * sizeof(float));                                                              \
+      }                                                                                                           \
+    }                                                                                                             \
+  }
+#define PANEL_EXPAND(R) PANEL(R)
+#if MR > 8
+PANEL_EXPAND(MR)
+#endif
+PANEL(8)
+PANEL(6)
+PANEL(4)
+PANEL(2)
+PANEL(1)
+#define PANEL_MR_(R) panel_##R
+#define PANEL_MR(R) PANEL_MR_(R)
+
+/* one row: panel_1 with U k-chains (U = 4 / NV): with a single chain one row is bound by the FMA latency, and the
+ * reads in flight are too few to stream */
+#define U1 (4 / NV)
+static inline void panel_1x(const float *x, const float *pp, long K, float *y, long cols) {
+  vf a[U1][NV];
+  for (int c = 0; c < U1; c++)
+    for (int v = 0; v < NV; v++) a[c][v] = (vf){0};
+  long k = 0;
+  for (; k + U1 <= K; k += U1) {
+    for (int c = 0; c < U1; c++)
+      for (int v = 0; v < NV; v++) a[c][v] += x[k + c] * ld(pp + (k + c) * NR + v * VW);
+  }
+  for (; k < K; k++)
+    for (int v = 0; v < NV; v++) a[0][v] += x[k] * ld(pp + k * NR + v * VW);
   float t[NR];
-  memcpy(t, &a0, sizeof a0); memcpy(t + VW, &a1, sizeof a1);
+  for (int v = 0; v < NV; v++) {
+    vf s = a[0][v];
+    for (int c = 1; c < U1; c++) s += a[c][v];
+    memcpy(t + v * VW, &s, sizeof s);
+  }
   memcpy(y, t, (size_t)cols * sizeof(float));
 }
 
 void rm_linear_packed(const float *x, long M, long K, long ldx, const float *P, long N, float *y, long ldy) {
   long panels = (N + NR - 1) / NR;
+  /* from 4 rows on, x is read transposed ([K][M], one contiguous line of broadcasts per k) */
+  float *xt = NULL;
+  long lr = ldx, lk = 1;
+  if (M >= 4) {
+    xt = (float *)malloc((size_t)(M * K) * sizeof(float));
+    for (long m = 0; m < M; m++)
+      for (long k = 0; k < K; k++) xt[k * M + m] = x[m * ldx + k];
+    lr = 1;
+    lk = M;
+  }
+  const float *xs = xt ? xt : x;
+  PARALLEL_FOR(panels)
   for (long p = 0; p < panels; p++) {
     const float *pp = P + p * K * NR;
     long cols = N - p * NR < NR ? N - p * NR : NR;
     float *yp = y + p * NR;
     long m = 0;
-    for (; m + MR <= M; m += MR) {
-      vf a[MR][2];
-      for (int i = 0; i < MR; i++) a[i][0] = a[i][1] = (vf){0};
-      const float *xm = x + m * ldx;
-      for (long k = 0; k < K; k++) {
-        vf w0 = ld(pp + k * NR), w1 = ld(pp + k * NR + VW);
-        __builtin_prefetch(pp + (k + 16) * NR, 0, 3);
-        for (int i = 0; i < MR; i++) {
-          float xv = xm[i * ldx + k];
-          a[i][0] += xv * w0;
-          a[i][1] += xv * w1;
-        }
-      }
-      for (int i = 0; i < MR; i++) panel_store(yp + (m + i) * ldy, cols, a[i][0], a[i][1]);
-    }
-    for (; m < M; m++) { /* leftover rows: two k-chains each for latency */
-      vf a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
-      const float *xm = x + m * ldx;
-      long k = 0;
-      for (; k + 2 <= K; k += 2) {
-        a0 += xm[k] * ld(pp + k * NR); a1 += xm[k] * ld(pp + k * NR + VW);
-        b0 += xm[k + 1] * ld(pp + (k + 1) * NR); b1 += xm[k + 1] * ld(pp + (k + 1) * NR + VW);
-      }
-      for (; k < K; k++) { a0 += xm[k] * ld(pp + k * NR); a1 += xm[k] * ld(pp + k * NR + VW); }
-      panel_store(yp + m * ldy, cols, a0 + b0, a1 + b1);
+    for (; m + MR <= M; m += MR) PANEL_MR(MR)(xs + m * lr, lr, lk, pp, K, yp + m * ldy, ldy, cols);
+    if (MR > 8 && m + 8 <= M) { panel_8(xs + m * lr, lr, lk, pp, K, yp + m * ldy, ldy, cols); m += 8; }
+    if (MR > 6 && m + 6 <= M) { panel_6(xs + m * lr, lr, lk, pp, K, yp + m * ldy, ldy, cols); m += 6; }
+    if (m + 4 <= M) { panel_4(xs + m * lr, lr, lk, pp, K, yp + m * ldy, ldy, cols); m += 4; }
+    if (m + 2 <= M) { panel_2(xs + m * lr, lr, lk, pp, K, yp + m * ldy, ldy, cols); m += 2; }
+    if (m < M) {
+      if (xt) panel_1(xs + m * lr, lr, lk, pp, K, yp + m * ldy, ldy, cols);
+      else panel_1x(x + m * ldx, pp, K, yp + m * ldy, cols);
     }
   }
+  free(xt);
 }
 
 /* Routed SwiGLU experts over rows grouped by expert (counts[e] consecutive rows of x for expert e):
@@ -211,13 +293,26 @@ static void swiglu_rows(const float *x, long c, long D, long I, const float *wgu
 
 void rm_experts(const float *x, const int64_t *counts, long E, long D, long I, const float *w_gu,
                 const float *w_dn, float *y, float *scratch, long max_rows) {
-  long row = 0;
+  /* scratch: g_threads * min(max(counts), max_rows) * 3I floats (one slice per thread) */
+  long *row0 = (long *)malloc((size_t)(E + 1) * sizeof(long)), *run = (long *)malloc((size_t)(E ? E : 1) * sizeof(long));
+  long cmax = 0, nr = 0;
+  row0[0] = 0;
   for (long e = 0; e < E; e++) {
     long c = (long)counts[e];
-    if (c > 0 && c <= max_rows)
-      swiglu_rows(x + row * D, c, D, I, w_gu + e * 2 * I * D, w_dn + e * D * I, y + row * D, scratch);
-    if (c > 0) row += c;
+    row0[e + 1] = row0[e] + (c > 0 ? c : 0);
+    if (c > 0 && c <= max_rows) {
+      run[nr++] = e;
+      if (c > cmax) cmax = c;
+    }
   }
+  PARALLEL_FOR(nr) /* the experts it runs, split evenly over the threads */
+  for (long j = 0; j < nr; j++) {
+    long e = run[j];
+    swiglu_rows(x + row0[e] * D, (long)counts[e], D, I, w_gu + e * 2 * I * D, w_dn + e * D * I, y + row0[e] * D,
+                scratch + THREAD_NUM() * cmax * 3 * I);
+  }
+  free(row0);
+  free(run);
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -295,11 +390,13 @@ static inline long run_length(const int64_t *sl, long j, long L, long cap) {
 
 void rm_mla_decode(const float *q, long N, long H, long Dk, long C, const float *buf, const int64_t *slots, long S,
                    const int64_t *lens, float scale, float *out, float *scratch) {
+  /* scratch: g_threads * H * S floats (one slice per thread) */
+  PARALLEL_FOR(N)
   for (long i = 0; i < N; i++) {
     const float *qi = q + i * H * Dk;
     const int64_t *sl = slots + i * S;
     long L = (long)lens[i];
-    float *sc = scratch, *oi = out + i * H * C;
+    float *sc = scratch + THREAD_NUM() * H * S, *oi = out + i * H * C;
     /* scores [H, L]: each run of consecutive cache rows is one small product of the H query rows */
     long r = L ? run_length(sl, 0, L, 64) : 0;
     for (long j = 0; j < L;) {
@@ -361,6 +458,7 @@ void rm_mla_decode(const float *q, long N, long H, long Dk, long C, const float 
  * w + h * hsw, y rows ldy apart and heads hsy apart (the absorbed MLA's W^UK and W^UV products of a decode batch). */
 void rm_per_head(const float *x, long M, long H, long K, long ldx, long hsx, const float *w, long hsw, long Nout,
                  float *y, long ldy, long hsy) {
+  PARALLEL_FOR(H)
   for (long h = 0; h < H; h++) rm_linear(x + h * hsx, M, K, ldx, w + h * hsw, Nout, y + h * hsy, ldy);
 }
 
@@ -426,26 +524,31 @@ void rm_route(const float *scores, const float *bias, long T, long E, long n_gro
  * rm_experts does, and their outputs combined per token. scratch: T*K*D + max(counts) * (2D + 3I) floats. */
 void rm_moe_routed(const float *x, long T, long D, const int64_t *idx, const float *w, long K, const int64_t *counts,
                    long E, long I, const float *w_gu, const float *w_dn, float *y, float *scratch) {
-  long n = T * K, cmax = 0;
+  /* scratch: T*K*D + g_threads * max(counts) * (2D + 3I) floats */
+  long n = T * K, cmax = 0, nt = 0;
   float *ypair = scratch;            /* [T*K, D]: output of pair (t, k) */
   long *start = (long *)malloc((size_t)(E + 1) * sizeof(long));
   long *order = (long *)malloc((size_t)(n ? n : 1) * sizeof(long));
+  long *fill = (long *)malloc((size_t)(E ? E : 1) * sizeof(long));
+  long *touched = (long *)malloc((size_t)(E ? E : 1) * sizeof(long));
   start[0] = 0;
   for (long e = 0; e < E; e++) {
     start[e + 1] = start[e] + (long)counts[e];
     if ((long)counts[e] > cmax) cmax = (long)counts[e];
+    if (counts[e] > 0) touched[nt++] = e;
   }
-  long *fill = (long *)malloc((size_t)(E ? E : 1) * sizeof(long));
   for (long e = 0; e < E; e++) fill[e] = start[e];
   for (long p = 0; p < n; p++) order[fill[idx[p]]++] = p;
-  float *xg = scratch + n * D, *yg = xg + cmax * D, *sw = yg + cmax * D;
-  for (long e = 0; e < E; e++) {
-    long c = start[e + 1] - start[e];
-    if (!c) continue;
+  /* the touched experts split evenly over the threads (each expert's weights are the same size) */
+  PARALLEL_FOR(nt)
+  for (long j = 0; j < nt; j++) {
+    long e = touched[j], c = start[e + 1] - start[e];
+    float *xg = scratch + n * D + THREAD_NUM() * cmax * (2 * D + 3 * I), *yg = xg + cmax * D, *sw = yg + cmax * D;
     for (long r = 0; r < c; r++) memcpy(xg + r * D, x + (order[start[e] + r] / K) * D, (size_t)D * sizeof(float));
     swiglu_rows(xg, c, D, I, w_gu + e * 2 * I * D, w_dn + e * D * I, yg, sw);
     for (long r = 0; r < c; r++) memcpy(ypair + order[start[e] + r] * D, yg + r * D, (size_t)D * sizeof(float));
   }
+  PARALLEL_FOR(T)
   for (long t = 0; t < T; t++) {
     float *yt = y + t * D;
     for (long d = 0; d < D; d++) yt[d] = 0.0f;
@@ -455,7 +558,7 @@ void rm_moe_routed(const float *x, long T, long D, const int64_t *idx, const flo
       for (long d = 0; d < D; d++) yt[d] += wk * src[d];
     }
   }
-  free(start); free(order); free(fill);
+  free(start); free(order); free(fill); free(touched);
 }
 
 /* RMSNorm of M rows (x rows ldx apart, y contiguous [M, D]): y = w * (x / sqrt(mean(x^2) + eps)), all fp32. */

@@ -9,8 +9,9 @@ runs at 25–44 GFLOP/s of a 95–99 GFLOP/s peak. The kernels:
 * ``rm_linear`` (:func:`linear`): ``x · Wᵀ`` for ``W [N, K]``, one weight row at a time against all the rows of ``x``
   (one sequential stream: 16–22 GB/s at 1–2 rows), 4×4 register tiles from 8 rows on;
 * ``rm_linear_packed`` (:func:`pack`, :func:`linear_packed`): the same product on a copy of ``W`` packed in column
-  panels ``[⌈N/w⌉, K, w]`` (``w`` = 2 vectors), 8 rows (6 with AVX2) broadcast against each panel, no horizontal
-  sums: 55–70 GFLOP/s at 16 rows with the weights streamed from memory;
+  panels ``[⌈N/w⌉, K, w]`` (``w`` = 1 vector with AVX-512, 2 with AVX2), up to 16 rows (6 with AVX2) broadcast
+  against each panel in one pass, no horizontal sums: 62–85 GFLOP/s at 16 rows with the weights streamed from memory
+  on one thread (two 8-row passes ran at 49–73: the first stalled on reads; ``bench gemm_read``);
 * ``rm_experts`` (:func:`experts`) / ``rm_moe_routed`` (:func:`moe_routed`): a layer's routed SwiGLU experts over
   their grouped rows (or with dispatch and weighted combine) in one call, skipping untouched experts;
 * ``rm_route`` (:func:`route`): DeepSeek-V3's group-limited top-k selection from the sigmoid scores;
@@ -28,10 +29,16 @@ SSE paths on an AVX-512 host). No compiler, a non-x86-64 or non-Linux host, or a
 False, :func:`why_unavailable` says why (logged once), and every caller keeps its torch path
 (``engine.cpu_kernels: on`` makes that an error instead).
 
-Scope and numerics: fp32, CPU tensors, no autograd (serving only). The kernels run on the calling thread; with more
-than one intra-op thread the BLAS parallelises and the kernels take only products it cannot speed up
-(:func:`row_limit`). Sums are accumulated in another order than the BLAS: results agree to rounding (each kernel is
-tested against torch), not bit for bit.
+Scope and numerics: fp32, CPU tensors, no autograd (serving only). Sums are accumulated in another order than the
+BLAS: results agree to rounding (each kernel is tested against torch), not bit for bit.
+
+Threads: built with OpenMP (``-fopenmp``; ``$RAYMOE_KERNEL_OPENMP=0`` or a compiler without it builds them
+single-threaded), each kernel splits its outer loop over torch's intra-op thread count (:func:`torch.get_num_threads`,
+read on every call): the panels of a packed weight, the touched experts of a MoE layer, the rows of a decode batch,
+the heads of a per-head product. Each output is still computed by one thread in one order, so results do not depend on
+the thread count (tested bit for bit). The build needs ``libgomp.so.1``, the soname of the OpenMP runtime torch loads
+itself, so the kernels run on torch's own thread pool rather than a second one competing with it. A single-threaded
+build under several intra-op threads takes only the products the BLAS cannot parallelise well (:func:`row_limit`).
 """
 from __future__ import annotations
 
@@ -52,12 +59,12 @@ import torch
 
 __all__ = ["available", "why_unavailable", "vector_width", "row_limit", "library_path", "linear", "PackedWeight",
            "pack", "panel_width", "linear_packed", "experts", "moe_routed", "route", "rms_norm", "rope", "mla_decode",
-           "mla_decode_absorbed", "ROW_LIMIT", "EXPERT_ROW_LIMIT", "MEMORY_BOUND_ROWS"]
+           "mla_decode_absorbed", "threaded", "ROW_LIMIT", "EXPERT_ROW_LIMIT", "MEMORY_BOUND_ROWS"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.c")
-ABI_VERSION = 8
+ABI_VERSION = 10
 # Rows up to which the kernels replace F.linear on one intra-op thread. Time of MKL's F.linear over rm_linear's on the
 # dev host (weights rotated through 256 MB so they stream from memory, as in `bench gemm_read`): 1.5-2.0x at 1 row,
 # 2.1-4.3x at 2, 1.6-2.3x at 4, 1.0-1.2x at 8, 0.97-1.2x at 16 (decode shapes of the small model and its lm_head);
@@ -68,6 +75,15 @@ EXPERT_ROW_LIMIT = 16
 MEMORY_BOUND_ROWS = 2  # with several intra-op threads: only products this small (the BLAS parallelises the rest)
 # gnu11, not c11: ISO mode turns floating-point contraction off, and the products need fused multiply-adds
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast")
+# OpenMP for the kernels' threads: the build then needs libgomp.so.1, the soname torch's own OpenMP runtime has, so the
+# loader hands the kernels torch's runtime (one thread pool for both). A compiler without OpenMP: built without it;
+# $RAYMOE_KERNEL_OPENMP=0 asks for that.
+OPENMP_FLAG = "-fopenmp"
+
+
+def _openmp_flags() -> tuple[str, ...]:
+    return () if os.environ.get("RAYMOE_KERNEL_OPENMP", "1").strip().lower() in ("0", "false", "off", "no") \
+        else (OPENMP_FLAG,)
 
 
 def _march() -> str:
@@ -79,6 +95,8 @@ _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _error: Optional[str] = None
 _tried = False
+_threads = 1  # the kernels' thread count last set (rm_set_threads)
+_openmp = False  # the build splits its loops over threads
 
 
 def _cache_dir() -> pathlib.Path:
@@ -114,7 +132,7 @@ def library_path() -> pathlib.Path:
     except (OSError, subprocess.SubprocessError):
         ver = ""
     h = hashlib.sha256()
-    flags = " ".join((*FLAGS, f"-march={_march()}"))
+    flags = " ".join((*FLAGS, *_openmp_flags(), f"-march={_march()}"))
     for part in (SOURCE.read_bytes(), cc.encode(), ver.encode(), flags.encode(), _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
@@ -129,8 +147,12 @@ def _build(out: pathlib.Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, f"-march={_march()}", str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                           text=True, timeout=300)
+        base = [cc, *FLAGS, f"-march={_march()}", str(SOURCE), "-o", tmp]
+        r = subprocess.run([*base[:1], *_openmp_flags(), *base[1:], "-lm"], capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode != 0 and _openmp_flags():  # no OpenMP with this compiler: single-threaded kernels
+            log.info("CPU kernels: %s %s failed, building without threads", cc, OPENMP_FLAG)
+            r = subprocess.run([*base, "-lm"], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-800:]}")
         os.replace(tmp, out)
@@ -140,7 +162,7 @@ def _build(out: pathlib.Path) -> None:
 
 
 def _load() -> Optional[ctypes.CDLL]:
-    global _lib, _error, _tried
+    global _lib, _error, _tried, _openmp
     if _tried:
         return _lib
     with _lock:
@@ -174,6 +196,9 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.rm_rms_norm.restype = None
             lib.rm_rope.argtypes = [P, L, L, L, L, L, P, P, P]
             lib.rm_rope.restype = None
+            lib.rm_set_threads.argtypes = [ctypes.c_int]
+            lib.rm_set_threads.restype = None
+            _openmp = bool(lib.rm_openmp())
             _lib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: keep the torch path, say why
             _error = f"{type(e).__name__}: {e}"
@@ -201,11 +226,35 @@ def vector_width() -> int:
     return int(lib.rm_vector_width())
 
 
+def threaded() -> bool:
+    """Whether this build splits its kernels over torch's intra-op threads (built with OpenMP)."""
+    return _load() is not None and _openmp
+
+
+def _kernels() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, their thread count set to torch's intra-op thread count (:func:`torch.get_num_threads`,
+    which a serving replica leaves at the node's cores and the benches set)."""
+    global _threads
+    lib = _load()
+    if lib is not None:
+        n = torch.get_num_threads()
+        if n != _threads:
+            lib.rm_set_threads(n)
+            _threads = n
+    return lib
+
+
+def _nthreads() -> int:
+    """Threads the next kernel call may use (its scratch has a slice per thread)."""
+    return _threads if threaded() else 1
+
+
 def row_limit(experts: bool = False) -> int:
-    """The most rows :func:`linear` (``experts``: one expert in :func:`experts`) takes under the current intra-op
-    thread count: ``ROW_LIMIT`` (``EXPERT_ROW_LIMIT``) on one thread, ``MEMORY_BOUND_ROWS`` on several, where the
-    BLAS parallelises the compute-bound products."""
-    if torch.get_num_threads() != 1:
+    """The most rows :func:`linear` (``experts``: one expert in :func:`experts`) takes: ``ROW_LIMIT``
+    (``EXPERT_ROW_LIMIT``) when the kernels run on one intra-op thread or are threaded themselves; a single-threaded
+    build under several intra-op threads takes only ``MEMORY_BOUND_ROWS``, leaving the compute-bound products to the
+    parallel BLAS."""
+    if torch.get_num_threads() != 1 and not threaded():
         return MEMORY_BOUND_ROWS
     return EXPERT_ROW_LIMIT if experts else ROW_LIMIT
 
@@ -230,7 +279,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, max_rows: Optional[int] = None) -> 
     """``F.linear(x, w)`` (``x [..., K]``, ``w [N, K]`` contiguous) through ``rm_linear`` when ``x`` has at most
     ``max_rows`` (default :func:`row_limit`) rows and both are fp32 CPU tensors; None otherwise (the caller runs its
     own path). No autograd: call it under ``torch.no_grad()`` / inference."""
-    lib = _load()
+    lib = _kernels()
     K = x.shape[-1]
     if lib is None or w.dim() != 2 or w.shape[1] != K or not w.is_contiguous() or not _eligible(x, w):
         return None
@@ -254,7 +303,8 @@ class PackedWeight(NamedTuple):
 
 
 def panel_width() -> int:
-    """Columns per panel of :func:`pack` in this build (two SIMD vectors: 32 with AVX-512, 16 with AVX2)."""
+    """Columns per panel of :func:`pack` in this build (16 with AVX-512: one vector; 16 with AVX2 and 8 with
+    SSE: two)."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"CPU kernels unavailable: {_error}")
@@ -279,7 +329,7 @@ def pack(w: torch.Tensor) -> Optional[PackedWeight]:
 def linear_packed(x: torch.Tensor, pw: PackedWeight, max_rows: Optional[int] = None) -> Optional[torch.Tensor]:
     """``F.linear(x, w)`` for the weight packed as ``pw`` (:func:`pack`), through ``rm_linear_packed``, when ``x``
     (``[..., K]``, fp32 CPU) has at most ``max_rows`` (default :func:`row_limit`) rows; None otherwise."""
-    lib = _load()
+    lib = _kernels()
     K = pw.K
     if lib is None or x.shape[-1] != K or not _eligible(x):
         return None
@@ -299,7 +349,7 @@ def experts(x_ND: torch.Tensor, counts_E: torch.Tensor, w_gu: torch.Tensor, w_dn
     (unweighted) and the experts it left to the caller: those with more than ``max_rows`` rows (default
     :func:`row_limit`), whose rows of ``y`` are uninitialised. None when the kernels are unavailable or the tensors
     do not fit (the caller runs its own path)."""
-    lib = _load()
+    lib = _kernels()
     if lib is None or not _eligible(x_ND, w_gu, w_dn) or not (w_gu.is_contiguous() and w_dn.is_contiguous()):
         return None
     E, D, I = w_dn.shape  # noqa: E741
@@ -314,7 +364,7 @@ def experts(x_ND: torch.Tensor, counts_E: torch.Tensor, w_gu: torch.Tensor, w_dn
     y = torch.empty(x.shape[0], D, dtype=torch.float32)
     done = [c for c in cl if c <= limit]
     if any(done):
-        scratch = torch.empty(max(done) * 3 * I, dtype=torch.float32)
+        scratch = torch.empty(_nthreads() * max(done) * 3 * I, dtype=torch.float32)
         lib.rm_experts(x.data_ptr(), counts.data_ptr(), E, D, I, w_gu.data_ptr(), w_dn.data_ptr(), y.data_ptr(),
                        scratch.data_ptr(), limit)
     return y, [e for e, c in enumerate(cl) if c > limit]
@@ -326,7 +376,7 @@ def route(scores_TE: torch.Tensor, bias_E: torch.Tensor, n_group: int, topk_grou
     [T, k] int64, topk_weight [T, k], counts [E] int64)``, the chosen experts in descending biased score. Same sets
     as torch's ``topk`` (on equal scores the lower expert id wins; torch leaves that order unspecified) and the same
     gates up to the order of one k-term sum. None when the kernels or the shapes do not fit."""
-    lib = _load()
+    lib = _kernels()
     if lib is None or not _eligible(scores_TE, bias_E) or scores_TE.dim() != 2:
         return None
     T, E = scores_TE.shape
@@ -349,7 +399,7 @@ def moe_routed(x_TD: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
     ``counts_E`` must be the routing's tokens per expert. None when the kernels or the tensors do not fit, or when an
     expert has more than ``max_rows`` (default :func:`row_limit` for experts) rows: the caller's grouped path then
     runs it (the BLAS is faster on many rows)."""
-    lib = _load()
+    lib = _kernels()
     if (lib is None or not _eligible(x_TD, topk_weight, w_gu, w_dn)
             or not (w_gu.is_contiguous() and w_dn.is_contiguous())):
         return None
@@ -369,7 +419,7 @@ def moe_routed(x_TD: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
         raise ValueError(f"expert ids must be in 0..{E - 1}")
     x, w = x_TD.contiguous(), topk_weight.to(torch.float32).contiguous()
     y = torch.empty(T, D, dtype=torch.float32)
-    scratch = torch.empty(T * K * D + cmax * (2 * D + 3 * I) + 1, dtype=torch.float32)
+    scratch = torch.empty(T * K * D + _nthreads() * cmax * (2 * D + 3 * I) + 1, dtype=torch.float32)
     lib.rm_moe_routed(x.data_ptr(), T, D, idx.data_ptr(), w.data_ptr(), K, counts.data_ptr(), E, I, w_gu.data_ptr(),
                       w_dn.data_ptr(), y.data_ptr(), scratch.data_ptr())
     return y
@@ -382,7 +432,7 @@ def mla_decode(q_NHK: torch.Tensor, buf: torch.Tensor, slots_NS: torch.Tensor, l
     positions ``0..lens[i]-1``), values their first ``C`` floats → ``[N, H, C]`` = ``softmax(scale·q·kᵀ)·c``. Only a
     row's visible keys are read (no gathered copy, no mask), so a non-finite latent reaches only the rows that see it
     (their output is NaN, as torch's softmax makes it). None when the kernels or the tensors do not fit."""
-    lib = _load()
+    lib = _kernels()
     if lib is None or not _eligible(q_NHK, buf) or not buf.is_contiguous() or q_NHK.dim() != 3:
         return None
     N, H, Dk = q_NHK.shape
@@ -395,7 +445,7 @@ def mla_decode(q_NHK: torch.Tensor, buf: torch.Tensor, slots_NS: torch.Tensor, l
         raise ValueError(f"mla_decode: every row must see 1..{S} keys, got lengths {lens.tolist()}")
     q = q_NHK.contiguous()
     out = torch.empty(N, H, C, dtype=torch.float32)
-    scratch = torch.empty(max(H * S, 1), dtype=torch.float32)
+    scratch = torch.empty(max(_nthreads() * H * S, 1), dtype=torch.float32)
     lib.rm_mla_decode(q.data_ptr(), N, H, Dk, C, buf.data_ptr(), slots.data_ptr(), S, lens.data_ptr(), float(scale),
                       out.data_ptr(), scratch.data_ptr())
     return out
@@ -408,7 +458,7 @@ def mla_decode_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.
     :func:`mla_decode`, then the per-head ``W^UV`` up-projection → ``[N, H, V]``. ``q_nope [N, H, Dn]``,
     ``q_pe [N, H, R]``, ``w_uk_t [H, C, Dn]`` (W^UK transposed, contiguous), ``w_uv [H, V, C]`` (each head's ``V×C``
     block contiguous; heads any stride). None when the kernels or the tensors do not fit."""
-    lib = _load()
+    lib = _kernels()
     if lib is None or not _eligible(q_nope, q_pe, w_uk_t, w_uv) or not w_uk_t.is_contiguous():
         return None
     N, H, Dn = q_nope.shape
@@ -432,7 +482,7 @@ def mla_decode_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
     """``w · x / sqrt(mean(x², -1) + eps)`` for fp32 ``x [..., D]`` and ``w [D]`` (raymoe.model.layers.RMSNorm's
     forward, serving), in one pass per row; None when the kernels or the tensors do not fit."""
-    lib = _load()
+    lib = _kernels()
     D = x.shape[-1]
     if lib is None or not _eligible(x, w) or w.shape != (D,) or not w.is_contiguous() or x.numel() == 0:
         return None
@@ -449,7 +499,7 @@ def rope(x: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> Optiona
     """:func:`raymoe.model.rope.apply_rope` for a decode batch: ``x [N, 1, H, 2R]`` (any strides with unit stride on
     the last dim) rotated by one ``cos/sin`` row per batch row (``[N, 1, R]`` or ``[N, R]``) → contiguous
     ``[N, 1, H, 2R]``. None when the kernels or the shapes do not fit."""
-    lib = _load()
+    lib = _kernels()
     if lib is None or not _eligible(x, cos_TR, sin_TR) or x.dim() != 4 or x.shape[1] != 1 or x.stride(-1) != 1:
         return None
     N, _, H, R2 = x.shape
