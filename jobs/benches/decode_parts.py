@@ -16,10 +16,11 @@ wrappers around its modules:
 * ``rest``: the step minus the parts (MoE dispatch/combine, norms, residuals, embedding, the engine's scheduling,
   cache view and sampling).
 
-Each part's **bandwidth floor** is the weight bytes it reads (``bench serve``'s ``decode_part_costs``; routed: the
-experts the step touched, counted from the routing) over the streaming read rate (a ``sum`` over all weights, as
-``bench serve``), its **compute floor** its flops (2 per weight and row; routed: each row's ``k`` experts) over the
-fp32 matmul rate (``[1024, 1024]²``), both measured in the same run. ``x floor`` is the part's time over the larger of the two.
+Each part's **bandwidth floor** is the bytes it reads (``bench serve``'s ``decode_part_costs``: weights, and for
+attention the latent cache too; routed: the experts the step touched, counted from the routing) over the streaming read
+rate (a ``sum`` over all weights, as ``bench serve``), its **compute floor** its flops (2 per weight and row; routed:
+each row's ``k`` experts) over the fp32 matmul rate (``[1024, 1024]²``), both measured in the same run with the same
+intra-op threads. ``x floor`` is the part's time over the larger of the two.
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ Three parts, each a table (rich) and a section of the returned JSON; one PNG (``
    step: the same greedy tokens in fewer target forwards. The generated token ids of every implementation are compared and must be
    equal (the bench fails otherwise). Each row also reports the **bandwidth floor** of a decode step: the weights it
    must read (all but the token embedding, with the routed experts the batch actually touched, counted per layer
-   with a forward hook) divided by this machine's streaming read bandwidth, measured in the same run
+   with a forward hook) plus the latent cache it reads (:func:`latent_cache_bytes`, at the timed steps' mean context),
+   divided by this machine's streaming read bandwidth, measured in the same run with the same intra-op threads
    (:func:`streaming_read`). ``HF step / floor`` is the largest speed-up over transformers that any implementation
    reading fp32 weights at that bandwidth could reach. A measured step faster than its floor is impossible: the
    bench raises. Next to it, the **compute floor**: the step's flops at this machine's fp32 matmul rate, measured in
@@ -174,10 +175,20 @@ def streaming_read(model: torch.nn.Module, reps: int = 5) -> tuple[float, float,
     return total / median_seconds(read, reps, warmup=1), per_expert / 1e6, (total - routed_bytes) / 1e6
 
 
+def latent_cache_bytes(model: torch.nn.Module, batch: int, context: float) -> float:
+    """Bytes of latent cache one decode step of ``batch`` sequences at mean ``context`` keys reads: every layer's
+    ``C + R`` values per key (the absorbed attention reads each key once), in the weights' dtype (the engine's cache
+    dtype)."""
+    cfg = model.config
+    esize = next(model.parameters()).element_size()
+    return len(model.layers) * batch * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * esize
+
+
 def decode_part_costs(model: torch.nn.Module, batch: int, context: float,
                       touched_per_layer: float = 0.0) -> dict[str, tuple[float, float]]:
-    """``{part: (weight bytes read, flops)}`` of one decode step of ``batch`` sequences at mean ``context`` keys, for
-    the parts ``attention`` (every MLA: its projections once per token — ``kv_b_proj`` is W^UK and W^UV absorbed, each
+    """``{part: (bytes read, flops)}`` of one decode step of ``batch`` sequences at mean ``context`` keys, for
+    the parts ``attention`` (every MLA: its weights and the latent cache, :func:`latent_cache_bytes`; its projections
+    once per token — ``kv_b_proj`` is W^UK and W^UV absorbed, each
     value once — plus the absorbed scores and values over ``C + R`` and ``C`` per key and head), ``routed experts``
     (bytes: ``touched_per_layer`` experts per MoE layer; flops: each token's ``k`` experts, gate, up and down),
     ``shared experts``, ``dense FFN``, ``router`` and ``lm_head``. The token embedding, the norms and the MTP modules
@@ -199,7 +210,8 @@ def decode_part_costs(model: torch.nn.Module, batch: int, context: float,
     expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     esize = next(model.parameters()).element_size()
     return {
-        "attention": (sum(nbytes(a) for a in attn), 2 * batch * (sum(nparams(a) for a in attn) + core)),
+        "attention": (sum(nbytes(a) for a in attn) + latent_cache_bytes(model, batch, context),
+                      2 * batch * (sum(nparams(a) for a in attn) + core)),
         "routed experts": (len(moes) * touched_per_layer * expert_params * esize,
                            2 * batch * len(moes) * cfg.num_experts_per_tok * expert_params),
         "shared experts": (sum(nbytes(m) for m in shared), 2 * batch * sum(nparams(m) for m in shared)),
@@ -371,8 +383,10 @@ def decode_bench(name: str, path: pathlib.Path, batches: list[int], prompt_len: 
                "outputs_equal": True, "times_s": med,
                "decode_steps_per_run": {k: statistics.median(len(r["steps_s"]) for r in rs) for k, rs in runs.items()},
                "ours_step_ms": 1e3 * (med["ours"]["step_s"] or 0.0), "hf_step_ms": 1e3 * (med["hf"]["step_s"] or 0.0),
-               "touched_experts_per_layer": touched, "read_mb_per_step": other_mb + n_moe * touched * expert_mb,
+               "touched_experts_per_layer": touched, "cache_mb_per_step": 1e-6 * latent_cache_bytes(
+                   eng.model, B, prompt_len + new_tokens / 2),
                "stream_gb_s": bandwidth / 1e9}
+        row["read_mb_per_step"] = other_mb + n_moe * touched * expert_mb + row["cache_mb_per_step"]
         row["floor_step_ms"] = row["read_mb_per_step"] / row["stream_gb_s"]
         row["matmul_gflops"] = peak / 1e9
         row["step_gflop"] = decode_flops(eng.model, B, prompt_len + new_tokens / 2) / 1e9

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 def test_bench_serve_tiny_minimal(tmp_path) -> None:
     import ray
 
+    from raymoe.config import ModelConfig
     from raymoe.jobs.benches import serve as bench
 
     png = tmp_path / "serve_latency.png"
@@ -31,6 +32,10 @@ def test_bench_serve_tiny_minimal(tmp_path) -> None:
         lo, hi = (2, 2) if r["batch"] == 1 else (2, 8)
         assert lo <= r["touched_experts_per_layer"] <= hi
         assert r["read_mb_per_step"] > 0 and r["stream_gb_s"] > 0
+        # the floor counts the latent cache the step reads: every layer's C + R fp32 values per key, 8 + 4/2 keys
+        cfg = ModelConfig.preset("tiny")
+        cache_mb = cfg.num_hidden_layers * r["batch"] * 10 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 / 1e6
+        assert r["cache_mb_per_step"] == pytest.approx(cache_mb) and r["read_mb_per_step"] > cache_mb
         assert r["floor_step_ms"] == pytest.approx(r["read_mb_per_step"] / r["stream_gb_s"])
         assert r["bandwidth_bound_ratio"] == pytest.approx(r["hf_step_ms"] / r["floor_step_ms"])
     (m,) = out["mtp"]["rows"]

@@ -419,3 +419,45 @@ def test_native_linears_pack_on_first_few_row_product_and_follow_weight_changes(
     y = net(x)  # autograd on: the torch path, gradients flow
     y.sum().backward()
     assert lin.weight.grad is not None
+
+
+def test_dense_swiglu_and_router_gate_run_natively_on_the_shared_packed_copies(monkeypatch):
+    """A serving SwiGLU (shared expert, dense FFN) runs as one swiglu_packed call on the packed copies its linears
+    keep anyway, and the router's gate product through a packed copy; both equal the torch modules, and a
+    weight update is followed."""
+    from raymoe.config import ModelConfig
+    from raymoe.model.layers import SwiGLU, enable_fused_weight_cache, use_native_linears
+    from raymoe.model.moe import Router
+
+    torch.manual_seed(0)
+    ffn, ref = SwiGLU(48, 40), SwiGLU(48, 40)
+    ref.load_state_dict(ffn.state_dict())
+    enable_fused_weight_cache(ffn, native=True)
+    use_native_linears(ffn)
+    assert ffn.native
+    calls = []
+    native = ck.swiglu_packed
+    monkeypatch.setattr(ck, "swiglu_packed", lambda *a: calls.append(1) or native(*a))
+    with torch.no_grad():
+        for M in (1, 5, 16):
+            x = torch.randn(M, 1, 48)
+            _close(ffn(x), ref(x))
+        assert len(calls) == 3
+        big = torch.randn(ck.ROW_LIMIT + 1, 48)
+        _close(ffn(big), ref(big))  # many rows: torch's GEMMs
+        assert len(calls) == 3
+        for m in (ffn, ref):
+            m.up_proj.weight.mul_(-2.0)
+        x = torch.randn(4, 48)
+        _close(ffn(x), ref(x))  # repacked after the in-place update
+    cfg = ModelConfig.preset("tiny")
+    router, rref = Router(cfg), Router(cfg)
+    torch.nn.init.normal_(router.weight)
+    rref.load_state_dict(router.state_dict())
+    router.native = True
+    with torch.no_grad():
+        x = torch.randn(6, cfg.hidden_size)
+        got, want = router(x), rref(x)
+        _close(got.scores, want.scores)
+        assert torch.equal(got.topk_idx.sort(-1).values, want.topk_idx.sort(-1).values)
+        assert router.__dict__["_packed_gate"] is not None

@@ -81,7 +81,7 @@ static inline __m128 hsum4(vf a, vf b, vf c, vf d) {
 
 static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 
-int rm_abi_version(void) { return 10; }
+int rm_abi_version(void) { return 11; }
 int rm_vector_width(void) { return VW; }
 
 /* one weight row r [K] against MB rows of x (row stride ldx): y[b * ldy] = <x_b, r>; U independent chains over k */
@@ -270,6 +270,20 @@ void rm_linear_packed(const float *x, long M, long K, long ldx, const float *P, 
     }
   }
   free(xt);
+}
+
+/* A dense SwiGLU (shared expert, dense FFN) on packed weights: y [M, D] = (silu(x·W_gateᵀ) ⊙ x·W_upᵀ) · W_downᵀ,
+ * Pgu the packing of [W_gate; W_up] ([2I, D]), Pdn of W_down ([D, I]); scratch: M * 3I floats. */
+void rm_swiglu_packed(const float *x, long M, long D, long ldx, const float *Pgu, long I, const float *Pdn, float *y,
+                      float *scratch) {
+  float *gu = scratch, *h = scratch + M * 2 * I;
+  rm_linear_packed(x, M, D, ldx, Pgu, 2 * I, gu, 2 * I);
+  for (long r = 0; r < M; r++)
+    for (long i = 0; i < I; i++) {
+      float g = gu[r * 2 * I + i], u = gu[r * 2 * I + I + i];
+      h[r * I + i] = g / (1.0f + expf(-g)) * u;
+    }
+  rm_linear_packed(h, M, I, I, Pdn, D, y, D);
 }
 
 /* Routed SwiGLU experts over rows grouped by expert (counts[e] consecutive rows of x for expert e):

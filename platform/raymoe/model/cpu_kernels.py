@@ -58,13 +58,13 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["available", "why_unavailable", "vector_width", "row_limit", "library_path", "linear", "PackedWeight",
-           "pack", "panel_width", "linear_packed", "experts", "moe_routed", "route", "rms_norm", "rope", "mla_decode",
+           "pack", "panel_width", "linear_packed", "swiglu_packed", "experts", "moe_routed", "route", "rms_norm", "rope", "mla_decode",
            "mla_decode_absorbed", "threaded", "ROW_LIMIT", "EXPERT_ROW_LIMIT", "MEMORY_BOUND_ROWS"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.c")
-ABI_VERSION = 10
+ABI_VERSION = 11
 # Rows up to which the kernels replace F.linear on one intra-op thread. Time of MKL's F.linear over rm_linear's on the
 # dev host (weights rotated through 256 MB so they stream from memory, as in `bench gemm_read`): 1.5-2.0x at 1 row,
 # 2.1-4.3x at 2, 1.6-2.3x at 4, 1.0-1.2x at 8, 0.97-1.2x at 16 (decode shapes of the small model and its lm_head);
@@ -186,6 +186,8 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.rm_mla_decode.restype = None
             lib.rm_linear_packed.argtypes = [P, L, L, L, P, L, P, L]
             lib.rm_linear_packed.restype = None
+            lib.rm_swiglu_packed.argtypes = [P, L, L, L, P, L, P, P, P]
+            lib.rm_swiglu_packed.restype = None
             lib.rm_per_head.argtypes = [P, L, L, L, L, L, P, L, L, P, L, L]
             lib.rm_per_head.restype = None
             lib.rm_route.argtypes = [P, P, L, L, L, L, L, ctypes.c_float, ctypes.c_int, P, P, P]
@@ -340,6 +342,26 @@ def linear_packed(x: torch.Tensor, pw: PackedWeight, max_rows: Optional[int] = N
     y = torch.empty(M, pw.N, dtype=torch.float32)
     lib.rm_linear_packed(x2.data_ptr(), M, K, ldx, pw.panels.data_ptr(), pw.N, y.data_ptr(), pw.N)
     return y.view(*x.shape[:-1], pw.N)
+
+
+def swiglu_packed(x: torch.Tensor, gate_up: PackedWeight, down: PackedWeight,
+                  max_rows: Optional[int] = None) -> Optional[torch.Tensor]:
+    """A dense SwiGLU ``down(silu(gate(x)) ⊙ up(x))`` in one call, ``gate_up`` the packing of ``[W_gate; W_up]``
+    (``[2I, D]``) and ``down`` of ``W_down`` (``[D, I]``), when ``x [..., D]`` has at most ``max_rows`` (default
+    :func:`row_limit`) rows; None otherwise."""
+    lib = _kernels()
+    D, I = gate_up.K, down.K  # noqa: E741
+    if lib is None or x.shape[-1] != D or gate_up.N != 2 * I or down.N != D or not _eligible(x):
+        return None
+    rows = _rows(x, D, max_rows)
+    if rows is None:
+        return None
+    x2, M, ldx = rows
+    y = torch.empty(M, D, dtype=torch.float32)
+    scratch = torch.empty(M * 3 * I, dtype=torch.float32)
+    lib.rm_swiglu_packed(x2.data_ptr(), M, D, ldx, gate_up.panels.data_ptr(), I, down.panels.data_ptr(), y.data_ptr(),
+                         scratch.data_ptr())
+    return y.view(*x.shape[:-1], D)
 
 
 def experts(x_ND: torch.Tensor, counts_E: torch.Tensor, w_gu: torch.Tensor, w_dn: torch.Tensor,

@@ -263,12 +263,13 @@ def use_native_linears(model: nn.Module) -> int:
     first use, remade when the weight changes), which streams the weight in order with no horizontal sums; more rows
     (prefill), autograd, or kernels unavailable: ``F.linear`` on the weight as before. Costs one extra copy of each such
     weight. A weight stored ``[in, out]`` (:func:`use_kn_layout`) is re-stored contiguous ``[out, in]`` first. Every
-    :class:`RMSNorm` without autograd runs as one :func:`raymoe.model.cpu_kernels.rms_norm` call too. Values unchanged
+    :class:`RMSNorm` without autograd runs as one :func:`raymoe.model.cpu_kernels.rms_norm` call too, and every few-row
+    :class:`SwiGLU` as one :func:`raymoe.model.cpu_kernels.swiglu_packed` call. Values unchanged
     up to rounding. Returns the number of linears changed."""
     n = 0
     for m in model.modules():
-        if isinstance(m, RMSNorm):
-            m.native = True  # and its norms: one kernel call each instead of seven ops
+        if isinstance(m, (RMSNorm, SwiGLU)):
+            m.native = True  # and its norms and dense FFNs: one kernel call each instead of several ops
             continue
         if type(m) is not nn.Linear or m.bias is not None or "forward" in m.__dict__:
             continue
@@ -288,7 +289,28 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
         self.up_proj = nn.Linear(dim, inter_dim, bias=False)
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+        self.native = False  # serving on CPU: the whole FFN in one raymoe.model.cpu_kernels call (use_native_linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and not torch.is_grad_enabled() and _few_rows(x):
+            y = self._native(x)
+            if y is not None:
+                return y
         g, u = fused_linear(x, self.gate_proj, self.up_proj)
         return self.down_proj(F.silu(g) * u)
+
+    def _native(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The whole FFN in one :func:`raymoe.model.cpu_kernels.swiglu_packed` call on the packed copies
+        :func:`fused_linear` (gate/up group) and :func:`_native_forward` (down) keep: the same copies, not new ones."""
+        from raymoe.model import cpu_kernels
+
+        lin = (self.gate_proj, self.up_proj)
+        cache = getattr(self.gate_proj, "_fused_weight_cache", None)
+        if cache is None or not cache.get("native") or any(type(m) is not nn.Linear for m in (*lin, self.down_proj)):
+            return None
+        gu = _packed(cache, tuple((id(m), m.weight.data_ptr(), m.weight._version) for m in lin),
+                     lambda: torch.cat([m.weight for m in lin]))
+        d = self.down_proj
+        dn = _packed(d.__dict__.setdefault("_native_pack", {}), (d.weight.data_ptr(), d.weight._version),
+                     lambda: d.weight)
+        return None if gu is None or dn is None else cpu_kernels.swiglu_packed(x, gu, dn)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config import ModelConfig
-from raymoe.model.layers import SwiGLU, autocast_apply
+from raymoe.model.layers import SwiGLU, autocast_apply, derived_weight
 from raymoe.wgrad import WeightGradStore, accumulate_grads
 
 __all__ = ["RouteResult", "route", "Router", "RoutedExperts", "AbsentExperts", "MoE", "seq_aux_loss", "EXPERT_IMPLS",
@@ -134,15 +134,22 @@ class Router(nn.Module):
         return self
 
     def forward(self, x_TD: torch.Tensor) -> RouteResult:
-        logits = F.linear(x_TD.float(), self.weight.float())
-        if self.native and not torch.is_grad_enabled():  # serving on CPU: the selection in one native call
+        if self.native and not torch.is_grad_enabled():  # serving on CPU: gate product and selection natively
             from raymoe.model import cpu_kernels
 
+            w = self.weight
+            pw = derived_weight(self.__dict__, "_packed_gate", (w.data_ptr(), w._version),
+                                lambda: cpu_kernels.pack(w.detach().float()))
+            logits = None if pw is None else cpu_kernels.linear_packed(x_TD.float(), pw)
+            if logits is None:
+                logits = F.linear(x_TD.float(), w.float())
             scores = logits.sigmoid()
             res = cpu_kernels.route(scores, self.expert_bias, self.n_group, self.topk_group, self.top_k,
                                     self.route_scale, self.norm_topk_prob)
             if res is not None:
                 return RouteResult(topk_idx=res[0], topk_weight=res[1], scores=scores, counts=res[2])
+        else:
+            logits = F.linear(x_TD.float(), self.weight.float())
         return route(logits, self.expert_bias, self.n_group, self.topk_group, self.top_k, self.route_scale,
                      self.norm_topk_prob)
 
