@@ -272,17 +272,22 @@ void rm_linear_packed(const float *x, long M, long K, long ldx, const float *P, 
   free(xt);
 }
 
+/* h [c, I] = silu(g) ⊙ u for rows gu [c, 2I] = [g | u] (the SwiGLU between its two products) */
+static inline void silu_mul(const float *gu, long c, long I, float *h) {
+  for (long r = 0; r < c; r++)
+    for (long i = 0; i < I; i++) {
+      float g = gu[r * 2 * I + i], u = gu[r * 2 * I + I + i];
+      h[r * I + i] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
 /* A dense SwiGLU (shared expert, dense FFN) on packed weights: y [M, D] = (silu(x·W_gateᵀ) ⊙ x·W_upᵀ) · W_downᵀ,
  * Pgu the packing of [W_gate; W_up] ([2I, D]), Pdn of W_down ([D, I]); scratch: M * 3I floats. */
 void rm_swiglu_packed(const float *x, long M, long D, long ldx, const float *Pgu, long I, const float *Pdn, float *y,
                       float *scratch) {
   float *gu = scratch, *h = scratch + M * 2 * I;
   rm_linear_packed(x, M, D, ldx, Pgu, 2 * I, gu, 2 * I);
-  for (long r = 0; r < M; r++)
-    for (long i = 0; i < I; i++) {
-      float g = gu[r * 2 * I + i], u = gu[r * 2 * I + I + i];
-      h[r * I + i] = g / (1.0f + expf(-g)) * u;
-    }
+  silu_mul(gu, M, I, h);
   rm_linear_packed(h, M, I, I, Pdn, D, y, D);
 }
 
@@ -297,11 +302,7 @@ static void swiglu_rows(const float *x, long c, long D, long I, const float *wgu
                         float *scratch) {
   float *gu = scratch, *h = scratch + c * 2 * I;
   rm_linear(x, c, D, D, wgu, 2 * I, gu, 2 * I);
-  for (long r = 0; r < c; r++)
-    for (long i = 0; i < I; i++) {
-      float g = gu[r * 2 * I + i], u = gu[r * 2 * I + I + i];
-      h[r * I + i] = g / (1.0f + expf(-g)) * u;
-    }
+  silu_mul(gu, c, I, h);
   rm_linear(h, c, I, I, wdn, D, y, D);
 }
 
