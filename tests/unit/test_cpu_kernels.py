@@ -461,3 +461,93 @@ def test_dense_swiglu_and_router_gate_run_natively_on_the_shared_packed_copies(m
         _close(got.scores, want.scores)
         assert torch.equal(got.topk_idx.sort(-1).values, want.topk_idx.sort(-1).values)
         assert router.__dict__["_packed_gate"] is not None
+
+
+def test_mla_decode_layer_equals_the_modules_decode_forward(monkeypatch):
+    """One MLA layer over a decode view (three sequences, one with a 3-token draft): the one-call native layer gives
+    the torch path's outputs and writes the same latents into the cache, on 1 and 2 threads (bit-equal to each
+    other)."""
+    from raymoe.config import ModelConfig
+    from raymoe.engine.paged import PagedLatentCache
+    from raymoe.model.layers import enable_fused_weight_cache, use_native_linears
+    from raymoe.model import DeepSeekV3
+
+    torch.manual_seed(0)
+    m = DeepSeekV3(ModelConfig.preset("tiny").replace(vocab_size=256)).eval()
+    mla = m.layers[0].self_attn
+    c = PagedLatentCache(num_layers=1, num_blocks=16, block_size=4, values_per_token=mla.kv_lora_rank + mla.rope_dim)
+    tables: list[list[int]] = [[], [], []]
+    for bt, n in zip(tables, (6, 11, 3)):
+        assert c.ensure(bt, n)
+    c.buf.normal_()
+    clean = c.buf.clone()
+    v = c.decode_batch([(tables[0], 5, 1), (tables[1], 8, 3), (tables[2], 2, 1)])
+    cos, sin = m.rotary(v.positions(1, "cpu"))
+    x = torch.randn(5, 1, m.config.hidden_size)
+    with torch.no_grad():
+        ref = mla(x, cos, sin, v)
+    ref_buf = c.buf.clone()
+    calls = []
+    native = ck.mla_decode_layer
+    monkeypatch.setattr(ck, "mla_decode_layer", lambda *a: calls.append(1) or native(*a))
+    enable_fused_weight_cache(mla, native=True)
+    use_native_linears(mla)
+    c.cpu_kernels = mla.native = True
+    outs = []
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            c.buf.copy_(clean)
+            with torch.no_grad():
+                outs.append(mla(x, cos, sin, v))
+            _close(c.buf, ref_buf)
+    finally:
+        torch.set_num_threads(n)
+    assert len(calls) == 2
+    _close(outs[0], ref)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_moe_layer_is_router_experts_and_shared_expert_in_one_call():
+    """rm_moe_layer against the modules: the router's scores and expert choice (torch's route), the weighted routed
+    experts and the shared SwiGLU; an expert over max_rows hands back the routing only; 2 threads bit-equal to 1."""
+    from raymoe.config import ModelConfig
+    from raymoe.model.layers import SwiGLU
+    from raymoe.model.moe import Router, route
+
+    cfg = ModelConfig.preset("tiny")
+    g = torch.Generator().manual_seed(5)
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, generator=g)
+    router.expert_bias.normal_(generator=g)
+    E, D, I = cfg.n_routed_experts, cfg.hidden_size, 24  # noqa: E741
+    w_gu, w_dn = torch.randn(E, 2 * I, D, generator=g) / 8, torch.randn(E, D, I, generator=g) / 6
+    shared = SwiGLU(D, 40)
+    T = 12
+    x = torch.randn(T, D, generator=g)
+    packed_shared = (ck.pack(torch.cat([shared.gate_proj.weight, shared.up_proj.weight])),
+                     ck.pack(shared.down_proj.weight))
+    args = (ck.pack(router.weight), router.expert_bias, router.n_group, router.topk_group, router.top_k,
+            router.route_scale, router.norm_topk_prob, w_gu, w_dn)
+    with torch.no_grad():
+        ref_r = route(F.linear(x, router.weight), router.expert_bias, router.n_group, router.topk_group,
+                      router.top_k, router.route_scale, router.norm_topk_prob)
+        ref = ck.moe_routed(x, ref_r.topk_idx, ref_r.topk_weight, ref_r.counts, w_gu, w_dn, max_rows=64) + shared(x)
+        n = torch.get_num_threads()
+        outs = []
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                outs.append(ck.moe_layer(x, *args, packed_shared, max_rows=64))
+        finally:
+            torch.set_num_threads(n)
+        y, idx, tw, scores, counts = outs[0]
+        _close(scores, ref_r.scores)
+        assert torch.equal(idx.sort(-1).values, ref_r.topk_idx.sort(-1).values) and torch.equal(counts, ref_r.counts)
+        _close(y, ref)
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
+        no_shared = ck.moe_layer(x, *args, None, max_rows=64)[0]
+        _close(no_shared, ref - shared(x))
+        over = ck.moe_layer(x, *args, packed_shared, max_rows=int(ref_r.counts.max()) - 1)
+        assert over[0] is None and torch.equal(over[4], ref_r.counts)  # the routing, not the experts

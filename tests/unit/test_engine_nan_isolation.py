@@ -18,6 +18,7 @@ from raymoe.config import ModelConfig
 from raymoe.engine import EngineConfig, LLMEngine, SamplingParams
 from raymoe.engine.paged import PagedLatentCache
 from raymoe.model import DeepSeekV3, cpu_kernels
+from raymoe.model.layers import enable_fused_weight_cache, use_native_linears
 
 warnings.filterwarnings("ignore")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -173,17 +174,18 @@ def test_nan_prompt_in_a_multi_prompt_prefill_step_ends_only_its_request(tiny_ba
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("view", ["packed", "decode", "decode_native"])
+@pytest.mark.parametrize("view", ["packed", "decode", "decode_native", "decode_layer"])
 def test_absorbed_attention_keeps_a_non_finite_latent_in_its_sequence(view, bad, monkeypatch) -> None:
     """One MLA layer over a cache view: one cached latent value of sequence 0 (which owns block 0, the row view's
     padding block) made NaN / ±inf. Every row of sequence 0 is non-finite; every other row is exactly the output
     without it (same shapes, same kernels: the masked key contributes 0 either way; ``decode_native``: the native
     kernel reads no key a row does not see)."""
-    if view == "decode_native" and not cpu_kernels.available():
+    if view.startswith("decode_") and not cpu_kernels.available():
         pytest.skip(f"CPU kernels unavailable here: {cpu_kernels.why_unavailable()}")
     calls = []
-    native = cpu_kernels.mla_decode_absorbed
-    monkeypatch.setattr(cpu_kernels, "mla_decode_absorbed", lambda *a: calls.append(1) or native(*a))
+    name = "mla_decode_layer" if view == "decode_layer" else "mla_decode_absorbed"  # the native path under test
+    native = getattr(cpu_kernels, name)
+    monkeypatch.setattr(cpu_kernels, name, lambda *a: calls.append(1) or native(*a))
     torch.manual_seed(0)
     m = DeepSeekV3(ModelConfig.preset("tiny").replace(vocab_size=256)).eval()
     mla = m.layers[0].self_attn
@@ -193,7 +195,11 @@ def test_absorbed_attention_keeps_a_non_finite_latent_in_its_sequence(view, bad,
         assert c.ensure(bt, n)
     assert tables[0][0] == 0
     c.buf.normal_()
-    c.cpu_kernels = view == "decode_native"
+    c.cpu_kernels = view.startswith("decode_")
+    if view == "decode_layer":  # the whole layer in one native call (as the engine serves it with its CPU kernels)
+        enable_fused_weight_cache(mla, native=True)
+        use_native_linears(mla)
+        mla.native = True
     clean = c.buf.clone()
     # decode tokens at 5 and 2, a 3-token draft verification at 8..10
     segments = [(tables[0], 5, 1), (tables[1], 8, 3), (tables[2], 2, 1)]
@@ -210,7 +216,7 @@ def test_absorbed_attention_keeps_a_non_finite_latent_in_its_sequence(view, bad,
             o = mla(xs, cos, sin, v)
         outs.append(o[0] if view == "packed" else o[:, 0])
     ref, got = outs
-    assert len(calls) == (2 if view == "decode_native" else 0)  # the native kernel served both runs (or none)
+    assert len(calls) == (2 if view.startswith("decode_") else 0)  # the native kernel served both runs (or none)
     assert torch.isfinite(ref).all()
     assert not torch.isfinite(got[0]).any()
     assert torch.equal(got[1:], ref[1:])

@@ -121,7 +121,18 @@ def test_kn_linears_keep_values_and_outputs() -> None:
 # (fused_experts, kn_linears, cpu_kernels) of the "on" engine; the "off" engine has none of them
 @pytest.mark.parametrize("fused,kn,native", [(True, False, False), (False, True, False), (True, True, False),
                                              (True, False, True), (False, False, True)])
-def test_engine_greedy_tokens_and_logits_equal_with_and_without_layouts(fused: bool, kn: bool, native: bool) -> None:
+def test_engine_greedy_tokens_and_logits_equal_with_and_without_layouts(fused: bool, kn: bool, native: bool,
+                                                                        monkeypatch) -> None:
+    from raymoe.model import cpu_kernels
+
+    calls: dict[str, int] = {}
+    for name in ("mla_decode_layer", "swiglu_packed", "moe_layer"):  # the one-call paths of the kernels
+        def spy(*a, _f=getattr(cpu_kernels, name), _n=name, **k):
+            out = _f(*a, **k)
+            calls[_n] = calls.get(_n, 0) + (out is not None)
+            return out
+
+        monkeypatch.setattr(cpu_kernels, name, spy)
     torch.manual_seed(0)
     model = DeepSeekV3(ModelConfig.preset("tiny").replace(vocab_size=256)).eval()
     with torch.no_grad():
@@ -150,6 +161,10 @@ def test_engine_greedy_tokens_and_logits_equal_with_and_without_layouts(fused: b
         res = eng.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
         outs[on] = [r.outputs[0].token_ids for r in res]
         logs[on] = log
+    # with the kernels: every decode step's MLA layers and dense FFNs ran as one call each (and, with fused experts,
+    # each MoE layer: router, routed and shared experts); without them, none did
+    assert (calls.get("mla_decode_layer", 0) > 0) == (calls.get("swiglu_packed", 0) > 0) == native
+    assert (calls.get("moe_layer", 0) > 0) == (native and fused)
     assert outs[True] == outs[False]
     assert len(logs[True]) == len(logs[False])
     for a, b in zip(logs[True], logs[False]):

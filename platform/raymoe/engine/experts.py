@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from raymoe.engine.remote import ShardUnavailable
-from raymoe.model.moe import AbsentExperts, MoE, RoutedExperts
+from raymoe.model.moe import AbsentExperts, MoE, RouteResult, RoutedExperts
 
 __all__ = ["ExpertBackend", "LocalExperts", "ShardedExperts", "ReplicatedExperts", "SlotShard", "LoadRecorder",
            "DispatchedMoE", "install_expert_backend", "param_summary"]
@@ -59,6 +59,11 @@ class LocalExperts:
         """Optional fast path of a backend: the weighted sum of every token's experts ``[T, D]`` in one call
         (:meth:`RoutedExperts.forward_routed_native`), or None: the caller dispatches and calls :meth:`run`."""
         return self.experts[layer_key].forward_routed_native(x_TD, topk_idx, topk_weight, counts_E)
+
+    def native_weights(self, layer_key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Optional for a backend: the layer's routed expert weights as the CPU kernels read them
+        (:meth:`RoutedExperts.native_weights`), for :class:`DispatchedMoE`'s one-call layer; None: not available."""
+        return self.experts[layer_key].native_weights()
 
 
 class ShardedExperts:
@@ -505,7 +510,11 @@ class DispatchedMoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
-        r = self.moe.router(x_TD)
+        native = self._forward_native(x_TD)
+        if native is not None and native[0] is not None:  # the whole layer in one kernel call
+            y_TD, r = native
+            return y_TD.view(B, T, D), r, None
+        r = self.moe.router(x_TD) if native is None else native[1]
         fast = getattr(self.backend, "run_routed", None)
         y_TD = None if fast is None else fast(self.layer_key, x_TD, r.topk_idx, r.topk_weight, r.counts)
         if y_TD is None:  # else dispatch, experts and combine ran in one call (LocalExperts on the CPU kernels)
@@ -523,6 +532,37 @@ class DispatchedMoE(nn.Module):
         if self.moe.shared_experts is not None:
             y = y + self.moe.shared_experts(x_BTD)
         return y, r, None
+
+
+    def _forward_native(self, x_TD: torch.Tensor) -> Optional[tuple[Optional[torch.Tensor], RouteResult]]:
+        """Router, routed experts and shared expert in one :func:`raymoe.model.cpu_kernels.moe_layer` call (serving
+        on the CPU kernels: a native router, a backend whose experts the kernels can read, at most ``row_limit``
+        rows): ``(y, routing)``; ``(None, routing)`` when an expert got too many rows (the routing is done, the rest
+        runs the grouped way); None when the call does not apply."""
+        from raymoe.model import cpu_kernels
+        from raymoe.model.layers import SwiGLU, native_group_packed, native_packed
+
+        router, weights = self.moe.router, getattr(self.backend, "native_weights", None)
+        if (weights is None or not router.native or torch.is_grad_enabled()
+                or x_TD.shape[0] > cpu_kernels.row_limit()):
+            return None
+        w = weights(self.layer_key)
+        gate = router.native_gate() if w is not None else None
+        if gate is None:
+            return None
+        sh, shared = self.moe.shared_experts, None
+        if sh is not None:
+            if not (type(sh) is SwiGLU and sh.native):
+                return None
+            shared = (native_group_packed(sh.gate_proj, sh.up_proj), native_packed(sh.down_proj))
+            if None in shared:
+                return None
+        out = cpu_kernels.moe_layer(x_TD, gate, router.expert_bias, router.n_group, router.topk_group, router.top_k,
+                                    router.route_scale, router.norm_topk_prob, *w, shared)
+        if out is None:
+            return None
+        y, idx, tw, scores, counts = out
+        return y, RouteResult(topk_idx=idx, topk_weight=tw, scores=scores, counts=counts)
 
 
 def install_expert_backend(model: nn.Module, backend: Optional[ExpertBackend] = None) -> ExpertBackend:

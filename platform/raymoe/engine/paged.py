@@ -460,6 +460,15 @@ class DecodeBatch(_TokenSlots):
         buf.index_copy_(0, self.q_slots, kv_BTC[:, 0].to(buf.dtype))
         return buf
 
+    def native_view(self, layer: int) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """For a native decode layer (:func:`raymoe.model.cpu_kernels.mla_decode_layer`): ``(the layer's cache rows,
+        every row's token slot [N], its key slots [N, S], its key count [N])``; None when the cache's CPU kernels are
+        off or its dtype is not fp32."""
+        buf = self.cache.buf[layer]
+        if not self.cache.cpu_kernels or buf.dtype != torch.float32:
+            return None
+        return buf, self.q_slots, self.k_slots_NS, self.q_pos + 1
+
     def attend_absorbed(self, layer: int, kv_BTC: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
                         w_uk_t: torch.Tensor, w_uv: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
         """The absorbed attention of every row in native calls (``cache.cpu_kernels``): write ``kv [N, 1, C+R]`` into

@@ -81,7 +81,7 @@ static inline __m128 hsum4(vf a, vf b, vf c, vf d) {
 
 static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 
-int rm_abi_version(void) { return 11; }
+int rm_abi_version(void) { return 13; }
 int rm_vector_width(void) { return VW; }
 
 /* one weight row r [K] against MB rows of x (row stride ldx): y[b * ldy] = <x_b, r>; U independent chains over k */
@@ -478,6 +478,49 @@ void rm_per_head(const float *x, long M, long H, long K, long ldx, long hsx, con
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
+ * One MLA layer's decode forward for N rows (one token each), from the normed hidden state to o_proj's output, in one
+ * call (raymoe.model.mla.MLA with q_lora_rank; the path of MLA.forward + DecodeBatch.attend_absorbed, op for op):
+ *   t = x · [W_qa; W_kva]ᵀ                    [N, QR + C + R2]   (Pqkv: the packed group)
+ *   qa = rmsnorm(t[:, :QR]) * wqn             [N, QR]
+ *   latent row = [rmsnorm(t[:, QR:QR+C]) * wkn ; rope(t[:, QR+C:])]  written to buf[wslots[i]]
+ *   q = qa · W_qbᵀ                            [N, H, Dn + R2]    (Pqb)
+ *   q̃ = [q_nope_h · W^UK_h ; rope(q_pe_h)]     [N, H, C + R2]     (wukt [H, C, Dn])
+ *   o_lat = rm_mla_decode(q̃)                  [N, H, C]
+ *   o_h = o_lat_h · W^UV_hᵀ                   [N, H*V]           (wuv: head h at wuv + h * hs_uv, [V, C])
+ *   y = o · W_oᵀ                              [N, Dout]          (Po)
+ * cos/sin [N, R2/2] per row. scratch: N*(QR+C+R2) + N*QR + N*H*(Dn+R2) + N*H*(C+R2) + N*H*C + N*H*V
+ * + g_threads * H * S floats. Every row's latent is written before any row attends (rows of one sequence: drafts). */
+void rm_rms_norm(const float *x, long M, long D, long ldx, const float *w, float eps, float *y);
+void rm_rope(const float *in, long N, long H, long lrow, long lhead, long R, const float *cos_, const float *sin_,
+             float *out);
+
+void rm_mla_decode_layer(const float *x, long N, long D, long ldx, const float *Pqkv, long QR, long C, long R2,
+                         const float *wqn, const float *wkn, float eps_q, float eps_kv, const float *Pqb, long H,
+                         long Dn, const float *cos_, const float *sin_, float *buf, const int64_t *wslots,
+                         const int64_t *slots, long S, const int64_t *lens, float scale, const float *wukt,
+                         const float *wuv, long hs_uv, long V, const float *Po, long Dout, float *y, long ldy,
+                         float *scratch) {
+  long T = QR + C + R2, Q = Dn + R2, Dk = C + R2, hr = R2 / 2;
+  float *t = scratch, *qa = t + N * T, *q = qa + N * QR, *qt = q + N * H * Q, *ol = qt + N * H * Dk;
+  float *o = ol + N * H * C, *att = o + N * H * V;
+  rm_linear_packed(x, N, D, ldx, Pqkv, T, t, T);
+  rm_rms_norm(t, N, QR, T, wqn, eps_q, qa);
+  for (long i = 0; i < N; i++) {
+    float *row = buf + wslots[i] * Dk;
+    rm_rms_norm(t + i * T + QR, 1, C, T, wkn, eps_kv, row);
+    rm_rope(t + i * T + QR + C, 1, 1, 0, 0, hr, cos_ + i * hr, sin_ + i * hr, row + C);
+  }
+  rm_linear_packed(qa, N, QR, QR, Pqb, H * Q, q, H * Q);
+  for (long i = 0; i < N; i++) /* rope(q_pe) of every head straight into q̃'s tail */
+    for (long h = 0; h < H; h++)
+      rm_rope(q + (i * H + h) * Q + Dn, 1, 1, 0, 0, hr, cos_ + i * hr, sin_ + i * hr, qt + (i * H + h) * Dk + C);
+  rm_per_head(q, N, H, Dn, H * Q, Q, wukt, C * Dn, C, qt, H * Dk, Dk);
+  rm_mla_decode(qt, N, H, Dk, C, buf, slots, S, lens, scale, ol, att);
+  rm_per_head(ol, N, H, C, H * C, C, wuv, hs_uv, V, o, H * V, V);
+  rm_linear_packed(o, N, H * V, H * V, Po, Dout, y, ldy);
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
  * DeepSeek-V3 routing of T tokens from their sigmoid scores [T, E] (the selection part of raymoe.model.moe.route):
  * biased = s + bias; group score = the sum of a group's two largest biased scores; the topk_group best groups stay;
  * the top_k experts by biased score among them are chosen (ties: the lower index); gates = the unbiased scores of the
@@ -574,6 +617,30 @@ void rm_moe_routed(const float *x, long T, long D, const int64_t *idx, const flo
     }
   }
   free(start); free(order); free(fill); free(touched);
+}
+
+/* A whole MoE layer's decode forward for T rows in one call (raymoe.model.moe.Router with its native selection, then
+ * the routed experts as rm_moe_routed, then the shared expert): scores = sigmoid(x · W_gateᵀ) [T, E] (Pgate packed),
+ * rm_route → idx/tw [T, K], counts [E]; if an expert got more than max_rows rows, return 1 with the routing done and y
+ * untouched (the caller's grouped path runs the experts); else y = Σ_k tw·expert(x) (+ the shared SwiGLU on packed
+ * Pgu_sh [2Ish, D] / Pdn_sh [D, Ish] when Pgu_sh is not NULL) and return 0. scratch: max(T*K*D + g_threads * min(T,
+ * max_rows) * (2D + 3I), T*D + T*3*Ish) floats. */
+int rm_moe_layer(const float *x, long T, long D, const float *Pgate, long E, const float *bias, long n_group,
+                 long topk_group, long K, float route_scale, int norm, long max_rows, const float *w_gu,
+                 const float *w_dn, long I, const float *Pgu_sh, long Ish, const float *Pdn_sh, float *scores,
+                 int64_t *idx, float *tw, int64_t *counts, float *y, float *scratch) {
+  rm_linear_packed(x, T, D, D, Pgate, E, scores, E);
+  for (long i = 0; i < T * E; i++) scores[i] = 1.0f / (1.0f + expf(-scores[i]));
+  rm_route(scores, bias, T, E, n_group, topk_group, K, route_scale, norm, idx, tw, counts);
+  for (long e = 0; e < E; e++)
+    if ((long)counts[e] > max_rows) return 1;
+  rm_moe_routed(x, T, D, idx, tw, K, counts, E, I, w_gu, w_dn, y, scratch);
+  if (Pgu_sh) {
+    float *sh = scratch;
+    rm_swiglu_packed(x, T, D, D, Pgu_sh, Ish, Pdn_sh, sh, sh + T * D);
+    for (long i = 0; i < T * D; i++) y[i] += sh[i];
+  }
+  return 0;
 }
 
 /* RMSNorm of M rows (x rows ldx apart, y contiguous [M, D]): y = w * (x / sqrt(mean(x^2) + eps)), all fp32. */

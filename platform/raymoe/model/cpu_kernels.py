@@ -59,12 +59,12 @@ import torch
 
 __all__ = ["available", "why_unavailable", "vector_width", "row_limit", "library_path", "linear", "PackedWeight",
            "pack", "panel_width", "linear_packed", "swiglu_packed", "experts", "moe_routed", "route", "rms_norm", "rope", "mla_decode",
-           "mla_decode_absorbed", "threaded", "ROW_LIMIT", "EXPERT_ROW_LIMIT", "MEMORY_BOUND_ROWS"]
+           "mla_decode_absorbed", "mla_decode_layer", "moe_layer", "threaded", "ROW_LIMIT", "EXPERT_ROW_LIMIT", "MEMORY_BOUND_ROWS"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.c")
-ABI_VERSION = 11
+ABI_VERSION = 13
 # Rows up to which the kernels replace F.linear on one intra-op thread. Time of MKL's F.linear over rm_linear's on the
 # dev host (weights rotated through 256 MB so they stream from memory, as in `bench gemm_read`): 1.5-2.0x at 1 row,
 # 2.1-4.3x at 2, 1.6-2.3x at 4, 1.0-1.2x at 8, 0.97-1.2x at 16 (decode shapes of the small model and its lm_head);
@@ -190,6 +190,13 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.rm_swiglu_packed.restype = None
             lib.rm_per_head.argtypes = [P, L, L, L, L, L, P, L, L, P, L, L]
             lib.rm_per_head.restype = None
+            Fl = ctypes.c_float
+            lib.rm_mla_decode_layer.argtypes = [P, L, L, L, P, L, L, L, P, P, Fl, Fl, P, L, L, P, P, P, P, P, L, P, Fl,
+                                                P, P, L, L, P, L, P, L, P]
+            lib.rm_mla_decode_layer.restype = None
+            lib.rm_moe_layer.argtypes = [P, L, L, P, L, P, L, L, L, Fl, ctypes.c_int, L, P, P, L, P, L, P, P, P, P, P,
+                                         P, P]
+            lib.rm_moe_layer.restype = ctypes.c_int
             lib.rm_route.argtypes = [P, P, L, L, L, L, L, ctypes.c_float, ctypes.c_int, P, P, P]
             lib.rm_route.restype = None
             lib.rm_moe_routed.argtypes = [P, L, L, P, P, L, P, L, L, P, P, P, P]
@@ -447,6 +454,49 @@ def moe_routed(x_TD: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
     return y
 
 
+def moe_layer(x_TD: torch.Tensor, gate: PackedWeight, bias_E: torch.Tensor, n_group: int, topk_group: int,
+              top_k: int, scale: float, norm: bool, w_gu: torch.Tensor, w_dn: torch.Tensor,
+              shared: Optional[tuple[PackedWeight, PackedWeight]], max_rows: Optional[int] = None):
+    """A MoE layer's decode forward in one call: the router's sigmoid scores from the packed gate, the selection of
+    :func:`route`, the routed experts as :func:`moe_routed` and the shared expert as :func:`swiglu_packed` (``shared``
+    = its packed ``[gate; up]`` and ``down``, or None: the caller adds it). Returns ``(y [T, D] or None, topk_idx,
+    topk_weight, scores, counts)``: y is None when an expert got more than ``max_rows`` (default :func:`row_limit`
+    for experts) rows (the routing stands; the caller's grouped path runs the experts and the shared expert). None
+    when the kernels or the tensors do not fit."""
+    lib = _kernels()
+    if lib is None or x_TD.dim() != 2 or not _eligible(x_TD, bias_E, w_gu, w_dn):
+        return None
+    T, D = x_TD.shape
+    E, _, I = w_dn.shape  # noqa: E741
+    if (T == 0 or gate.K != D or gate.N != E or bias_E.numel() != E or w_gu.shape != (E, 2 * I, D)
+            or w_dn.shape != (E, D, I) or not (w_gu.is_contiguous() and w_dn.is_contiguous()) or E > 1024
+            or n_group < 1 or E % n_group
+            or not 1 <= top_k <= (topk_group if n_group > 1 and topk_group < n_group else n_group) * (E // n_group)):
+        return None
+    Ish = 0
+    if shared is not None:
+        gu, dn = shared
+        Ish = dn.K
+        if gu.K != D or gu.N != 2 * Ish or dn.N != D:
+            return None
+    limit = row_limit(experts=True) if max_rows is None else max_rows
+    x = x_TD.contiguous()
+    b = bias_E.to(torch.float32).contiguous()
+    scores = torch.empty(T, E, dtype=torch.float32)
+    idx = torch.empty(T, top_k, dtype=torch.int64)
+    tw = torch.empty(T, top_k, dtype=torch.float32)
+    counts = torch.empty(E, dtype=torch.int64)
+    y = torch.empty(T, D, dtype=torch.float32)
+    n = max(T * top_k * D + _nthreads() * min(T, limit) * (2 * D + 3 * I), T * D + T * 3 * Ish) + 1
+    scratch = torch.empty(n, dtype=torch.float32)
+    rc = lib.rm_moe_layer(x.data_ptr(), T, D, gate.panels.data_ptr(), E, b.data_ptr(), n_group, topk_group, top_k,
+                          float(scale), int(bool(norm)), limit, w_gu.data_ptr(), w_dn.data_ptr(), I,
+                          shared[0].panels.data_ptr() if shared else None, Ish,
+                          shared[1].panels.data_ptr() if shared else None, scores.data_ptr(), idx.data_ptr(),
+                          tw.data_ptr(), counts.data_ptr(), y.data_ptr(), scratch.data_ptr())
+    return (y if rc == 0 else None), idx, tw, scores, counts
+
+
 def mla_decode(q_NHK: torch.Tensor, buf: torch.Tensor, slots_NS: torch.Tensor, lens_N: torch.Tensor, scale: float,
                C: int) -> Optional[torch.Tensor]:
     """Absorbed MLA decode attention read straight from a paged latent cache: row ``i``'s ``H`` queries
@@ -499,6 +549,58 @@ def mla_decode_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.
     out = torch.empty(N, H, V, dtype=torch.float32)
     lib.rm_per_head(o_lat.data_ptr(), N, H, C, H * C, C, w_uv.data_ptr(), w_uv.stride(0), V, out.data_ptr(), H * V, V)
     return out
+
+
+def mla_decode_layer(x_ND: torch.Tensor, qkv: PackedWeight, q_a_norm: tuple[torch.Tensor, float],
+                     kv_a_norm: tuple[torch.Tensor, float], q_b: PackedWeight, heads: int, rope_dim: int,
+                     cos: torch.Tensor, sin: torch.Tensor, buf: torch.Tensor, write_slots_N: torch.Tensor,
+                     slots_NS: torch.Tensor, lens_N: torch.Tensor, scale: float, w_uk_t: torch.Tensor,
+                     w_uv: torch.Tensor, o: PackedWeight) -> Optional[torch.Tensor]:
+    """One MLA layer's decode forward (:class:`raymoe.model.mla.MLA` with a ``q_lora_rank``) in one call: ``x [N, D]``
+    (the normed hidden state, one token per row) → ``o_proj``'s output ``[N, D_out]``. ``qkv``: the packing of
+    ``[W_q_a; W_kv_a]``; ``q_a_norm`` / ``kv_a_norm``: (weight, eps) of the two latent norms; ``q_b``, ``o``: packed
+    ``q_b_proj`` / ``o_proj``; ``cos/sin``: each row's RoPE (``N·R/2`` values); the row's latent ``[c ; k_pe]`` is written
+    to ``buf[write_slots[i]]`` before every row attends to its keys ``buf[slots[i, :lens[i]]]`` (as
+    :meth:`raymoe.engine.paged.DecodeBatch.attend_absorbed`); ``w_uk_t [H, C, Dn]`` contiguous, ``w_uv [H, V, C]``.
+    None when the kernels or the tensors do not fit (nothing written then)."""
+    lib = _kernels()
+    if lib is None or x_ND.dim() != 2 or not _eligible(x_ND, buf, cos, sin, w_uk_t, w_uv):
+        return None
+    N, D = x_ND.shape
+    H, R2 = heads, rope_dim
+    C, Dn = w_uk_t.shape[1], w_uk_t.shape[2]
+    V = w_uv.shape[1]
+    QR = q_b.K
+    wqn, eps_q = q_a_norm
+    wkn, eps_kv = kv_a_norm
+    if (N == 0 or R2 % 2 or qkv.K != D or qkv.N != QR + C + R2 or q_b.N != H * (Dn + R2) or o.K != H * V
+            or w_uk_t.shape[0] != H or not w_uk_t.is_contiguous() or w_uv.shape != (H, V, C)
+            or w_uv.stride()[1:] != (C, 1) or buf.dim() != 2 or buf.shape[1] != C + R2 or not buf.is_contiguous()
+            or wqn.shape != (QR,) or wkn.shape != (C,) or not (wqn.is_contiguous() and wkn.is_contiguous())
+            or not _eligible(wqn, wkn) or cos.numel() != N * R2 // 2 or sin.numel() != N * R2 // 2
+            or slots_NS.dim() != 2 or slots_NS.shape[0] != N or write_slots_N.numel() != N):
+        return None
+    S = slots_NS.shape[1]
+    slots = slots_NS.to(dtype=torch.int64).contiguous()
+    lens = lens_N.to(dtype=torch.int64).contiguous()
+    ws = write_slots_N.to(dtype=torch.int64).contiguous()
+    if int(lens.min()) < 1 or int(lens.max()) > S:
+        raise ValueError(f"mla_decode_layer: every row must see 1..{S} keys, got lengths {lens.tolist()}")
+    if int(ws.min()) < 0 or int(ws.max()) >= buf.shape[0]:
+        raise ValueError(f"mla_decode_layer: write slots must be in 0..{buf.shape[0] - 1}")
+    x = x_ND if x_ND.stride(-1) == 1 and (N == 1 or x_ND.stride(0) >= D) else x_ND.contiguous()
+    c, s = cos.reshape(N, R2 // 2).contiguous(), sin.reshape(N, R2 // 2).contiguous()
+    Dout = o.N
+    y = torch.empty(N, Dout, dtype=torch.float32)
+    n_scratch = (N * (QR + C + R2) + N * QR + N * H * (Dn + R2) + N * H * (C + R2) + N * H * C + N * H * V
+                 + _nthreads() * H * S)
+    scratch = torch.empty(n_scratch, dtype=torch.float32)
+    lib.rm_mla_decode_layer(x.data_ptr(), N, D, x.stride(0) if N > 1 else D, qkv.panels.data_ptr(), QR, C, R2,
+                            wqn.data_ptr(), wkn.data_ptr(), float(eps_q), float(eps_kv), q_b.panels.data_ptr(), H, Dn,
+                            c.data_ptr(), s.data_ptr(), buf.data_ptr(), ws.data_ptr(), slots.data_ptr(), S,
+                            lens.data_ptr(), float(scale), w_uk_t.data_ptr(), w_uv.data_ptr(), w_uv.stride(0), V,
+                            o.panels.data_ptr(), Dout, y.data_ptr(), Dout, scratch.data_ptr())
+    return y
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> Optional[torch.Tensor]:

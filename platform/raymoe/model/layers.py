@@ -143,9 +143,9 @@ def fused_linear(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ..
     if cache is not None and not torch.is_grad_enabled():
         # inference (opted in by enable_fused_weight_cache): keep the concatenated weight while no weight changed
         # (an in-place update bumps _version, a moved tensor changes data_ptr)
-        key = tuple((id(m), m.weight.data_ptr(), m.weight._version) for m in linears)
+        key = _group_key(linears)
         if cache.get("native"):  # few rows: one packed product of the group (cpu_kernels); else each module's own
-            y = _native_group(x, linears, cache, key)
+            y = _native_group(x, linears)
             return y.split([m.out_features for m in linears], dim=-1) if y is not None else tuple(m(x) for m in linears)
         if cache.get("key") != key:
             out, inp = sum(m.out_features for m in linears), linears[0].in_features
@@ -185,12 +185,34 @@ def _few_rows(x: torch.Tensor) -> bool:
     return 0 < rows <= cpu_kernels.row_limit()
 
 
-def _native_group(x: torch.Tensor, linears: tuple[nn.Module, ...], cache: dict, key: tuple) -> Optional[torch.Tensor]:
+def native_packed(lin: nn.Linear):
+    """The packed serving copy of one linear's weight (:func:`raymoe.model.cpu_kernels.pack`; kept in the module,
+    remade when the weight changes): the copy :func:`use_native_linears`' forward uses. None when it cannot be made."""
+    return _packed(lin.__dict__.setdefault("_native_pack", {}), (lin.weight.data_ptr(), lin.weight._version),
+                   lambda: lin.weight)
+
+
+def native_group_packed(*linears: nn.Module):
+    """The packed serving copy of a :func:`fused_linear` group's concatenated weight (kept in the first linear's
+    ``_fused_weight_cache`` by :func:`enable_fused_weight_cache` with ``native``): None when the group has no such
+    cache or the copy cannot be made."""
+    cache = getattr(linears[0], "_fused_weight_cache", None)
+    if cache is None or not cache.get("native") or any(type(m) is not nn.Linear or m.bias is not None
+                                                      for m in linears):
+        return None
+    return _packed(cache, _group_key(linears), lambda: torch.cat([m.weight for m in linears]))
+
+
+def _group_key(linears) -> tuple:
+    return tuple((id(m), m.weight.data_ptr(), m.weight._version) for m in linears)
+
+
+def _native_group(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> Optional[torch.Tensor]:
     from raymoe.model import cpu_kernels
 
     if not _few_rows(x):
         return None
-    pw = _packed(cache, key, lambda: torch.cat([m.weight for m in linears]))
+    pw = native_group_packed(*linears)
     return None if pw is None else cpu_kernels.linear_packed(x, pw)
 
 
@@ -201,8 +223,7 @@ def _native_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled() and _few_rows(x):
         from raymoe.model import cpu_kernels
 
-        pw = _packed(self.__dict__.setdefault("_native_pack", {}), (self.weight.data_ptr(), self.weight._version),
-                     lambda: self.weight)
+        pw = native_packed(self)
         y = None if pw is None else cpu_kernels.linear_packed(x, pw)
         if y is not None:
             return y
@@ -304,13 +325,7 @@ class SwiGLU(nn.Module):
         :func:`fused_linear` (gate/up group) and :func:`_native_forward` (down) keep: the same copies, not new ones."""
         from raymoe.model import cpu_kernels
 
-        lin = (self.gate_proj, self.up_proj)
-        cache = getattr(self.gate_proj, "_fused_weight_cache", None)
-        if cache is None or not cache.get("native") or any(type(m) is not nn.Linear for m in (*lin, self.down_proj)):
+        if type(self.down_proj) is not nn.Linear:
             return None
-        gu = _packed(cache, tuple((id(m), m.weight.data_ptr(), m.weight._version) for m in lin),
-                     lambda: torch.cat([m.weight for m in lin]))
-        d = self.down_proj
-        dn = _packed(d.__dict__.setdefault("_native_pack", {}), (d.weight.data_ptr(), d.weight._version),
-                     lambda: d.weight)
+        gu, dn = native_group_packed(self.gate_proj, self.up_proj), native_packed(self.down_proj)
         return None if gu is None or dn is None else cpu_kernels.swiglu_packed(x, gu, dn)

@@ -41,7 +41,8 @@ from torch import nn
 
 from raymoe.config import ModelConfig
 from raymoe.model.cache import LatentKVCache
-from raymoe.model.layers import RMSNorm, autocast_apply, derived_weight, fused_linear
+from raymoe.model.layers import (RMSNorm, autocast_apply, derived_weight, fused_linear, native_group_packed,
+                                 native_packed)
 from raymoe.model.rope import apply_rope
 
 __all__ = ["MLA", "causal_attention", "ATTN_IMPLS"]
@@ -185,6 +186,10 @@ class MLA(nn.Module):
         cache: Optional[LatentKVCache] = None,
     ) -> torch.Tensor:
         """``x_BTD → [B, T, hidden]``. ``cos``/``sin`` ``[T, R/2]`` are for the absolute positions of the T tokens."""
+        if self.native and cache is not None and not torch.is_grad_enabled():
+            y = self._decode_native(x_BTD, cos, sin, cache)
+            if y is not None:
+                return y
         q_in = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         q, kv = fused_linear(x_BTD, q_in, self.kv_a_proj_with_mqa)  # both read x: one GEMM
         if cache is None and self.recompute_up_proj and torch.is_grad_enabled():
@@ -198,6 +203,36 @@ class MLA(nn.Module):
         else:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, cache)
         return self.o_proj(out.flatten(2))
+
+    def _decode_native(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> Optional[torch.Tensor]:
+        """The whole layer in one :func:`raymoe.model.cpu_kernels.mla_decode_layer` call when ``cache`` is a decode
+        view with the CPU kernels on (``cache.native_view``), one token per row, at most ``row_limit`` rows, and the
+        projections are plain linears with packed serving copies: the ops of :meth:`forward` and
+        :meth:`_absorbed` (the ``attend_absorbed`` path) without a torch op between them. None otherwise."""
+        from raymoe.model import cpu_kernels
+
+        view = getattr(cache, "native_view", None)
+        B, T, D = x_BTD.shape
+        if view is None or self.q_lora_rank is None or T != 1 or B > cpu_kernels.row_limit():
+            return None
+        lins = (self.q_a_proj, self.kv_a_proj_with_mqa, self.q_b_proj, self.o_proj)
+        if any(type(m) is not nn.Linear or m.bias is not None for m in lins):
+            return None
+        nv = view(self.layer_idx)
+        if nv is None:
+            return None
+        qkv, q_b, o = native_group_packed(self.q_a_proj, self.kv_a_proj_with_mqa), native_packed(self.q_b_proj), \
+            native_packed(self.o_proj)
+        if qkv is None or q_b is None or o is None:
+            return None
+        H, C = self.n_heads, self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_head_dim, C)
+        buf, write_slots, slots, lens = nv
+        y = cpu_kernels.mla_decode_layer(
+            x_BTD.reshape(B, D), qkv, (self.q_a_layernorm.weight, self.q_a_layernorm.eps),
+            (self.kv_a_layernorm.weight, self.kv_a_layernorm.eps), q_b, H, self.rope_dim, cos, sin, buf, write_slots,
+            slots, lens, self.softmax_scale, self._w_uk_t(w[:, : self.nope_dim]), w[:, self.nope_dim :], o)
+        return None if y is None else y.view(B, 1, -1)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         impl = self._impl(q_nope)

@@ -133,16 +133,23 @@ class Router(nn.Module):
             self.expert_bias = self.expert_bias.float()
         return self
 
+    def native_gate(self):
+        """The gate weight packed for the CPU kernels (:func:`raymoe.model.cpu_kernels.pack`, fp32), kept while the
+        weight is unchanged; None when it cannot be made."""
+        from raymoe.model import cpu_kernels
+
+        w = self.weight
+        return derived_weight(self.__dict__, "_packed_gate", (w.data_ptr(), w._version),
+                              lambda: cpu_kernels.pack(w.detach().float()))
+
     def forward(self, x_TD: torch.Tensor) -> RouteResult:
         if self.native and not torch.is_grad_enabled():  # serving on CPU: gate product and selection natively
             from raymoe.model import cpu_kernels
 
-            w = self.weight
-            pw = derived_weight(self.__dict__, "_packed_gate", (w.data_ptr(), w._version),
-                                lambda: cpu_kernels.pack(w.detach().float()))
+            pw = self.native_gate()
             logits = None if pw is None else cpu_kernels.linear_packed(x_TD.float(), pw)
             if logits is None:
-                logits = F.linear(x_TD.float(), w.float())
+                logits = F.linear(x_TD.float(), self.weight.float())
             scores = logits.sigmoid()
             res = cpu_kernels.route(scores, self.expert_bias, self.n_group, self.topk_group, self.top_k,
                                     self.route_scale, self.norm_topk_prob)
@@ -442,6 +449,13 @@ class RoutedExperts(nn.Module):
                 gu = torch.mm(w_gu[e], x_ND[r : r + c].t())  # [2I, c]
                 torch.mm(F.silu(gu[:I]).mul_(gu[I:]).t(), w_down[e], out=y[r : r + c])
         return y
+
+    def native_weights(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(W_gate_up [E, 2I, D], W_down [E, D, I])`` as the CPU kernels read them, when serving (``native``, fused,
+        no autograd); None otherwise."""
+        if not (self.native and self.fused and self._down_is_nk()) or torch.is_grad_enabled():
+            return None
+        return self._gate_up, self._down_nk
 
     def forward_routed_native(self, x_TD: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                               counts_E: torch.Tensor) -> Optional[torch.Tensor]:
