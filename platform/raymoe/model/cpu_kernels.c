@@ -361,17 +361,19 @@ static inline vf vexp_nonpos(vf x) {
   return (vf)((vi)(p * (vf)e) & keep);
 }
 
-/* o [H, C] += p [H, ldp] (columns 0..n-1) · keys [n, ldk] (first C floats of each row); 4 heads x 4 vectors tiles */
-static void acc_pv(const float *p, long ldp, long H, const float *keys, long ldk, long n, long C, float *o) {
+/* o [H, C] = p [H, ldp] (columns 0..L-1) · keys (key j: the first C floats of cache row sl[j] of buf, rows ldk
+ * apart), keys in order 0..L-1; 4 heads x 4 vectors tiles, each tile's accumulators in registers over all the keys */
+static void acc_pv(const float *p, long ldp, long H, const float *buf, long ldk, const int64_t *sl, long L, long C,
+                   float *o) {
   long h = 0;
   for (; h + 4 <= H; h += 4) {
     long c = 0;
     for (; c + 4 * VW <= C; c += 4 * VW) {
       vf a[4][4];
       for (int u = 0; u < 4; u++)
-        for (int v = 0; v < 4; v++) a[u][v] = ld(o + (h + u) * C + c + v * VW);
-      for (long j = 0; j < n; j++) {
-        const float *kr = keys + j * ldk + c;
+        for (int v = 0; v < 4; v++) a[u][v] = (vf){0};
+      for (long j = 0; j < L; j++) {
+        const float *kr = buf + sl[j] * ldk + c;
         vf k0 = ld(kr), k1 = ld(kr + VW), k2 = ld(kr + 2 * VW), k3 = ld(kr + 3 * VW);
         for (int u = 0; u < 4; u++) {
           float pu = p[(h + u) * ldp + j];
@@ -383,15 +385,15 @@ static void acc_pv(const float *p, long ldp, long H, const float *keys, long ldk
     }
     for (; c < C; c++)
       for (int u = 0; u < 4; u++) {
-        float t = o[(h + u) * C + c];
-        for (long j = 0; j < n; j++) t += p[(h + u) * ldp + j] * keys[j * ldk + c];
+        float t = 0.0f;
+        for (long j = 0; j < L; j++) t += p[(h + u) * ldp + j] * buf[sl[j] * ldk + c];
         o[(h + u) * C + c] = t;
       }
   }
   for (; h < H; h++)
     for (long c = 0; c < C; c++) {
-      float t = o[h * C + c];
-      for (long j = 0; j < n; j++) t += p[h * ldp + j] * keys[j * ldk + c];
+      float t = 0.0f;
+      for (long j = 0; j < L; j++) t += p[h * ldp + j] * buf[sl[j] * ldk + c];
       o[h * C + c] = t;
     }
 }
@@ -428,7 +430,23 @@ void rm_mla_decode(const float *q, long N, long H, long Dk, long C, const float 
       float *s = sc + h * L;
       float m = -INFINITY;
       int bad = 0;
-      for (long j = 0; j < L; j++) {
+      long j0 = 0;
+      { /* scale, max and a finiteness flag, VW lanes at a time (v - v is 0 exactly when v is finite) */
+        vf vm = (vf){0} - INFINITY;
+        vi vbad = (vi){0};
+        for (; j0 + VW <= L; j0 += VW) {
+          vf v = ld(s + j0) * scale;
+          memcpy(s + j0, &v, sizeof v);
+          vbad |= (vi)((v - v) != (vf){0});
+          vi gt = (vi)(v > vm);
+          vm = (vf)(((vi)v & gt) | ((vi)vm & ~gt));
+        }
+        for (int u = 0; u < VW; u++) {
+          m = vm[u] > m ? vm[u] : m;
+          bad |= vbad[u] != 0;
+        }
+      }
+      for (long j = j0; j < L; j++) {
         float v = s[j] * scale;
         s[j] = v;
         bad |= !isfinite(v);
@@ -452,7 +470,11 @@ void rm_mla_decode(const float *q, long N, long H, long Dk, long C, const float 
         sum += e;
       }
       float inv = 1.0f / sum;
-      for (j = 0; j < L; j++) s[j] *= inv;
+      for (j = 0; j + VW <= L; j += VW) {
+        vf v = ld(s + j) * inv;
+        memcpy(s + j, &v, sizeof v);
+      }
+      for (; j < L; j++) s[j] *= inv;
     }
     if (i + 1 < N) { /* the next row's first block, while this row's values are summed */
       const int64_t *sn = slots + (i + 1) * S;
@@ -460,12 +482,7 @@ void rm_mla_decode(const float *q, long N, long H, long Dk, long C, const float 
       const char *nb = (const char *)(buf + sn[0] * Dk);
       for (long b = 0; b < rn * Dk * (long)sizeof(float); b += 64) __builtin_prefetch(nb + b, 0, 2);
     }
-    memset(oi, 0, (size_t)(H * C) * sizeof(float));
-    for (long j = 0; j < L;) {
-      long r = run_length(sl, j, L, 1 << 30);
-      acc_pv(sc + j, L, H, buf + sl[j] * Dk, Dk, r, C, oi);
-      j += r;
-    }
+    acc_pv(sc, L, H, buf, Dk, sl, L, C, oi);
   }
 }
 
