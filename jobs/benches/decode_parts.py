@@ -9,15 +9,16 @@ every product through torch's BLAS, fused routed experts and ``[in, out]`` linea
 each engine are timed, interleaved (drifts of a shared machine hit all alike), with each part's wall time taken by
 wrappers around its modules:
 
-* ``attention``: every MLA (projections, RoPE, cache write and gather, absorbed attention);
-* ``routed experts``: the expert back-end's ``run`` (the experts' GEMMs over the rows they were sent) or
-  ``run_routed`` (with the CPU kernels: dispatch, experts and combine in one call);
-* ``shared experts``, ``dense FFN``, ``router`` (gate GEMM + group-limited top-k), ``lm_head``;
-* ``rest``: the step minus the parts (MoE dispatch/combine, norms, residuals, embedding, the engine's scheduling,
-  cache view and sampling).
+* ``attention``: every MLA (projections, RoPE, cache write and gather, absorbed attention; with the CPU kernels one
+  call per layer);
+* ``MoE layers``: every MoE layer's forward (router, dispatch, routed experts, combine, shared expert; with the CPU
+  kernels one call per layer, so its parts cannot be timed apart there);
+* ``dense FFN``, ``lm_head``;
+* ``rest``: the step minus the parts (norms, residuals, embedding, the engine's scheduling, cache view and sampling).
 
 Each part's **bandwidth floor** is the bytes it reads (``bench serve``'s ``decode_part_costs``: weights, and for
-attention the latent cache too; routed: the experts the step touched, counted from the routing) over the streaming read
+attention the latent cache too; MoE: the routed experts the step touched, counted from the routing, the shared expert
+and the router) over the streaming read
 rate (a ``sum`` over all weights, as ``bench serve``), its **compute floor** its flops (2 per weight and row; routed:
 each row's ``k`` experts) over the fp32 matmul rate (``[1024, 1024]²``), both measured in the same run with the same
 intra-op threads. ``x floor`` is the part's time over the larger of the two.
@@ -40,7 +41,8 @@ console = Console() if sys.stdout.isatty() else Console(width=160)
 
 __all__ = ["run", "profile_steps"]
 
-PARTS = ("attention", "routed experts", "shared experts", "dense FFN", "router", "lm_head")
+PARTS = ("attention", "MoE layers", "dense FFN", "lm_head")
+MOE_PARTS = ("routed experts", "shared experts", "router")  # decode_part_costs' parts the "MoE layers" row sums
 
 
 def _wrap(obj: Any, name: str, acc: dict[str, float], key: str) -> None:
@@ -57,7 +59,7 @@ def _wrap(obj: Any, name: str, acc: dict[str, float], key: str) -> None:
 
 def _instrument(eng) -> tuple[dict[str, float], list[int]]:
     """Wrap the engine's parts; returns the per-part seconds accumulator and the touched-expert counts (one entry
-    per MoE layer call)."""
+    per MoE layer call, from its routing)."""
     from raymoe.engine.experts import DispatchedMoE
 
     acc: dict[str, float] = collections.defaultdict(float)
@@ -66,34 +68,19 @@ def _instrument(eng) -> tuple[dict[str, float], list[int]]:
     for layer in m.layers:
         _wrap(layer.self_attn, "forward", acc, "attention")
         if isinstance(layer.mlp, DispatchedMoE):
-            _wrap(layer.mlp.moe.router, "forward", acc, "router")
-            if layer.mlp.moe.shared_experts is not None:
-                _wrap(layer.mlp.moe.shared_experts, "forward", acc, "shared experts")
+            inner = layer.mlp.forward
+
+            def moe(*a, _inner=inner, **k):
+                t0 = time.perf_counter()
+                out = _inner(*a, **k)
+                acc["MoE layers"] += time.perf_counter() - t0
+                touched.append(int((out[1].counts > 0).sum()))
+                return out
+
+            layer.mlp.forward = moe
         else:
             _wrap(layer.mlp, "forward", acc, "dense FFN")
     _wrap(m.lm_head, "forward", acc, "lm_head")
-    backend = eng.expert_backend
-    run = backend.run
-
-    def routed(key, x, counts):
-        touched.append(int((counts > 0).sum()))
-        t0 = time.perf_counter()
-        out = run(key, x, counts)
-        acc["routed experts"] += time.perf_counter() - t0
-        return out
-
-    backend.run = routed
-    run_routed = getattr(backend, "run_routed", None)
-    if run_routed is not None:  # the one-call path (dispatch + experts + combine; None: it fell back to run)
-        def routed_fast(key, x, idx, w, counts):
-            t0 = time.perf_counter()
-            out = run_routed(key, x, idx, w, counts)
-            if out is not None:
-                acc["routed experts"] += time.perf_counter() - t0
-                touched.append(int((counts > 0).sum()))
-            return out
-
-        backend.run_routed = routed_fast
     return acc, touched
 
 
@@ -152,7 +139,8 @@ def run(args: dict[str, str]) -> dict[str, Any]:
     for part in PARTS + ("rest",):
         row: dict[str, Any] = {"part": part}
         if part != "rest":
-            nb, fl = costs[part]
+            nb, fl = (tuple(sum(costs[q][i] for q in MOE_PARTS) for i in (0, 1)) if part == "MoE layers"
+                      else costs[part])
             row.update(mb=nb / 1e6, gflop=fl / 1e9, bw_floor_ms=1e3 * nb / bw, compute_floor_ms=1e3 * fl / peak)
         for name, r in res.items():
             ms = r["ms"].get(part) if part != "rest" else r["mean_step_ms"] - sum(r["ms"].values())
