@@ -21,7 +21,8 @@ attention the latent cache too; MoE: the routed experts the step touched, counte
 and the router) over the streaming read
 rate (a ``sum`` over all weights, as ``bench serve``), its **compute floor** its flops (2 per weight and row; routed:
 each row's ``k`` experts) over the fp32 matmul rate (``[1024, 1024]²``), both measured in the same run with the same
-intra-op threads. ``x floor`` is the part's time over the larger of the two.
+intra-op threads (the streaming rate before and after the timed steps, averaged). ``x floor`` is the part's time over
+the larger of the two.
 """
 from __future__ import annotations
 
@@ -134,6 +135,7 @@ def run(args: dict[str, str]) -> dict[str, Any]:
         bw, _, _ = streaming_read(m)
         peak = matmul_peak(n=1024, warmup=1)
         res = profile_steps(engines, B, P, steps, m.config.vocab_size)
+        bw = statistics.median([bw, streaming_read(m)[0]])  # before and after the timed steps: the host drifts
     costs = decode_part_costs(m, B, P + steps / 2, res["default"]["touched"])
     rows = []
     for part in PARTS + ("rest",):

@@ -32,6 +32,8 @@ def test_bench_serve_tiny_minimal(tmp_path) -> None:
         lo, hi = (2, 2) if r["batch"] == 1 else (2, 8)
         assert lo <= r["touched_experts_per_layer"] <= hi
         assert r["read_mb_per_step"] > 0 and r["stream_gb_s"] > 0
+        lo, hi = r["stream_gb_s_range"]  # measured before and after every timed generation; the floor uses the median
+        assert 0 < lo <= r["stream_gb_s"] <= hi
         # the floor counts the latent cache the step reads: every layer's C + R fp32 values per key, 8 + 4/2 keys
         cfg = ModelConfig.preset("tiny")
         cache_mb = cfg.num_hidden_layers * r["batch"] * 10 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 / 1e6

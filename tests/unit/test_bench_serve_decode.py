@@ -65,6 +65,6 @@ def test_a_step_faster_than_its_floor_fails_the_bench(tiny_ckpt, monkeypatch) ->
     from raymoe.jobs.benches import serve
 
     # a machine streaming 1 kB/s: every measured step beats the floor, which only a measurement bug can do
-    monkeypatch.setattr(serve, "streaming_read", lambda model: (1e3, 0.1, 1.0))
+    monkeypatch.setattr(serve, "streaming_read", lambda model, reps=5: (1e3, 0.1, 1.0))
     with pytest.raises(AssertionError, match="faster than its bandwidth floor"):
         serve.decode_bench("tiny", tiny_ckpt, [2], prompt_len=8, new_tokens=3, reps=1, spec=0, compare_prefill=False)
