@@ -50,3 +50,24 @@ def tiny_base(tiny_ckpt):
 
     eng = LLMEngine.from_pretrained(tiny_ckpt)
     return eng.model, eng.tokenizer, eng.eos_token_id
+
+
+@pytest.fixture
+def tiny_mla_paged():
+    """``(model, mla, cache, block tables)``: a tiny-preset model (vocab 256, seed 0), its first MLA, and a one-layer
+    paged latent cache (blocks of 4 tokens) holding three sequences of 6, 11 and 3 random latents."""
+    import torch
+
+    from raymoe.config import ModelConfig
+    from raymoe.engine.paged import PagedLatentCache
+    from raymoe.model import DeepSeekV3
+
+    torch.manual_seed(0)
+    m = DeepSeekV3(ModelConfig.preset("tiny").replace(vocab_size=256)).eval()
+    mla = m.layers[0].self_attn
+    c = PagedLatentCache(num_layers=1, num_blocks=16, block_size=4, values_per_token=mla.kv_lora_rank + mla.rope_dim)
+    tables: list[list[int]] = [[], [], []]
+    for bt, n in zip(tables, (6, 11, 3)):
+        assert c.ensure(bt, n)
+    c.buf.normal_()
+    return m, mla, c, tables

@@ -463,23 +463,13 @@ def test_dense_swiglu_and_router_gate_run_natively_on_the_shared_packed_copies(m
         assert router.__dict__["_packed_gate"] is not None
 
 
-def test_mla_decode_layer_equals_the_modules_decode_forward(monkeypatch):
+def test_mla_decode_layer_equals_the_modules_decode_forward(monkeypatch, tiny_mla_paged):
     """One MLA layer over a decode view (three sequences, one with a 3-token draft): the one-call native layer gives
     the torch path's outputs and writes the same latents into the cache, on 1 and 2 threads (bit-equal to each
     other)."""
-    from raymoe.config import ModelConfig
-    from raymoe.engine.paged import PagedLatentCache
     from raymoe.model.layers import enable_fused_weight_cache, use_native_linears
-    from raymoe.model import DeepSeekV3
 
-    torch.manual_seed(0)
-    m = DeepSeekV3(ModelConfig.preset("tiny").replace(vocab_size=256)).eval()
-    mla = m.layers[0].self_attn
-    c = PagedLatentCache(num_layers=1, num_blocks=16, block_size=4, values_per_token=mla.kv_lora_rank + mla.rope_dim)
-    tables: list[list[int]] = [[], [], []]
-    for bt, n in zip(tables, (6, 11, 3)):
-        assert c.ensure(bt, n)
-    c.buf.normal_()
+    m, mla, c, tables = tiny_mla_paged
     clean = c.buf.clone()
     v = c.decode_batch([(tables[0], 5, 1), (tables[1], 8, 3), (tables[2], 2, 1)])
     cos, sin = m.rotary(v.positions(1, "cpu"))

@@ -14,10 +14,8 @@ import warnings
 import pytest
 import torch
 
-from raymoe.config import ModelConfig
 from raymoe.engine import EngineConfig, LLMEngine, SamplingParams
-from raymoe.engine.paged import PagedLatentCache
-from raymoe.model import DeepSeekV3, cpu_kernels
+from raymoe.model import cpu_kernels
 from raymoe.model.layers import enable_fused_weight_cache, use_native_linears
 
 warnings.filterwarnings("ignore")
@@ -175,7 +173,7 @@ def test_nan_prompt_in_a_multi_prompt_prefill_step_ends_only_its_request(tiny_ba
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("view", ["packed", "decode", "decode_native", "decode_layer"])
-def test_absorbed_attention_keeps_a_non_finite_latent_in_its_sequence(view, bad, monkeypatch) -> None:
+def test_absorbed_attention_keeps_a_non_finite_latent_in_its_sequence(view, bad, monkeypatch, tiny_mla_paged) -> None:
     """One MLA layer over a cache view: one cached latent value of sequence 0 (which owns block 0, the row view's
     padding block) made NaN / ±inf. Every row of sequence 0 is non-finite; every other row is exactly the output
     without it (same shapes, same kernels: the masked key contributes 0 either way; ``decode_native``: the native
@@ -186,15 +184,8 @@ def test_absorbed_attention_keeps_a_non_finite_latent_in_its_sequence(view, bad,
     name = "mla_decode_layer" if view == "decode_layer" else "mla_decode_absorbed"  # the native path under test
     native = getattr(cpu_kernels, name)
     monkeypatch.setattr(cpu_kernels, name, lambda *a: calls.append(1) or native(*a))
-    torch.manual_seed(0)
-    m = DeepSeekV3(ModelConfig.preset("tiny").replace(vocab_size=256)).eval()
-    mla = m.layers[0].self_attn
-    c = PagedLatentCache(num_layers=1, num_blocks=16, block_size=4, values_per_token=mla.kv_lora_rank + mla.rope_dim)
-    tables: list[list[int]] = [[], [], []]
-    for bt, n in zip(tables, (6, 11, 3)):
-        assert c.ensure(bt, n)
+    m, mla, c, tables = tiny_mla_paged
     assert tables[0][0] == 0
-    c.buf.normal_()
     c.cpu_kernels = view.startswith("decode_")
     if view == "decode_layer":  # the whole layer in one native call (as the engine serves it with its CPU kernels)
         enable_fused_weight_cache(mla, native=True)
