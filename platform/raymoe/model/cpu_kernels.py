@@ -10,8 +10,9 @@ runs at 25–44 GFLOP/s of a 95–99 GFLOP/s peak. The kernels:
   (one sequential stream: 16–22 GB/s at 1–2 rows), 4×4 register tiles from 8 rows on;
 * ``rm_linear_packed`` (:func:`pack`, :func:`linear_packed`): the same product on a copy of ``W`` packed in column
   panels ``[⌈N/w⌉, K, w]`` (``w`` = 1 vector with AVX-512, 2 with AVX2), up to 16 rows (6 with AVX2) broadcast
-  against each panel in one pass, no horizontal sums: 62–85 GFLOP/s at 16 rows with the weights streamed from memory
-  on one thread (two 8-row passes ran at 49–73: the first stalled on reads; ``bench gemm_read``);
+  against each panel in one pass, no horizontal sums: the lm_head ``[8192, 512]`` at 16 rows with its weights streamed
+  from memory runs at 82–85 GFLOP/s on one thread, where the two 8-row passes this replaced ran at 64–67 (the first
+  stalled on reads) and MKL at 36; 144 on two threads (``bench gemm_read rows=16``, its ``native packed`` row);
 * ``rm_experts`` (:func:`experts`) / ``rm_moe_routed`` (:func:`moe_routed`): a layer's routed SwiGLU experts over
   their grouped rows (or with dispatch and weighted combine) in one call, skipping untouched experts;
 * ``rm_route`` (:func:`route`): DeepSeek-V3's group-limited top-k selection from the sigmoid scores;
