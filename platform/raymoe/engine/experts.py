@@ -540,7 +540,7 @@ class DispatchedMoE(nn.Module):
         rows): ``(y, routing)``; ``(None, routing)`` when an expert got too many rows (the routing is done, the rest
         runs the grouped way); None when the call does not apply."""
         from raymoe.model import cpu_kernels
-        from raymoe.model.layers import SwiGLU, native_group_packed, native_packed
+        from raymoe.model.layers import SwiGLU
 
         router, weights = self.moe.router, getattr(self.backend, "native_weights", None)
         if (weights is None or not router.native or torch.is_grad_enabled()
@@ -552,10 +552,8 @@ class DispatchedMoE(nn.Module):
             return None
         sh, shared = self.moe.shared_experts, None
         if sh is not None:
-            if not (type(sh) is SwiGLU and sh.native):
-                return None
-            shared = (native_group_packed(sh.gate_proj, sh.up_proj), native_packed(sh.down_proj))
-            if None in shared:
+            shared = sh.native_weights() if type(sh) is SwiGLU else None
+            if shared is None:
                 return None
         out = cpu_kernels.moe_layer(x_TD, gate, router.expert_bias, router.n_group, router.topk_group, router.top_k,
                                     router.route_scale, router.norm_topk_prob, *w, shared)

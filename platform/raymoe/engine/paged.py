@@ -476,16 +476,15 @@ class DecodeBatch(_TokenSlots):
         and ``w_uv [H, V, C]``) to each row's own keys ``0..q_pos`` where they lie in the cache
         (:func:`raymoe.model.cpu_kernels.mla_decode_absorbed`) → ``[N, 1, H, V]``. None (nothing written) when the
         kernels are off or do not fit: the caller gathers instead."""
-        buf = self.cache.buf[layer]
+        nv = self.native_view(layer)
         N = self.k_slots_NS.shape[0]
-        if (not self.cache.cpu_kernels or buf.dtype != torch.float32 or kv_BTC.shape[:2] != (N, 1)
-                or q_nope.shape[:2] != (N, 1)):
+        if nv is None or kv_BTC.shape[:2] != (N, 1) or q_nope.shape[:2] != (N, 1):
             return None
         from raymoe.model import cpu_kernels
 
+        buf, _, slots, lens = nv
         self._write(layer, kv_BTC)
-        out = cpu_kernels.mla_decode_absorbed(q_nope[:, 0], q_pe[:, 0], w_uk_t, w_uv, buf, self.k_slots_NS,
-                                              self.q_pos + 1, scale)
+        out = cpu_kernels.mla_decode_absorbed(q_nope[:, 0], q_pe[:, 0], w_uk_t, w_uv, buf, slots, lens, scale)
         return None if out is None else out[:, None]
 
 

@@ -291,11 +291,6 @@ void rm_swiglu_packed(const float *x, long M, long D, long ldx, const float *Pgu
   rm_linear_packed(h, M, I, I, Pdn, D, y, D);
 }
 
-/* Routed SwiGLU experts over rows grouped by expert (counts[e] consecutive rows of x for expert e):
- *   y_r = W_down[e] · (silu(W_gate[e] · x_r) ⊙ W_up[e] · x_r)
- * w_gu [E, 2I, D] (gate rows then up rows, each D contiguous floats), w_dn [E, D, I] (each output row I floats).
- * scratch holds min(max(counts), max_rows) * 3I floats. Experts with no rows are skipped (their weights are never
- * read), and so are experts with more than max_rows rows: their rows of y are left to the caller. */
 /* One SwiGLU expert over c contiguous rows: y [c, D] = (silu(x·W_gateᵀ) ⊙ x·W_upᵀ) · W_downᵀ, with its gate/up
  * rows wgu [2I, D] and down rows wdn [D, I]; scratch: c * 3I floats. */
 static void swiglu_rows(const float *x, long c, long D, long I, const float *wgu, const float *wdn, float *y,
@@ -306,9 +301,14 @@ static void swiglu_rows(const float *x, long c, long D, long I, const float *wgu
   rm_linear(h, c, I, I, wdn, D, y, D);
 }
 
+/* Routed SwiGLU experts over rows grouped by expert (counts[e] consecutive rows of x for expert e):
+ *   y_r = W_down[e] · (silu(W_gate[e] · x_r) ⊙ W_up[e] · x_r)
+ * w_gu [E, 2I, D] (gate rows then up rows, each D contiguous floats), w_dn [E, D, I] (each output row I floats).
+ * scratch holds g_threads * min(max(counts), max_rows) * 3I floats (one slice per thread). Experts with no rows are
+ * skipped (their weights are never read), and so are experts with more than max_rows rows: their rows of y are left
+ * to the caller. */
 void rm_experts(const float *x, const int64_t *counts, long E, long D, long I, const float *w_gu,
                 const float *w_dn, float *y, float *scratch, long max_rows) {
-  /* scratch: g_threads * min(max(counts), max_rows) * 3I floats (one slice per thread) */
   long *row0 = (long *)malloc((size_t)(E + 1) * sizeof(long)), *run = (long *)malloc((size_t)(E ? E : 1) * sizeof(long));
   long cmax = 0, nr = 0;
   row0[0] = 0;
@@ -596,10 +596,10 @@ void rm_route(const float *scores, const float *bias, long T, long E, long n_gro
 
 /* Routed experts with their dispatch and combine: y[t] = sum_k w[t, k] * expert_{idx[t, k]}(x[t]) (the k terms added
  * in k order). Pairs (t, k) are grouped by expert (ascending t within an expert), each expert's rows gathered, run as
- * rm_experts does, and their outputs combined per token. scratch: T*K*D + max(counts) * (2D + 3I) floats. */
+ * rm_experts does, and their outputs combined per token. scratch: T*K*D + g_threads * max(counts) * (2D + 3I)
+ * floats. */
 void rm_moe_routed(const float *x, long T, long D, const int64_t *idx, const float *w, long K, const int64_t *counts,
                    long E, long I, const float *w_gu, const float *w_dn, float *y, float *scratch) {
-  /* scratch: T*K*D + g_threads * max(counts) * (2D + 3I) floats */
   long n = T * K, cmax = 0, nt = 0;
   float *ypair = scratch;            /* [T*K, D]: output of pair (t, k) */
   long *start = (long *)malloc((size_t)(E + 1) * sizeof(long));

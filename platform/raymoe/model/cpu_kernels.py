@@ -285,6 +285,23 @@ def _rows(x: torch.Tensor, K: int, max_rows: Optional[int]) -> Optional[tuple[to
     return x2, M, x2.stride(0) if M > 1 else K
 
 
+def _routable(E: int, n_group: int, topk_group: int, top_k: int) -> bool:
+    """Whether ``rm_route`` takes this routing: ``E <= 1024`` experts in ``n_group`` equal groups, ``top_k`` of those
+    in the kept groups."""
+    return (E <= 1024 and n_group >= 1 and E % n_group == 0
+            and 1 <= top_k <= (topk_group if n_group > 1 and topk_group < n_group else n_group) * (E // n_group))
+
+
+def _slots_and_lens(slots_NS: torch.Tensor, lens_N: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's key slots and key count as contiguous int64; raises unless every row sees 1..S keys."""
+    S = slots_NS.shape[1]
+    slots = slots_NS.to(dtype=torch.int64).contiguous()
+    lens = lens_N.to(dtype=torch.int64).contiguous()
+    if lens.numel() and (int(lens.min()) < 1 or int(lens.max()) > S):
+        raise ValueError(f"{what}: every row must see 1..{S} keys, got lengths {lens.tolist()}")
+    return slots, lens
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, max_rows: Optional[int] = None) -> Optional[torch.Tensor]:
     """``F.linear(x, w)`` (``x [..., K]``, ``w [N, K]`` contiguous) through ``rm_linear`` when ``x`` has at most
     ``max_rows`` (default :func:`row_limit`) rows and both are fp32 CPU tensors; None otherwise (the caller runs its
@@ -410,8 +427,7 @@ def route(scores_TE: torch.Tensor, bias_E: torch.Tensor, n_group: int, topk_grou
     if lib is None or not _eligible(scores_TE, bias_E) or scores_TE.dim() != 2:
         return None
     T, E = scores_TE.shape
-    if (E > 1024 or n_group < 1 or E % n_group or bias_E.numel() != E
-            or not 1 <= top_k <= (topk_group if n_group > 1 and topk_group < n_group else n_group) * (E // n_group)):
+    if bias_E.numel() != E or not _routable(E, n_group, topk_group, top_k):
         return None
     sc, b = scores_TE.contiguous(), bias_E.contiguous()
     idx = torch.empty(T, top_k, dtype=torch.int64)
@@ -470,9 +486,8 @@ def moe_layer(x_TD: torch.Tensor, gate: PackedWeight, bias_E: torch.Tensor, n_gr
     T, D = x_TD.shape
     E, _, I = w_dn.shape  # noqa: E741
     if (T == 0 or gate.K != D or gate.N != E or bias_E.numel() != E or w_gu.shape != (E, 2 * I, D)
-            or w_dn.shape != (E, D, I) or not (w_gu.is_contiguous() and w_dn.is_contiguous()) or E > 1024
-            or n_group < 1 or E % n_group
-            or not 1 <= top_k <= (topk_group if n_group > 1 and topk_group < n_group else n_group) * (E // n_group)):
+            or w_dn.shape != (E, D, I) or not (w_gu.is_contiguous() and w_dn.is_contiguous())
+            or not _routable(E, n_group, topk_group, top_k)):
         return None
     Ish = 0
     if shared is not None:
@@ -512,10 +527,7 @@ def mla_decode(q_NHK: torch.Tensor, buf: torch.Tensor, slots_NS: torch.Tensor, l
     if buf.dim() != 2 or buf.shape[1] != Dk or not 0 < C <= Dk or slots_NS.dim() != 2 or slots_NS.shape[0] != N:
         return None
     S = slots_NS.shape[1]
-    slots = slots_NS.to(dtype=torch.int64).contiguous()
-    lens = lens_N.to(dtype=torch.int64).contiguous()
-    if N and (int(lens.min()) < 1 or int(lens.max()) > S):
-        raise ValueError(f"mla_decode: every row must see 1..{S} keys, got lengths {lens.tolist()}")
+    slots, lens = _slots_and_lens(slots_NS, lens_N, "mla_decode")
     q = q_NHK.contiguous()
     out = torch.empty(N, H, C, dtype=torch.float32)
     scratch = torch.empty(max(_nthreads() * H * S, 1), dtype=torch.float32)
@@ -582,21 +594,18 @@ def mla_decode_layer(x_ND: torch.Tensor, qkv: PackedWeight, q_a_norm: tuple[torc
             or slots_NS.dim() != 2 or slots_NS.shape[0] != N or write_slots_N.numel() != N):
         return None
     S = slots_NS.shape[1]
-    slots = slots_NS.to(dtype=torch.int64).contiguous()
-    lens = lens_N.to(dtype=torch.int64).contiguous()
+    slots, lens = _slots_and_lens(slots_NS, lens_N, "mla_decode_layer")
     ws = write_slots_N.to(dtype=torch.int64).contiguous()
-    if int(lens.min()) < 1 or int(lens.max()) > S:
-        raise ValueError(f"mla_decode_layer: every row must see 1..{S} keys, got lengths {lens.tolist()}")
     if int(ws.min()) < 0 or int(ws.max()) >= buf.shape[0]:
         raise ValueError(f"mla_decode_layer: write slots must be in 0..{buf.shape[0] - 1}")
-    x = x_ND if x_ND.stride(-1) == 1 and (N == 1 or x_ND.stride(0) >= D) else x_ND.contiguous()
+    x, _, ldx = _rows(x_ND, D, N)
     c, s = cos.reshape(N, R2 // 2).contiguous(), sin.reshape(N, R2 // 2).contiguous()
     Dout = o.N
     y = torch.empty(N, Dout, dtype=torch.float32)
     n_scratch = (N * (QR + C + R2) + N * QR + N * H * (Dn + R2) + N * H * (C + R2) + N * H * C + N * H * V
                  + _nthreads() * H * S)
     scratch = torch.empty(n_scratch, dtype=torch.float32)
-    lib.rm_mla_decode_layer(x.data_ptr(), N, D, x.stride(0) if N > 1 else D, qkv.panels.data_ptr(), QR, C, R2,
+    lib.rm_mla_decode_layer(x.data_ptr(), N, D, ldx, qkv.panels.data_ptr(), QR, C, R2,
                             wqn.data_ptr(), wkn.data_ptr(), float(eps_q), float(eps_kv), q_b.panels.data_ptr(), H, Dn,
                             c.data_ptr(), s.data_ptr(), buf.data_ptr(), ws.data_ptr(), slots.data_ptr(), S,
                             lens.data_ptr(), float(scale), w_uk_t.data_ptr(), w_uv.data_ptr(), w_uv.stride(0), V,

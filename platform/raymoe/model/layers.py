@@ -185,9 +185,12 @@ def _few_rows(x: torch.Tensor) -> bool:
     return 0 < rows <= cpu_kernels.row_limit()
 
 
-def native_packed(lin: nn.Linear):
+def native_packed(lin: nn.Module):
     """The packed serving copy of one linear's weight (:func:`raymoe.model.cpu_kernels.pack`; kept in the module,
-    remade when the weight changes): the copy :func:`use_native_linears`' forward uses. None when it cannot be made."""
+    remade when the weight changes): the copy :func:`use_native_linears`' forward uses. None when it cannot be made
+    or ``lin`` is not a plain bias-free ``nn.Linear`` (e.g. an FP8 linear, which keeps its own forward)."""
+    if type(lin) is not nn.Linear or lin.bias is not None:
+        return None
     return _packed(lin.__dict__.setdefault("_native_pack", {}), (lin.weight.data_ptr(), lin.weight._version),
                    lambda: lin.weight)
 
@@ -320,12 +323,18 @@ class SwiGLU(nn.Module):
         g, u = fused_linear(x, self.gate_proj, self.up_proj)
         return self.down_proj(F.silu(g) * u)
 
-    def _native(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The whole FFN in one :func:`raymoe.model.cpu_kernels.swiglu_packed` call on the packed copies
-        :func:`fused_linear` (gate/up group) and :func:`_native_forward` (down) keep: the same copies, not new ones."""
-        from raymoe.model import cpu_kernels
-
-        if type(self.down_proj) is not nn.Linear:
+    def native_weights(self):
+        """``(packed [gate; up], packed down)`` for :func:`raymoe.model.cpu_kernels.swiglu_packed`: the copies
+        :func:`fused_linear` (gate/up group) and :func:`_native_forward` (down) keep, not new ones; None when serving on
+        the CPU kernels is off for this FFN or a copy cannot be made."""
+        if not self.native:
             return None
         gu, dn = native_group_packed(self.gate_proj, self.up_proj), native_packed(self.down_proj)
-        return None if gu is None or dn is None else cpu_kernels.swiglu_packed(x, gu, dn)
+        return None if gu is None or dn is None else (gu, dn)
+
+    def _native(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The whole FFN in one :func:`raymoe.model.cpu_kernels.swiglu_packed` call (:meth:`native_weights`)."""
+        from raymoe.model import cpu_kernels
+
+        w = self.native_weights()
+        return None if w is None else cpu_kernels.swiglu_packed(x, *w)

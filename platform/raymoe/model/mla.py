@@ -207,16 +207,13 @@ class MLA(nn.Module):
     def _decode_native(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> Optional[torch.Tensor]:
         """The whole layer in one :func:`raymoe.model.cpu_kernels.mla_decode_layer` call when ``cache`` is a decode
         view with the CPU kernels on (``cache.native_view``), one token per row, at most ``row_limit`` rows, and the
-        projections are plain linears with packed serving copies: the ops of :meth:`forward` and
+        projections are plain linears with packed serving copies (:func:`raymoe.model.layers.native_packed`): the ops of :meth:`forward` and
         :meth:`_absorbed` (the ``attend_absorbed`` path) without a torch op between them. None otherwise."""
         from raymoe.model import cpu_kernels
 
         view = getattr(cache, "native_view", None)
         B, T, D = x_BTD.shape
         if view is None or self.q_lora_rank is None or T != 1 or B > cpu_kernels.row_limit():
-            return None
-        lins = (self.q_a_proj, self.kv_a_proj_with_mqa, self.q_b_proj, self.o_proj)
-        if any(type(m) is not nn.Linear or m.bias is not None for m in lins):
             return None
         nv = view(self.layer_idx)
         if nv is None:

@@ -143,20 +143,21 @@ class Router(nn.Module):
                               lambda: cpu_kernels.pack(w.detach().float()))
 
     def forward(self, x_TD: torch.Tensor) -> RouteResult:
-        if self.native and not torch.is_grad_enabled():  # serving on CPU: gate product and selection natively
+        native = self.native and not torch.is_grad_enabled()  # serving on CPU: gate product and selection natively
+        logits = None
+        if native:
             from raymoe.model import cpu_kernels
 
             pw = self.native_gate()
             logits = None if pw is None else cpu_kernels.linear_packed(x_TD.float(), pw)
-            if logits is None:
-                logits = F.linear(x_TD.float(), self.weight.float())
+        if logits is None:
+            logits = F.linear(x_TD.float(), self.weight.float())
+        if native:
             scores = logits.sigmoid()
             res = cpu_kernels.route(scores, self.expert_bias, self.n_group, self.topk_group, self.top_k,
                                     self.route_scale, self.norm_topk_prob)
             if res is not None:
                 return RouteResult(topk_idx=res[0], topk_weight=res[1], scores=scores, counts=res[2])
-        else:
-            logits = F.linear(x_TD.float(), self.weight.float())
         return route(logits, self.expert_bias, self.n_group, self.topk_group, self.top_k, self.route_scale,
                      self.norm_topk_prob)
 
@@ -461,11 +462,12 @@ class RoutedExperts(nn.Module):
                               counts_E: torch.Tensor) -> Optional[torch.Tensor]:
         """Serving: dispatch, experts and weighted combine in one :func:`raymoe.model.cpu_kernels.moe_routed` call
         (``native`` and fused, no autograd, every expert within the kernel's row limit); None otherwise."""
-        if not (self.native and self.fused and self._down_is_nk()) or torch.is_grad_enabled():
+        w = self.native_weights()
+        if w is None:
             return None
         from raymoe.model import cpu_kernels
 
-        return cpu_kernels.moe_routed(x_TD, topk_idx, topk_weight, counts_E, self._gate_up, self._down_nk)
+        return cpu_kernels.moe_routed(x_TD, topk_idx, topk_weight, counts_E, *w)
 
     def enable_fp8(self, config, name: str, wgrad_store=None) -> bool:
         """Hook for :func:`raymoe.fp8.convert_to_fp8`: run the expert GEMMs through an FP8 grouped GEMM."""
